@@ -1,0 +1,174 @@
+//! Conformance against real libxmtp traffic (`../shared/testdata/xmtp-v3`, read in place).
+//!
+//! Runs with `--features fixtures` (as `.ci/run` does). The folder is found through
+//! `GATEHOUSE_FIXTURES` or beside the checkout; when the feature is on and the folder is
+//! missing, the suite fails and says where it looked.
+#![cfg(feature = "fixtures")]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use gatehouse_protocol::identity;
+use gatehouse_protocol::mls;
+use gatehouse_protocol::welcome;
+use gatehouse_wire::Message;
+use gatehouse_wire::{identity_api, mls_api};
+
+fn dir() -> PathBuf {
+    let d = std::env::var_os("GATEHOUSE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/xmtp-v3"));
+    assert!(d.join("index.json").exists(), "fixture folder not found at {} (set GATEHOUSE_FIXTURES)", d.display());
+    d
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn calls() -> Vec<serde_json::Value> {
+    let index: serde_json::Value = serde_json::from_slice(&read("index.json")).unwrap();
+    index["calls"].as_array().unwrap().clone()
+}
+
+fn keys() -> serde_json::Value {
+    serde_json::from_slice(&read("keys.json")).unwrap()
+}
+
+fn hexval(v: &serde_json::Value) -> Vec<u8> {
+    hex::decode(v.as_str().unwrap()).unwrap()
+}
+
+/// Every recorded identity update verifies and folds; A–D fold to the README's inbox ids,
+/// wallets and installation keys.
+#[test]
+fn identity_updates_verify_and_fold() {
+    let mut logs: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    let mut count = 0;
+    for c in calls() {
+        if c["method"].as_str().unwrap().ends_with("/PublishIdentityUpdate") {
+            let req = identity_api::PublishIdentityUpdateRequest::decode(read(c["request"].as_str().unwrap()).as_slice()).unwrap();
+            let u = req.identity_update.unwrap();
+            logs.entry(u.inbox_id.clone()).or_default().push(u);
+            count += 1;
+        }
+    }
+    assert!(count >= 8, "expected the recorded registrations, found {count}");
+    let mut states = BTreeMap::new();
+    for (inbox, updates) in &logs {
+        let st = identity::fold(updates.iter()).unwrap_or_else(|e| panic!("inbox {inbox}: {e}")).unwrap();
+        assert_eq!(&st.inbox_id, inbox);
+        states.insert(inbox.clone(), st);
+    }
+    let k = keys();
+    for name in ["A", "B", "C", "D"] {
+        let inbox = k[name]["inbox_id"].as_str().unwrap();
+        let st = states.get(inbox).unwrap_or_else(|| panic!("{name}'s inbox was not registered"));
+        assert!(st.has_installation(&hexval(&k[name]["installation_public_key"])), "{name}'s installation");
+        assert_eq!(st.recovery, k[name]["wallet_address"].as_str().unwrap());
+        assert_eq!(identity::inbox_id(&st.recovery, 1), inbox);
+    }
+    // A's and B's wallet keys derive their addresses.
+    for name in ["A", "B", "C"] {
+        let w = identity::Wallet::from_bytes(&hexval(&k[name]["wallet_private_key"])).unwrap();
+        assert_eq!(w.address(), k[name]["wallet_address"].as_str().unwrap());
+    }
+    // Our signatures over A's registration text are accepted by the same fold.
+    let a = identity::Wallet::from_bytes(&hexval(&k["A"]["wallet_private_key"])).unwrap();
+    let inst = identity::InstallationKey::from_seed(&hexval(&k["A"]["installation_private_key"]).try_into().unwrap());
+    assert_eq!(hex::encode(inst.public()), k["A"]["installation_public_key"].as_str().unwrap());
+    let ours = identity::register_inbox(&a, 1, &inst, logs[k["A"]["inbox_id"].as_str().unwrap()][0].client_timestamp_ns);
+    identity::apply_update(None, &ours).unwrap();
+}
+
+/// Every recorded welcome addressed to A–D opens with their keys and names the group and epoch
+/// the README states, including the welcome-pointer route of group G2.
+#[test]
+fn welcomes_unwrap() {
+    let k = keys();
+    let expected: &[(&str, &str, &str, u64)] = &[
+        ("A", "034-MlsApi-SubscribeWelcomeMessages.resp.bin", "cfd2102a02c9073d0dd061e1e274baf7", 1),
+        ("A", "036-MlsApi-QueryWelcomeMessages.resp.bin", "cfd2102a02c9073d0dd061e1e274baf7", 1),
+        ("A", "118-MlsApi-QueryWelcomeMessages.resp.bin", "9eb9847950415819ab3aab95e4d911b2", 1),
+        ("B", "137-MlsApi-QueryWelcomeMessages.resp.bin", "0509079f9a38b522b209d7987fd3f5e6", 1),
+        ("C", "105-MlsApi-QueryWelcomeMessages.resp.bin", "cfd2102a02c9073d0dd061e1e274baf7", 3),
+    ];
+    let mut opened = 0;
+    for (who, file, group, epoch) in expected {
+        let bytes = read(file);
+        let welcomes: Vec<mls_api::WelcomeMessage> = if file.contains("Subscribe") {
+            vec![mls_api::WelcomeMessage::decode(bytes.as_slice()).unwrap()]
+        } else {
+            mls_api::QueryWelcomeMessagesResponse::decode(bytes.as_slice()).unwrap().messages
+        };
+        let mut found = false;
+        for w in welcomes {
+            let Some(mls_api::welcome_message::Version::V1(v1)) = w.version else { continue };
+            for (i, wk) in k[who]["welcome_wrapper_keys"].as_array().unwrap().iter().enumerate() {
+                if hexval(&wk["public"]) != v1.hpke_public_key {
+                    continue;
+                }
+                let seed: [u8; 32] = hexval(&wk["private"]).try_into().unwrap();
+                let u = welcome::unwrap(&v1.data, &v1.welcome_metadata, &seed).unwrap();
+                assert!(u.metadata.is_some(), "{file}: metadata");
+                let kp = &k[who]["key_packages"][i];
+                let init: [u8; 32] = hexval(&kp["init_private"]).try_into().unwrap();
+                let info = mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init).unwrap();
+                assert_eq!(hex::encode(&info.group_id), *group, "{file}");
+                assert_eq!(info.epoch, *epoch, "{file}");
+                found = true;
+                opened += 1;
+            }
+        }
+        assert!(found, "{file}: no welcome for {who}'s keys");
+    }
+    assert_eq!(opened, expected.len());
+
+    // G2: pointers for A (151), B (153), D (152) all lead to the symmetric welcome in 155.
+    let pointee = mls_api::QueryWelcomeMessagesResponse::decode(read("155-MlsApi-QueryWelcomeMessages.resp.bin").as_slice()).unwrap();
+    let Some(mls_api::welcome_message::Version::V1(sym)) = pointee.messages[0].version.clone() else { panic!("155 is not v1") };
+    for (who, file) in [("A", "151"), ("B", "153"), ("D", "152")] {
+        let name = std::fs::read_dir(dir()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|n| n.starts_with(file) && n.ends_with(".resp.bin")).unwrap();
+        let resp = mls_api::QueryWelcomeMessagesResponse::decode(read(&name).as_slice()).unwrap();
+        let mut done = false;
+        for w in resp.messages {
+            let Some(mls_api::welcome_message::Version::WelcomePointer(p)) = w.version else { continue };
+            for (i, wk) in k[who]["welcome_wrapper_keys"].as_array().unwrap().iter().enumerate() {
+                if hexval(&wk["public"]) != p.hpke_public_key {
+                    continue;
+                }
+                let seed: [u8; 32] = hexval(&wk["private"]).try_into().unwrap();
+                let ptr = welcome::unwrap_pointer(&p.welcome_pointer, &seed).unwrap();
+                assert_eq!(ptr.destination, sym.installation_key, "{who}: pointer destination");
+                let u = welcome::unwrap_symmetric(&sym.data, &sym.welcome_metadata, &ptr).unwrap();
+                let kp = &k[who]["key_packages"][i];
+                let init: [u8; 32] = hexval(&kp["init_private"]).try_into().unwrap();
+                let info = mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init).unwrap();
+                assert_eq!(hex::encode(&info.group_id), "975780de6b83ed70278e42f86cf4e75a");
+                assert_eq!(info.epoch, 1);
+                done = true;
+            }
+        }
+        assert!(done, "{who}: pointer {file} did not open");
+    }
+}
+
+/// Every group message's clear header names its group, and commits are marked as commits.
+#[test]
+fn group_message_headers() {
+    let mut n = 0;
+    for c in calls() {
+        if c["method"].as_str().unwrap().ends_with("/SendGroupMessages") {
+            let req = mls_api::SendGroupMessagesRequest::decode(read(c["request"].as_str().unwrap()).as_slice()).unwrap();
+            for m in req.messages {
+                let Some(mls_api::group_message_input::Version::V1(v1)) = m.version else { panic!() };
+                let h = mls::read_header(&v1.data).unwrap();
+                assert_eq!(h.wire_format, mls::wire_format::PRIVATE);
+                assert!(h.content_type == 1 || h.content_type == 3);
+                n += 1;
+            }
+        }
+    }
+    assert!(n > 10);
+}
