@@ -12,6 +12,7 @@
 
 pub mod content;
 pub mod error;
+pub mod group;
 pub mod hpke;
 pub mod identity;
 pub mod mls;

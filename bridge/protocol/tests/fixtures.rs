@@ -172,3 +172,46 @@ fn group_message_headers() {
     }
     assert!(n > 10);
 }
+
+/// Every recorded key-package upload validates and names a registered inbox and installation;
+/// ours advertise the same extensions and capabilities as libxmtp's.
+#[test]
+fn key_packages_validate() {
+    use gatehouse_protocol::group;
+    let provider = group::Provider::default();
+    let k = keys();
+    let mut n = 0;
+    let mut theirs = None;
+    for c in calls() {
+        if c["method"].as_str().unwrap().ends_with("/UploadKeyPackage") {
+            let req = mls_api::UploadKeyPackageRequest::decode(read(c["request"].as_str().unwrap()).as_slice()).unwrap();
+            assert!(req.is_inbox_id_credential);
+            let tls = req.key_package.unwrap().key_package_tls_serialized;
+            let v = group::validate_key_package(&provider, &tls).unwrap_or_else(|e| panic!("{}: {e}", c["request"]));
+            assert_eq!(v.wrapper_public_key.as_ref().map(Vec::len), Some(1216));
+            if v.inbox_id == k["A"]["inbox_id"].as_str().unwrap() {
+                assert_eq!(hex::encode(&v.installation_key), k["A"]["installation_public_key"].as_str().unwrap());
+                theirs = Some(v);
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 4);
+    let theirs = theirs.unwrap();
+    let mut rng = rand::rngs::OsRng;
+    let inst = identity::InstallationKey::from_seed(&[5; 32]);
+    let ours = group::validate_key_package(&provider, &group::build_key_package(&provider, "x", &inst, &mut rng).unwrap().tls).unwrap();
+    let types = |v: &group::VerifiedKeyPackage| {
+        let mut t: Vec<_> = v.key_package.extensions().iter().map(|e| e.extension_type()).collect();
+        t.sort();
+        t
+    };
+    assert_eq!(types(&ours), types(&theirs), "key-package extensions");
+    let caps = |v: &group::VerifiedKeyPackage| {
+        let c = v.key_package.leaf_node().capabilities();
+        let mut e: Vec<_> = c.extensions().to_vec();
+        e.sort();
+        (e, c.proposals().to_vec(), c.ciphersuites().to_vec())
+    };
+    assert_eq!(caps(&ours), caps(&theirs), "leaf capabilities");
+}
