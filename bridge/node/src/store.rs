@@ -1,0 +1,260 @@
+//! The node's sled store.
+//!
+//! Trees, and the key layout of each:
+//! - `identity`: `seq (u64 BE)` → `inbox_id ‖ 0 ‖ server_ns (u64 BE) ‖ IdentityUpdate bytes`; node-wide order.
+//! - `inbox_log`: `inbox_id ‖ 0 ‖ seq (BE)` → `()`; an inbox's log in order.
+//! - `identifiers`: `lowercase identifier` → `inbox_id`.
+//! - `key_packages`: `installation key` → TLS key package (the latest upload wins).
+//! - `group_messages`: `len(gid) ‖ gid ‖ id (BE)` → `GroupMessage` bytes.
+//! - `welcomes`: `len(key) ‖ key ‖ id (BE)` → `WelcomeMessage` bytes.
+//! - `commit_log`: `len(gid) ‖ gid ‖ seq (BE)` → `CommitLogEntry` bytes.
+//! - `meta`: counters.
+//!
+//! The stored group messages and welcomes are exactly the ciphertexts clients sent.
+
+use std::path::Path;
+
+use gatehouse_wire::Message as _;
+use gatehouse_wire::associations::IdentityUpdate;
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed.
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    /// Stored bytes did not decode: the store is corrupt.
+    #[error("corrupt record in {0}")]
+    Corrupt(&'static str),
+}
+
+/// The node's persistent state.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    identity: sled::Tree,
+    inbox_log: sled::Tree,
+    identifiers: sled::Tree,
+    key_packages: sled::Tree,
+    group_messages: sled::Tree,
+    welcomes: sled::Tree,
+    commit_log: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn prefixed(prefix: &[u8], id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 9);
+    k.push(prefix.len().min(255) as u8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn prefix_of(prefix: &[u8]) -> Vec<u8> {
+    let mut k = vec![prefix.len().min(255) as u8];
+    k.extend_from_slice(prefix);
+    k
+}
+
+fn id_of(key: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&key[key.len() - 8..]);
+    u64::from_be_bytes(b)
+}
+
+/// One entry of an inbox's log.
+#[derive(Clone, Debug)]
+pub struct LoggedUpdate {
+    /// Node-wide sequence id.
+    pub sequence_id: u64,
+    /// When the node stored it.
+    pub server_timestamp_ns: u64,
+    /// The update.
+    pub update: IdentityUpdate,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).flush_every_ms(Some(200)).open()?;
+        Self::from_db(db)
+    }
+
+    /// A throwaway in-memory store (tests).
+    pub fn temporary() -> Result<Self, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            identity: db.open_tree("identity")?,
+            inbox_log: db.open_tree("inbox_log")?,
+            identifiers: db.open_tree("identifiers")?,
+            key_packages: db.open_tree("key_packages")?,
+            group_messages: db.open_tree("group_messages")?,
+            welcomes: db.open_tree("welcomes")?,
+            commit_log: db.open_tree("commit_log")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Flushes everything to disk.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn next(&self, counter: &str) -> Result<u64, StoreError> {
+        let v = self.meta.update_and_fetch(counter, |old| {
+            let n = old.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0) + 1;
+            Some(n.to_be_bytes().to_vec())
+        })?;
+        Ok(v.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(1))
+    }
+
+    /// The log of an inbox after `after` (exclusive).
+    pub fn inbox_log(&self, inbox_id: &str, after: u64) -> Result<Vec<LoggedUpdate>, StoreError> {
+        let mut prefix = inbox_id.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.inbox_log.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            let seq = id_of(&k);
+            if seq <= after {
+                continue;
+            }
+            let v = self.identity.get(seq.to_be_bytes())?.ok_or(StoreError::Corrupt("identity"))?;
+            out.push(decode_logged(seq, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Appends a (validated) update to an inbox's log; returns its sequence id.
+    pub fn append_update(&self, update: &IdentityUpdate, now_ns: u64, identifiers_added: &[String], identifiers_removed: &[String]) -> Result<u64, StoreError> {
+        let seq = self.next("identity_seq")?;
+        let mut v = update.inbox_id.as_bytes().to_vec();
+        v.push(0);
+        v.extend_from_slice(&now_ns.to_be_bytes());
+        v.extend_from_slice(&update.encode_to_vec());
+        self.identity.insert(seq.to_be_bytes(), v)?;
+        let mut k = update.inbox_id.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&seq.to_be_bytes());
+        self.inbox_log.insert(k, &[])?;
+        for id in identifiers_added {
+            self.identifiers.insert(id.to_lowercase().as_bytes(), update.inbox_id.as_bytes())?;
+        }
+        for id in identifiers_removed {
+            self.identifiers.remove(id.to_lowercase().as_bytes())?;
+        }
+        Ok(seq)
+    }
+
+    /// The inbox an identifier belongs to.
+    pub fn inbox_of(&self, identifier: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .identifiers
+            .get(identifier.to_lowercase().as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Stores an installation's key package.
+    pub fn put_key_package(&self, installation: &[u8], tls: &[u8]) -> Result<(), StoreError> {
+        self.key_packages.insert(installation, tls)?;
+        Ok(())
+    }
+
+    /// An installation's latest key package.
+    pub fn key_package(&self, installation: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.key_packages.get(installation)?.map(|v| v.to_vec()))
+    }
+
+    /// Allocates a group-message id.
+    pub fn next_message_id(&self) -> Result<u64, StoreError> {
+        self.next("message_id")
+    }
+
+    /// Allocates a welcome id.
+    pub fn next_welcome_id(&self) -> Result<u64, StoreError> {
+        self.next("welcome_id")
+    }
+
+    /// Stores a group message under its group and id.
+    pub fn put_group_message(&self, group_id: &[u8], id: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.group_messages.insert(prefixed(group_id, id), bytes)?;
+        Ok(())
+    }
+
+    /// Stores a welcome under its recipient key and id.
+    pub fn put_welcome(&self, key: &[u8], id: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        self.welcomes.insert(prefixed(key, id), bytes)?;
+        Ok(())
+    }
+
+    fn page(tree: &sled::Tree, prefix: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let p = prefix_of(prefix);
+        let mut out = Vec::new();
+        if descending {
+            let end = if cursor == 0 { prefixed(prefix, u64::MAX) } else { prefixed(prefix, cursor) };
+            for item in tree.range(p.clone()..end).rev() {
+                let (k, v) = item?;
+                if !k.starts_with(&p) || k.len() != p.len() + 8 {
+                    continue;
+                }
+                out.push((id_of(&k), v.to_vec()));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        } else {
+            let start = prefixed(prefix, cursor.saturating_add(1));
+            for item in tree.range(start..) {
+                let (k, v) = item?;
+                if !k.starts_with(&p) || k.len() != p.len() + 8 {
+                    break;
+                }
+                out.push((id_of(&k), v.to_vec()));
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A page of a group's messages: ids greater than `cursor` (ascending) or smaller
+    /// (descending; 0 = from the newest).
+    pub fn group_messages(&self, group_id: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Self::page(&self.group_messages, group_id, cursor, descending, limit)
+    }
+
+    /// A page of an installation key's welcomes.
+    pub fn welcomes(&self, key: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Self::page(&self.welcomes, key, cursor, descending, limit)
+    }
+
+    /// Appends a commit-log entry; returns its per-group sequence id.
+    pub fn append_commit_log(&self, group_id: &[u8], entry: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
+        let seq = self.next(&format!("commit_log/{}", hex::encode(group_id)))?;
+        self.commit_log.insert(prefixed(group_id, seq), entry(seq))?;
+        Ok(seq)
+    }
+
+    /// A page of a group's commit log.
+    pub fn commit_log(&self, group_id: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        Self::page(&self.commit_log, group_id, cursor, descending, limit)
+    }
+}
+
+fn decode_logged(seq: u64, v: &[u8]) -> Result<LoggedUpdate, StoreError> {
+    let zero = v.iter().position(|b| *b == 0).ok_or(StoreError::Corrupt("identity"))?;
+    let rest = &v[zero + 1..];
+    if rest.len() < 8 {
+        return Err(StoreError::Corrupt("identity"));
+    }
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&rest[..8]);
+    let update = IdentityUpdate::decode(&rest[8..]).map_err(|_| StoreError::Corrupt("identity"))?;
+    Ok(LoggedUpdate { sequence_id: seq, server_timestamp_ns: u64::from_be_bytes(ts), update })
+}
