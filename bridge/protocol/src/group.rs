@@ -484,3 +484,11 @@ mod tests {
         assert!(!h.is_commit());
     }
 }
+
+/// The openmls group type, re-exported so callers need not depend on openmls.
+pub type MlsGroupHandle = MlsGroup;
+
+/// Deletes a group from the store (after a rejected welcome).
+pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
+    group.delete(provider.storage()).map_err(mls_err)
+}

@@ -1,0 +1,546 @@
+//! The async XMTP client.
+//!
+//! Contract: one `Client` is one XMTP installation of one inbox. It talks to any XMTP v3 node
+//! over gRPC and keeps everything it must not lose in one sled tree: its keys, the openmls
+//! store (written back after every operation that changes it), the X-Wing seeds of its key
+//! packages, its conversations and per-conversation cursors. Used by `gatehouse agent` and by
+//! the daemon for every endpoint identity. It never logs keys or message plaintext.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use gatehouse_protocol::group::{self, Provider};
+use gatehouse_protocol::identity::{self, InstallationKey, Wallet};
+use gatehouse_protocol::{content, welcome};
+use gatehouse_wire::associations::IdentifierKind;
+use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
+use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
+use gatehouse_wire::{identity_api as ipb, mls_api as mpb, message_contents as mc};
+use tonic::transport::Channel;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node refused or failed a call.
+    #[error("node: {0}")]
+    Node(#[from] tonic::Status),
+    /// The node could not be reached.
+    #[error("cannot reach node: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// Local state failed.
+    #[error("local store: {0}")]
+    Store(#[from] sled::Error),
+    /// The protocol core refused something.
+    #[error(transparent)]
+    Protocol(#[from] gatehouse_protocol::ProtocolError),
+    /// A peer is not usable (not registered, no key packages, unknown conversation).
+    #[error("{0}")]
+    Peer(String),
+}
+
+type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+/// A received message.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Received {
+    /// Hex group id of the conversation.
+    pub conversation: String,
+    /// The node's message id.
+    pub id: u64,
+    /// Sender inbox id.
+    pub sender_inbox: String,
+    /// Sender installation key (hex).
+    pub sender_installation: String,
+    /// `authority/type:major.minor`.
+    pub content_type: String,
+    /// The text (text or JSON content, else the fallback).
+    pub text: Option<String>,
+    /// The raw content bytes.
+    #[serde(skip)]
+    pub content: Vec<u8>,
+    /// Node timestamp, nanoseconds.
+    pub sent_at_ns: u64,
+    /// The sender's idempotency key.
+    pub idempotency_key: String,
+}
+
+/// Connects a gRPC channel to a node URL (`http://` or `https://`).
+pub async fn connect(url: &str) -> Result<Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| ClientError::Peer(format!("bad node URL {url}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(16));
+    Ok(endpoint.connect().await?)
+}
+
+/// One installation of one inbox.
+pub struct Client {
+    tree: sled::Tree,
+    mls: MlsApiClient<Channel>,
+    ids: IdentityApiClient<Channel>,
+    provider: Provider,
+    wallet: Wallet,
+    key: InstallationKey,
+    inbox_id: String,
+}
+
+const K_WALLET: &[u8] = b"id/wallet";
+const K_INSTALLATION: &[u8] = b"id/installation";
+const K_MLS: &[u8] = b"mls";
+const K_WELCOME_CURSOR: &[u8] = b"cursor/welcome";
+
+impl Client {
+    /// Opens the installation stored in `tree`, creating keys on first use (the wallet from
+    /// `wallet` when given, else random). Does not talk to the node; call `register`.
+    pub fn open(tree: sled::Tree, channel: Channel, wallet: Option<Wallet>, installation: Option<InstallationKey>) -> Result<Self> {
+        let wallet = match tree.get(K_WALLET)? {
+            Some(sk) => Wallet::from_bytes(&sk)?,
+            None => {
+                let w = match wallet {
+                    Some(w) => w,
+                    None => loop {
+                        let mut sk = [0u8; 32];
+                        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sk);
+                        if let Ok(w) = Wallet::from_bytes(&sk) {
+                            break w;
+                        }
+                    },
+                };
+                tree.insert(K_WALLET, &w.to_bytes())?;
+                w
+            }
+        };
+        let key = match tree.get(K_INSTALLATION)? {
+            Some(seed) => InstallationKey::from_seed(
+                &seed.as_ref().try_into().map_err(|_| ClientError::Peer("stored installation key is corrupt".into()))?,
+            ),
+            None => {
+                let k = installation.unwrap_or_else(|| {
+                    let mut seed = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+                    InstallationKey::from_seed(&seed)
+                });
+                tree.insert(K_INSTALLATION, &k.seed())?;
+                k
+            }
+        };
+        let provider = group::provider_from_storage(&tree.get(K_MLS)?.map(|v| v.to_vec()).unwrap_or_default())?;
+        let inbox_id = identity::inbox_id(&wallet.address(), 1);
+        Ok(Self {
+            tree,
+            mls: MlsApiClient::new(channel.clone()).max_decoding_message_size(32 << 20),
+            ids: IdentityApiClient::new(channel),
+            provider,
+            wallet,
+            key,
+            inbox_id,
+        })
+    }
+
+    /// This inbox's id.
+    pub fn inbox_id(&self) -> &str {
+        &self.inbox_id
+    }
+
+    /// This inbox's wallet address.
+    pub fn address(&self) -> String {
+        self.wallet.address()
+    }
+
+    /// This installation's public key.
+    pub fn installation_key(&self) -> [u8; 32] {
+        self.key.public()
+    }
+
+    fn persist_mls(&self) -> Result<()> {
+        self.tree.insert(K_MLS, group::export_storage(&self.provider))?;
+        Ok(())
+    }
+
+    /// Registers the inbox and this installation on the node if needed, and makes sure the
+    /// node has a key package for it.
+    pub async fn register(&mut self) -> Result<()> {
+        let log = self.identity_log(&self.inbox_id.clone()).await?;
+        let state = identity::fold(log.iter().map(|(_, u)| u))?;
+        let registered = state.as_ref().is_some_and(|s| s.has_installation(&self.key.public()));
+        if !registered {
+            if state.is_some() {
+                return Err(ClientError::Peer(format!(
+                    "inbox {} exists but this installation is not on it; adding installations is not supported yet",
+                    self.inbox_id
+                )));
+            }
+            let update = identity::register_inbox(&self.wallet, 1, &self.key, now_ns());
+            self.ids.publish_identity_update(ipb::PublishIdentityUpdateRequest { identity_update: Some(update) }).await?;
+            tracing::info!(inbox = %self.inbox_id, "inbox registered");
+        }
+        if self.tree.get(b"kp/current")?.is_none() {
+            self.upload_key_package().await?;
+        }
+        Ok(())
+    }
+
+    async fn upload_key_package(&mut self) -> Result<()> {
+        let kp = group::build_key_package(&self.provider, &self.inbox_id, &self.key, &mut rand::rngs::OsRng)?;
+        let v = group::validate_key_package(&self.provider, &kp.tls)?;
+        let pk = v.wrapper_public_key.ok_or_else(|| ClientError::Peer("own key package lacks a wrapper key".into()))?;
+        // Seeds are stored before the upload so a welcome to this key can always be opened.
+        self.tree.insert([b"wrap/".as_slice(), &pk].concat(), &kp.wrapper_seed)?;
+        self.persist_mls()?;
+        self.mls
+            .upload_key_package(mpb::UploadKeyPackageRequest {
+                key_package: Some(mpb::KeyPackageUpload { key_package_tls_serialized: kp.tls }),
+                is_inbox_id_credential: true,
+            })
+            .await?;
+        self.tree.insert(b"kp/current", kp.reference)?;
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// An inbox's identity log: `(sequence id, update)`.
+    async fn identity_log(&mut self, inbox: &str) -> Result<Vec<(u64, gatehouse_wire::associations::IdentityUpdate)>> {
+        let resp = self
+            .ids
+            .get_identity_updates(ipb::GetIdentityUpdatesRequest {
+                requests: vec![ipb::get_identity_updates_request::Request { inbox_id: inbox.into(), sequence_id: 0 }],
+            })
+            .await?
+            .into_inner();
+        Ok(resp
+            .responses
+            .into_iter()
+            .flat_map(|r| r.updates)
+            .filter_map(|u| u.update.map(|up| (u.sequence_id, up)))
+            .collect())
+    }
+
+    /// The verified state of another inbox and its latest sequence id.
+    pub async fn inbox_state(&mut self, inbox: &str) -> Result<(identity::InboxState, u64)> {
+        let log = self.identity_log(inbox).await?;
+        let last = log.last().map(|(s, _)| *s).unwrap_or(0);
+        let st = identity::fold(log.iter().map(|(_, u)| u))?.ok_or_else(|| ClientError::Peer(format!("inbox {inbox} is not registered")))?;
+        Ok((st, last))
+    }
+
+    /// Resolves `0x…` addresses to inbox ids; inbox ids pass through.
+    pub async fn resolve(&mut self, who: &str) -> Result<String> {
+        if !who.starts_with("0x") {
+            return Ok(who.to_lowercase());
+        }
+        let addr = identity::normalize_address(who)?;
+        let resp = self
+            .ids
+            .get_inbox_ids(ipb::GetInboxIdsRequest {
+                requests: vec![ipb::get_inbox_ids_request::Request { identifier: addr.clone(), identifier_kind: IdentifierKind::Ethereum as i32 }],
+            })
+            .await?
+            .into_inner();
+        resp.responses
+            .into_iter()
+            .find_map(|r| r.inbox_id)
+            .ok_or_else(|| ClientError::Peer(format!("{addr} has no XMTP inbox")))
+    }
+
+    /// The DM with `peer` (an inbox id), creating it if there is none.
+    pub async fn dm(&mut self, peer: &str) -> Result<Vec<u8>> {
+        let peer = peer.to_lowercase();
+        if let Some(g) = self.tree.get(format!("dm/{peer}"))? {
+            return Ok(g.to_vec());
+        }
+        // A DM the peer created may be waiting as a welcome: join it rather than fork a second.
+        self.sync_welcomes().await?;
+        if let Some(g) = self.tree.get(format!("dm/{peer}"))? {
+            return Ok(g.to_vec());
+        }
+        let (peer_state, peer_seq) = self.inbox_state(&peer).await?;
+        let (_, my_seq) = self.inbox_state(&self.inbox_id.clone()).await?;
+        let installations: Vec<Vec<u8>> = peer_state.installations().map(<[u8]>::to_vec).collect();
+        let resp = self
+            .mls
+            .fetch_key_packages(mpb::FetchKeyPackagesRequest { installation_keys: installations.clone() })
+            .await?
+            .into_inner();
+        let mut kps = Vec::new();
+        let mut wrappers = Vec::new();
+        for (inst, kp) in installations.iter().zip(resp.key_packages) {
+            if kp.key_package_tls_serialized.is_empty() {
+                continue;
+            }
+            let v = match group::validate_key_package(&self.provider, &kp.key_package_tls_serialized) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "skipping invalid key package");
+                    continue;
+                }
+            };
+            // Fail closed: the leaf must be a live installation of the inbox it names.
+            if v.inbox_id != peer || &v.installation_key != inst {
+                tracing::warn!(peer = %peer, "skipping key package that does not match the peer's identity log");
+                continue;
+            }
+            let Some(pk) = v.wrapper_public_key.clone() else { continue };
+            wrappers.push((inst.clone(), pk));
+            kps.push(v.key_package);
+        }
+        if kps.is_empty() {
+            return Err(ClientError::Peer(format!("inbox {peer} has no usable key package")));
+        }
+        let membership: BTreeMap<String, u64> = [(self.inbox_id.clone(), my_seq), (peer.clone(), peer_seq)].into();
+        let created = group::create_dm(&self.provider, &self.key, &self.inbox_id, &peer, kps, &membership, &mut rand::rngs::OsRng)?;
+        let gid = created.group.group_id().as_slice().to_vec();
+        self.persist_mls()?;
+        self.tree.insert(format!("dm/{peer}"), gid.clone())?;
+        self.tree.insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
+        self.mls
+            .send_group_messages(mpb::SendGroupMessagesRequest {
+                messages: vec![mpb::GroupMessageInput {
+                    version: Some(mpb::group_message_input::Version::V1(mpb::group_message_input::V1 {
+                        data: created.commit,
+                        sender_hmac: vec![],
+                        should_push: false,
+                    })),
+                }],
+            })
+            .await?;
+        // Our own commit is already applied: start reading after it.
+        let newest = self.newest_id(&gid).await?;
+        self.tree.insert([b"cursor/g/".as_slice(), &gid].concat(), &newest.to_be_bytes())?;
+        let mut messages = Vec::new();
+        for (inst, pk) in wrappers {
+            let (data, meta) = welcome::wrap(&created.welcome, &mpb::WelcomeMetadata { message_cursor: newest }, &pk, &mut rand::rngs::OsRng)?;
+            messages.push(mpb::WelcomeMessageInput {
+                version: Some(mpb::welcome_message_input::Version::V1(mpb::welcome_message_input::V1 {
+                    installation_key: inst,
+                    data,
+                    hpke_public_key: pk,
+                    wrapper_algorithm: mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6 as i32,
+                    welcome_metadata: meta,
+                })),
+            });
+        }
+        self.mls.send_welcome_messages(mpb::SendWelcomeMessagesRequest { messages }).await?;
+        self.tree.flush_async().await?;
+        tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
+        Ok(gid)
+    }
+
+    async fn newest_id(&mut self, gid: &[u8]) -> Result<u64> {
+        let r = self
+            .mls
+            .get_newest_group_message(mpb::GetNewestGroupMessageRequest { group_ids: vec![gid.to_vec()], include_content: false })
+            .await?
+            .into_inner();
+        Ok(r.responses
+            .first()
+            .and_then(|r| r.group_message.as_ref())
+            .and_then(|m| match &m.version {
+                Some(mpb::group_message::Version::V1(v)) => Some(v.id),
+                None => None,
+            })
+            .unwrap_or(0))
+    }
+
+    /// Joins every new conversation addressed to this installation. Returns new group ids.
+    pub async fn sync_welcomes(&mut self) -> Result<Vec<Vec<u8>>> {
+        let mut joined = Vec::new();
+        loop {
+            let cursor = self.tree.get(K_WELCOME_CURSOR)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(0);
+            let resp = self
+                .mls
+                .query_welcome_messages(mpb::QueryWelcomeMessagesRequest {
+                    installation_key: self.key.public().to_vec(),
+                    paging_info: Some(mpb::PagingInfo { direction: mpb::SortDirection::Ascending as i32, limit: 100, id_cursor: cursor }),
+                })
+                .await?
+                .into_inner();
+            let n = resp.messages.len();
+            for w in resp.messages {
+                let id = match &w.version {
+                    Some(mpb::welcome_message::Version::V1(v)) => v.id,
+                    Some(mpb::welcome_message::Version::WelcomePointer(p)) => p.id,
+                    None => continue,
+                };
+                match self.open_welcome(w).await {
+                    Ok(Some(g)) => joined.push(g),
+                    Ok(None) => {}
+                    // A bad welcome is skipped, not retried forever: it cannot become valid.
+                    Err(e) => tracing::warn!(welcome = id, error = %e, "welcome rejected"),
+                }
+                self.tree.insert(K_WELCOME_CURSOR, &id.to_be_bytes())?;
+            }
+            if n < 100 {
+                break;
+            }
+        }
+        self.tree.flush_async().await?;
+        Ok(joined)
+    }
+
+    async fn open_welcome(&mut self, w: mpb::WelcomeMessage) -> Result<Option<Vec<u8>>> {
+        let unwrapped = match w.version {
+            Some(mpb::welcome_message::Version::V1(v)) => {
+                let seed = self.wrapper_seed(&v.hpke_public_key)?;
+                welcome::unwrap(&v.data, &v.welcome_metadata, &seed)?
+            }
+            Some(mpb::welcome_message::Version::WelcomePointer(p)) => {
+                let seed = self.wrapper_seed(&p.hpke_public_key)?;
+                let ptr = welcome::unwrap_pointer(&p.welcome_pointer, &seed)?;
+                let resp = self
+                    .mls
+                    .query_welcome_messages(mpb::QueryWelcomeMessagesRequest { installation_key: ptr.destination.clone(), paging_info: None })
+                    .await?
+                    .into_inner();
+                let Some(mpb::welcome_message::Version::V1(sym)) = resp.messages.into_iter().next().and_then(|m| m.version) else {
+                    return Err(ClientError::Peer("welcome pointer leads nowhere".into()));
+                };
+                welcome::unwrap_symmetric(&sym.data, &sym.welcome_metadata, &ptr)?
+            }
+            None => return Ok(None),
+        };
+        let mut g = group::join(&self.provider, &unwrapped.mls_message)?;
+        let gid = g.group_id().as_slice().to_vec();
+        // Fail closed: every leaf must be a live installation of the inbox its credential names.
+        for (inbox, inst) in group::leaves(&g) {
+            let (st, _) = self.inbox_state(&inbox).await?;
+            if !st.has_installation(&inst) {
+                let _ = group::delete(&self.provider, &mut g);
+                self.persist_mls()?;
+                return Err(ClientError::Peer(format!("welcome names installation {} that is not live on inbox {inbox}", hex::encode(inst))));
+            }
+        }
+        let md = group::group_metadata(&g)?;
+        self.persist_mls()?;
+        if md.conversation_type == mc::ConversationType::Dm as i32 {
+            let peer = md
+                .dm_members
+                .as_ref()
+                .and_then(|d| [d.dm_member_one.as_ref(), d.dm_member_two.as_ref()].into_iter().flatten().map(|i| i.inbox_id.clone()).find(|i| *i != self.inbox_id))
+                .unwrap_or_default();
+            // Keep the first DM with a peer as the one we send on; later ones still deliver.
+            if self.tree.get(format!("dm/{peer}"))?.is_none() {
+                self.tree.insert(format!("dm/{peer}"), gid.clone())?;
+            }
+            self.tree.insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
+        } else {
+            self.tree.insert([b"conv/".as_slice(), &gid].concat(), b"")?;
+        }
+        let cursor = unwrapped.metadata.map(|m| m.message_cursor).unwrap_or(0);
+        self.tree.insert([b"cursor/g/".as_slice(), &gid].concat(), &cursor.to_be_bytes())?;
+        tracing::info!(conversation = %hex::encode(&gid), "joined conversation");
+        Ok(Some(gid))
+    }
+
+    fn wrapper_seed(&self, pk: &[u8]) -> Result<[u8; 32]> {
+        let v = self.tree.get([b"wrap/".as_slice(), pk].concat())?.ok_or_else(|| ClientError::Peer("welcome for a key package we do not hold".into()))?;
+        v.as_ref().try_into().map_err(|_| ClientError::Peer("stored wrapper key is corrupt".into()))
+    }
+
+    /// Known conversations (hex group id → peer inbox for DMs).
+    pub fn conversations(&self) -> Result<Vec<(Vec<u8>, String)>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(b"conv/") {
+            let (k, v) = item?;
+            out.push((k[5..].to_vec(), String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Sends content into a conversation. Returns the idempotency key used.
+    pub async fn send(&mut self, gid: &[u8], c: &mc::EncodedContent, idempotency_key: Option<String>) -> Result<String> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| ClientError::Peer(format!("unknown conversation {}", hex::encode(gid))))?;
+        // Apply whatever arrived first so we send on the current epoch.
+        self.sync_group_inner(&mut g).await?;
+        let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        let data = group::encrypt(&self.provider, &self.key, &mut g, &content::seal_envelope(c, &key))?;
+        self.persist_mls()?;
+        self.mls
+            .send_group_messages(mpb::SendGroupMessagesRequest {
+                messages: vec![mpb::GroupMessageInput {
+                    version: Some(mpb::group_message_input::Version::V1(mpb::group_message_input::V1 { data, sender_hmac: vec![], should_push: true })),
+                }],
+            })
+            .await?;
+        Ok(key)
+    }
+
+    /// Reads new messages of one conversation.
+    pub async fn sync_group(&mut self, gid: &[u8]) -> Result<Vec<Received>> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| ClientError::Peer(format!("unknown conversation {}", hex::encode(gid))))?;
+        self.sync_group_inner(&mut g).await
+    }
+
+    async fn sync_group_inner(&mut self, g: &mut openmls_group::MlsGroup) -> Result<Vec<Received>> {
+        let gid = g.group_id().as_slice().to_vec();
+        let ckey = [b"cursor/g/".as_slice(), &gid].concat();
+        let mut out = Vec::new();
+        loop {
+            let cursor = self.tree.get(&ckey)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(0);
+            let resp = self
+                .mls
+                .query_group_messages(mpb::QueryGroupMessagesRequest {
+                    group_id: gid.clone(),
+                    paging_info: Some(mpb::PagingInfo { direction: mpb::SortDirection::Ascending as i32, limit: 100, id_cursor: cursor }),
+                })
+                .await?
+                .into_inner();
+            let n = resp.messages.len();
+            for m in resp.messages {
+                let Some(mpb::group_message::Version::V1(v)) = m.version else { continue };
+                match group::process(&self.provider, g, &v.data) {
+                    Ok(group::Processed::Application { sender_inbox, sender_installation, plaintext }) => {
+                        if let Ok(content::Opened::Content { content, idempotency_key }) = content::open_envelope(&plaintext) {
+                            out.push(Received {
+                                conversation: hex::encode(&gid),
+                                id: v.id,
+                                sender_inbox,
+                                sender_installation: hex::encode(sender_installation),
+                                content_type: content.r#type.as_ref().map(content::type_string).unwrap_or_default(),
+                                text: content::display_text(&content),
+                                content: content.content.clone(),
+                                sent_at_ns: v.created_ns,
+                                idempotency_key,
+                            });
+                        }
+                    }
+                    Ok(_) => {}
+                    // Our own messages come back and cannot be decrypted by us; others are logged.
+                    Err(e) => tracing::debug!(conversation = %hex::encode(&gid), id = v.id, error = %e, "message not processed"),
+                }
+                self.tree.insert(&ckey, &v.id.to_be_bytes())?;
+            }
+            self.persist_mls()?;
+            if n < 100 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Joins new conversations, then reads every conversation.
+    pub async fn sync_all(&mut self) -> Result<Vec<Received>> {
+        self.sync_welcomes().await?;
+        let mut out = Vec::new();
+        for (gid, _) in self.conversations()? {
+            out.extend(self.sync_group(&gid).await?);
+        }
+        self.tree.flush_async().await?;
+        Ok(out)
+    }
+
+    /// The peer inbox of a DM conversation.
+    pub fn dm_peer(&self, gid: &[u8]) -> Result<Option<String>> {
+        Ok(self.tree.get([b"conv/".as_slice(), gid].concat())?.map(|v| String::from_utf8_lossy(&v).into_owned()).filter(|s| !s.is_empty()))
+    }
+}
+
+mod openmls_group {
+    pub use gatehouse_protocol::group::MlsGroupHandle as MlsGroup;
+}

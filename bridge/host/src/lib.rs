@@ -1,0 +1,281 @@
+//! The wasmtime component host.
+//!
+//! Contract: loads plugins that implement `gatehouse:plugin/mapper@0.1.0` (see `wit/`), runs
+//! every call under an epoch deadline (wall time), a memory cap and optional fuel, and
+//! contains every failure: a trap, timeout or out-of-memory becomes a [`PluginError`], the
+//! trapped instance is thrown away and the next call gets a fresh one. Plugins get no WASI
+//! filesystem, sockets or environment: the WASI context is empty, and the only grants are the
+//! `host` interface (log, clock). This is the only crate that links wasmtime.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+#[allow(missing_docs)]
+mod bindings {
+    wasmtime::component::bindgen!({ path: "../../wit", world: "mapper" });
+}
+
+pub use bindings::gatehouse::plugin::types::{Action, Message, Publish, Send};
+
+/// The first-party MQTT plugin component, built from `plugins/mqtt`.
+pub const MQTT_PLUGIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
+
+/// How often the epoch ticks; deadlines are whole ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Per-plugin limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Wall-clock budget of one call; past it the call traps with an interrupt.
+    pub deadline: Duration,
+    /// Largest linear memory, bytes; growing past it traps.
+    pub memory_bytes: usize,
+    /// Fuel per call, if metering is on.
+    pub fuel: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { deadline: Duration::from_millis(500), memory_bytes: 64 << 20, fuel: None }
+    }
+}
+
+/// Why a plugin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// The plugin refused the message (its own `error` result).
+    #[error("plugin refused: {code}: {message}")]
+    Refused {
+        /// Short machine-readable code.
+        code: String,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// The call ran past its deadline.
+    #[error("plugin exceeded its {0:?} deadline")]
+    Timeout(Duration),
+    /// The call used up its fuel.
+    #[error("plugin ran out of fuel")]
+    OutOfFuel,
+    /// The plugin trapped (including a failed memory grow past the cap).
+    #[error("plugin trapped: {0}")]
+    Trap(String),
+    /// Loading or instantiating failed.
+    #[error("plugin could not be loaded: {0}")]
+    Load(String),
+}
+
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    plugin: String,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl bindings::gatehouse::plugin::host::Host for State {
+    fn log(&mut self, level: bindings::gatehouse::plugin::host::Level, message: String) {
+        use bindings::gatehouse::plugin::host::Level;
+        let plugin = &self.plugin;
+        match level {
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    }
+}
+
+impl bindings::gatehouse::plugin::types::Host for State {}
+
+/// The shared engine and its epoch ticker.
+#[derive(Clone)]
+pub struct Host {
+    engine: Engine,
+}
+
+impl Host {
+    /// Creates the engine and starts the epoch ticker thread (it stops when the process does).
+    pub fn new() -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config.epoch_interruption(true).consume_fuel(true).wasm_component_model(true);
+        let engine = Engine::new(&config)?;
+        let weak = engine.weak();
+        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+        Ok(Self { engine })
+    }
+
+    /// Compiles and validates a component, returning a plugin ready to instantiate.
+    pub fn load(&self, name: &str, wasm: &[u8], config: Vec<(String, String)>, limits: Limits) -> Result<Plugin, PluginError> {
+        let component = Component::new(&self.engine, wasm).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let mut linker: Linker<State> = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        bindings::Mapper::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let pre = bindings::MapperPre::new(pre).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let plugin = Plugin { name: name.to_string(), engine: self.engine.clone(), pre, config, limits, live: Arc::new(Mutex::new(None)) };
+        // Instantiate once now so that a plugin that cannot start fails at load, not per message.
+        plugin.with_instance(|_, _| Ok(()))?;
+        Ok(plugin)
+    }
+}
+
+struct Live {
+    store: Store<State>,
+    mapper: bindings::Mapper,
+}
+
+/// A loaded plugin. Calls are serialised per plugin; a failed call discards its instance.
+#[derive(Clone)]
+pub struct Plugin {
+    name: String,
+    engine: Engine,
+    pre: bindings::MapperPre<State>,
+    config: Vec<(String, String)>,
+    limits: Limits,
+    live: Arc<Mutex<Option<Live>>>,
+}
+
+fn classify(e: wasmtime::Error, limits: &Limits) -> PluginError {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => PluginError::Timeout(limits.deadline),
+        Some(wasmtime::Trap::OutOfFuel) => PluginError::OutOfFuel,
+        Some(t) => PluginError::Trap(t.to_string()),
+        None => PluginError::Trap(format!("{e:#}")),
+    }
+}
+
+impl Plugin {
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn instantiate(&self) -> Result<Live, PluginError> {
+        let state = State {
+            // Deny by default: no preopens, no environment, no network, no inherited stdio.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).trap_on_grow_failure(true).build(),
+            plugin: self.name.clone(),
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        self.arm(&mut store)?;
+        let mapper = self.pre.instantiate(&mut store).map_err(|e| classify(e, &self.limits))?;
+        self.arm(&mut store)?;
+        match mapper.call_init(&mut store, &self.config) {
+            Ok(Ok(())) => Ok(Live { store, mapper }),
+            Ok(Err(e)) => Err(PluginError::Load(format!("init refused: {}: {}", e.code, e.message))),
+            Err(e) => Err(classify(e, &self.limits)),
+        }
+    }
+
+    fn arm(&self, store: &mut Store<State>) -> Result<(), PluginError> {
+        let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX)).map_err(|e| PluginError::Load(e.to_string()))
+    }
+
+    fn with_instance<T>(&self, f: impl FnOnce(&mut Live, &Plugin) -> Result<T, PluginError>) -> Result<T, PluginError> {
+        let mut guard = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.instantiate()?);
+        }
+        let live = guard.as_mut().expect("instance was just created");
+        self.arm(&mut live.store)?;
+        let r = f(live, self);
+        if matches!(r, Err(PluginError::Timeout(_) | PluginError::OutOfFuel | PluginError::Trap(_))) {
+            // A trapped instance cannot be re-entered: the next call gets a fresh one.
+            *guard = None;
+        }
+        r
+    }
+
+    fn result(r: wasmtime::Result<Result<Vec<Action>, bindings::gatehouse::plugin::types::Error>>, limits: &Limits) -> Result<Vec<Action>, PluginError> {
+        match r {
+            Ok(Ok(a)) => Ok(a),
+            Ok(Err(e)) => Err(PluginError::Refused { code: e.code, message: e.message }),
+            Err(e) => Err(classify(e, limits)),
+        }
+    }
+
+    /// Maps an external message. Blocking: call from a blocking thread.
+    pub fn on_external(&self, msg: &Message) -> Result<Vec<Action>, PluginError> {
+        self.with_instance(|live, p| Self::result(live.mapper.call_on_external(&mut live.store, msg), &p.limits))
+    }
+
+    /// Maps a conversation message. Blocking: call from a blocking thread.
+    pub fn on_conversation(&self, msg: &Message) -> Result<Vec<Action>, PluginError> {
+        self.with_instance(|live, p| Self::result(live.mapper.call_on_conversation(&mut live.store, msg), &p.limits))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(payload: &[u8]) -> Message {
+        Message {
+            payload: payload.to_vec(),
+            content_type: "application/json".into(),
+            metadata: vec![("topic".into(), "devices/t1/up".into())],
+            endpoint: "t1".into(),
+            conversation: None,
+            sender: None,
+            verified: false,
+            idempotency_key: "k".into(),
+        }
+    }
+
+    /// The embedded MQTT plugin maps JSON up, refuses garbage, and maps a reply down.
+    #[test]
+    fn mqtt_plugin_maps_both_ways() {
+        let host = Host::new().unwrap();
+        let p = host.load("mqtt", MQTT_PLUGIN, vec![], Limits::default()).unwrap();
+        let a = p.on_external(&msg(br#"{"t": 21.5}"#)).unwrap();
+        let [Action::Send(s)] = a.as_slice() else { panic!("{a:?}") };
+        assert_eq!(s.content_type, "gatehouse.dev/json:1.0");
+        assert_eq!(s.payload, br#"{"t":21.5}"#);
+        match p.on_external(&msg(b"\x00garbage")) {
+            Err(PluginError::Refused { code, .. }) => assert_eq!(code, "malformed"),
+            other => panic!("{other:?}"),
+        }
+        let mut m = msg(b"hello");
+        m.content_type = "xmtp.org/text:1.0".into();
+        let a = p.on_conversation(&m).unwrap();
+        let [Action::Publish(p)] = a.as_slice() else { panic!("{a:?}") };
+        assert_eq!(p.address, "devices/t1/down");
+        assert_eq!(p.payload, b"hello");
+    }
+
+    /// A bad config is refused at load with the plugin's reason.
+    #[test]
+    fn bad_config_fails_at_load() {
+        let host = Host::new().unwrap();
+        let r = host.load("mqtt", MQTT_PLUGIN, vec![("format".into(), "xml".into())], Limits::default());
+        assert!(matches!(r, Err(PluginError::Load(m)) if m.contains("format")));
+    }
+}
