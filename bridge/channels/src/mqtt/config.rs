@@ -1,0 +1,60 @@
+//! MQTT connection settings (the `channels.mqtt` section of config.yaml).
+
+use serde::Deserialize;
+
+/// How to reach the broker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Broker host name or address.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Broker port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Client id; stable, so the broker can keep the session.
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    /// Username, if the broker wants one.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (prefer `${ENV}` in config.yaml over a literal).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Keep-alive interval, seconds.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// Largest packet accepted from the broker, bytes.
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_port() -> u16 {
+    1883
+}
+fn default_client_id() -> String {
+    "gatehouse".into()
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_max_packet() -> usize {
+    1 << 20
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+        host: default_host(),
+        port: default_port(),
+        client_id: default_client_id(),
+        username: None,
+        password: None,
+        keep_alive_secs: default_keep_alive(),
+        max_packet_bytes: default_max_packet(),
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! MQTT via rumqttc: QoS 1 subscribe and publish, manual acknowledgement after the daemon's
+//! durable write, reconnect with backoff while the broker is away.
+
+mod config;
+mod driver;
+
+pub use config::MqttConfig;
+pub use driver::{ConnectionState, Inbound, MqttHandle, start};
+
+#[cfg(test)]
+mod tests;
