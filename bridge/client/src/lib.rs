@@ -19,7 +19,7 @@ use gatehouse_wire::associations::IdentifierKind;
 use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
 use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
 use gatehouse_wire::{identity_api as ipb, mls_api as mpb, message_contents as mc};
-use tonic::transport::Channel;
+pub use tonic::transport::Channel;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -71,13 +71,14 @@ pub struct Received {
     pub idempotency_key: String,
 }
 
-/// Connects a gRPC channel to a node URL (`http://` or `https://`).
+/// A gRPC channel to a node URL (`http://` or `https://`). It connects lazily: the first call
+/// that needs the node reports an unreachable node, so purely local commands work offline.
 pub async fn connect(url: &str) -> Result<Channel> {
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| ClientError::Peer(format!("bad node URL {url}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(std::time::Duration::from_secs(16));
-    Ok(endpoint.connect().await?)
+    Ok(endpoint.connect_lazy())
 }
 
 /// One installation of one inbox.

@@ -1,0 +1,466 @@
+//! The bridge runtime: routes, the durable inbound queue, endpoint identities and the way back.
+//!
+//! Inbound: MQTT publish → route match and size check → durable inbox (sled, flushed) →
+//! acknowledge the broker → plugin → endpoint's DM with each agent → remove from the inbox.
+//! Outbound: each endpoint reads its conversations → sender must be allowed by the route →
+//! plugin → publish on the route's reply topic. Nothing is logged with message content.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use gatehouse_channels::mqtt::{self, Inbound, MqttHandle};
+use gatehouse_client::Client;
+use gatehouse_host::{Action, Host, Limits, Message, Plugin, PluginError};
+use gatehouse_protocol::content;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
+use gatehouse_client::Channel;
+
+use crate::config::{Config, Route};
+use crate::identity;
+
+/// Inbound messages buffered between the MQTT driver and the durable write; the driver (and
+/// so the broker) waits when it is full.
+const INBOUND_CAPACITY: usize = 1024;
+/// Wait before retrying queued work after a transient failure (node unreachable).
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// A durable inbound record.
+#[derive(Serialize, Deserialize)]
+struct Queued {
+    route: usize,
+    device: String,
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+    qos: u8,
+}
+
+/// What the admin API shows for an endpoint.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    /// Route name.
+    pub route: String,
+    /// Channel kind.
+    pub channel: String,
+    /// The endpoint's name on its channel (the `{device}`).
+    pub device: String,
+    /// Its channel address (the topic it publishes on).
+    pub address: String,
+    /// Its XMTP wallet address.
+    pub wallet_address: String,
+    /// Its XMTP inbox id.
+    pub inbox_id: String,
+}
+
+struct Endpoint {
+    route: usize,
+    device: String,
+    client: Mutex<Client>,
+    registered: Mutex<bool>,
+}
+
+/// Shared bridge state.
+pub struct Bridge {
+    cfg: Config,
+    seed: [u8; 32],
+    db: sled::Db,
+    inbox: sled::Tree,
+    dead: sled::Tree,
+    endpoint_index: sled::Tree,
+    channel: Channel,
+    plugins: BTreeMap<String, Plugin>,
+    mqtt: Option<MqttHandle>,
+    endpoints: std::sync::Mutex<HashMap<String, Arc<Endpoint>>>,
+    resolved: Mutex<HashMap<String, String>>,
+    work: Notify,
+    started: std::time::Instant,
+}
+
+fn endpoint_name(route: &Route, device: &str) -> String {
+    format!("{}/{}/{}", route.channel, route.name, device)
+}
+
+impl Bridge {
+    /// Endpoints for the admin API.
+    pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        self.endpoint_index
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect()
+    }
+
+    /// Status for the admin API.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "endpoints": self.endpoint_index.len(),
+            "inbox_depth": self.inbox.len(),
+            "dead_letters": self.dead.len(),
+            "mqtt": self.mqtt.as_ref().map(|m| format!("{:?}", m.state())),
+        })
+    }
+
+    fn endpoint(&self, route_idx: usize, device: &str) -> anyhow::Result<Arc<Endpoint>> {
+        let route = &self.cfg.routes[route_idx];
+        let name = endpoint_name(route, device);
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get(&name) {
+            return Ok(e.clone());
+        }
+        let (wallet, key) = identity::endpoint_keys(&self.seed, &name);
+        let tree = self.db.open_tree(format!("ep/{name}"))?;
+        let client = Client::open(tree, self.channel.clone(), Some(wallet), Some(key))?;
+        let info = EndpointInfo {
+            route: route.name.clone(),
+            channel: route.channel.clone(),
+            device: device.to_string(),
+            address: route.subscribe.replace("{device}", device),
+            wallet_address: client.address(),
+            inbox_id: client.inbox_id().to_string(),
+        };
+        self.endpoint_index.insert(name.as_bytes(), serde_json::to_vec(&info)?)?;
+        let e = Arc::new(Endpoint { route: route_idx, device: device.to_string(), client: Mutex::new(client), registered: Mutex::new(false) });
+        map.insert(name, e.clone());
+        Ok(e)
+    }
+
+    async fn resolve(&self, client: &mut Client, who: &str) -> anyhow::Result<String> {
+        if let Some(v) = self.resolved.lock().await.get(who) {
+            return Ok(v.clone());
+        }
+        let inbox = client.resolve(who).await?;
+        self.resolved.lock().await.insert(who.to_string(), inbox.clone());
+        Ok(inbox)
+    }
+
+    async fn allowed(&self, client: &mut Client, route: &Route) -> anyhow::Result<HashSet<String>> {
+        let mut out = HashSet::new();
+        for who in route.allow.as_ref().unwrap_or(&route.agents) {
+            out.insert(self.resolve(client, who).await?);
+        }
+        Ok(out)
+    }
+
+    /// Stores an inbound message durably, then acknowledges it to the broker.
+    async fn accept(&self, msg: Inbound) -> anyhow::Result<()> {
+        let Some((idx, route, device)) = self
+            .cfg
+            .routes
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.device_of(&msg.topic).map(|d| (i, r, d)))
+        else {
+            tracing::debug!(topic = %msg.topic, "no route for topic");
+            return self.ack(&msg).await;
+        };
+        if msg.payload.len() > route.max_payload {
+            tracing::warn!(route = %route.name, topic = %msg.topic, bytes = msg.payload.len(), limit = route.max_payload, "rejected: payload over the route's max_payload");
+            return self.ack(&msg).await;
+        }
+        let id = self.db.generate_id()?;
+        let rec = Queued { route: idx, device, topic: msg.topic.clone(), payload: msg.payload.clone(), retain: msg.retain, qos: msg.qos };
+        self.inbox.insert(id.to_be_bytes(), serde_json::to_vec(&rec)?)?;
+        // Acknowledge only after the durable write.
+        self.inbox.flush_async().await?;
+        self.ack(&msg).await?;
+        self.work.notify_one();
+        Ok(())
+    }
+
+    async fn ack(&self, msg: &Inbound) -> anyhow::Result<()> {
+        if let Some(m) = &self.mqtt {
+            m.ack(msg).await.context("acknowledging to the broker")?;
+        }
+        Ok(())
+    }
+
+    async fn run_plugin(&self, route: &Route, msg: Message, external: bool) -> Result<Vec<Action>, PluginError> {
+        let plugin = self.plugins.get(&route.plugin).cloned().ok_or_else(|| PluginError::Load(format!("plugin {} not loaded", route.plugin)))?;
+        tokio::task::spawn_blocking(move || if external { plugin.on_external(&msg) } else { plugin.on_conversation(&msg) })
+            .await
+            .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))))
+    }
+
+    /// Processes queued inbound messages in order. Returns false when it should retry later.
+    async fn drain(&self) -> bool {
+        while let Some(Ok((key, value))) = self.inbox.first().transpose() {
+            let id = u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]));
+            let rec: Queued = match serde_json::from_slice(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.dead_letter(&key, &value, &format!("corrupt queue record: {e}"));
+                    continue;
+                }
+            };
+            match self.deliver(id, &rec).await {
+                Ok(()) => {
+                    let _ = self.inbox.remove(&key);
+                }
+                Err(Failure::Permanent(reason)) => self.dead_letter(&key, &value, &reason),
+                Err(Failure::Transient(reason)) => {
+                    tracing::warn!(queue_id = id, %reason, "delivery failed; will retry");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn dead_letter(&self, key: &[u8], value: &[u8], reason: &str) {
+        let rec = serde_json::json!({ "reason": reason, "record": String::from_utf8_lossy(value) });
+        let _ = self.dead.insert(key, serde_json::to_vec(&rec).unwrap_or_default());
+        let _ = self.inbox.remove(key);
+    }
+
+    async fn deliver(&self, id: u64, rec: &Queued) -> Result<(), Failure> {
+        let route = self.cfg.routes.get(rec.route).ok_or_else(|| Failure::Permanent("route no longer exists".into()))?;
+        let idempotency_key = format!("gatehouse-in-{id}");
+        let msg = Message {
+            payload: rec.payload.clone(),
+            content_type: "application/octet-stream".into(),
+            metadata: vec![("topic".into(), rec.topic.clone()), ("qos".into(), rec.qos.to_string()), ("retain".into(), rec.retain.to_string())],
+            endpoint: rec.device.clone(),
+            conversation: None,
+            sender: Some(rec.device.clone()),
+            verified: false,
+            idempotency_key: idempotency_key.clone(),
+        };
+        let actions = match self.run_plugin(route, msg, true).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(route = %route.name, device = %rec.device, topic = %rec.topic, error = %e, "rejected by plugin");
+                return Err(Failure::Permanent(e.to_string()));
+            }
+        };
+        let endpoint = self.endpoint(rec.route, &rec.device).map_err(|e| Failure::Transient(format!("{e:#}")))?;
+        for action in actions {
+            match action {
+                Action::Send(s) => {
+                    let t = content::parse_type(&s.content_type).map_err(|e| Failure::Permanent(format!("plugin sent {e}")))?;
+                    let c = if s.content_type.starts_with("xmtp.org/text:") {
+                        content::text(&String::from_utf8_lossy(&s.payload))
+                    } else {
+                        content::with_fallback(t, s.payload.clone(), s.fallback.clone())
+                    };
+                    let mut client = endpoint.client.lock().await;
+                    self.ensure_registered(&endpoint, &mut client).await?;
+                    if route.agents.is_empty() {
+                        tracing::warn!(route = %route.name, "route has no agents: message not delivered to anyone");
+                    }
+                    for agent in &route.agents {
+                        let inbox = self.resolve(&mut client, agent).await.map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
+                        let gid = client.dm(&inbox).await.map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
+                        client
+                            .send(&gid, &c, Some(format!("{idempotency_key}-{inbox}")))
+                            .await
+                            .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
+                        tracing::info!(route = %route.name, device = %rec.device, conversation = %hex::encode(&gid), "delivered to conversation");
+                    }
+                }
+                Action::Publish(p) => tracing::warn!(route = %route.name, address = %p.address, "refused: a publish action in the inbound direction"),
+                Action::Drop(reason) => tracing::info!(route = %route.name, device = %rec.device, %reason, "dropped by plugin"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_registered(&self, endpoint: &Endpoint, client: &mut Client) -> Result<(), Failure> {
+        let mut reg = endpoint.registered.lock().await;
+        if !*reg {
+            client.register().await.map_err(|e| Failure::Transient(format!("registering endpoint {}: {e}", endpoint.device)))?;
+            *reg = true;
+        }
+        Ok(())
+    }
+
+    /// One pass of the way back for every endpoint.
+    async fn poll_outbound(&self) {
+        let endpoints: Vec<Arc<Endpoint>> = self.endpoints.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for ep in endpoints {
+            if let Err(e) = self.poll_endpoint(&ep).await {
+                tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
+            }
+        }
+    }
+
+    async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<()> {
+        let route = &self.cfg.routes[ep.route];
+        let mut client = ep.client.lock().await;
+        if !*ep.registered.lock().await {
+            return Ok(());
+        }
+        let received = client.sync_all().await?;
+        if received.is_empty() {
+            return Ok(());
+        }
+        let allowed = self.allowed(&mut client, route).await?;
+        drop(client);
+        for r in received {
+            if !allowed.contains(&r.sender_inbox) {
+                tracing::info!(route = %route.name, device = %ep.device, sender = %r.sender_inbox, "dropped conversation message: sender not allowed by the route");
+                continue;
+            }
+            let msg = Message {
+                payload: r.content.clone(),
+                content_type: r.content_type.clone(),
+                metadata: vec![],
+                endpoint: ep.device.clone(),
+                conversation: Some(r.conversation.clone()),
+                sender: Some(r.sender_inbox.clone()),
+                verified: true,
+                idempotency_key: r.idempotency_key.clone(),
+            };
+            let actions = match self.run_plugin(route, msg, false).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(route = %route.name, device = %ep.device, error = %e, "plugin refused a conversation message");
+                    continue;
+                }
+            };
+            for action in actions {
+                match action {
+                    Action::Publish(p) => {
+                        // Grant: only the route's own channel and reply topic for this device.
+                        if p.channel != route.channel || p.address != route.reply_topic(&ep.device) {
+                            tracing::warn!(route = %route.name, channel = %p.channel, address = %p.address, "refused: publish outside the route's grant");
+                            continue;
+                        }
+                        if let Some(m) = &self.mqtt {
+                            m.publish(&p.address, p.payload).await.context("publishing to MQTT")?;
+                            tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
+                        }
+                    }
+                    Action::Send(_) => tracing::warn!(route = %route.name, "refused: a send action in the outbound direction"),
+                    Action::Drop(reason) => tracing::info!(route = %route.name, device = %ep.device, %reason, "dropped by plugin"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Failure {
+    Permanent(String),
+    Transient(String),
+}
+
+/// Starts everything and runs until `shutdown` turns true.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let seed = identity::load_or_create_seed(&cfg.data_dir.join("seed"))?;
+
+    let node_url = if cfg.node.embedded {
+        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node")).context("opening the embedded node's store")?;
+        let listener = tokio::net::TcpListener::bind(cfg.node.listen).await.with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let node = gatehouse_node::Node::new(store);
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = gatehouse_node::serve(listener, node, None, async move { let _ = stop.changed().await; }).await {
+                tracing::error!(error = %format!("{e:#}"), "embedded node stopped");
+            }
+        });
+        url
+    } else {
+        cfg.node.url.clone().context("node.url")?
+    };
+    let channel = gatehouse_client::connect(&node_url).await.with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
+    tracing::info!(node = %node_url, "using XMTP node");
+
+    let host = Host::new()?;
+    let mut plugins = BTreeMap::new();
+    for (name, p) in &cfg.plugins {
+        let wasm = match (&p.builtin, &p.path) {
+            (Some(_), _) => gatehouse_host::MQTT_PLUGIN.to_vec(),
+            (None, Some(path)) => std::fs::read(path).with_context(|| format!("plugins.{name}.path: reading {}", path.display()))?,
+            (None, None) => anyhow::bail!("plugins.{name}: no builtin or path"),
+        };
+        let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
+        // The route's reply template is the plugin's down topic.
+        if let Some(r) = cfg.routes.iter().find(|r| &r.plugin == name) {
+            if !p.config.contains_key("down_topic") {
+                config.push(("down_topic".into(), r.reply.clone()));
+            }
+        }
+        let limits = Limits { deadline: Duration::from_millis(p.deadline_ms), memory_bytes: p.memory_mb << 20, fuel: None };
+        let plugin = host.load(name, &wasm, config, limits).with_context(|| format!("loading plugin {name}"))?;
+        tracing::info!(plugin = %name, "plugin loaded");
+        plugins.insert(name.clone(), plugin);
+    }
+
+    let db = sled::Config::new().path(cfg.data_dir.join("bridge")).flush_every_ms(Some(200)).open().context("opening the bridge store")?;
+    let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
+    let mqtt = match &cfg.channels.mqtt {
+        Some(m) if !cfg.routes.is_empty() => {
+            let filters = cfg.routes.iter().map(Route::filter).collect();
+            Some(mqtt::start(m, filters, in_tx, shutdown.clone()))
+        }
+        _ => None,
+    };
+    let bridge = Arc::new(Bridge {
+        seed,
+        inbox: db.open_tree("inbox")?,
+        dead: db.open_tree("dead_letters")?,
+        endpoint_index: db.open_tree("endpoints")?,
+        db,
+        channel,
+        plugins,
+        mqtt,
+        endpoints: Default::default(),
+        resolved: Default::default(),
+        work: Notify::new(),
+        started: std::time::Instant::now(),
+        cfg,
+    });
+    // Endpoints known from earlier runs resume reading their conversations at once.
+    for info in bridge.endpoints() {
+        if let Some(idx) = bridge.cfg.routes.iter().position(|r| r.name == info.route) {
+            let ep = bridge.endpoint(idx, &info.device)?;
+            *ep.registered.lock().await = true;
+        }
+    }
+
+    let admin = tokio::net::TcpListener::bind(bridge.cfg.admin.listen).await.with_context(|| format!("admin.listen: cannot bind {}", bridge.cfg.admin.listen))?;
+    tokio::spawn(crate::admin::serve(admin, bridge.clone(), shutdown.clone()));
+
+    let b = bridge.clone();
+    let mut stop = shutdown.clone();
+    let accept = tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! { _ = stop.changed() => return, m = in_rx.recv() => match m { Some(m) => m, None => return } };
+            if let Err(e) = b.accept(msg).await {
+                // Not acknowledged: the broker redelivers after reconnecting.
+                tracing::error!(error = %format!("{e:#}"), "could not store an inbound message");
+            }
+        }
+    });
+    let b = bridge.clone();
+    let mut stop = shutdown.clone();
+    let worker = tokio::spawn(async move {
+        loop {
+            let done = b.drain().await;
+            let wait = if done { Duration::from_secs(3600) } else { RETRY_DELAY };
+            tokio::select! { _ = stop.changed() => return, _ = b.work.notified() => {}, _ = tokio::time::sleep(wait) => {} }
+        }
+    });
+    let b = bridge.clone();
+    let mut stop = shutdown.clone();
+    let poll = Duration::from_millis(b.cfg.poll_interval_ms.max(20));
+    let outbound = tokio::spawn(async move {
+        loop {
+            b.poll_outbound().await;
+            tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(poll) => {} }
+        }
+    });
+    tracing::info!(admin = %bridge.cfg.admin.listen, routes = bridge.cfg.routes.len(), "gatehouse running");
+    let _ = shutdown.changed().await;
+    let _ = tokio::join!(accept, worker, outbound);
+    bridge.db.flush_async().await?;
+    tracing::info!("gatehouse stopped");
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! config.yaml: parse, then validate (no I/O), then build.
+//!
+//! Every struct rejects unknown keys; every field's doc comment is its user documentation.
+//! `${NAME}` anywhere in the file is replaced by the environment variable `NAME` before parsing
+//! (a missing variable is an error that names it), so secrets need not sit in the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use gatehouse_channels::mqtt::MqttConfig;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for all state (sled databases, the bridge seed). Relative paths are resolved
+    /// against the config file's directory.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The XMTP node the bridge uses.
+    #[serde(default)]
+    pub node: NodeConfig,
+    /// The local admin API (`gatehouse endpoints` talks to it).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Channel connections by kind.
+    #[serde(default)]
+    pub channels: Channels,
+    /// Plugins by name.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// Routes: which channel addresses become which endpoint identities.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// How often endpoints read their conversations, milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("gatehouse-data")
+}
+fn default_poll_ms() -> u64 {
+    250
+}
+
+/// Where the XMTP node is.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Run the node inside the daemon (default). When false, `url` must name an XMTP v3 node.
+    #[serde(default = "yes")]
+    pub embedded: bool,
+    /// Listen address of the embedded node.
+    #[serde(default = "default_node_listen")]
+    pub listen: SocketAddr,
+    /// URL of an external node (`http://host:port` or `https://…`) when `embedded` is false.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_node_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5556))
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self { embedded: true, listen: default_node_listen(), url: None }
+    }
+}
+
+/// The admin API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address; must be a loopback address (the API has no authentication).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5557))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: default_admin_listen() }
+    }
+}
+
+/// Channel connections.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channels {
+    /// The MQTT broker connection (`host`, `port`, `client_id`, `username`, `password`,
+    /// `keep_alive_secs`, `max_packet_bytes`).
+    #[serde(default)]
+    pub mqtt: Option<MqttConfig>,
+}
+
+/// One plugin.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// A first-party plugin shipped in the binary (`mqtt`).
+    #[serde(default)]
+    pub builtin: Option<String>,
+    /// A component file to load instead of a builtin.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// String settings handed to the plugin's `init`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Wall-clock budget per call, milliseconds.
+    #[serde(default = "default_deadline")]
+    pub deadline_ms: u64,
+    /// Memory cap, MiB.
+    #[serde(default = "default_memory")]
+    pub memory_mb: usize,
+}
+
+fn default_deadline() -> u64 {
+    500
+}
+fn default_memory() -> usize {
+    64
+}
+
+/// A route: a channel address pattern bound to endpoint identities, a plugin and peers.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name used in logs.
+    pub name: String,
+    /// Channel kind (`mqtt`).
+    pub channel: String,
+    /// Topic template with one `{device}` placeholder, e.g. `devices/{device}/up`. Each
+    /// distinct `{device}` is one endpoint identity.
+    pub subscribe: String,
+    /// Topic template replies are published to (only this pattern is granted to the plugin).
+    #[serde(default = "default_reply")]
+    pub reply: String,
+    /// The plugin that maps messages (a key of `plugins`).
+    pub plugin: String,
+    /// Agents each endpoint talks to: inbox ids or `0x…` addresses. Every message from a
+    /// device goes to a DM with each of them.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Senders whose conversation messages may reach the device. Defaults to `agents`;
+    /// everything else is dropped and logged (without its content).
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// Largest accepted payload, bytes; larger messages are rejected with a log line.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
+}
+
+fn default_reply() -> String {
+    "devices/{device}/down".into()
+}
+fn default_max_payload() -> usize {
+    64 * 1024
+}
+
+impl Route {
+    /// The MQTT subscription filter for the template (`{x}` becomes `+`).
+    pub fn filter(&self) -> String {
+        self.subscribe
+            .split('/')
+            .map(|seg| if seg.starts_with('{') && seg.ends_with('}') { "+" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// The `{device}` of a topic, if the topic matches the template.
+    pub fn device_of(&self, topic: &str) -> Option<String> {
+        let t: Vec<_> = self.subscribe.split('/').collect();
+        let p: Vec<_> = topic.split('/').collect();
+        if t.len() != p.len() {
+            return None;
+        }
+        let mut device = None;
+        for (a, b) in t.iter().zip(&p) {
+            if *a == "{device}" {
+                if b.is_empty() {
+                    return None;
+                }
+                device = Some(b.to_string());
+            } else if a.starts_with('{') && a.ends_with('}') {
+                continue;
+            } else if a != b {
+                return None;
+            }
+        }
+        device
+    }
+
+    /// The reply topic for a device.
+    pub fn reply_topic(&self, device: &str) -> String {
+        self.reply.replace("{device}", device)
+    }
+}
+
+fn interpolate(text: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').context("unclosed ${ in config")? + start;
+        let name = &rest[start + 2..end];
+        let value = std::env::var(name).with_context(|| format!("config uses ${{{name}}} but the environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Config {
+    /// Reads, parses and validates a file. Errors name the file, line and column.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let mut cfg = Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if cfg.data_dir.is_relative() {
+            let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let text = interpolate(text)?;
+        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| match e.location() {
+            Some(l) => anyhow::anyhow!("line {}, column {}: {e}", l.line(), l.column()),
+            None => anyhow::anyhow!("{e}"),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.admin.listen.ip().is_loopback() {
+            bail!("admin.listen: {} is not a loopback address; the admin API has no authentication", self.admin.listen);
+        }
+        if !self.node.embedded && self.node.url.is_none() {
+            bail!("node: embedded is false, so node.url must name an XMTP node");
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            let at = format!("routes[{i}] ({})", r.name);
+            if r.channel != "mqtt" {
+                bail!("{at}.channel: unknown channel {:?} (available: mqtt)", r.channel);
+            }
+            if self.channels.mqtt.is_none() {
+                bail!("{at}: uses channel mqtt but channels.mqtt is not configured");
+            }
+            if r.subscribe.matches("{device}").count() != 1 {
+                bail!("{at}.subscribe: {:?} must contain exactly one {{device}}", r.subscribe);
+            }
+            if !self.plugins.contains_key(&r.plugin) {
+                bail!("{at}.plugin: no plugin named {:?} (defined: {:?})", r.plugin, self.plugins.keys().collect::<Vec<_>>());
+            }
+            for a in r.agents.iter().chain(r.allow.iter().flatten()) {
+                let ok = (a.starts_with("0x") && a.len() == 42) || (a.len() == 64 && a.chars().all(|c| c.is_ascii_hexdigit()));
+                if !ok {
+                    bail!("{at}: {a:?} is neither an inbox id (64 hex digits) nor a 0x address");
+                }
+            }
+        }
+        for (name, p) in &self.plugins {
+            match (&p.builtin, &p.path) {
+                (Some(b), None) if b == "mqtt" => {}
+                (Some(b), None) => bail!("plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt)"),
+                (None, Some(_)) => {}
+                _ => bail!("plugins.{name}: set exactly one of builtin or path"),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The repository's config.yaml parses and validates.
+    #[test]
+    fn repo_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config.yaml");
+        Config::load(&path).unwrap();
+    }
+
+    /// Unknown keys are rejected with their line.
+    #[test]
+    fn unknown_key_names_line() {
+        let e = Config::parse("data_dir: x\nnodes: {}\n").unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("nodes"), "{e}");
+    }
+
+    /// Topic templates match and extract the device.
+    #[test]
+    fn templates() {
+        let r: Route = serde_yaml::from_str("{name: r, channel: mqtt, subscribe: 'devices/{device}/up', plugin: p}").unwrap();
+        assert_eq!(r.filter(), "devices/+/up");
+        assert_eq!(r.device_of("devices/thermo-1/up").as_deref(), Some("thermo-1"));
+        assert_eq!(r.device_of("devices/thermo-1/down"), None);
+        assert_eq!(r.reply_topic("thermo-1"), "devices/thermo-1/down");
+    }
+}

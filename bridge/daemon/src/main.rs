@@ -1,0 +1,160 @@
+//! `gatehouse`: the bridge daemon, a standalone XMTP v3 node, the agent client and admin
+//! commands, in one binary.
+
+#![forbid(unsafe_code)]
+
+mod admin;
+mod agent;
+mod bridge;
+mod config;
+mod identity;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+/// Gatehouse: a secure bridge between MQTT devices and XMTP agents.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the bridge daemon (with the embedded XMTP node unless the config says otherwise).
+    Run {
+        /// The config file.
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting anything.
+    Check {
+        /// The config file.
+        #[arg(long, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Run a standalone XMTP v3 node.
+    Node {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:5556")]
+        listen: SocketAddr,
+        /// Data directory.
+        #[arg(long, default_value = "gatehouse-node-data")]
+        data: PathBuf,
+        /// PEM certificate for TLS (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for TLS.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+    },
+    /// Act as an XMTP client: identity, send, listen.
+    Agent {
+        /// Directory holding this agent's keys and state.
+        #[arg(long)]
+        home: PathBuf,
+        /// The XMTP node.
+        #[arg(long, env = "GATEHOUSE_NODE", default_value = "http://127.0.0.1:5556")]
+        node: String,
+        #[command(subcommand)]
+        command: agent::AgentCommand,
+    },
+    /// List the daemon's endpoint identities.
+    Endpoints {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run { config } => {
+            init_logging("info");
+            let cfg = config::Config::load(&config)?;
+            bridge::run(cfg, shutdown_signal()).await?;
+        }
+        Command::Check { config } => {
+            config::Config::load(&config)?;
+            println!("{}: ok", config.display());
+        }
+        Command::Node { listen, data, tls_cert, tls_key } => {
+            init_logging("info");
+            let store = gatehouse_node::Store::open(&data).with_context(|| format!("opening {}", data.display()))?;
+            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+            let tls = tls_cert.zip(tls_key).map(|(cert, key)| gatehouse_node::TlsFiles { cert, key });
+            let mut stop = shutdown_signal();
+            gatehouse_node::serve(listener, gatehouse_node::Node::new(store), tls, async move {
+                let _ = stop.changed().await;
+            })
+            .await?;
+        }
+        Command::Agent { home, node, command } => {
+            init_logging("warn");
+            return agent::run(&home, &node, command).await;
+        }
+        Command::Endpoints { json, config, admin } => {
+            let addr = match admin {
+                Some(a) => a,
+                None => config::Config::load(&config)?.admin.listen,
+            };
+            let body = admin::get(addr, "/endpoints").await?;
+            if json {
+                println!("{body}");
+            } else {
+                let eps: Vec<bridge::EndpointInfo> = serde_json::from_str(&body)?;
+                println!("{:<20} {:<28} {:<44} INBOX", "DEVICE", "ADDRESS", "WALLET");
+                for e in eps {
+                    println!("{:<20} {:<28} {:<44} {}", e.device, e.address, e.wallet_address, e.inbox_id);
+                }
+            }
+        }
+    }
+    Ok(0)
+}
