@@ -1,0 +1,347 @@
+//! Harness for end-to-end tests: starts real processes (mosquitto, the `gatehouse` binary,
+//! agents) on free loopback ports in a temporary directory, and stops them when dropped.
+//!
+//! A test that needs a missing tool fails and says which Debian package to install.
+
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for any single event before failing.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The `gatehouse` binary built by `cargo test --workspace`.
+pub fn gatehouse_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let bin = target.join(profile).join("gatehouse");
+    assert!(bin.exists(), "{} not found: run the tests with `cargo test --workspace` (it builds the binary)", bin.display());
+    bin
+}
+
+/// Requires a tool on PATH, naming the package that provides it.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "`{tool}` is not installed: install the Debian package `{package}` (.ci/run does)");
+}
+
+/// Polls `f` until it returns `Some`, failing with `what` after `EVENT_TIMEOUT`.
+pub fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A mosquitto broker on a free port.
+pub struct Mosquitto {
+    /// Its port.
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Mosquitto {
+    /// Starts one in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        require("mosquitto", "mosquitto");
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+        let child = Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let proc = Proc(child);
+        wait_for("mosquitto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        Mosquitto { port, _proc: proc }
+    }
+
+    /// Publishes with QoS 1 through `mosquitto_pub`.
+    pub fn publish(&self, topic: &str, payload: &[u8]) {
+        require("mosquitto_pub", "mosquitto-clients");
+        let file = std::env::temp_dir().join(format!("gh-pub-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::write(&file, payload).unwrap();
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&file);
+        assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Subscribes with `mosquitto_sub` and returns once the broker has acknowledged the
+    /// subscription; the process collects messages until it is finished with `collect`.
+    pub fn subscribe(&self, topic: &str) -> Subscriber {
+        require("mosquitto_sub", "mosquitto-clients");
+        // stdbuf makes mosquitto_sub flush each line into the pipe as it happens.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-d", "-t", topic])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let sub = Subscriber { _proc: Proc(child), lines: rx };
+        sub.next_matching(|l| l.contains("SUBACK"));
+        sub
+    }
+}
+
+/// A running `mosquitto_sub -d`.
+pub struct Subscriber {
+    _proc: Proc,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Subscriber {
+    fn next_matching(&self, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).expect("timed out waiting for mosquitto_sub output");
+            if f(&line) {
+                return line;
+            }
+        }
+    }
+
+    /// The next message payload (debug lines are skipped).
+    pub fn next_message(&self) -> String {
+        self.next_matching(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed"))
+    }
+
+    /// Messages that arrive within `window` (used only to show that nothing else arrived).
+    pub fn drain(&self, window: Duration) -> Vec<String> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if !l.starts_with("Client ") {
+                out.push(l);
+            }
+        }
+        out
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
+
+/// A `gatehouse run` daemon.
+pub struct Daemon {
+    proc: Option<Proc>,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its stderr log.
+    pub log: PathBuf,
+    /// Embedded node URL.
+    pub node_url: String,
+    /// Admin address.
+    pub admin: String,
+}
+
+/// Ports and paths of one bridge set-up.
+pub struct Setup {
+    /// Working directory.
+    pub dir: PathBuf,
+    /// Broker.
+    pub broker: Mosquitto,
+    /// Node port.
+    pub node_port: u16,
+    /// Admin port.
+    pub admin_port: u16,
+}
+
+impl Setup {
+    /// A temporary directory with a broker.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("gatehouse-e2e-{name}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let broker = Mosquitto::start(&dir);
+        Setup { dir, broker, node_port: free_port(), admin_port: free_port() }
+    }
+
+    /// The node URL.
+    pub fn node_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.node_port)
+    }
+
+    /// Writes a config for one MQTT route whose agents are `agents`.
+    pub fn write_config(&self, agents: &[&str]) -> PathBuf {
+        let agents = agents.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+        let text = format!(
+            "data_dir: data\nnode: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\nchannels: {{mqtt: {{port: {}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\nroutes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}], max_payload: 65536}}\n",
+            self.node_port, self.admin_port, self.broker.port
+        );
+        let path = self.dir.join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts the daemon and waits until its admin API answers and MQTT is connected.
+    pub fn start_daemon(&self, config: &Path) -> Daemon {
+        let log = self.dir.join(format!("daemon-{}.log", rand_suffix()));
+        let child = Command::new(gatehouse_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("GATEHOUSE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let d = Daemon { proc: Some(Proc(child)), config: config.to_path_buf(), log, node_url: self.node_url(), admin: format!("127.0.0.1:{}", self.admin_port) };
+        wait_for("the daemon's MQTT connection", || d.log_text().contains("MQTT connected").then_some(()));
+        d
+    }
+
+    /// An agent home in this set-up.
+    pub fn agent(&self, name: &str) -> Agent {
+        Agent { home: self.dir.join(name), node: self.node_url() }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Daemon {
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a log line containing all of `needles`.
+    pub fn wait_log(&self, needles: &[&str]) -> String {
+        wait_for(&format!("daemon log line with {needles:?}"), || {
+            self.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
+        })
+    }
+
+    /// `gatehouse endpoints --json`.
+    pub fn endpoints(&self) -> Vec<serde_json::Value> {
+        let out = Command::new(gatehouse_bin()).args(["endpoints", "--json", "--admin", &self.admin]).output().unwrap();
+        assert!(out.status.success(), "endpoints: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let pid = p.0.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + EVENT_TIMEOUT;
+            loop {
+                if p.0.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// A `gatehouse agent` home.
+pub struct Agent {
+    /// Its home directory.
+    pub home: PathBuf,
+    node: String,
+}
+
+impl Agent {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(gatehouse_bin())
+            .args(["agent", "--home"])
+            .arg(&self.home)
+            .args(["--node", &self.node])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "gatehouse agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The inbox id (works before the node is up).
+    pub fn inbox_id(&self) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.ok(&["id", "--json"])).unwrap();
+        v["inbox_id"].as_str().unwrap().to_string()
+    }
+
+    /// Registers on the node.
+    pub fn init(&self) -> String {
+        self.ok(&["init"]).trim().to_string()
+    }
+
+    /// Sends text to an inbox; returns the conversation id.
+    pub fn send(&self, to: &str, text: &str) -> String {
+        self.ok(&["send", "--to", to, text]).trim().to_string()
+    }
+
+    /// Waits for `count` messages; returns them as JSON.
+    pub fn listen(&self, count: usize) -> Vec<serde_json::Value> {
+        let out = self.ok(&["listen", "--json", "--count", &count.to_string(), "--timeout", &EVENT_TIMEOUT.as_secs().to_string()]);
+        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle) {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
