@@ -11,24 +11,51 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", plugins.join("mqtt").display());
     println!("cargo:rerun-if-changed={}", plugins.join("sdk").display());
-    println!("cargo:rerun-if-changed={}", plugins.join("Cargo.toml").display());
-    println!("cargo:rerun-if-changed={}", manifest.join("../../wit").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        plugins.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("../../wit").display()
+    );
 
-    let installed = Command::new("rustup").args(["target", "list", "--installed"]).output();
-    if let Ok(o) = installed {
-        if !String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2") {
-            println!("cargo:warning=installing the wasm32-wasip2 target with rustup (needed to build plugins)");
-            let ok = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).status().map(|s| s.success()).unwrap_or(false);
-            if !ok {
-                panic!("the wasm32-wasip2 target is missing and `rustup target add wasm32-wasip2` failed; install it and build again");
-            }
-        }
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let missing = installed
+        .map(|o| {
+            !String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-wasip2")
+        })
+        .unwrap_or(false);
+    if missing {
+        println!(
+            "cargo:warning=installing the wasm32-wasip2 target with rustup (needed to build plugins)"
+        );
+        let ok = Command::new("rustup")
+            .args(["target", "add", "wasm32-wasip2"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "the wasm32-wasip2 target is missing and `rustup target add wasm32-wasip2` failed; install it and build again"
+        );
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let target_dir = out.join("plugins-target");
     let status = Command::new(cargo)
         .current_dir(&plugins)
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
         .arg(&target_dir)
         // The host build's flags are for the host, not for the guest.
         .env_remove("RUSTFLAGS")
@@ -37,9 +64,17 @@ fn main() {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .status()
         .expect("running cargo to build plugins/");
-    assert!(status.success(), "building plugins/ for wasm32-wasip2 failed (see the output above)");
-    for name in ["gatehouse_plugin_mqtt"] {
-        let wasm = target_dir.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
-        std::fs::copy(&wasm, out.join(format!("{name}.wasm"))).unwrap_or_else(|e| panic!("{}: {e}", wasm.display()));
+    assert!(
+        status.success(),
+        "building plugins/ for wasm32-wasip2 failed (see the output above)"
+    );
+    // One entry per first-party plugin crate in plugins/.
+    const PLUGINS: &[&str] = &["gatehouse_plugin_mqtt"];
+    for name in PLUGINS {
+        let wasm = target_dir
+            .join("wasm32-wasip2/release")
+            .join(format!("{name}.wasm"));
+        std::fs::copy(&wasm, out.join(format!("{name}.wasm")))
+            .unwrap_or_else(|e| panic!("{}: {e}", wasm.display()));
     }
 }

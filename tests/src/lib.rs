@@ -16,7 +16,11 @@ pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A free loopback TCP port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The `gatehouse` binary built by `cargo test --workspace`.
@@ -24,9 +28,17 @@ pub fn gatehouse_bin() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let bin = target.join(profile).join("gatehouse");
-    assert!(bin.exists(), "{} not found: run the tests with `cargo test --workspace` (it builds the binary)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not found: run the tests with `cargo test --workspace` (it builds the binary)",
+        bin.display()
+    );
     bin
 }
 
@@ -35,7 +47,10 @@ pub fn require(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "`{tool}` is not installed: install the Debian package `{package}` (.ci/run does)");
+    assert!(
+        found,
+        "`{tool}` is not installed: install the Debian package `{package}` (.ci/run does)"
+    );
 }
 
 /// Polls `f` until it returns `Some`, failing with `what` after `EVENT_TIMEOUT`.
@@ -73,25 +88,52 @@ impl Mosquitto {
         require("mosquitto", "mosquitto");
         let port = free_port();
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
-        let child = Command::new("mosquitto").arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let proc = Proc(child);
-        wait_for("mosquitto to listen", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        wait_for("mosquitto to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
         Mosquitto { port, _proc: proc }
     }
 
     /// Publishes with QoS 1 through `mosquitto_pub`.
     pub fn publish(&self, topic: &str, payload: &[u8]) {
         require("mosquitto_pub", "mosquitto-clients");
-        let file = std::env::temp_dir().join(format!("gh-pub-{}-{}", std::process::id(), rand_suffix()));
+        let file =
+            std::env::temp_dir().join(format!("gh-pub-{}-{}", std::process::id(), rand_suffix()));
         std::fs::write(&file, payload).unwrap();
         let out = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic, "-f"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-f",
+            ])
             .arg(&file)
             .output()
             .unwrap();
         let _ = std::fs::remove_file(&file);
-        assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mosquitto_pub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Subscribes with `mosquitto_sub` and returns once the broker has acknowledged the
@@ -100,7 +142,19 @@ impl Mosquitto {
         require("mosquitto_sub", "mosquitto-clients");
         // stdbuf makes mosquitto_sub flush each line into the pipe as it happens.
         let mut child = Command::new("stdbuf")
-            .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-d", "-t", topic])
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-d",
+                "-t",
+                topic,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -115,7 +169,10 @@ impl Mosquitto {
                 }
             }
         });
-        let sub = Subscriber { _proc: Proc(child), lines: rx };
+        let sub = Subscriber {
+            _proc: Proc(child),
+            lines: rx,
+        };
         sub.next_matching(|l| l.contains("SUBACK"));
         sub
     }
@@ -132,7 +189,10 @@ impl Subscriber {
         let deadline = Instant::now() + EVENT_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).expect("timed out waiting for mosquitto_sub output");
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .expect("timed out waiting for mosquitto_sub output");
             if f(&line) {
                 return line;
             }
@@ -148,7 +208,10 @@ impl Subscriber {
     pub fn drain(&self, window: Duration) -> Vec<String> {
         let deadline = Instant::now() + window;
         let mut out = Vec::new();
-        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok(l) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             if !l.starts_with("Client ") {
                 out.push(l);
             }
@@ -192,10 +255,19 @@ pub struct Setup {
 impl Setup {
     /// A temporary directory with a broker.
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("gatehouse-e2e-{name}-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "gatehouse-e2e-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let broker = Mosquitto::start(&dir);
-        Setup { dir, broker, node_port: free_port(), admin_port: free_port() }
+        Setup {
+            dir,
+            broker,
+            node_port: free_port(),
+            admin_port: free_port(),
+        }
     }
 
     /// The node URL.
@@ -205,7 +277,11 @@ impl Setup {
 
     /// Writes a config for one MQTT route whose agents are `agents`.
     pub fn write_config(&self, agents: &[&str]) -> PathBuf {
-        let agents = agents.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+        let agents = agents
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let text = format!(
             "data_dir: data\nnode: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\nchannels: {{mqtt: {{port: {}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\nroutes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}], max_payload: 65536}}\n",
             self.node_port, self.admin_port, self.broker.port
@@ -226,14 +302,25 @@ impl Setup {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let d = Daemon { proc: Some(Proc(child)), config: config.to_path_buf(), log, node_url: self.node_url(), admin: format!("127.0.0.1:{}", self.admin_port) };
-        wait_for("the daemon's MQTT connection", || d.log_text().contains("MQTT connected").then_some(()));
+        let d = Daemon {
+            proc: Some(Proc(child)),
+            config: config.to_path_buf(),
+            log,
+            node_url: self.node_url(),
+            admin: format!("127.0.0.1:{}", self.admin_port),
+        };
+        wait_for("the daemon's MQTT connection", || {
+            d.log_text().contains("MQTT connected").then_some(())
+        });
         d
     }
 
     /// An agent home in this set-up.
     pub fn agent(&self, name: &str) -> Agent {
-        Agent { home: self.dir.join(name), node: self.node_url() }
+        Agent {
+            home: self.dir.join(name),
+            node: self.node_url(),
+        }
     }
 }
 
@@ -254,14 +341,24 @@ impl Daemon {
     /// Waits for a log line containing all of `needles`.
     pub fn wait_log(&self, needles: &[&str]) -> String {
         wait_for(&format!("daemon log line with {needles:?}"), || {
-            self.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))).map(str::to_string)
+            self.log_text()
+                .lines()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_string)
         })
     }
 
     /// `gatehouse endpoints --json`.
     pub fn endpoints(&self) -> Vec<serde_json::Value> {
-        let out = Command::new(gatehouse_bin()).args(["endpoints", "--json", "--admin", &self.admin]).output().unwrap();
-        assert!(out.status.success(), "endpoints: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(gatehouse_bin())
+            .args(["endpoints", "--json", "--admin", &self.admin])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "endpoints: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -302,7 +399,11 @@ impl Agent {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "gatehouse agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "gatehouse agent {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -324,8 +425,17 @@ impl Agent {
 
     /// Waits for `count` messages; returns them as JSON.
     pub fn listen(&self, count: usize) -> Vec<serde_json::Value> {
-        let out = self.ok(&["listen", "--json", "--count", &count.to_string(), "--timeout", &EVENT_TIMEOUT.as_secs().to_string()]);
-        out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        let out = self.ok(&[
+            "listen",
+            "--json",
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            &EVENT_TIMEOUT.as_secs().to_string(),
+        ]);
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 }
 
@@ -338,7 +448,11 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if std::fs::read(&p).unwrap().windows(needle.len()).any(|w| w == needle) {
+            } else if std::fs::read(&p)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
                 hits.push(p);
             }
         }

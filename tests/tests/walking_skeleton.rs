@@ -7,7 +7,10 @@ use gatehouse_e2e::*;
 
 fn endpoint_inbox(d: &Daemon, device: &str) -> String {
     let eps = d.endpoints();
-    let e = eps.iter().find(|e| e["device"] == device).unwrap_or_else(|| panic!("no endpoint {device} in {eps:?}"));
+    let e = eps
+        .iter()
+        .find(|e| e["device"] == device)
+        .unwrap_or_else(|| panic!("no endpoint {device} in {eps:?}"));
     assert_eq!(e["address"], format!("devices/{device}/up"));
     assert!(e["wallet_address"].as_str().unwrap().starts_with("0x"));
     e["inbox_id"].as_str().unwrap().to_string()
@@ -40,7 +43,11 @@ fn device_and_agent_talk_end_to_end() {
     let line = d.wait_log(&["dropped conversation message", "sender not allowed"]);
     assert!(!line.contains("intruder-text"));
     // A is allowed: its reply reaches the device, and it is the first thing that does.
-    assert_eq!(a.send(&endpoint, "set 19.0"), conversation, "A replies in the same DM");
+    assert_eq!(
+        a.send(&endpoint, "set 19.0"),
+        conversation,
+        "A replies in the same DM"
+    );
     assert_eq!(down.next_message(), "set 19.0");
 
     // Malformed and oversized payloads are rejected with a logged reason...
@@ -53,14 +60,21 @@ fn device_and_agent_talk_end_to_end() {
     let got = a.listen(1);
     assert_eq!(got[0]["text"], r#"{"t":22.0}"#);
     assert_eq!(got[0]["conversation"], conversation.as_str());
-    assert!(down.drain(Duration::from_millis(300)).is_empty(), "nothing else reached the device");
+    assert!(
+        down.drain(Duration::from_millis(300)).is_empty(),
+        "nothing else reached the device"
+    );
 
     // The node stored only ciphertext.
     let node_dir = s.dir.join("data/node");
     assert!(node_dir.exists());
     for needle in [&b"21.5"[..], b"22.0", b"set 19.0", b"intruder-text"] {
         let hits = files_containing(&node_dir, needle);
-        assert!(hits.is_empty(), "plaintext {:?} found in {hits:?}", String::from_utf8_lossy(needle));
+        assert!(
+            hits.is_empty(),
+            "plaintext {:?} found in {hits:?}",
+            String::from_utf8_lossy(needle)
+        );
     }
 }
 
@@ -82,11 +96,18 @@ fn restart_keeps_the_conversation() {
     // Published while the daemon is down: the broker does not hold it for a clean session,
     // so the second message is sent after the restart.
     let d = s.start_daemon(&config);
-    assert_eq!(endpoint_inbox(&d, "pump-7"), endpoint, "the endpoint keeps its identity");
+    assert_eq!(
+        endpoint_inbox(&d, "pump-7"),
+        endpoint,
+        "the endpoint keeps its identity"
+    );
     s.broker.publish("devices/pump-7/up", br#"{"n":2}"#);
     let second = a.listen(1);
     assert_eq!(second[0]["text"], r#"{"n":2}"#);
-    assert_eq!(second[0]["conversation"], first[0]["conversation"], "same DM after the restart");
+    assert_eq!(
+        second[0]["conversation"], first[0]["conversation"],
+        "same DM after the restart"
+    );
     assert_eq!(second[0]["sender_inbox"], endpoint.as_str());
 
     let down = s.broker.subscribe("devices/pump-7/down");

@@ -11,7 +11,11 @@
 pub mod mqtt;
 
 /// Exponential backoff with full jitter: `base · 2^attempt`, capped, then a uniform draw.
-pub fn backoff(attempt: u32, base: std::time::Duration, cap: std::time::Duration) -> std::time::Duration {
+pub fn backoff(
+    attempt: u32,
+    base: std::time::Duration,
+    cap: std::time::Duration,
+) -> std::time::Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16));
     let ceiling = exp.min(cap);
     let ms = ceiling.as_millis().max(1) as u64;

@@ -18,7 +18,7 @@ use gatehouse_protocol::{content, welcome};
 use gatehouse_wire::associations::IdentifierKind;
 use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
 use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
-use gatehouse_wire::{identity_api as ipb, mls_api as mpb, message_contents as mc};
+use gatehouse_wire::{identity_api as ipb, message_contents as mc, mls_api as mpb};
 pub use tonic::transport::Channel;
 
 /// Errors of the client.
@@ -26,7 +26,7 @@ pub use tonic::transport::Channel;
 pub enum ClientError {
     /// The node refused or failed a call.
     #[error("node: {0}")]
-    Node(#[from] tonic::Status),
+    Node(Box<tonic::Status>),
     /// The node could not be reached.
     #[error("cannot reach node: {0}")]
     Connect(#[from] tonic::transport::Error),
@@ -41,10 +41,19 @@ pub enum ClientError {
     Peer(String),
 }
 
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Node(Box::new(s))
+    }
+}
+
 type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// A received message.
@@ -100,7 +109,12 @@ const K_WELCOME_CURSOR: &[u8] = b"cursor/welcome";
 impl Client {
     /// Opens the installation stored in `tree`, creating keys on first use (the wallet from
     /// `wallet` when given, else random). Does not talk to the node; call `register`.
-    pub fn open(tree: sled::Tree, channel: Channel, wallet: Option<Wallet>, installation: Option<InstallationKey>) -> Result<Self> {
+    pub fn open(
+        tree: sled::Tree,
+        channel: Channel,
+        wallet: Option<Wallet>,
+        installation: Option<InstallationKey>,
+    ) -> Result<Self> {
         let wallet = match tree.get(K_WALLET)? {
             Some(sk) => Wallet::from_bytes(&sk)?,
             None => {
@@ -120,7 +134,10 @@ impl Client {
         };
         let key = match tree.get(K_INSTALLATION)? {
             Some(seed) => InstallationKey::from_seed(
-                &seed.as_ref().try_into().map_err(|_| ClientError::Peer("stored installation key is corrupt".into()))?,
+                &seed
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| ClientError::Peer("stored installation key is corrupt".into()))?,
             ),
             None => {
                 let k = installation.unwrap_or_else(|| {
@@ -132,7 +149,9 @@ impl Client {
                 k
             }
         };
-        let provider = group::provider_from_storage(&tree.get(K_MLS)?.map(|v| v.to_vec()).unwrap_or_default())?;
+        let provider = group::provider_from_storage(
+            &tree.get(K_MLS)?.map(|v| v.to_vec()).unwrap_or_default(),
+        )?;
         let inbox_id = identity::inbox_id(&wallet.address(), 1);
         Ok(Self {
             tree,
@@ -161,7 +180,8 @@ impl Client {
     }
 
     fn persist_mls(&self) -> Result<()> {
-        self.tree.insert(K_MLS, group::export_storage(&self.provider))?;
+        self.tree
+            .insert(K_MLS, group::export_storage(&self.provider))?;
         Ok(())
     }
 
@@ -170,7 +190,9 @@ impl Client {
     pub async fn register(&mut self) -> Result<()> {
         let log = self.identity_log(&self.inbox_id.clone()).await?;
         let state = identity::fold(log.iter().map(|(_, u)| u))?;
-        let registered = state.as_ref().is_some_and(|s| s.has_installation(&self.key.public()));
+        let registered = state
+            .as_ref()
+            .is_some_and(|s| s.has_installation(&self.key.public()));
         if !registered {
             if state.is_some() {
                 return Err(ClientError::Peer(format!(
@@ -179,7 +201,11 @@ impl Client {
                 )));
             }
             let update = identity::register_inbox(&self.wallet, 1, &self.key, now_ns());
-            self.ids.publish_identity_update(ipb::PublishIdentityUpdateRequest { identity_update: Some(update) }).await?;
+            self.ids
+                .publish_identity_update(ipb::PublishIdentityUpdateRequest {
+                    identity_update: Some(update),
+                })
+                .await?;
             tracing::info!(inbox = %self.inbox_id, "inbox registered");
         }
         if self.tree.get(b"kp/current")?.is_none() {
@@ -189,15 +215,25 @@ impl Client {
     }
 
     async fn upload_key_package(&mut self) -> Result<()> {
-        let kp = group::build_key_package(&self.provider, &self.inbox_id, &self.key, &mut rand::rngs::OsRng)?;
+        let kp = group::build_key_package(
+            &self.provider,
+            &self.inbox_id,
+            &self.key,
+            &mut rand::rngs::OsRng,
+        )?;
         let v = group::validate_key_package(&self.provider, &kp.tls)?;
-        let pk = v.wrapper_public_key.ok_or_else(|| ClientError::Peer("own key package lacks a wrapper key".into()))?;
+        let pk = v
+            .wrapper_public_key
+            .ok_or_else(|| ClientError::Peer("own key package lacks a wrapper key".into()))?;
         // Seeds are stored before the upload so a welcome to this key can always be opened.
-        self.tree.insert([b"wrap/".as_slice(), &pk].concat(), &kp.wrapper_seed)?;
+        self.tree
+            .insert([b"wrap/".as_slice(), &pk].concat(), &kp.wrapper_seed)?;
         self.persist_mls()?;
         self.mls
             .upload_key_package(mpb::UploadKeyPackageRequest {
-                key_package: Some(mpb::KeyPackageUpload { key_package_tls_serialized: kp.tls }),
+                key_package: Some(mpb::KeyPackageUpload {
+                    key_package_tls_serialized: kp.tls,
+                }),
                 is_inbox_id_credential: true,
             })
             .await?;
@@ -207,11 +243,17 @@ impl Client {
     }
 
     /// An inbox's identity log: `(sequence id, update)`.
-    async fn identity_log(&mut self, inbox: &str) -> Result<Vec<(u64, gatehouse_wire::associations::IdentityUpdate)>> {
+    async fn identity_log(
+        &mut self,
+        inbox: &str,
+    ) -> Result<Vec<(u64, gatehouse_wire::associations::IdentityUpdate)>> {
         let resp = self
             .ids
             .get_identity_updates(ipb::GetIdentityUpdatesRequest {
-                requests: vec![ipb::get_identity_updates_request::Request { inbox_id: inbox.into(), sequence_id: 0 }],
+                requests: vec![ipb::get_identity_updates_request::Request {
+                    inbox_id: inbox.into(),
+                    sequence_id: 0,
+                }],
             })
             .await?
             .into_inner();
@@ -227,7 +269,8 @@ impl Client {
     pub async fn inbox_state(&mut self, inbox: &str) -> Result<(identity::InboxState, u64)> {
         let log = self.identity_log(inbox).await?;
         let last = log.last().map(|(s, _)| *s).unwrap_or(0);
-        let st = identity::fold(log.iter().map(|(_, u)| u))?.ok_or_else(|| ClientError::Peer(format!("inbox {inbox} is not registered")))?;
+        let st = identity::fold(log.iter().map(|(_, u)| u))?
+            .ok_or_else(|| ClientError::Peer(format!("inbox {inbox} is not registered")))?;
         Ok((st, last))
     }
 
@@ -240,7 +283,10 @@ impl Client {
         let resp = self
             .ids
             .get_inbox_ids(ipb::GetInboxIdsRequest {
-                requests: vec![ipb::get_inbox_ids_request::Request { identifier: addr.clone(), identifier_kind: IdentifierKind::Ethereum as i32 }],
+                requests: vec![ipb::get_inbox_ids_request::Request {
+                    identifier: addr.clone(),
+                    identifier_kind: IdentifierKind::Ethereum as i32,
+                }],
             })
             .await?
             .into_inner();
@@ -266,7 +312,9 @@ impl Client {
         let installations: Vec<Vec<u8>> = peer_state.installations().map(<[u8]>::to_vec).collect();
         let resp = self
             .mls
-            .fetch_key_packages(mpb::FetchKeyPackagesRequest { installation_keys: installations.clone() })
+            .fetch_key_packages(mpb::FetchKeyPackagesRequest {
+                installation_keys: installations.clone(),
+            })
             .await?
             .into_inner();
         let mut kps = Vec::new();
@@ -275,59 +323,90 @@ impl Client {
             if kp.key_package_tls_serialized.is_empty() {
                 continue;
             }
-            let v = match group::validate_key_package(&self.provider, &kp.key_package_tls_serialized) {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(peer = %peer, error = %e, "skipping invalid key package");
-                    continue;
-                }
-            };
+            let v =
+                match group::validate_key_package(&self.provider, &kp.key_package_tls_serialized) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(peer = %peer, error = %e, "skipping invalid key package");
+                        continue;
+                    }
+                };
             // Fail closed: the leaf must be a live installation of the inbox it names.
             if v.inbox_id != peer || &v.installation_key != inst {
                 tracing::warn!(peer = %peer, "skipping key package that does not match the peer's identity log");
                 continue;
             }
-            let Some(pk) = v.wrapper_public_key.clone() else { continue };
+            let Some(pk) = v.wrapper_public_key.clone() else {
+                continue;
+            };
             wrappers.push((inst.clone(), pk));
             kps.push(v.key_package);
         }
         if kps.is_empty() {
-            return Err(ClientError::Peer(format!("inbox {peer} has no usable key package")));
+            return Err(ClientError::Peer(format!(
+                "inbox {peer} has no usable key package"
+            )));
         }
-        let membership: BTreeMap<String, u64> = [(self.inbox_id.clone(), my_seq), (peer.clone(), peer_seq)].into();
-        let created = group::create_dm(&self.provider, &self.key, &self.inbox_id, &peer, kps, &membership, &mut rand::rngs::OsRng)?;
+        let membership: BTreeMap<String, u64> =
+            [(self.inbox_id.clone(), my_seq), (peer.clone(), peer_seq)].into();
+        let created = group::create_dm(
+            &self.provider,
+            &self.key,
+            &self.inbox_id,
+            &peer,
+            kps,
+            &membership,
+            &mut rand::rngs::OsRng,
+        )?;
         let gid = created.group.group_id().as_slice().to_vec();
         self.persist_mls()?;
         self.tree.insert(format!("dm/{peer}"), gid.clone())?;
-        self.tree.insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
+        self.tree
+            .insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest {
                 messages: vec![mpb::GroupMessageInput {
-                    version: Some(mpb::group_message_input::Version::V1(mpb::group_message_input::V1 {
-                        data: created.commit,
-                        sender_hmac: vec![],
-                        should_push: false,
-                    })),
+                    version: Some(mpb::group_message_input::Version::V1(
+                        mpb::group_message_input::V1 {
+                            data: created.commit,
+                            sender_hmac: vec![],
+                            should_push: false,
+                        },
+                    )),
                 }],
             })
             .await?;
         // Our own commit is already applied: start reading after it.
         let newest = self.newest_id(&gid).await?;
-        self.tree.insert([b"cursor/g/".as_slice(), &gid].concat(), &newest.to_be_bytes())?;
+        self.tree.insert(
+            [b"cursor/g/".as_slice(), &gid].concat(),
+            &newest.to_be_bytes(),
+        )?;
         let mut messages = Vec::new();
         for (inst, pk) in wrappers {
-            let (data, meta) = welcome::wrap(&created.welcome, &mpb::WelcomeMetadata { message_cursor: newest }, &pk, &mut rand::rngs::OsRng)?;
+            let (data, meta) = welcome::wrap(
+                &created.welcome,
+                &mpb::WelcomeMetadata {
+                    message_cursor: newest,
+                },
+                &pk,
+                &mut rand::rngs::OsRng,
+            )?;
             messages.push(mpb::WelcomeMessageInput {
-                version: Some(mpb::welcome_message_input::Version::V1(mpb::welcome_message_input::V1 {
-                    installation_key: inst,
-                    data,
-                    hpke_public_key: pk,
-                    wrapper_algorithm: mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6 as i32,
-                    welcome_metadata: meta,
-                })),
+                version: Some(mpb::welcome_message_input::Version::V1(
+                    mpb::welcome_message_input::V1 {
+                        installation_key: inst,
+                        data,
+                        hpke_public_key: pk,
+                        wrapper_algorithm: mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6 as i32,
+                        welcome_metadata: meta,
+                    },
+                )),
             });
         }
-        self.mls.send_welcome_messages(mpb::SendWelcomeMessagesRequest { messages }).await?;
+        self.mls
+            .send_welcome_messages(mpb::SendWelcomeMessagesRequest { messages })
+            .await?;
         self.tree.flush_async().await?;
         tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
         Ok(gid)
@@ -336,16 +415,17 @@ impl Client {
     async fn newest_id(&mut self, gid: &[u8]) -> Result<u64> {
         let r = self
             .mls
-            .get_newest_group_message(mpb::GetNewestGroupMessageRequest { group_ids: vec![gid.to_vec()], include_content: false })
+            .get_newest_group_message(mpb::GetNewestGroupMessageRequest {
+                group_ids: vec![gid.to_vec()],
+                include_content: false,
+            })
             .await?
             .into_inner();
         Ok(r.responses
             .first()
             .and_then(|r| r.group_message.as_ref())
-            .and_then(|m| match &m.version {
-                Some(mpb::group_message::Version::V1(v)) => Some(v.id),
-                None => None,
-            })
+            .and_then(|m| m.version.as_ref())
+            .map(|mpb::group_message::Version::V1(v)| v.id)
             .unwrap_or(0))
     }
 
@@ -353,12 +433,20 @@ impl Client {
     pub async fn sync_welcomes(&mut self) -> Result<Vec<Vec<u8>>> {
         let mut joined = Vec::new();
         loop {
-            let cursor = self.tree.get(K_WELCOME_CURSOR)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(0);
+            let cursor = self
+                .tree
+                .get(K_WELCOME_CURSOR)?
+                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                .unwrap_or(0);
             let resp = self
                 .mls
                 .query_welcome_messages(mpb::QueryWelcomeMessagesRequest {
                     installation_key: self.key.public().to_vec(),
-                    paging_info: Some(mpb::PagingInfo { direction: mpb::SortDirection::Ascending as i32, limit: 100, id_cursor: cursor }),
+                    paging_info: Some(mpb::PagingInfo {
+                        direction: mpb::SortDirection::Ascending as i32,
+                        limit: 100,
+                        id_cursor: cursor,
+                    }),
                 })
                 .await?
                 .into_inner();
@@ -396,10 +484,15 @@ impl Client {
                 let ptr = welcome::unwrap_pointer(&p.welcome_pointer, &seed)?;
                 let resp = self
                     .mls
-                    .query_welcome_messages(mpb::QueryWelcomeMessagesRequest { installation_key: ptr.destination.clone(), paging_info: None })
+                    .query_welcome_messages(mpb::QueryWelcomeMessagesRequest {
+                        installation_key: ptr.destination.clone(),
+                        paging_info: None,
+                    })
                     .await?
                     .into_inner();
-                let Some(mpb::welcome_message::Version::V1(sym)) = resp.messages.into_iter().next().and_then(|m| m.version) else {
+                let Some(mpb::welcome_message::Version::V1(sym)) =
+                    resp.messages.into_iter().next().and_then(|m| m.version)
+                else {
                     return Err(ClientError::Peer("welcome pointer leads nowhere".into()));
                 };
                 welcome::unwrap_symmetric(&sym.data, &sym.welcome_metadata, &ptr)?
@@ -414,7 +507,10 @@ impl Client {
             if !st.has_installation(&inst) {
                 let _ = group::delete(&self.provider, &mut g);
                 self.persist_mls()?;
-                return Err(ClientError::Peer(format!("welcome names installation {} that is not live on inbox {inbox}", hex::encode(inst))));
+                return Err(ClientError::Peer(format!(
+                    "welcome names installation {} that is not live on inbox {inbox}",
+                    hex::encode(inst)
+                )));
             }
         }
         let md = group::group_metadata(&g)?;
@@ -423,25 +519,41 @@ impl Client {
             let peer = md
                 .dm_members
                 .as_ref()
-                .and_then(|d| [d.dm_member_one.as_ref(), d.dm_member_two.as_ref()].into_iter().flatten().map(|i| i.inbox_id.clone()).find(|i| *i != self.inbox_id))
+                .and_then(|d| {
+                    [d.dm_member_one.as_ref(), d.dm_member_two.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .map(|i| i.inbox_id.clone())
+                        .find(|i| *i != self.inbox_id)
+                })
                 .unwrap_or_default();
             // Keep the first DM with a peer as the one we send on; later ones still deliver.
             if self.tree.get(format!("dm/{peer}"))?.is_none() {
                 self.tree.insert(format!("dm/{peer}"), gid.clone())?;
             }
-            self.tree.insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
+            self.tree
+                .insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
         } else {
-            self.tree.insert([b"conv/".as_slice(), &gid].concat(), b"")?;
+            self.tree
+                .insert([b"conv/".as_slice(), &gid].concat(), b"")?;
         }
         let cursor = unwrapped.metadata.map(|m| m.message_cursor).unwrap_or(0);
-        self.tree.insert([b"cursor/g/".as_slice(), &gid].concat(), &cursor.to_be_bytes())?;
+        self.tree.insert(
+            [b"cursor/g/".as_slice(), &gid].concat(),
+            &cursor.to_be_bytes(),
+        )?;
         tracing::info!(conversation = %hex::encode(&gid), "joined conversation");
         Ok(Some(gid))
     }
 
     fn wrapper_seed(&self, pk: &[u8]) -> Result<[u8; 32]> {
-        let v = self.tree.get([b"wrap/".as_slice(), pk].concat())?.ok_or_else(|| ClientError::Peer("welcome for a key package we do not hold".into()))?;
-        v.as_ref().try_into().map_err(|_| ClientError::Peer("stored wrapper key is corrupt".into()))
+        let v = self
+            .tree
+            .get([b"wrap/".as_slice(), pk].concat())?
+            .ok_or_else(|| ClientError::Peer("welcome for a key package we do not hold".into()))?;
+        v.as_ref()
+            .try_into()
+            .map_err(|_| ClientError::Peer("stored wrapper key is corrupt".into()))
     }
 
     /// Known conversations (hex group id → peer inbox for DMs).
@@ -455,17 +567,35 @@ impl Client {
     }
 
     /// Sends content into a conversation. Returns the idempotency key used.
-    pub async fn send(&mut self, gid: &[u8], c: &mc::EncodedContent, idempotency_key: Option<String>) -> Result<String> {
-        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| ClientError::Peer(format!("unknown conversation {}", hex::encode(gid))))?;
+    pub async fn send(
+        &mut self,
+        gid: &[u8],
+        c: &mc::EncodedContent,
+        idempotency_key: Option<String>,
+    ) -> Result<String> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
         // Apply whatever arrived first so we send on the current epoch.
         self.sync_group_inner(&mut g).await?;
         let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
-        let data = group::encrypt(&self.provider, &self.key, &mut g, &content::seal_envelope(c, &key))?;
+        let data = group::encrypt(
+            &self.provider,
+            &self.key,
+            &mut g,
+            &content::seal_envelope(c, &key),
+        )?;
         self.persist_mls()?;
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest {
                 messages: vec![mpb::GroupMessageInput {
-                    version: Some(mpb::group_message_input::Version::V1(mpb::group_message_input::V1 { data, sender_hmac: vec![], should_push: true })),
+                    version: Some(mpb::group_message_input::Version::V1(
+                        mpb::group_message_input::V1 {
+                            data,
+                            sender_hmac: vec![],
+                            should_push: true,
+                        },
+                    )),
                 }],
             })
             .await?;
@@ -474,7 +604,9 @@ impl Client {
 
     /// Reads new messages of one conversation.
     pub async fn sync_group(&mut self, gid: &[u8]) -> Result<Vec<Received>> {
-        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| ClientError::Peer(format!("unknown conversation {}", hex::encode(gid))))?;
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
         self.sync_group_inner(&mut g).await
     }
 
@@ -483,27 +615,49 @@ impl Client {
         let ckey = [b"cursor/g/".as_slice(), &gid].concat();
         let mut out = Vec::new();
         loop {
-            let cursor = self.tree.get(&ckey)?.map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(0);
+            let cursor = self
+                .tree
+                .get(&ckey)?
+                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+                .unwrap_or(0);
             let resp = self
                 .mls
                 .query_group_messages(mpb::QueryGroupMessagesRequest {
                     group_id: gid.clone(),
-                    paging_info: Some(mpb::PagingInfo { direction: mpb::SortDirection::Ascending as i32, limit: 100, id_cursor: cursor }),
+                    paging_info: Some(mpb::PagingInfo {
+                        direction: mpb::SortDirection::Ascending as i32,
+                        limit: 100,
+                        id_cursor: cursor,
+                    }),
                 })
                 .await?
                 .into_inner();
             let n = resp.messages.len();
             for m in resp.messages {
-                let Some(mpb::group_message::Version::V1(v)) = m.version else { continue };
+                let Some(mpb::group_message::Version::V1(v)) = m.version else {
+                    continue;
+                };
                 match group::process(&self.provider, g, &v.data) {
-                    Ok(group::Processed::Application { sender_inbox, sender_installation, plaintext }) => {
-                        if let Ok(content::Opened::Content { content, idempotency_key }) = content::open_envelope(&plaintext) {
+                    Ok(group::Processed::Application {
+                        sender_inbox,
+                        sender_installation,
+                        plaintext,
+                    }) => {
+                        if let Ok(content::Opened::Content {
+                            content,
+                            idempotency_key,
+                        }) = content::open_envelope(&plaintext)
+                        {
                             out.push(Received {
                                 conversation: hex::encode(&gid),
                                 id: v.id,
                                 sender_inbox,
                                 sender_installation: hex::encode(sender_installation),
-                                content_type: content.r#type.as_ref().map(content::type_string).unwrap_or_default(),
+                                content_type: content
+                                    .r#type
+                                    .as_ref()
+                                    .map(content::type_string)
+                                    .unwrap_or_default(),
                                 text: content::display_text(&content),
                                 content: content.content.clone(),
                                 sent_at_ns: v.created_ns,
@@ -513,7 +667,9 @@ impl Client {
                     }
                     Ok(_) => {}
                     // Our own messages come back and cannot be decrypted by us; others are logged.
-                    Err(e) => tracing::debug!(conversation = %hex::encode(&gid), id = v.id, error = %e, "message not processed"),
+                    Err(e) => {
+                        tracing::debug!(conversation = %hex::encode(&gid), id = v.id, error = %e, "message not processed")
+                    }
                 }
                 self.tree.insert(&ckey, &v.id.to_be_bytes())?;
             }
@@ -538,7 +694,11 @@ impl Client {
 
     /// The peer inbox of a DM conversation.
     pub fn dm_peer(&self, gid: &[u8]) -> Result<Option<String>> {
-        Ok(self.tree.get([b"conv/".as_slice(), gid].concat())?.map(|v| String::from_utf8_lossy(&v).into_owned()).filter(|s| !s.is_empty()))
+        Ok(self
+            .tree
+            .get([b"conv/".as_slice(), gid].concat())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .filter(|s| !s.is_empty()))
     }
 }
 

@@ -16,7 +16,11 @@ use crate::bridge::Bridge;
 const MAX_REQUEST: usize = 8192;
 
 /// Serves until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    bridge: Arc<Bridge>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (mut sock, _) = tokio::select! {
             _ = shutdown.changed() => return,
@@ -38,11 +42,17 @@ pub async fn serve(listener: TcpListener, bridge: Arc<Bridge>, mut shutdown: wat
             let head = String::from_utf8_lossy(&buf[..n]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/endpoints" => ("200 OK", serde_json::to_string(&bridge.endpoints()).unwrap_or_default()),
+                "/endpoints" => (
+                    "200 OK",
+                    serde_json::to_string(&bridge.endpoints()).unwrap_or_default(),
+                ),
                 "/status" => ("200 OK", bridge.status().to_string()),
                 _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
             };
-            let resp = format!("HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }
@@ -54,10 +64,15 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Strin
     let mut sock = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach the daemon's admin API at {addr}: is `gatehouse run` running with this config?"))?;
-    sock.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes()).await?;
+    sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut resp = String::new();
     sock.read_to_string(&mut resp).await?;
-    let (head, body) = resp.split_once("\r\n\r\n").context("malformed admin response")?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("malformed admin response")?;
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!("admin API: {}", head.lines().next().unwrap_or(""));
     }

@@ -30,7 +30,11 @@ pub enum AgentCommand {
     /// Send a text message to an inbox or address (a DM, created if needed) or a conversation.
     Send {
         /// Recipient: inbox id or 0x address.
-        #[arg(long, conflicts_with = "conversation", required_unless_present = "conversation")]
+        #[arg(
+            long,
+            conflicts_with = "conversation",
+            required_unless_present = "conversation"
+        )]
         to: Option<String>,
         /// Hex id of an existing conversation.
         #[arg(long)]
@@ -55,10 +59,21 @@ pub enum AgentCommand {
 /// How often `listen` asks the node for news.
 const LISTEN_POLL: Duration = Duration::from_millis(200);
 
-async fn open(home: &Path, node: &str, wallet: Option<Wallet>) -> anyhow::Result<(sled::Db, Client)> {
+async fn open(
+    home: &Path,
+    node: &str,
+    wallet: Option<Wallet>,
+) -> anyhow::Result<(sled::Db, Client)> {
     std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
-    let db = sled::open(home.join("db")).with_context(|| format!("opening {} (is another `gatehouse agent` using this home?)", home.display()))?;
-    let channel = gatehouse_client::connect(node).await.with_context(|| format!("connecting to the XMTP node at {node}"))?;
+    let db = sled::open(home.join("db")).with_context(|| {
+        format!(
+            "opening {} (is another `gatehouse agent` using this home?)",
+            home.display()
+        )
+    })?;
+    let channel = gatehouse_client::connect(node)
+        .await
+        .with_context(|| format!("connecting to the XMTP node at {node}"))?;
     let client = Client::open(db.open_tree("agent")?, channel, wallet, None)?;
     Ok((db, client))
 }
@@ -69,10 +84,14 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
         AgentCommand::Init { wallet_key, json } => {
             let wallet = match wallet_key {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
                     let hexkey = text.trim().trim_start_matches("0x");
-                    let bytes = hex::decode(hexkey).with_context(|| format!("{}: not hex", path.display()))?;
-                    Some(Wallet::from_bytes(&bytes).with_context(|| format!("{}: not a secp256k1 private key", path.display()))?)
+                    let bytes = hex::decode(hexkey)
+                        .with_context(|| format!("{}: not hex", path.display()))?;
+                    Some(Wallet::from_bytes(&bytes).with_context(|| {
+                        format!("{}: not a secp256k1 private key", path.display())
+                    })?)
                 }
                 None => None,
             };
@@ -80,7 +99,10 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             client.register().await?;
             db.flush_async().await?;
             if json {
-                println!("{}", serde_json::json!({"inbox_id": client.inbox_id(), "address": client.address()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"inbox_id": client.inbox_id(), "address": client.address()})
+                );
             } else {
                 println!("{}", client.inbox_id());
             }
@@ -93,10 +115,19 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     serde_json::json!({"inbox_id": client.inbox_id(), "address": client.address(), "installation_key": hex::encode(client.installation_key())})
                 );
             } else {
-                println!("inbox id:         {}\nwallet address:   {}\ninstallation key: {}", client.inbox_id(), client.address(), hex::encode(client.installation_key()));
+                println!(
+                    "inbox id:         {}\nwallet address:   {}\ninstallation key: {}",
+                    client.inbox_id(),
+                    client.address(),
+                    hex::encode(client.installation_key())
+                );
             }
         }
-        AgentCommand::Send { to, conversation, text } => {
+        AgentCommand::Send {
+            to,
+            conversation,
+            text,
+        } => {
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
             let gid = match (to, conversation) {
@@ -111,7 +142,11 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             db.flush_async().await?;
             println!("{}", hex::encode(&gid));
         }
-        AgentCommand::Listen { json, count, timeout } => {
+        AgentCommand::Listen {
+            json,
+            count,
+            timeout,
+        } => {
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
             let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t));
@@ -131,7 +166,12 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                         });
                         println!("{v}");
                     } else {
-                        println!("[{}] {}: {}", rfc3339_secs(m.sent_at_ns), m.sender_inbox, m.text.as_deref().unwrap_or("(no text)"));
+                        println!(
+                            "[{}] {}: {}",
+                            rfc3339_secs(m.sent_at_ns),
+                            m.sender_inbox,
+                            m.text.as_deref().unwrap_or("(no text)")
+                        );
                     }
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use gatehouse_channels::mqtt::{self, Inbound, MqttHandle};
+use gatehouse_client::Channel;
 use gatehouse_client::Client;
 use gatehouse_host::{Action, Host, Limits, Message, Plugin, PluginError};
 use gatehouse_protocol::content;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, mpsc, watch};
-use gatehouse_client::Channel;
 
 use crate::config::{Config, Route};
 use crate::identity;
@@ -123,8 +123,14 @@ impl Bridge {
             wallet_address: client.address(),
             inbox_id: client.inbox_id().to_string(),
         };
-        self.endpoint_index.insert(name.as_bytes(), serde_json::to_vec(&info)?)?;
-        let e = Arc::new(Endpoint { route: route_idx, device: device.to_string(), client: Mutex::new(client), registered: Mutex::new(false) });
+        self.endpoint_index
+            .insert(name.as_bytes(), serde_json::to_vec(&info)?)?;
+        let e = Arc::new(Endpoint {
+            route: route_idx,
+            device: device.to_string(),
+            client: Mutex::new(client),
+            registered: Mutex::new(false),
+        });
         map.insert(name, e.clone());
         Ok(e)
     }
@@ -134,7 +140,10 @@ impl Bridge {
             return Ok(v.clone());
         }
         let inbox = client.resolve(who).await?;
-        self.resolved.lock().await.insert(who.to_string(), inbox.clone());
+        self.resolved
+            .lock()
+            .await
+            .insert(who.to_string(), inbox.clone());
         Ok(inbox)
     }
 
@@ -163,8 +172,16 @@ impl Bridge {
             return self.ack(&msg).await;
         }
         let id = self.db.generate_id()?;
-        let rec = Queued { route: idx, device, topic: msg.topic.clone(), payload: msg.payload.clone(), retain: msg.retain, qos: msg.qos };
-        self.inbox.insert(id.to_be_bytes(), serde_json::to_vec(&rec)?)?;
+        let rec = Queued {
+            route: idx,
+            device,
+            topic: msg.topic.clone(),
+            payload: msg.payload.clone(),
+            retain: msg.retain,
+            qos: msg.qos,
+        };
+        self.inbox
+            .insert(id.to_be_bytes(), serde_json::to_vec(&rec)?)?;
         // Acknowledge only after the durable write.
         self.inbox.flush_async().await?;
         self.ack(&msg).await?;
@@ -179,11 +196,26 @@ impl Bridge {
         Ok(())
     }
 
-    async fn run_plugin(&self, route: &Route, msg: Message, external: bool) -> Result<Vec<Action>, PluginError> {
-        let plugin = self.plugins.get(&route.plugin).cloned().ok_or_else(|| PluginError::Load(format!("plugin {} not loaded", route.plugin)))?;
-        tokio::task::spawn_blocking(move || if external { plugin.on_external(&msg) } else { plugin.on_conversation(&msg) })
-            .await
-            .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))))
+    async fn run_plugin(
+        &self,
+        route: &Route,
+        msg: Message,
+        external: bool,
+    ) -> Result<Vec<Action>, PluginError> {
+        let plugin = self
+            .plugins
+            .get(&route.plugin)
+            .cloned()
+            .ok_or_else(|| PluginError::Load(format!("plugin {} not loaded", route.plugin)))?;
+        tokio::task::spawn_blocking(move || {
+            if external {
+                plugin.on_external(&msg)
+            } else {
+                plugin.on_conversation(&msg)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))))
     }
 
     /// Processes queued inbound messages in order. Returns false when it should retry later.
@@ -213,17 +245,27 @@ impl Bridge {
 
     fn dead_letter(&self, key: &[u8], value: &[u8], reason: &str) {
         let rec = serde_json::json!({ "reason": reason, "record": String::from_utf8_lossy(value) });
-        let _ = self.dead.insert(key, serde_json::to_vec(&rec).unwrap_or_default());
+        let _ = self
+            .dead
+            .insert(key, serde_json::to_vec(&rec).unwrap_or_default());
         let _ = self.inbox.remove(key);
     }
 
     async fn deliver(&self, id: u64, rec: &Queued) -> Result<(), Failure> {
-        let route = self.cfg.routes.get(rec.route).ok_or_else(|| Failure::Permanent("route no longer exists".into()))?;
+        let route = self
+            .cfg
+            .routes
+            .get(rec.route)
+            .ok_or_else(|| Failure::Permanent("route no longer exists".into()))?;
         let idempotency_key = format!("gatehouse-in-{id}");
         let msg = Message {
             payload: rec.payload.clone(),
             content_type: "application/octet-stream".into(),
-            metadata: vec![("topic".into(), rec.topic.clone()), ("qos".into(), rec.qos.to_string()), ("retain".into(), rec.retain.to_string())],
+            metadata: vec![
+                ("topic".into(), rec.topic.clone()),
+                ("qos".into(), rec.qos.to_string()),
+                ("retain".into(), rec.retain.to_string()),
+            ],
             endpoint: rec.device.clone(),
             conversation: None,
             sender: Some(rec.device.clone()),
@@ -237,11 +279,14 @@ impl Bridge {
                 return Err(Failure::Permanent(e.to_string()));
             }
         };
-        let endpoint = self.endpoint(rec.route, &rec.device).map_err(|e| Failure::Transient(format!("{e:#}")))?;
+        let endpoint = self
+            .endpoint(rec.route, &rec.device)
+            .map_err(|e| Failure::Transient(format!("{e:#}")))?;
         for action in actions {
             match action {
                 Action::Send(s) => {
-                    let t = content::parse_type(&s.content_type).map_err(|e| Failure::Permanent(format!("plugin sent {e}")))?;
+                    let t = content::parse_type(&s.content_type)
+                        .map_err(|e| Failure::Permanent(format!("plugin sent {e}")))?;
                     let c = if s.content_type.starts_with("xmtp.org/text:") {
                         content::text(&String::from_utf8_lossy(&s.payload))
                     } else {
@@ -253,8 +298,14 @@ impl Bridge {
                         tracing::warn!(route = %route.name, "route has no agents: message not delivered to anyone");
                     }
                     for agent in &route.agents {
-                        let inbox = self.resolve(&mut client, agent).await.map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
-                        let gid = client.dm(&inbox).await.map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
+                        let inbox = self
+                            .resolve(&mut client, agent)
+                            .await
+                            .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
+                        let gid = client
+                            .dm(&inbox)
+                            .await
+                            .map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
                         client
                             .send(&gid, &c, Some(format!("{idempotency_key}-{inbox}")))
                             .await
@@ -262,17 +313,27 @@ impl Bridge {
                         tracing::info!(route = %route.name, device = %rec.device, conversation = %hex::encode(&gid), "delivered to conversation");
                     }
                 }
-                Action::Publish(p) => tracing::warn!(route = %route.name, address = %p.address, "refused: a publish action in the inbound direction"),
-                Action::Drop(reason) => tracing::info!(route = %route.name, device = %rec.device, %reason, "dropped by plugin"),
+                Action::Publish(p) => {
+                    tracing::warn!(route = %route.name, address = %p.address, "refused: a publish action in the inbound direction")
+                }
+                Action::Drop(reason) => {
+                    tracing::info!(route = %route.name, device = %rec.device, %reason, "dropped by plugin")
+                }
             }
         }
         Ok(())
     }
 
-    async fn ensure_registered(&self, endpoint: &Endpoint, client: &mut Client) -> Result<(), Failure> {
+    async fn ensure_registered(
+        &self,
+        endpoint: &Endpoint,
+        client: &mut Client,
+    ) -> Result<(), Failure> {
         let mut reg = endpoint.registered.lock().await;
         if !*reg {
-            client.register().await.map_err(|e| Failure::Transient(format!("registering endpoint {}: {e}", endpoint.device)))?;
+            client.register().await.map_err(|e| {
+                Failure::Transient(format!("registering endpoint {}: {e}", endpoint.device))
+            })?;
             *reg = true;
         }
         Ok(())
@@ -280,7 +341,13 @@ impl Bridge {
 
     /// One pass of the way back for every endpoint.
     async fn poll_outbound(&self) {
-        let endpoints: Vec<Arc<Endpoint>> = self.endpoints.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let endpoints: Vec<Arc<Endpoint>> = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         for ep in endpoints {
             if let Err(e) = self.poll_endpoint(&ep).await {
                 tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
@@ -326,17 +393,24 @@ impl Bridge {
                 match action {
                     Action::Publish(p) => {
                         // Grant: only the route's own channel and reply topic for this device.
-                        if p.channel != route.channel || p.address != route.reply_topic(&ep.device) {
+                        if p.channel != route.channel || p.address != route.reply_topic(&ep.device)
+                        {
                             tracing::warn!(route = %route.name, channel = %p.channel, address = %p.address, "refused: publish outside the route's grant");
                             continue;
                         }
                         if let Some(m) = &self.mqtt {
-                            m.publish(&p.address, p.payload).await.context("publishing to MQTT")?;
+                            m.publish(&p.address, p.payload)
+                                .await
+                                .context("publishing to MQTT")?;
                             tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
                         }
                     }
-                    Action::Send(_) => tracing::warn!(route = %route.name, "refused: a send action in the outbound direction"),
-                    Action::Drop(reason) => tracing::info!(route = %route.name, device = %ep.device, %reason, "dropped by plugin"),
+                    Action::Send(_) => {
+                        tracing::warn!(route = %route.name, "refused: a send action in the outbound direction")
+                    }
+                    Action::Drop(reason) => {
+                        tracing::info!(route = %route.name, device = %ep.device, %reason, "dropped by plugin")
+                    }
                 }
             }
         }
@@ -351,17 +425,25 @@ enum Failure {
 
 /// Starts everything and runs until `shutdown` turns true.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let seed = identity::load_or_create_seed(&cfg.data_dir.join("seed"))?;
 
     let node_url = if cfg.node.embedded {
-        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node")).context("opening the embedded node's store")?;
-        let listener = tokio::net::TcpListener::bind(cfg.node.listen).await.with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
+        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node"))
+            .context("opening the embedded node's store")?;
+        let listener = tokio::net::TcpListener::bind(cfg.node.listen)
+            .await
+            .with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
         let url = format!("http://{}", listener.local_addr()?);
         let node = gatehouse_node::Node::new(store);
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = gatehouse_node::serve(listener, node, None, async move { let _ = stop.changed().await; }).await {
+            if let Err(e) = gatehouse_node::serve(listener, node, None, async move {
+                let _ = stop.changed().await;
+            })
+            .await
+            {
                 tracing::error!(error = %format!("{e:#}"), "embedded node stopped");
             }
         });
@@ -369,7 +451,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     } else {
         cfg.node.url.clone().context("node.url")?
     };
-    let channel = gatehouse_client::connect(&node_url).await.with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
+    let channel = gatehouse_client::connect(&node_url)
+        .await
+        .with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
     tracing::info!(node = %node_url, "using XMTP node");
 
     let host = Host::new()?;
@@ -377,23 +461,34 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     for (name, p) in &cfg.plugins {
         let wasm = match (&p.builtin, &p.path) {
             (Some(_), _) => gatehouse_host::MQTT_PLUGIN.to_vec(),
-            (None, Some(path)) => std::fs::read(path).with_context(|| format!("plugins.{name}.path: reading {}", path.display()))?,
+            (None, Some(path)) => std::fs::read(path)
+                .with_context(|| format!("plugins.{name}.path: reading {}", path.display()))?,
             (None, None) => anyhow::bail!("plugins.{name}: no builtin or path"),
         };
         let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
         // The route's reply template is the plugin's down topic.
-        if let Some(r) = cfg.routes.iter().find(|r| &r.plugin == name) {
-            if !p.config.contains_key("down_topic") {
-                config.push(("down_topic".into(), r.reply.clone()));
-            }
+        if let Some(r) = cfg.routes.iter().find(|r| &r.plugin == name)
+            && !p.config.contains_key("down_topic")
+        {
+            config.push(("down_topic".into(), r.reply.clone()));
         }
-        let limits = Limits { deadline: Duration::from_millis(p.deadline_ms), memory_bytes: p.memory_mb << 20, fuel: None };
-        let plugin = host.load(name, &wasm, config, limits).with_context(|| format!("loading plugin {name}"))?;
+        let limits = Limits {
+            deadline: Duration::from_millis(p.deadline_ms),
+            memory_bytes: p.memory_mb << 20,
+            fuel: None,
+        };
+        let plugin = host
+            .load(name, &wasm, config, limits)
+            .with_context(|| format!("loading plugin {name}"))?;
         tracing::info!(plugin = %name, "plugin loaded");
         plugins.insert(name.clone(), plugin);
     }
 
-    let db = sled::Config::new().path(cfg.data_dir.join("bridge")).flush_every_ms(Some(200)).open().context("opening the bridge store")?;
+    let db = sled::Config::new()
+        .path(cfg.data_dir.join("bridge"))
+        .flush_every_ms(Some(200))
+        .open()
+        .context("opening the bridge store")?;
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let mqtt = match &cfg.channels.mqtt {
         Some(m) if !cfg.routes.is_empty() => {
@@ -425,7 +520,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
     }
 
-    let admin = tokio::net::TcpListener::bind(bridge.cfg.admin.listen).await.with_context(|| format!("admin.listen: cannot bind {}", bridge.cfg.admin.listen))?;
+    let admin = tokio::net::TcpListener::bind(bridge.cfg.admin.listen)
+        .await
+        .with_context(|| format!("admin.listen: cannot bind {}", bridge.cfg.admin.listen))?;
     tokio::spawn(crate::admin::serve(admin, bridge.clone(), shutdown.clone()));
 
     let b = bridge.clone();
@@ -444,7 +541,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let worker = tokio::spawn(async move {
         loop {
             let done = b.drain().await;
-            let wait = if done { Duration::from_secs(3600) } else { RETRY_DELAY };
+            let wait = if done {
+                Duration::from_secs(3600)
+            } else {
+                RETRY_DELAY
+            };
             tokio::select! { _ = stop.changed() => return, _ = b.work.notified() => {}, _ = tokio::time::sleep(wait) => {} }
         }
     });

@@ -71,7 +71,11 @@ fn default_node_listen() -> SocketAddr {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        Self { embedded: true, listen: default_node_listen(), url: None }
+        Self {
+            embedded: true,
+            listen: default_node_listen(),
+            url: None,
+        }
     }
 }
 
@@ -90,7 +94,9 @@ fn default_admin_listen() -> SocketAddr {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: default_admin_listen() }
+        Self {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -173,7 +179,13 @@ impl Route {
     pub fn filter(&self) -> String {
         self.subscribe
             .split('/')
-            .map(|seg| if seg.starts_with('{') && seg.ends_with('}') { "+" } else { seg })
+            .map(|seg| {
+                if seg.starts_with('{') && seg.ends_with('}') {
+                    "+"
+                } else {
+                    seg
+                }
+            })
             .collect::<Vec<_>>()
             .join("/")
     }
@@ -208,13 +220,28 @@ impl Route {
 }
 
 fn interpolate(text: &str) -> anyhow::Result<String> {
+    // Comment lines are left alone, so documentation may mention ${NAME}.
+    let mut out = String::new();
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+        } else {
+            out.push_str(&interpolate_line(line).with_context(|| format!("line {}", i + 1))?);
+        }
+    }
+    Ok(out)
+}
+
+fn interpolate_line(text: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let end = rest[start..].find('}').context("unclosed ${ in config")? + start;
         let name = &rest[start + 2..end];
-        let value = std::env::var(name).with_context(|| format!("config uses ${{{name}}} but the environment variable {name} is not set"))?;
+        let value = std::env::var(name).with_context(|| {
+            format!("config uses ${{{name}}} but the environment variable {name} is not set")
+        })?;
         out.push_str(&value);
         rest = &rest[end + 1..];
     }
@@ -225,10 +252,14 @@ fn interpolate(text: &str) -> anyhow::Result<String> {
 impl Config {
     /// Reads, parses and validates a file. Errors name the file, line and column.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
         let mut cfg = Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         if cfg.data_dir.is_relative() {
-            let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let base = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
         }
         Ok(cfg)
@@ -247,7 +278,10 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         if !self.admin.listen.ip().is_loopback() {
-            bail!("admin.listen: {} is not a loopback address; the admin API has no authentication", self.admin.listen);
+            bail!(
+                "admin.listen: {} is not a loopback address; the admin API has no authentication",
+                self.admin.listen
+            );
         }
         if !self.node.embedded && self.node.url.is_none() {
             bail!("node: embedded is false, so node.url must name an XMTP node");
@@ -255,19 +289,30 @@ impl Config {
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}] ({})", r.name);
             if r.channel != "mqtt" {
-                bail!("{at}.channel: unknown channel {:?} (available: mqtt)", r.channel);
+                bail!(
+                    "{at}.channel: unknown channel {:?} (available: mqtt)",
+                    r.channel
+                );
             }
             if self.channels.mqtt.is_none() {
                 bail!("{at}: uses channel mqtt but channels.mqtt is not configured");
             }
             if r.subscribe.matches("{device}").count() != 1 {
-                bail!("{at}.subscribe: {:?} must contain exactly one {{device}}", r.subscribe);
+                bail!(
+                    "{at}.subscribe: {:?} must contain exactly one {{device}}",
+                    r.subscribe
+                );
             }
             if !self.plugins.contains_key(&r.plugin) {
-                bail!("{at}.plugin: no plugin named {:?} (defined: {:?})", r.plugin, self.plugins.keys().collect::<Vec<_>>());
+                bail!(
+                    "{at}.plugin: no plugin named {:?} (defined: {:?})",
+                    r.plugin,
+                    self.plugins.keys().collect::<Vec<_>>()
+                );
             }
             for a in r.agents.iter().chain(r.allow.iter().flatten()) {
-                let ok = (a.starts_with("0x") && a.len() == 42) || (a.len() == 64 && a.chars().all(|c| c.is_ascii_hexdigit()));
+                let ok = (a.starts_with("0x") && a.len() == 42)
+                    || (a.len() == 64 && a.chars().all(|c| c.is_ascii_hexdigit()));
                 if !ok {
                     bail!("{at}: {a:?} is neither an inbox id (64 hex digits) nor a 0x address");
                 }
@@ -276,7 +321,9 @@ impl Config {
         for (name, p) in &self.plugins {
             match (&p.builtin, &p.path) {
                 (Some(b), None) if b == "mqtt" => {}
-                (Some(b), None) => bail!("plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt)"),
+                (Some(b), None) => {
+                    bail!("plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt)")
+                }
                 (None, Some(_)) => {}
                 _ => bail!("plugins.{name}: set exactly one of builtin or path"),
             }
@@ -299,16 +346,34 @@ mod tests {
     /// Unknown keys are rejected with their line.
     #[test]
     fn unknown_key_names_line() {
-        let e = Config::parse("data_dir: x\nnodes: {}\n").unwrap_err().to_string();
+        let e = Config::parse("data_dir: x\nnodes: {}\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("nodes"), "{e}");
+    }
+
+    /// `${NAME}` takes the environment's value; a missing variable is named; comments are left alone.
+    #[test]
+    fn env_interpolation() {
+        let e = Config::parse("# ${NOT_SET_ANYWHERE} in a comment is fine\ndata_dir: ${GATEHOUSE_TEST_UNSET_VAR}\n").unwrap_err();
+        assert!(format!("{e:#}").contains("GATEHOUSE_TEST_UNSET_VAR"), "{e:#}");
+        let path = std::env::var("PATH").unwrap();
+        let c = Config::parse("data_dir: \"${PATH}\"\n").unwrap();
+        assert_eq!(c.data_dir, PathBuf::from(path));
     }
 
     /// Topic templates match and extract the device.
     #[test]
     fn templates() {
-        let r: Route = serde_yaml::from_str("{name: r, channel: mqtt, subscribe: 'devices/{device}/up', plugin: p}").unwrap();
+        let r: Route = serde_yaml::from_str(
+            "{name: r, channel: mqtt, subscribe: 'devices/{device}/up', plugin: p}",
+        )
+        .unwrap();
         assert_eq!(r.filter(), "devices/+/up");
-        assert_eq!(r.device_of("devices/thermo-1/up").as_deref(), Some("thermo-1"));
+        assert_eq!(
+            r.device_of("devices/thermo-1/up").as_deref(),
+            Some("thermo-1")
+        );
         assert_eq!(r.device_of("devices/thermo-1/down"), None);
         assert_eq!(r.reply_topic("thermo-1"), "devices/thermo-1/down");
     }

@@ -15,14 +15,18 @@ const SALT: &[u8] = b"gatehouse endpoint identity v1";
 /// Loads the bridge seed from `path`, creating it (mode 0600) on first start.
 pub fn load_or_create_seed(path: &Path) -> anyhow::Result<[u8; 32]> {
     if let Ok(text) = std::fs::read_to_string(path) {
-        let bytes = hex::decode(text.trim()).with_context(|| format!("{}: the seed must be 64 hex digits", path.display()))?;
-        return bytes.try_into().map_err(|_| anyhow::anyhow!("{}: the seed must be 32 bytes", path.display()));
+        let bytes = hex::decode(text.trim())
+            .with_context(|| format!("{}: the seed must be 64 hex digits", path.display()))?;
+        return bytes
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{}: the seed must be 32 bytes", path.display()));
     }
     let seed: [u8; 32] = rand::random();
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    write_private(path, hex::encode(seed).as_bytes()).with_context(|| format!("writing seed {}", path.display()))?;
+    write_private(path, hex::encode(seed).as_bytes())
+        .with_context(|| format!("writing seed {}", path.display()))?;
     tracing::info!(path = %path.display(), "created a new bridge seed; back it up: it is every endpoint's identity");
     Ok(seed)
 }
@@ -31,7 +35,11 @@ pub fn load_or_create_seed(path: &Path) -> anyhow::Result<[u8; 32]> {
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(data)?;
     f.sync_all()
 }
@@ -46,7 +54,8 @@ fn derive(seed: &[u8; 32], purpose: &str, name: &str, counter: u32) -> [u8; 32] 
     let mut out = [0u8; 32];
     let info = format!("{purpose}\0{name}\0{counter}");
     // 32 bytes is far below HKDF-SHA256's output limit.
-    hk.expand(info.as_bytes(), &mut out).expect("HKDF output length");
+    hk.expand(info.as_bytes(), &mut out)
+        .expect("HKDF output length");
     out
 }
 
@@ -60,7 +69,10 @@ pub fn endpoint_keys(seed: &[u8; 32], name: &str) -> (Wallet, InstallationKey) {
         }
         counter += 1;
     };
-    (wallet, InstallationKey::from_seed(&derive(seed, "installation", name, 0)))
+    (
+        wallet,
+        InstallationKey::from_seed(&derive(seed, "installation", name, 0)),
+    )
 }
 
 #[cfg(test)]

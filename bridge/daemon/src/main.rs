@@ -79,8 +79,12 @@ enum Command {
 }
 
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn shutdown_signal() -> watch::Receiver<bool> {
@@ -89,7 +93,9 @@ fn shutdown_signal() -> watch::Receiver<bool> {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing SIGTERM handler");
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
         }
         #[cfg(not(unix))]
@@ -124,22 +130,45 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             config::Config::load(&config)?;
             println!("{}: ok", config.display());
         }
-        Command::Node { listen, data, tls_cert, tls_key } => {
+        Command::Node {
+            listen,
+            data,
+            tls_cert,
+            tls_key,
+        } => {
             init_logging("info");
-            let store = gatehouse_node::Store::open(&data).with_context(|| format!("opening {}", data.display()))?;
-            let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-            let tls = tls_cert.zip(tls_key).map(|(cert, key)| gatehouse_node::TlsFiles { cert, key });
+            let store = gatehouse_node::Store::open(&data)
+                .with_context(|| format!("opening {}", data.display()))?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| gatehouse_node::TlsFiles { cert, key });
             let mut stop = shutdown_signal();
-            gatehouse_node::serve(listener, gatehouse_node::Node::new(store), tls, async move {
-                let _ = stop.changed().await;
-            })
+            gatehouse_node::serve(
+                listener,
+                gatehouse_node::Node::new(store),
+                tls,
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )
             .await?;
         }
-        Command::Agent { home, node, command } => {
+        Command::Agent {
+            home,
+            node,
+            command,
+        } => {
             init_logging("warn");
             return agent::run(&home, &node, command).await;
         }
-        Command::Endpoints { json, config, admin } => {
+        Command::Endpoints {
+            json,
+            config,
+            admin,
+        } => {
             let addr = match admin {
                 Some(a) => a,
                 None => config::Config::load(&config)?.admin.listen,
@@ -151,7 +180,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 let eps: Vec<bridge::EndpointInfo> = serde_json::from_str(&body)?;
                 println!("{:<20} {:<28} {:<44} INBOX", "DEVICE", "ADDRESS", "WALLET");
                 for e in eps {
-                    println!("{:<20} {:<28} {:<44} {}", e.device, e.address, e.wallet_address, e.inbox_id);
+                    println!(
+                        "{:<20} {:<28} {:<44} {}",
+                        e.device, e.address, e.wallet_address, e.inbox_id
+                    );
                 }
             }
         }

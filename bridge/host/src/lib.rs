@@ -25,7 +25,8 @@ mod bindings {
 pub use bindings::gatehouse::plugin::types::{Action, Message, Publish, Send};
 
 /// The first-party MQTT plugin component, built from `plugins/mqtt`.
-pub const MQTT_PLUGIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
+pub const MQTT_PLUGIN: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
 
 /// How often the epoch ticks; deadlines are whole ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -43,7 +44,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { deadline: Duration::from_millis(500), memory_bytes: 64 << 20, fuel: None }
+        Self {
+            deadline: Duration::from_millis(500),
+            memory_bytes: 64 << 20,
+            fuel: None,
+        }
     }
 }
 
@@ -81,7 +86,10 @@ struct State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -98,7 +106,10 @@ impl bindings::gatehouse::plugin::host::Host for State {
     }
 
     fn now_ms(&mut self) -> u64 {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 }
 
@@ -114,28 +125,51 @@ impl Host {
     /// Creates the engine and starts the epoch ticker thread (it stops when the process does).
     pub fn new() -> anyhow::Result<Self> {
         let mut config = Config::new();
-        config.epoch_interruption(true).consume_fuel(true).wasm_component_model(true);
+        config
+            .epoch_interruption(true)
+            .consume_fuel(true)
+            .wasm_component_model(true);
         let engine = Engine::new(&config)?;
         let weak = engine.weak();
-        std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })?;
         Ok(Self { engine })
     }
 
     /// Compiles and validates a component, returning a plugin ready to instantiate.
-    pub fn load(&self, name: &str, wasm: &[u8], config: Vec<(String, String)>, limits: Limits) -> Result<Plugin, PluginError> {
-        let component = Component::new(&self.engine, wasm).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+    pub fn load(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        config: Vec<(String, String)>,
+        limits: Limits,
+    ) -> Result<Plugin, PluginError> {
+        let component =
+            Component::new(&self.engine, wasm).map_err(|e| PluginError::Load(format!("{e:#}")))?;
         let mut linker: Linker<State> = Linker::new(&self.engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Load(format!("{e:#}")))?;
-        bindings::Mapper::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s).map_err(|e| PluginError::Load(format!("{e:#}")))?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        bindings::Mapper::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
+            .map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Load(format!("{e:#}")))?;
         let pre = bindings::MapperPre::new(pre).map_err(|e| PluginError::Load(format!("{e:#}")))?;
-        let plugin = Plugin { name: name.to_string(), engine: self.engine.clone(), pre, config, limits, live: Arc::new(Mutex::new(None)) };
+        let plugin = Plugin {
+            name: name.to_string(),
+            engine: self.engine.clone(),
+            pre,
+            config,
+            limits,
+            live: Arc::new(Mutex::new(None)),
+        };
         // Instantiate once now so that a plugin that cannot start fails at load, not per message.
         plugin.with_instance(|_, _| Ok(()))?;
         Ok(plugin)
@@ -178,17 +212,26 @@ impl Plugin {
             // Deny by default: no preopens, no environment, no network, no inherited stdio.
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(self.limits.memory_bytes).trap_on_grow_failure(true).build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(self.limits.memory_bytes)
+                .trap_on_grow_failure(true)
+                .build(),
             plugin: self.name.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         self.arm(&mut store)?;
-        let mapper = self.pre.instantiate(&mut store).map_err(|e| classify(e, &self.limits))?;
+        let mapper = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(e, &self.limits))?;
         self.arm(&mut store)?;
         match mapper.call_init(&mut store, &self.config) {
             Ok(Ok(())) => Ok(Live { store, mapper }),
-            Ok(Err(e)) => Err(PluginError::Load(format!("init refused: {}: {}", e.code, e.message))),
+            Ok(Err(e)) => Err(PluginError::Load(format!(
+                "init refused: {}: {}",
+                e.code, e.message
+            ))),
             Err(e) => Err(classify(e, &self.limits)),
         }
     }
@@ -196,10 +239,15 @@ impl Plugin {
     fn arm(&self, store: &mut Store<State>) -> Result<(), PluginError> {
         let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
-        store.set_fuel(self.limits.fuel.unwrap_or(u64::MAX)).map_err(|e| PluginError::Load(e.to_string()))
+        store
+            .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
+            .map_err(|e| PluginError::Load(e.to_string()))
     }
 
-    fn with_instance<T>(&self, f: impl FnOnce(&mut Live, &Plugin) -> Result<T, PluginError>) -> Result<T, PluginError> {
+    fn with_instance<T>(
+        &self,
+        f: impl FnOnce(&mut Live, &Plugin) -> Result<T, PluginError>,
+    ) -> Result<T, PluginError> {
         let mut guard = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
             *guard = Some(self.instantiate()?);
@@ -207,29 +255,48 @@ impl Plugin {
         let live = guard.as_mut().expect("instance was just created");
         self.arm(&mut live.store)?;
         let r = f(live, self);
-        if matches!(r, Err(PluginError::Timeout(_) | PluginError::OutOfFuel | PluginError::Trap(_))) {
+        if matches!(
+            r,
+            Err(PluginError::Timeout(_) | PluginError::OutOfFuel | PluginError::Trap(_))
+        ) {
             // A trapped instance cannot be re-entered: the next call gets a fresh one.
             *guard = None;
         }
         r
     }
 
-    fn result(r: wasmtime::Result<Result<Vec<Action>, bindings::gatehouse::plugin::types::Error>>, limits: &Limits) -> Result<Vec<Action>, PluginError> {
+    fn result(
+        r: wasmtime::Result<Result<Vec<Action>, bindings::gatehouse::plugin::types::Error>>,
+        limits: &Limits,
+    ) -> Result<Vec<Action>, PluginError> {
         match r {
             Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(PluginError::Refused { code: e.code, message: e.message }),
+            Ok(Err(e)) => Err(PluginError::Refused {
+                code: e.code,
+                message: e.message,
+            }),
             Err(e) => Err(classify(e, limits)),
         }
     }
 
     /// Maps an external message. Blocking: call from a blocking thread.
     pub fn on_external(&self, msg: &Message) -> Result<Vec<Action>, PluginError> {
-        self.with_instance(|live, p| Self::result(live.mapper.call_on_external(&mut live.store, msg), &p.limits))
+        self.with_instance(|live, p| {
+            Self::result(
+                live.mapper.call_on_external(&mut live.store, msg),
+                &p.limits,
+            )
+        })
     }
 
     /// Maps a conversation message. Blocking: call from a blocking thread.
     pub fn on_conversation(&self, msg: &Message) -> Result<Vec<Action>, PluginError> {
-        self.with_instance(|live, p| Self::result(live.mapper.call_on_conversation(&mut live.store, msg), &p.limits))
+        self.with_instance(|live, p| {
+            Self::result(
+                live.mapper.call_on_conversation(&mut live.store, msg),
+                &p.limits,
+            )
+        })
     }
 }
 
@@ -254,9 +321,13 @@ mod tests {
     #[test]
     fn mqtt_plugin_maps_both_ways() {
         let host = Host::new().unwrap();
-        let p = host.load("mqtt", MQTT_PLUGIN, vec![], Limits::default()).unwrap();
+        let p = host
+            .load("mqtt", MQTT_PLUGIN, vec![], Limits::default())
+            .unwrap();
         let a = p.on_external(&msg(br#"{"t": 21.5}"#)).unwrap();
-        let [Action::Send(s)] = a.as_slice() else { panic!("{a:?}") };
+        let [Action::Send(s)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
         assert_eq!(s.content_type, "gatehouse.dev/json:1.0");
         assert_eq!(s.payload, br#"{"t":21.5}"#);
         match p.on_external(&msg(b"\x00garbage")) {
@@ -266,7 +337,9 @@ mod tests {
         let mut m = msg(b"hello");
         m.content_type = "xmtp.org/text:1.0".into();
         let a = p.on_conversation(&m).unwrap();
-        let [Action::Publish(p)] = a.as_slice() else { panic!("{a:?}") };
+        let [Action::Publish(p)] = a.as_slice() else {
+            panic!("{a:?}")
+        };
         assert_eq!(p.address, "devices/t1/down");
         assert_eq!(p.payload, b"hello");
     }
@@ -275,7 +348,12 @@ mod tests {
     #[test]
     fn bad_config_fails_at_load() {
         let host = Host::new().unwrap();
-        let r = host.load("mqtt", MQTT_PLUGIN, vec![("format".into(), "xml".into())], Limits::default());
+        let r = host.load(
+            "mqtt",
+            MQTT_PLUGIN,
+            vec![("format".into(), "xml".into())],
+            Limits::default(),
+        );
         assert!(matches!(r, Err(PluginError::Load(m)) if m.contains("format")));
     }
 }

@@ -47,10 +47,15 @@ pub async fn serve(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .tcp_nodelay(true);
     if let Some(tls) = &tls {
-        let cert = std::fs::read(&tls.cert).with_context(|| format!("reading TLS certificate {}", tls.cert.display()))?;
-        let key = std::fs::read(&tls.key).with_context(|| format!("reading TLS key {}", tls.key.display()))?;
+        let cert = std::fs::read(&tls.cert)
+            .with_context(|| format!("reading TLS certificate {}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key)
+            .with_context(|| format!("reading TLS key {}", tls.key.display()))?;
         builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
             .context("configuring TLS")?;
     }
     tracing::info!(%addr, tls = tls.is_some(), "XMTP node listening");
@@ -65,7 +70,10 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -1,5 +1,9 @@
 //! The gRPC services. Handlers validate, store, then announce to live subscribers.
 
+// tonic's `Status` is the error type the generated traits require; boxing it would only add
+// a conversion at every return.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,7 +28,10 @@ const EVENT_BUFFER: usize = 4096;
 const STREAM_BUFFER: usize = 256;
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 fn internal(e: StoreError) -> Status {
@@ -51,7 +58,11 @@ impl Node {
     /// A node over a store.
     pub fn new(store: Store) -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        Self { store, events, identity_lock: Default::default() }
+        Self {
+            store,
+            events,
+            identity_lock: Default::default(),
+        }
     }
 
     /// The store (for tests and admin).
@@ -72,8 +83,9 @@ impl Node {
     fn inbox_state(&self, inbox_id: &str) -> Result<(Option<identity::InboxState>, u64), Status> {
         let log = self.store.inbox_log(inbox_id, 0).map_err(internal)?;
         let last = log.last().map(|l| l.sequence_id).unwrap_or(0);
-        let st = identity::fold(log.iter().map(|l| &l.update))
-            .map_err(|e| Status::internal(format!("stored log of {inbox_id} no longer folds: {e}")))?;
+        let st = identity::fold(log.iter().map(|l| &l.update)).map_err(|e| {
+            Status::internal(format!("stored log of {inbox_id} no longer folds: {e}"))
+        })?;
         Ok((st, last))
     }
 }
@@ -81,15 +93,31 @@ impl Node {
 fn paging(p: Option<&mpb::PagingInfo>) -> (u64, bool, usize) {
     let p = p.cloned().unwrap_or_default();
     let descending = p.direction == mpb::SortDirection::Descending as i32;
-    let limit = if p.limit == 0 { DEFAULT_PAGE } else { (p.limit as usize).min(MAX_PAGE) };
+    let limit = if p.limit == 0 {
+        DEFAULT_PAGE
+    } else {
+        (p.limit as usize).min(MAX_PAGE)
+    };
     (p.id_cursor, descending, limit)
 }
 
-fn paging_out(p: Option<&mpb::PagingInfo>, page: &[(u64, Vec<u8>)], limit: usize) -> Option<mpb::PagingInfo> {
+fn paging_out(
+    p: Option<&mpb::PagingInfo>,
+    page: &[(u64, Vec<u8>)],
+    limit: usize,
+) -> Option<mpb::PagingInfo> {
     let p = p.cloned().unwrap_or_default();
     // The cursor is set only on a full page: that is how clients know to ask for more.
-    let id_cursor = if page.len() == limit { page.last().map(|(id, _)| *id).unwrap_or(0) } else { 0 };
-    Some(mpb::PagingInfo { direction: p.direction, limit: limit as u32, id_cursor })
+    let id_cursor = if page.len() == limit {
+        page.last().map(|(id, _)| *id).unwrap_or(0)
+    } else {
+        0
+    };
+    Some(mpb::PagingInfo {
+        direction: p.direction,
+        limit: limit as u32,
+        id_cursor,
+    })
 }
 
 /// `xmtp.mls.api.v1.MlsApi`.
@@ -100,16 +128,22 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl mpb::mls_api_server::MlsApi for MlsService {
-    async fn send_group_messages(&self, req: Request<mpb::SendGroupMessagesRequest>) -> Result<Response<()>, Status> {
+    async fn send_group_messages(
+        &self,
+        req: Request<mpb::SendGroupMessagesRequest>,
+    ) -> Result<Response<()>, Status> {
         let node = &self.0;
         let req = req.into_inner();
         // Validate the whole batch before storing any of it.
         let mut parsed = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.into_iter().enumerate() {
             let Some(mpb::group_message_input::Version::V1(v1)) = m.version else {
-                return Err(Status::invalid_argument(format!("message {i}: no v1 payload")));
+                return Err(Status::invalid_argument(format!(
+                    "message {i}: no v1 payload"
+                )));
             };
-            let h = mls::read_header(&v1.data).map_err(|e| Status::invalid_argument(format!("message {i}: {e}")))?;
+            let h = mls::read_header(&v1.data)
+                .map_err(|e| Status::invalid_argument(format!("message {i}: {e}")))?;
             parsed.push((h, v1));
         }
         for (h, v1) in parsed {
@@ -125,13 +159,18 @@ impl mpb::mls_api_server::MlsApi for MlsService {
                     is_commit: h.is_commit(),
                 })),
             };
-            node.store.put_group_message(&h.group_id, id, &msg.encode_to_vec()).map_err(internal)?;
+            node.store
+                .put_group_message(&h.group_id, id, &msg.encode_to_vec())
+                .map_err(internal)?;
             let _ = node.events.send(Event::Group(h.group_id));
         }
         Ok(Response::new(()))
     }
 
-    async fn send_welcome_messages(&self, req: Request<mpb::SendWelcomeMessagesRequest>) -> Result<Response<()>, Status> {
+    async fn send_welcome_messages(
+        &self,
+        req: Request<mpb::SendWelcomeMessagesRequest>,
+    ) -> Result<Response<()>, Status> {
         let node = &self.0;
         for (i, m) in req.into_inner().messages.into_iter().enumerate() {
             let id = node.store.next_welcome_id().map_err(internal)?;
@@ -139,48 +178,64 @@ impl mpb::mls_api_server::MlsApi for MlsService {
                 Some(mpb::welcome_message_input::Version::V1(v)) => (
                     v.installation_key.clone(),
                     mpb::WelcomeMessage {
-                        version: Some(mpb::welcome_message::Version::V1(mpb::welcome_message::V1 {
-                            id,
-                            created_ns: now_ns(),
-                            installation_key: v.installation_key,
-                            data: v.data,
-                            hpke_public_key: v.hpke_public_key,
-                            wrapper_algorithm: v.wrapper_algorithm,
-                            welcome_metadata: v.welcome_metadata,
-                        })),
+                        version: Some(mpb::welcome_message::Version::V1(
+                            mpb::welcome_message::V1 {
+                                id,
+                                created_ns: now_ns(),
+                                installation_key: v.installation_key,
+                                data: v.data,
+                                hpke_public_key: v.hpke_public_key,
+                                wrapper_algorithm: v.wrapper_algorithm,
+                                welcome_metadata: v.welcome_metadata,
+                            },
+                        )),
                     },
                 ),
                 Some(mpb::welcome_message_input::Version::WelcomePointer(v)) => (
                     v.installation_key.clone(),
                     mpb::WelcomeMessage {
-                        version: Some(mpb::welcome_message::Version::WelcomePointer(mpb::welcome_message::WelcomePointer {
-                            id,
-                            created_ns: now_ns(),
-                            installation_key: v.installation_key,
-                            welcome_pointer: v.welcome_pointer,
-                            hpke_public_key: v.hpke_public_key,
-                            wrapper_algorithm: v.wrapper_algorithm,
-                        })),
+                        version: Some(mpb::welcome_message::Version::WelcomePointer(
+                            mpb::welcome_message::WelcomePointer {
+                                id,
+                                created_ns: now_ns(),
+                                installation_key: v.installation_key,
+                                welcome_pointer: v.welcome_pointer,
+                                hpke_public_key: v.hpke_public_key,
+                                wrapper_algorithm: v.wrapper_algorithm,
+                            },
+                        )),
                     },
                 ),
                 None => return Err(Status::invalid_argument(format!("welcome {i}: no payload"))),
             };
             if key.is_empty() {
-                return Err(Status::invalid_argument(format!("welcome {i}: no installation key")));
+                return Err(Status::invalid_argument(format!(
+                    "welcome {i}: no installation key"
+                )));
             }
             // Welcomes may be addressed to keys that are not installations (welcome pointers
             // send the shared welcome to a fresh key), so the key is not checked against inboxes.
-            node.store.put_welcome(&key, id, &msg.encode_to_vec()).map_err(internal)?;
+            node.store
+                .put_welcome(&key, id, &msg.encode_to_vec())
+                .map_err(internal)?;
             let _ = node.events.send(Event::Welcome(key));
         }
         Ok(Response::new(()))
     }
 
-    async fn register_installation(&self, _: Request<mpb::RegisterInstallationRequest>) -> Result<Response<mpb::RegisterInstallationResponse>, Status> {
-        Err(Status::unimplemented("RegisterInstallation is XMTP's pre-inbox API; use UploadKeyPackage"))
+    async fn register_installation(
+        &self,
+        _: Request<mpb::RegisterInstallationRequest>,
+    ) -> Result<Response<mpb::RegisterInstallationResponse>, Status> {
+        Err(Status::unimplemented(
+            "RegisterInstallation is XMTP's pre-inbox API; use UploadKeyPackage",
+        ))
     }
 
-    async fn upload_key_package(&self, req: Request<mpb::UploadKeyPackageRequest>) -> Result<Response<()>, Status> {
+    async fn upload_key_package(
+        &self,
+        req: Request<mpb::UploadKeyPackageRequest>,
+    ) -> Result<Response<()>, Status> {
         let node = &self.0;
         let tls = req
             .into_inner()
@@ -188,74 +243,147 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             .ok_or_else(|| Status::invalid_argument("no key package"))?
             .key_package_tls_serialized;
         let provider = group::Provider::default();
-        let kp = group::validate_key_package(&provider, &tls).map_err(|e| Status::invalid_argument(format!("key package: {e}")))?;
+        let kp = group::validate_key_package(&provider, &tls)
+            .map_err(|e| Status::invalid_argument(format!("key package: {e}")))?;
         // libxmtp uploads its first key package before it publishes the identity update that
         // registers the installation, so liveness is not required here (XMTP's node doesn't
         // either); clients check it against the identity log before adding a member.
-        node.store.put_key_package(&kp.installation_key, &tls).map_err(internal)?;
+        node.store
+            .put_key_package(&kp.installation_key, &tls)
+            .map_err(internal)?;
         Ok(Response::new(()))
     }
 
-    async fn fetch_key_packages(&self, req: Request<mpb::FetchKeyPackagesRequest>) -> Result<Response<mpb::FetchKeyPackagesResponse>, Status> {
+    async fn fetch_key_packages(
+        &self,
+        req: Request<mpb::FetchKeyPackagesRequest>,
+    ) -> Result<Response<mpb::FetchKeyPackagesResponse>, Status> {
         let node = &self.0;
         let mut key_packages = Vec::new();
         // Exactly one entry per requested key, in order; empty when unknown.
         for key in req.into_inner().installation_keys {
-            let tls = node.store.key_package(&key).map_err(internal)?.unwrap_or_default();
-            key_packages.push(mpb::fetch_key_packages_response::KeyPackage { key_package_tls_serialized: tls });
+            let tls = node
+                .store
+                .key_package(&key)
+                .map_err(internal)?
+                .unwrap_or_default();
+            key_packages.push(mpb::fetch_key_packages_response::KeyPackage {
+                key_package_tls_serialized: tls,
+            });
         }
-        Ok(Response::new(mpb::FetchKeyPackagesResponse { key_packages }))
+        Ok(Response::new(mpb::FetchKeyPackagesResponse {
+            key_packages,
+        }))
     }
 
-    async fn revoke_installation(&self, _: Request<mpb::RevokeInstallationRequest>) -> Result<Response<()>, Status> {
-        Err(Status::unimplemented("RevokeInstallation is XMTP's pre-inbox API; publish a revoke identity update"))
+    async fn revoke_installation(
+        &self,
+        _: Request<mpb::RevokeInstallationRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented(
+            "RevokeInstallation is XMTP's pre-inbox API; publish a revoke identity update",
+        ))
     }
 
-    async fn get_identity_updates(&self, _: Request<mpb::GetIdentityUpdatesRequest>) -> Result<Response<mpb::GetIdentityUpdatesResponse>, Status> {
-        Err(Status::unimplemented("MlsApi.GetIdentityUpdates is XMTP's pre-inbox API; use IdentityApi.GetIdentityUpdates"))
+    async fn get_identity_updates(
+        &self,
+        _: Request<mpb::GetIdentityUpdatesRequest>,
+    ) -> Result<Response<mpb::GetIdentityUpdatesResponse>, Status> {
+        Err(Status::unimplemented(
+            "MlsApi.GetIdentityUpdates is XMTP's pre-inbox API; use IdentityApi.GetIdentityUpdates",
+        ))
     }
 
-    async fn query_group_messages(&self, req: Request<mpb::QueryGroupMessagesRequest>) -> Result<Response<mpb::QueryGroupMessagesResponse>, Status> {
+    async fn query_group_messages(
+        &self,
+        req: Request<mpb::QueryGroupMessagesRequest>,
+    ) -> Result<Response<mpb::QueryGroupMessagesResponse>, Status> {
         let req = req.into_inner();
         let (cursor, desc, limit) = paging(req.paging_info.as_ref());
-        let page = self.0.store.group_messages(&req.group_id, cursor, desc, limit).map_err(internal)?;
+        let page = self
+            .0
+            .store
+            .group_messages(&req.group_id, cursor, desc, limit)
+            .map_err(internal)?;
         let paging_info = paging_out(req.paging_info.as_ref(), &page, limit);
         let messages = page
             .iter()
-            .map(|(_, b)| mpb::GroupMessage::decode(b.as_slice()).map_err(|_| Status::internal("corrupt message")))
+            .map(|(_, b)| {
+                mpb::GroupMessage::decode(b.as_slice())
+                    .map_err(|_| Status::internal("corrupt message"))
+            })
             .collect::<Result<_, _>>()?;
-        Ok(Response::new(mpb::QueryGroupMessagesResponse { messages, paging_info }))
+        Ok(Response::new(mpb::QueryGroupMessagesResponse {
+            messages,
+            paging_info,
+        }))
     }
 
-    async fn query_welcome_messages(&self, req: Request<mpb::QueryWelcomeMessagesRequest>) -> Result<Response<mpb::QueryWelcomeMessagesResponse>, Status> {
+    async fn query_welcome_messages(
+        &self,
+        req: Request<mpb::QueryWelcomeMessagesRequest>,
+    ) -> Result<Response<mpb::QueryWelcomeMessagesResponse>, Status> {
         let req = req.into_inner();
         let (cursor, desc, limit) = paging(req.paging_info.as_ref());
-        let page = self.0.store.welcomes(&req.installation_key, cursor, desc, limit).map_err(internal)?;
+        let page = self
+            .0
+            .store
+            .welcomes(&req.installation_key, cursor, desc, limit)
+            .map_err(internal)?;
         let paging_info = paging_out(req.paging_info.as_ref(), &page, limit);
         let messages = page
             .iter()
-            .map(|(_, b)| mpb::WelcomeMessage::decode(b.as_slice()).map_err(|_| Status::internal("corrupt welcome")))
+            .map(|(_, b)| {
+                mpb::WelcomeMessage::decode(b.as_slice())
+                    .map_err(|_| Status::internal("corrupt welcome"))
+            })
             .collect::<Result<_, _>>()?;
-        Ok(Response::new(mpb::QueryWelcomeMessagesResponse { messages, paging_info }))
+        Ok(Response::new(mpb::QueryWelcomeMessagesResponse {
+            messages,
+            paging_info,
+        }))
     }
 
     type SubscribeGroupMessagesStream = BoxStream<mpb::GroupMessage>;
 
-    async fn subscribe_group_messages(&self, req: Request<mpb::SubscribeGroupMessagesRequest>) -> Result<Response<Self::SubscribeGroupMessagesStream>, Status> {
-        let cursors: HashMap<Vec<u8>, u64> = req.into_inner().filters.into_iter().map(|f| (f.group_id, f.id_cursor)).collect();
+    async fn subscribe_group_messages(
+        &self,
+        req: Request<mpb::SubscribeGroupMessagesRequest>,
+    ) -> Result<Response<Self::SubscribeGroupMessagesStream>, Status> {
+        let cursors: HashMap<Vec<u8>, u64> = req
+            .into_inner()
+            .filters
+            .into_iter()
+            .map(|f| (f.group_id, f.id_cursor))
+            .collect();
         let node = self.0.clone();
-        Ok(Response::new(subscribe(node, cursors, true, |b| mpb::GroupMessage::decode(b).ok())))
+        Ok(Response::new(subscribe(node, cursors, true, |b| {
+            mpb::GroupMessage::decode(b).ok()
+        })))
     }
 
     type SubscribeWelcomeMessagesStream = BoxStream<mpb::WelcomeMessage>;
 
-    async fn subscribe_welcome_messages(&self, req: Request<mpb::SubscribeWelcomeMessagesRequest>) -> Result<Response<Self::SubscribeWelcomeMessagesStream>, Status> {
-        let cursors: HashMap<Vec<u8>, u64> = req.into_inner().filters.into_iter().map(|f| (f.installation_key, f.id_cursor)).collect();
+    async fn subscribe_welcome_messages(
+        &self,
+        req: Request<mpb::SubscribeWelcomeMessagesRequest>,
+    ) -> Result<Response<Self::SubscribeWelcomeMessagesStream>, Status> {
+        let cursors: HashMap<Vec<u8>, u64> = req
+            .into_inner()
+            .filters
+            .into_iter()
+            .map(|f| (f.installation_key, f.id_cursor))
+            .collect();
         let node = self.0.clone();
-        Ok(Response::new(subscribe(node, cursors, false, |b| mpb::WelcomeMessage::decode(b).ok())))
+        Ok(Response::new(subscribe(node, cursors, false, |b| {
+            mpb::WelcomeMessage::decode(b).ok()
+        })))
     }
 
-    async fn batch_publish_commit_log(&self, req: Request<mpb::BatchPublishCommitLogRequest>) -> Result<Response<()>, Status> {
+    async fn batch_publish_commit_log(
+        &self,
+        req: Request<mpb::BatchPublishCommitLogRequest>,
+    ) -> Result<Response<()>, Status> {
         for r in req.into_inner().requests {
             self.0
                 .store
@@ -272,33 +400,57 @@ impl mpb::mls_api_server::MlsApi for MlsService {
         Ok(Response::new(()))
     }
 
-    async fn batch_query_commit_log(&self, req: Request<mpb::BatchQueryCommitLogRequest>) -> Result<Response<mpb::BatchQueryCommitLogResponse>, Status> {
+    async fn batch_query_commit_log(
+        &self,
+        req: Request<mpb::BatchQueryCommitLogRequest>,
+    ) -> Result<Response<mpb::BatchQueryCommitLogResponse>, Status> {
         let mut responses = Vec::new();
         for r in req.into_inner().requests {
             let (cursor, desc, limit) = paging(r.paging_info.as_ref());
-            let page = self.0.store.commit_log(&r.group_id, cursor, desc, limit).map_err(internal)?;
+            let page = self
+                .0
+                .store
+                .commit_log(&r.group_id, cursor, desc, limit)
+                .map_err(internal)?;
             let paging_info = paging_out(r.paging_info.as_ref(), &page, limit);
             let commit_log_entries = page
                 .iter()
-                .map(|(_, b)| gatehouse_wire::message_contents::CommitLogEntry::decode(b.as_slice()).map_err(|_| Status::internal("corrupt commit log")))
+                .map(|(_, b)| {
+                    gatehouse_wire::message_contents::CommitLogEntry::decode(b.as_slice())
+                        .map_err(|_| Status::internal("corrupt commit log"))
+                })
                 .collect::<Result<_, _>>()?;
-            responses.push(mpb::QueryCommitLogResponse { group_id: r.group_id, commit_log_entries, paging_info });
+            responses.push(mpb::QueryCommitLogResponse {
+                group_id: r.group_id,
+                commit_log_entries,
+                paging_info,
+            });
         }
-        Ok(Response::new(mpb::BatchQueryCommitLogResponse { responses }))
+        Ok(Response::new(mpb::BatchQueryCommitLogResponse {
+            responses,
+        }))
     }
 
-    async fn get_newest_group_message(&self, req: Request<mpb::GetNewestGroupMessageRequest>) -> Result<Response<mpb::GetNewestGroupMessageResponse>, Status> {
+    async fn get_newest_group_message(
+        &self,
+        req: Request<mpb::GetNewestGroupMessageRequest>,
+    ) -> Result<Response<mpb::GetNewestGroupMessageResponse>, Status> {
         let req = req.into_inner();
         let mut responses = Vec::new();
         for gid in req.group_ids {
-            let page = self.0.store.group_messages(&gid, 0, true, 1).map_err(internal)?;
+            let page = self
+                .0
+                .store
+                .group_messages(&gid, 0, true, 1)
+                .map_err(internal)?;
             let group_message = match page.first() {
                 Some((_, b)) => {
-                    let mut m = mpb::GroupMessage::decode(b.as_slice()).map_err(|_| Status::internal("corrupt message"))?;
-                    if !req.include_content {
-                        if let Some(mpb::group_message::Version::V1(v1)) = m.version.as_mut() {
-                            v1.data.clear();
-                        }
+                    let mut m = mpb::GroupMessage::decode(b.as_slice())
+                        .map_err(|_| Status::internal("corrupt message"))?;
+                    if let (false, Some(mpb::group_message::Version::V1(v1))) =
+                        (req.include_content, m.version.as_mut())
+                    {
+                        v1.data.clear();
                     }
                     Some(m)
                 }
@@ -306,7 +458,9 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             };
             responses.push(mpb::get_newest_group_message_response::Response { group_message });
         }
-        Ok(Response::new(mpb::GetNewestGroupMessageResponse { responses }))
+        Ok(Response::new(mpb::GetNewestGroupMessageResponse {
+            responses,
+        }))
     }
 }
 
@@ -323,22 +477,37 @@ fn subscribe<T: Send + 'static>(
     let mut events = node.events.subscribe();
     tokio::spawn(async move {
         let read = |key: &[u8], after: u64| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-            if groups { node.store.group_messages(key, after, false, MAX_PAGE) } else { node.store.welcomes(key, after, false, MAX_PAGE) }
+            if groups {
+                node.store.group_messages(key, after, false, MAX_PAGE)
+            } else {
+                node.store.welcomes(key, after, false, MAX_PAGE)
+            }
         };
         // New subscriptions with a zero cursor start at the present.
         for (key, cursor) in cursors.iter_mut() {
             if *cursor == 0 {
-                let newest = if groups { node.store.group_messages(key, 0, true, 1) } else { node.store.welcomes(key, 0, true, 1) };
-                *cursor = newest.ok().and_then(|p| p.first().map(|(id, _)| *id)).unwrap_or(0);
+                let newest = if groups {
+                    node.store.group_messages(key, 0, true, 1)
+                } else {
+                    node.store.welcomes(key, 0, true, 1)
+                };
+                *cursor = newest
+                    .ok()
+                    .and_then(|p| p.first().map(|(id, _)| *id))
+                    .unwrap_or(0);
                 continue;
             }
             loop {
                 let Ok(page) = read(key, *cursor) else { return };
-                if page.is_empty() { break }
+                if page.is_empty() {
+                    break;
+                }
                 for (id, b) in page {
                     *cursor = id;
-                    if let Some(item) = decode(&b) {
-                        if tx.send(Ok(item)).await.is_err() { return }
+                    if let Some(item) = decode(&b)
+                        && tx.send(Ok(item)).await.is_err()
+                    {
+                        return;
                     }
                 }
             }
@@ -352,13 +521,22 @@ fn subscribe<T: Send + 'static>(
                     // Catch up every filter from the store.
                     let keys: Vec<_> = cursors.keys().cloned().collect();
                     for k in keys {
-                        if catch_up(&read, &tx, &mut cursors, &k, decode).await.is_err() { return }
+                        if catch_up(&read, &tx, &mut cursors, &k, decode)
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
                     }
                     continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            if cursors.contains_key(&key) && catch_up(&read, &tx, &mut cursors, &key, decode).await.is_err() {
+            if cursors.contains_key(&key)
+                && catch_up(&read, &tx, &mut cursors, &key, decode)
+                    .await
+                    .is_err()
+            {
                 return;
             }
         }
@@ -373,7 +551,9 @@ async fn catch_up<T>(
     key: &[u8],
     decode: fn(&[u8]) -> Option<T>,
 ) -> Result<(), ()> {
-    let Some(cursor) = cursors.get_mut(key) else { return Ok(()) };
+    let Some(cursor) = cursors.get_mut(key) else {
+        return Ok(());
+    };
     let page = read(key, *cursor).map_err(|_| ())?;
     for (id, b) in page {
         *cursor = id;
@@ -390,25 +570,54 @@ pub struct IdentityService(Node);
 
 #[tonic::async_trait]
 impl ipb::identity_api_server::IdentityApi for IdentityService {
-    async fn publish_identity_update(&self, req: Request<ipb::PublishIdentityUpdateRequest>) -> Result<Response<ipb::PublishIdentityUpdateResponse>, Status> {
+    async fn publish_identity_update(
+        &self,
+        req: Request<ipb::PublishIdentityUpdateRequest>,
+    ) -> Result<Response<ipb::PublishIdentityUpdateResponse>, Status> {
         let node = &self.0;
-        let update = req.into_inner().identity_update.ok_or_else(|| Status::invalid_argument("no identity update"))?;
+        let update = req
+            .into_inner()
+            .identity_update
+            .ok_or_else(|| Status::invalid_argument("no identity update"))?;
         let _guard = node.identity_lock.lock().await;
         let (state, _) = node.inbox_state(&update.inbox_id)?;
-        let new = identity::apply_update(state.as_ref(), &update).map_err(|e| Status::invalid_argument(format!("identity update for {}: {e}", update.inbox_id)))?;
-        let before: Vec<String> = state.as_ref().map(|s| s.addresses().map(str::to_string).collect()).unwrap_or_default();
+        let new = identity::apply_update(state.as_ref(), &update).map_err(|e| {
+            Status::invalid_argument(format!("identity update for {}: {e}", update.inbox_id))
+        })?;
+        let before: Vec<String> = state
+            .as_ref()
+            .map(|s| s.addresses().map(str::to_string).collect())
+            .unwrap_or_default();
         let after: Vec<String> = new.addresses().map(str::to_string).collect();
-        let added: Vec<String> = after.iter().filter(|a| !before.contains(a)).cloned().collect();
-        let removed: Vec<String> = before.iter().filter(|a| !after.contains(a)).cloned().collect();
-        let seq = node.store.append_update(&update, now_ns(), &added, &removed).map_err(internal)?;
+        let added: Vec<String> = after
+            .iter()
+            .filter(|a| !before.contains(a))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = before
+            .iter()
+            .filter(|a| !after.contains(a))
+            .cloned()
+            .collect();
+        let seq = node
+            .store
+            .append_update(&update, now_ns(), &added, &removed)
+            .map_err(internal)?;
         tracing::debug!(inbox = %update.inbox_id, seq, "identity update stored");
         Ok(Response::new(ipb::PublishIdentityUpdateResponse {}))
     }
 
-    async fn get_identity_updates(&self, req: Request<ipb::GetIdentityUpdatesRequest>) -> Result<Response<ipb::GetIdentityUpdatesResponse>, Status> {
+    async fn get_identity_updates(
+        &self,
+        req: Request<ipb::GetIdentityUpdatesRequest>,
+    ) -> Result<Response<ipb::GetIdentityUpdatesResponse>, Status> {
         let mut responses = Vec::new();
         for r in req.into_inner().requests {
-            let log = self.0.store.inbox_log(&r.inbox_id, r.sequence_id).map_err(internal)?;
+            let log = self
+                .0
+                .store
+                .inbox_log(&r.inbox_id, r.sequence_id)
+                .map_err(internal)?;
             responses.push(ipb::get_identity_updates_response::Response {
                 inbox_id: r.inbox_id,
                 updates: log
@@ -424,16 +633,26 @@ impl ipb::identity_api_server::IdentityApi for IdentityService {
         Ok(Response::new(ipb::GetIdentityUpdatesResponse { responses }))
     }
 
-    async fn get_inbox_ids(&self, req: Request<ipb::GetInboxIdsRequest>) -> Result<Response<ipb::GetInboxIdsResponse>, Status> {
+    async fn get_inbox_ids(
+        &self,
+        req: Request<ipb::GetInboxIdsRequest>,
+    ) -> Result<Response<ipb::GetInboxIdsResponse>, Status> {
         let mut responses = Vec::new();
         for r in req.into_inner().requests {
             let inbox_id = self.0.store.inbox_of(&r.identifier).map_err(internal)?;
-            responses.push(ipb::get_inbox_ids_response::Response { identifier: r.identifier, inbox_id, identifier_kind: r.identifier_kind });
+            responses.push(ipb::get_inbox_ids_response::Response {
+                identifier: r.identifier,
+                inbox_id,
+                identifier_kind: r.identifier_kind,
+            });
         }
         Ok(Response::new(ipb::GetInboxIdsResponse { responses }))
     }
 
-    async fn verify_smart_contract_wallet_signatures(&self, req: Request<ipb::VerifySmartContractWalletSignaturesRequest>) -> Result<Response<ipb::VerifySmartContractWalletSignaturesResponse>, Status> {
+    async fn verify_smart_contract_wallet_signatures(
+        &self,
+        req: Request<ipb::VerifySmartContractWalletSignaturesRequest>,
+    ) -> Result<Response<ipb::VerifySmartContractWalletSignaturesResponse>, Status> {
         let responses = req
             .into_inner()
             .signatures
@@ -444,6 +663,8 @@ impl ipb::identity_api_server::IdentityApi for IdentityService {
                 error: Some("smart-contract wallet verification needs a chain RPC, and this node has none configured".into()),
             })
             .collect();
-        Ok(Response::new(ipb::VerifySmartContractWalletSignaturesResponse { responses }))
+        Ok(Response::new(
+            ipb::VerifySmartContractWalletSignaturesResponse { responses },
+        ))
     }
 }

@@ -76,7 +76,10 @@ pub struct LoggedUpdate {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).flush_every_ms(Some(200)).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(200))
+            .open()?;
         Self::from_db(db)
     }
 
@@ -107,10 +110,16 @@ impl Store {
 
     fn next(&self, counter: &str) -> Result<u64, StoreError> {
         let v = self.meta.update_and_fetch(counter, |old| {
-            let n = old.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0) + 1;
+            let n = old
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                .unwrap_or(0)
+                + 1;
             Some(n.to_be_bytes().to_vec())
         })?;
-        Ok(v.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8]))).unwrap_or(1))
+        Ok(
+            v.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+                .unwrap_or(1),
+        )
     }
 
     /// The log of an inbox after `after` (exclusive).
@@ -124,14 +133,23 @@ impl Store {
             if seq <= after {
                 continue;
             }
-            let v = self.identity.get(seq.to_be_bytes())?.ok_or(StoreError::Corrupt("identity"))?;
+            let v = self
+                .identity
+                .get(seq.to_be_bytes())?
+                .ok_or(StoreError::Corrupt("identity"))?;
             out.push(decode_logged(seq, &v)?);
         }
         Ok(out)
     }
 
     /// Appends a (validated) update to an inbox's log; returns its sequence id.
-    pub fn append_update(&self, update: &IdentityUpdate, now_ns: u64, identifiers_added: &[String], identifiers_removed: &[String]) -> Result<u64, StoreError> {
+    pub fn append_update(
+        &self,
+        update: &IdentityUpdate,
+        now_ns: u64,
+        identifiers_added: &[String],
+        identifiers_removed: &[String],
+    ) -> Result<u64, StoreError> {
         let seq = self.next("identity_seq")?;
         let mut v = update.inbox_id.as_bytes().to_vec();
         v.push(0);
@@ -143,7 +161,8 @@ impl Store {
         k.extend_from_slice(&seq.to_be_bytes());
         self.inbox_log.insert(k, &[])?;
         for id in identifiers_added {
-            self.identifiers.insert(id.to_lowercase().as_bytes(), update.inbox_id.as_bytes())?;
+            self.identifiers
+                .insert(id.to_lowercase().as_bytes(), update.inbox_id.as_bytes())?;
         }
         for id in identifiers_removed {
             self.identifiers.remove(id.to_lowercase().as_bytes())?;
@@ -181,7 +200,12 @@ impl Store {
     }
 
     /// Stores a group message under its group and id.
-    pub fn put_group_message(&self, group_id: &[u8], id: u64, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn put_group_message(
+        &self,
+        group_id: &[u8],
+        id: u64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
         self.group_messages.insert(prefixed(group_id, id), bytes)?;
         Ok(())
     }
@@ -192,11 +216,21 @@ impl Store {
         Ok(())
     }
 
-    fn page(tree: &sled::Tree, prefix: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    fn page(
+        tree: &sled::Tree,
+        prefix: &[u8],
+        cursor: u64,
+        descending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let p = prefix_of(prefix);
         let mut out = Vec::new();
         if descending {
-            let end = if cursor == 0 { prefixed(prefix, u64::MAX) } else { prefixed(prefix, cursor) };
+            let end = if cursor == 0 {
+                prefixed(prefix, u64::MAX)
+            } else {
+                prefixed(prefix, cursor)
+            };
             for item in tree.range(p.clone()..end).rev() {
                 let (k, v) = item?;
                 if !k.starts_with(&p) || k.len() != p.len() + 8 {
@@ -225,30 +259,56 @@ impl Store {
 
     /// A page of a group's messages: ids greater than `cursor` (ascending) or smaller
     /// (descending; 0 = from the newest).
-    pub fn group_messages(&self, group_id: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    pub fn group_messages(
+        &self,
+        group_id: &[u8],
+        cursor: u64,
+        descending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Self::page(&self.group_messages, group_id, cursor, descending, limit)
     }
 
     /// A page of an installation key's welcomes.
-    pub fn welcomes(&self, key: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    pub fn welcomes(
+        &self,
+        key: &[u8],
+        cursor: u64,
+        descending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Self::page(&self.welcomes, key, cursor, descending, limit)
     }
 
     /// Appends a commit-log entry; returns its per-group sequence id.
-    pub fn append_commit_log(&self, group_id: &[u8], entry: impl FnOnce(u64) -> Vec<u8>) -> Result<u64, StoreError> {
+    pub fn append_commit_log(
+        &self,
+        group_id: &[u8],
+        entry: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<u64, StoreError> {
         let seq = self.next(&format!("commit_log/{}", hex::encode(group_id)))?;
-        self.commit_log.insert(prefixed(group_id, seq), entry(seq))?;
+        self.commit_log
+            .insert(prefixed(group_id, seq), entry(seq))?;
         Ok(seq)
     }
 
     /// A page of a group's commit log.
-    pub fn commit_log(&self, group_id: &[u8], cursor: u64, descending: bool, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    pub fn commit_log(
+        &self,
+        group_id: &[u8],
+        cursor: u64,
+        descending: bool,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         Self::page(&self.commit_log, group_id, cursor, descending, limit)
     }
 }
 
 fn decode_logged(seq: u64, v: &[u8]) -> Result<LoggedUpdate, StoreError> {
-    let zero = v.iter().position(|b| *b == 0).ok_or(StoreError::Corrupt("identity"))?;
+    let zero = v
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or(StoreError::Corrupt("identity"))?;
     let rest = &v[zero + 1..];
     if rest.len() < 8 {
         return Err(StoreError::Corrupt("identity"));
@@ -256,5 +316,9 @@ fn decode_logged(seq: u64, v: &[u8]) -> Result<LoggedUpdate, StoreError> {
     let mut ts = [0u8; 8];
     ts.copy_from_slice(&rest[..8]);
     let update = IdentityUpdate::decode(&rest[8..]).map_err(|_| StoreError::Corrupt("identity"))?;
-    Ok(LoggedUpdate { sequence_id: seq, server_timestamp_ns: u64::from_be_bytes(ts), update })
+    Ok(LoggedUpdate {
+        sequence_id: seq,
+        server_timestamp_ns: u64::from_be_bytes(ts),
+        update,
+    })
 }

@@ -5,7 +5,9 @@
 //! `authority/type:major.minor` type id and an optional human-readable fallback.
 
 use gatehouse_wire::Message as _;
-use gatehouse_wire::message_contents::{ContentTypeId, EncodedContent, PlaintextEnvelope, plaintext_envelope};
+use gatehouse_wire::message_contents::{
+    ContentTypeId, EncodedContent, PlaintextEnvelope, plaintext_envelope,
+};
 
 use crate::error::{ProtocolError, Result};
 
@@ -31,7 +33,10 @@ pub fn json_type() -> ContentTypeId {
 
 /// `authority/type:major.minor`.
 pub fn type_string(t: &ContentTypeId) -> String {
-    format!("{}/{}:{}.{}", t.authority_id, t.type_id, t.version_major, t.version_minor)
+    format!(
+        "{}/{}:{}.{}",
+        t.authority_id, t.type_id, t.version_major, t.version_minor
+    )
 }
 
 /// Parses `authority/type:major.minor`.
@@ -60,7 +65,11 @@ pub fn text(s: &str) -> EncodedContent {
 }
 
 /// A content of any type with a readable fallback for clients that don't know it.
-pub fn with_fallback(t: ContentTypeId, content: Vec<u8>, fallback: Option<String>) -> EncodedContent {
+pub fn with_fallback(
+    t: ContentTypeId,
+    content: Vec<u8>,
+    fallback: Option<String>,
+) -> EncodedContent {
     EncodedContent {
         r#type: Some(t),
         parameters: Default::default(),
@@ -97,7 +106,8 @@ pub enum Opened {
 
 /// Reads an MLS application plaintext.
 pub fn open_envelope(bytes: &[u8]) -> Result<Opened> {
-    let env = PlaintextEnvelope::decode(bytes).map_err(|e| ProtocolError::malformed("PlaintextEnvelope", e))?;
+    let env = PlaintextEnvelope::decode(bytes)
+        .map_err(|e| ProtocolError::malformed("PlaintextEnvelope", e))?;
     let (content, key) = match env.content {
         Some(plaintext_envelope::Content::V1(v1)) => (v1.content, v1.idempotency_key),
         Some(plaintext_envelope::Content::V2(v2)) => match v2.message_type {
@@ -106,8 +116,12 @@ pub fn open_envelope(bytes: &[u8]) -> Result<Opened> {
         },
         None => return Err(ProtocolError::malformed("PlaintextEnvelope", "empty")),
     };
-    let content = EncodedContent::decode(content.as_slice()).map_err(|e| ProtocolError::malformed("EncodedContent", e))?;
-    Ok(Opened::Content { content, idempotency_key: key })
+    let content = EncodedContent::decode(content.as_slice())
+        .map_err(|e| ProtocolError::malformed("EncodedContent", e))?;
+    Ok(Opened::Content {
+        content,
+        idempotency_key: key,
+    })
 }
 
 /// A readable rendering: the text for text content, else the fallback.
@@ -131,7 +145,11 @@ mod tests {
     #[test]
     fn envelope_round_trip() {
         let bytes = seal_envelope(&text("hi"), "k1");
-        let Opened::Content { content, idempotency_key } = open_envelope(&bytes).unwrap() else {
+        let Opened::Content {
+            content,
+            idempotency_key,
+        } = open_envelope(&bytes).unwrap()
+        else {
             panic!("expected content");
         };
         assert_eq!(display_text(&content).unwrap(), "hi");

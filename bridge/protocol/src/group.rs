@@ -13,8 +13,8 @@
 use std::collections::BTreeMap;
 
 use gatehouse_wire::Message as _;
-use gatehouse_wire::xmtp::identity::MlsCredential;
 use gatehouse_wire::message_contents as mc;
+use gatehouse_wire::xmtp::identity::MlsCredential;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
 use openmls_basic_credential::SignatureKeyPair;
@@ -29,7 +29,8 @@ use crate::mls::{
 };
 
 /// XMTP's ciphersuite.
-pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519;
+pub const CIPHERSUITE: Ciphersuite =
+    Ciphersuite::MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519;
 /// Epochs of keys kept after a commit: peers send on the previous epoch right after one.
 pub const MAX_PAST_EPOCHS: usize = 3;
 /// Out-of-order tolerance of the sender ratchet.
@@ -46,12 +47,22 @@ fn mls_err(e: impl std::fmt::Display) -> ProtocolError {
 
 /// The installation key as an openmls signer.
 pub fn signer(key: &InstallationKey) -> SignatureKeyPair {
-    SignatureKeyPair::from_raw(SignatureScheme::ED25519, key.seed().to_vec(), key.public().to_vec())
+    SignatureKeyPair::from_raw(
+        SignatureScheme::ED25519,
+        key.seed().to_vec(),
+        key.public().to_vec(),
+    )
 }
 
 /// XMTP's credential for an inbox.
 pub fn credential(inbox_id: &str) -> Credential {
-    BasicCredential::new(MlsCredential { inbox_id: inbox_id.to_string() }.encode_to_vec()).into()
+    BasicCredential::new(
+        MlsCredential {
+            inbox_id: inbox_id.to_string(),
+        }
+        .encode_to_vec(),
+    )
+    .into()
 }
 
 fn leaf_capabilities() -> Capabilities {
@@ -70,13 +81,19 @@ fn leaf_capabilities() -> Capabilities {
             // Members can join groups that use app-data updates (libxmtp advertises it).
             ExtensionType::AppDataDictionary,
         ]),
-        Some(&[ProposalType::GroupContextExtensions, ProposalType::AppDataUpdate]),
+        Some(&[
+            ProposalType::GroupContextExtensions,
+            ProposalType::AppDataUpdate,
+        ]),
         None,
     )
 }
 
 fn leaf_extensions(inbox_id: &str) -> Result<Extensions<LeafNode>> {
-    Extensions::single(Extension::ApplicationId(ApplicationIdExtension::new(inbox_id.as_bytes()))).map_err(mls_err)
+    Extensions::single(Extension::ApplicationId(ApplicationIdExtension::new(
+        inbox_id.as_bytes(),
+    )))
+    .map_err(mls_err)
 }
 
 /// A freshly built key package: what to upload, and the X-Wing seed to keep.
@@ -106,8 +123,14 @@ pub fn build_key_package(
     };
     let kp_ext = Extensions::from_vec(vec![
         Extension::LastResort(LastResortExtension::default()),
-        Extension::Unknown(EXT_WELCOME_POINTEE_AEAD_TYPES, UnknownExtension(aeads.encode_to_vec())),
-        Extension::Unknown(EXT_WELCOME_WRAPPER_ENCRYPTION, UnknownExtension(wrapper.encode_to_vec())),
+        Extension::Unknown(
+            EXT_WELCOME_POINTEE_AEAD_TYPES,
+            UnknownExtension(aeads.encode_to_vec()),
+        ),
+        Extension::Unknown(
+            EXT_WELCOME_WRAPPER_ENCRYPTION,
+            UnknownExtension(wrapper.encode_to_vec()),
+        ),
     ])
     .map_err(mls_err)?;
     let signer = signer(key);
@@ -119,12 +142,23 @@ pub fn build_key_package(
             CIPHERSUITE,
             provider,
             &signer,
-            CredentialWithKey { credential: credential(inbox_id), signature_key: key.public().to_vec().into() },
+            CredentialWithKey {
+                credential: credential(inbox_id),
+                signature_key: key.public().to_vec().into(),
+            },
         )
         .map_err(mls_err)?;
     let kp = bundle.key_package();
-    let reference = kp.hash_ref(provider.crypto()).map_err(mls_err)?.as_slice().to_vec();
-    Ok(NewKeyPackage { tls: kp.tls_serialize_detached().map_err(mls_err)?, reference, wrapper_seed: seed })
+    let reference = kp
+        .hash_ref(provider.crypto())
+        .map_err(mls_err)?
+        .as_slice()
+        .to_vec();
+    Ok(NewKeyPackage {
+        tls: kp.tls_serialize_detached().map_err(mls_err)?,
+        reference,
+        wrapper_seed: seed,
+    })
 }
 
 /// What a validated key package says.
@@ -142,10 +176,16 @@ pub struct VerifiedKeyPackage {
 
 /// Parses and validates a TLS key package (signature, version, keys) and reads XMTP's fields.
 pub fn validate_key_package(provider: &Provider, tls: &[u8]) -> Result<VerifiedKeyPackage> {
-    let kp_in = KeyPackageIn::tls_deserialize(&mut &tls[..]).map_err(|e| ProtocolError::malformed("KeyPackage", e))?;
-    let kp = kp_in.validate(provider.crypto(), ProtocolVersion::Mls10).map_err(mls_err)?;
+    let kp_in = KeyPackageIn::tls_deserialize(&mut &tls[..])
+        .map_err(|e| ProtocolError::malformed("KeyPackage", e))?;
+    let kp = kp_in
+        .validate(provider.crypto(), ProtocolVersion::Mls10)
+        .map_err(mls_err)?;
     if kp.ciphersuite() != CIPHERSUITE {
-        return Err(ProtocolError::Mls(format!("key package ciphersuite {:?}", kp.ciphersuite())));
+        return Err(ProtocolError::Mls(format!(
+            "key package ciphersuite {:?}",
+            kp.ciphersuite()
+        )));
     }
     let leaf = kp.leaf_node();
     let inbox_id = inbox_of_credential(leaf.credential())?;
@@ -165,8 +205,10 @@ pub fn validate_key_package(provider: &Provider, tls: &[u8]) -> Result<VerifiedK
 
 /// Reads the inbox id from an XMTP basic credential.
 pub fn inbox_of_credential(c: &Credential) -> Result<String> {
-    let basic = BasicCredential::try_from(c.clone()).map_err(|_| ProtocolError::Mls("credential is not basic".into()))?;
-    let mc = MlsCredential::decode(basic.identity()).map_err(|e| ProtocolError::malformed("MlsCredential", e))?;
+    let basic = BasicCredential::try_from(c.clone())
+        .map_err(|_| ProtocolError::Mls("credential is not basic".into()))?;
+    let mc = MlsCredential::decode(basic.identity())
+        .map_err(|e| ProtocolError::malformed("MlsCredential", e))?;
     Ok(mc.inbox_id)
 }
 
@@ -182,8 +224,12 @@ fn dm_context_extensions(
         creator_account_address: String::new(),
         creator_inbox_id: creator.to_string(),
         dm_members: Some(mc::DmMembers {
-            dm_member_one: Some(mc::Inbox { inbox_id: creator.to_string() }),
-            dm_member_two: Some(mc::Inbox { inbox_id: peer.to_string() }),
+            dm_member_one: Some(mc::Inbox {
+                inbox_id: creator.to_string(),
+            }),
+            dm_member_two: Some(mc::Inbox {
+                inbox_id: peer.to_string(),
+            }),
         }),
         oneshot_message: None,
     };
@@ -207,10 +253,14 @@ fn dm_context_extensions(
         super_admin_list: Some(mc::Inboxes::default()),
     };
     let allow = || mc::MetadataPolicy {
-        kind: Some(mc::metadata_policy::Kind::Base(mc::metadata_policy::MetadataBasePolicy::Allow as i32)),
+        kind: Some(mc::metadata_policy::Kind::Base(
+            mc::metadata_policy::MetadataBasePolicy::Allow as i32,
+        )),
     };
     let deny_members = || mc::MembershipPolicy {
-        kind: Some(mc::membership_policy::Kind::Base(mc::membership_policy::BasePolicy::Deny as i32)),
+        kind: Some(mc::membership_policy::Kind::Base(
+            mc::membership_policy::BasePolicy::Deny as i32,
+        )),
     };
     let deny_perms = || mc::PermissionsUpdatePolicy {
         kind: Some(mc::permissions_update_policy::Kind::Base(
@@ -254,10 +304,19 @@ fn dm_context_extensions(
     );
     Extensions::from_vec(vec![
         Extension::Unknown(EXT_IMMUTABLE_METADATA, UnknownExtension(immutable)),
-        Extension::Unknown(EXT_MUTABLE_METADATA, UnknownExtension(mutable.encode_to_vec())),
-        Extension::Unknown(EXT_GROUP_PERMISSIONS, UnknownExtension(permissions.encode_to_vec())),
+        Extension::Unknown(
+            EXT_MUTABLE_METADATA,
+            UnknownExtension(mutable.encode_to_vec()),
+        ),
+        Extension::Unknown(
+            EXT_GROUP_PERMISSIONS,
+            UnknownExtension(permissions.encode_to_vec()),
+        ),
         Extension::RequiredCapabilities(required),
-        Extension::Unknown(EXT_GROUP_MEMBERSHIP, UnknownExtension(members.encode_to_vec())),
+        Extension::Unknown(
+            EXT_GROUP_MEMBERSHIP,
+            UnknownExtension(members.encode_to_vec()),
+        ),
     ])
     .map_err(mls_err)
 }
@@ -269,14 +328,18 @@ pub fn group_metadata(group: &MlsGroup) -> Result<mc::GroupMetadataV1> {
         .unknown(EXT_IMMUTABLE_METADATA)
         .ok_or_else(|| ProtocolError::Mls("group has no XMTP metadata".into()))?;
     let mut r = crate::tlsread::Reader::new(&ext.0, "GroupMetadata");
-    mc::GroupMetadataV1::decode(r.vec()?).map_err(|e| ProtocolError::malformed("GroupMetadataV1", e))
+    mc::GroupMetadataV1::decode(r.vec()?)
+        .map_err(|e| ProtocolError::malformed("GroupMetadataV1", e))
 }
 
 fn join_config() -> MlsGroupJoinConfig {
     MlsGroupJoinConfig::builder()
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
-        .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAXIMUM_FORWARD_DISTANCE))
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(
+            OUT_OF_ORDER_TOLERANCE,
+            MAXIMUM_FORWARD_DISTANCE,
+        ))
         .use_ratchet_tree_extension(true)
         .build()
 }
@@ -308,12 +371,20 @@ pub fn create_dm(
         .ciphersuite(CIPHERSUITE)
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
-        .sender_ratchet_configuration(SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAXIMUM_FORWARD_DISTANCE))
+        .sender_ratchet_configuration(SenderRatchetConfiguration::new(
+            OUT_OF_ORDER_TOLERANCE,
+            MAXIMUM_FORWARD_DISTANCE,
+        ))
         .use_ratchet_tree_extension(true)
         .capabilities(leaf_capabilities())
         .with_leaf_node_extensions(leaf_extensions(creator_inbox)?)
         .map_err(mls_err)?
-        .with_group_context_extensions(dm_context_extensions(creator_inbox, peer_inbox, membership, rng)?)
+        .with_group_context_extensions(dm_context_extensions(
+            creator_inbox,
+            peer_inbox,
+            membership,
+            rng,
+        )?)
         .build();
     let signer = signer(key);
     let mut group = MlsGroup::new_with_group_id(
@@ -321,10 +392,15 @@ pub fn create_dm(
         &signer,
         &config,
         GroupId::from_slice(&gid),
-        CredentialWithKey { credential: credential(creator_inbox), signature_key: key.public().to_vec().into() },
+        CredentialWithKey {
+            credential: credential(creator_inbox),
+            signature_key: key.public().to_vec().into(),
+        },
     )
     .map_err(mls_err)?;
-    let (commit, welcome, _) = group.add_members(provider, &signer, &peer_key_packages).map_err(mls_err)?;
+    let (commit, welcome, _) = group
+        .add_members(provider, &signer, &peer_key_packages)
+        .map_err(mls_err)?;
     group.merge_pending_commit(provider).map_err(mls_err)?;
     Ok(Created {
         group,
@@ -335,17 +411,26 @@ pub fn create_dm(
 
 /// Joins a group from an unwrapped welcome (`MlsMessage` bytes).
 pub fn join(provider: &Provider, welcome_mls: &[u8]) -> Result<MlsGroup> {
-    let msg = MlsMessageIn::tls_deserialize(&mut &welcome_mls[..]).map_err(|e| ProtocolError::malformed("Welcome", e))?;
+    let msg = MlsMessageIn::tls_deserialize(&mut &welcome_mls[..])
+        .map_err(|e| ProtocolError::malformed("Welcome", e))?;
     let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
         return Err(ProtocolError::malformed("Welcome", "not a welcome"));
     };
-    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None).map_err(mls_err)?;
+    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+        .map_err(mls_err)?;
     staged.into_group(provider).map_err(mls_err)
 }
 
 /// Encrypts an application plaintext for the group.
-pub fn encrypt(provider: &Provider, key: &InstallationKey, group: &mut MlsGroup, plaintext: &[u8]) -> Result<Vec<u8>> {
-    let out = group.create_message(provider, &signer(key), plaintext).map_err(mls_err)?;
+pub fn encrypt(
+    provider: &Provider,
+    key: &InstallationKey,
+    group: &mut MlsGroup,
+    plaintext: &[u8],
+) -> Result<Vec<u8>> {
+    let out = group
+        .create_message(provider, &signer(key), plaintext)
+        .map_err(mls_err)?;
     out.tls_serialize_detached().map_err(mls_err)
 }
 
@@ -369,14 +454,18 @@ pub enum Processed {
 
 /// Decrypts and applies one group message (commits are merged at once).
 pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) -> Result<Processed> {
-    let msg = MlsMessageIn::tls_deserialize(&mut &mls_message[..]).map_err(|e| ProtocolError::malformed("MlsMessage", e))?;
+    let msg = MlsMessageIn::tls_deserialize(&mut &mls_message[..])
+        .map_err(|e| ProtocolError::malformed("MlsMessage", e))?;
     let pm = msg.try_into_protocol_message().map_err(mls_err)?;
     let processed = group.process_message(provider, pm).map_err(mls_err)?;
     let sender_installation = processed.credential().clone();
     let sender_inbox = inbox_of_credential(&sender_installation).unwrap_or_default();
     let sender_key = match processed.sender() {
         Sender::Member(idx) => group.member(*idx).map(|_| ()).and_then(|_| {
-            group.members().find(|m| m.index == *idx).map(|m| m.signature_key.clone())
+            group
+                .members()
+                .find(|m| m.index == *idx)
+                .map(|m| m.signature_key.clone())
         }),
         _ => None,
     }
@@ -392,7 +481,9 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
             Ok(Processed::Commit)
         }
         ProcessedMessageContent::ProposalMessage(p) => {
-            group.store_pending_proposal(provider.storage(), *p).map_err(mls_err)?;
+            group
+                .store_pending_proposal(provider.storage(), *p)
+                .map_err(mls_err)?;
             Ok(Processed::Proposal)
         }
         _ => Ok(Processed::Proposal),
@@ -403,7 +494,12 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
 pub fn leaves(group: &MlsGroup) -> Vec<(String, Vec<u8>)> {
     group
         .members()
-        .map(|m| (inbox_of_credential(&m.credential).unwrap_or_default(), m.signature_key))
+        .map(|m| {
+            (
+                inbox_of_credential(&m.credential).unwrap_or_default(),
+                m.signature_key,
+            )
+        })
         .collect()
 }
 
@@ -414,7 +510,11 @@ pub fn load(provider: &Provider, group_id: &[u8]) -> Result<Option<MlsGroup>> {
 
 /// Serialises the provider's whole key-value store (for the caller to persist).
 pub fn export_storage(provider: &Provider) -> Vec<u8> {
-    let values = provider.storage().values.read().unwrap_or_else(|p| p.into_inner());
+    let values = provider
+        .storage()
+        .values
+        .read()
+        .unwrap_or_else(|p| p.into_inner());
     let mut entries: Vec<_> = values.iter().collect();
     entries.sort();
     let mut out = Vec::new();
@@ -430,11 +530,16 @@ pub fn export_storage(provider: &Provider) -> Vec<u8> {
 /// A provider whose store is restored from `export_storage` bytes.
 pub fn provider_from_storage(bytes: &[u8]) -> Result<Provider> {
     let provider = Provider::default();
-    let mut values = provider.storage().values.write().unwrap_or_else(|p| p.into_inner());
+    let mut values = provider
+        .storage()
+        .values
+        .write()
+        .unwrap_or_else(|p| p.into_inner());
     let mut r = bytes;
     let take = |r: &mut &[u8]| -> Result<Vec<u8>> {
         let bad = || ProtocolError::malformed("stored MLS state", "truncated");
-        let len = u32::from_be_bytes(r.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+        let len =
+            u32::from_be_bytes(r.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
         let v = r.get(4..4 + len).ok_or_else(bad)?.to_vec();
         *r = &r[4 + len..];
         Ok(v)
@@ -448,6 +553,14 @@ pub fn provider_from_storage(bytes: &[u8]) -> Result<Provider> {
     Ok(provider)
 }
 
+/// The openmls group type, re-exported so callers need not depend on openmls.
+pub type MlsGroupHandle = MlsGroup;
+
+/// Deletes a group from the store (after a rejected welcome).
+pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
+    group.delete(provider.storage()).map_err(mls_err)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,36 +572,69 @@ mod tests {
     fn dm_round_trip() {
         let mut rng = rand::rngs::OsRng;
         let (pa, pb) = (Provider::default(), Provider::default());
-        let (ka, kb) = (InstallationKey::from_seed(&[1; 32]), InstallationKey::from_seed(&[2; 32]));
+        let (ka, kb) = (
+            InstallationKey::from_seed(&[1; 32]),
+            InstallationKey::from_seed(&[2; 32]),
+        );
         let kp_b = build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap();
         let v = validate_key_package(&pa, &kp_b.tls).unwrap();
         assert_eq!(v.inbox_id, "bbbb");
         assert_eq!(v.installation_key, kb.public());
         let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
-        let mut created = create_dm(&pa, &ka, "aaaa", "bbbb", vec![v.key_package], &membership, &mut rng).unwrap();
+        let mut created = create_dm(
+            &pa,
+            &ka,
+            "aaaa",
+            "bbbb",
+            vec![v.key_package],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
         let mut gb = join(&pb, &created.welcome).unwrap();
-        assert_eq!(group_metadata(&gb).unwrap().conversation_type, mc::ConversationType::Dm as i32);
-        let ct = encrypt(&pa, &ka, &mut created.group, &content::seal_envelope(&content::text("ping"), "1")).unwrap();
-        let Processed::Application { sender_inbox, plaintext, .. } = process(&pb, &mut gb, &ct).unwrap() else { panic!() };
+        assert_eq!(
+            group_metadata(&gb).unwrap().conversation_type,
+            mc::ConversationType::Dm as i32
+        );
+        let ct = encrypt(
+            &pa,
+            &ka,
+            &mut created.group,
+            &content::seal_envelope(&content::text("ping"), "1"),
+        )
+        .unwrap();
+        let Processed::Application {
+            sender_inbox,
+            plaintext,
+            ..
+        } = process(&pb, &mut gb, &ct).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(sender_inbox, "aaaa");
-        let content::Opened::Content { content, .. } = content::open_envelope(&plaintext).unwrap() else { panic!() };
+        let content::Opened::Content { content, .. } = content::open_envelope(&plaintext).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(content::display_text(&content).unwrap(), "ping");
         // Restart B from its exported storage and keep talking.
         let pb2 = provider_from_storage(&export_storage(&pb)).unwrap();
         let mut gb2 = load(&pb2, gb.group_id().as_slice()).unwrap().unwrap();
-        let back = encrypt(&pb2, &kb, &mut gb2, &content::seal_envelope(&content::text("pong"), "2")).unwrap();
-        let Processed::Application { sender_inbox, .. } = process(&pa, &mut created.group, &back).unwrap() else { panic!() };
+        let back = encrypt(
+            &pb2,
+            &kb,
+            &mut gb2,
+            &content::seal_envelope(&content::text("pong"), "2"),
+        )
+        .unwrap();
+        let Processed::Application { sender_inbox, .. } =
+            process(&pa, &mut created.group, &back).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!(sender_inbox, "bbbb");
         let h = crate::mls::read_header(&back).unwrap();
         assert_eq!(h.group_id, gb2.group_id().as_slice());
         assert!(!h.is_commit());
     }
-}
-
-/// The openmls group type, re-exported so callers need not depend on openmls.
-pub type MlsGroupHandle = MlsGroup;
-
-/// Deletes a group from the store (after a rejected welcome).
-pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
-    group.delete(provider.storage()).map_err(mls_err)
 }

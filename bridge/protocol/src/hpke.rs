@@ -156,8 +156,7 @@ mod tests {
         );
         assert_eq!(hex::encode(ctx.base_nonce), "5c4d98150661b848853b547f");
         let aad = hex::decode("436f756e742d30").unwrap();
-        let pt = hex::decode("4265617574792069732074727574682c20747275746820626561757479")
-            .unwrap();
+        let pt = hex::decode("4265617574792069732074727574682c20747275746820626561757479").unwrap();
         assert_eq!(
             hex::encode(ctx.seal(0, &aad, &pt)),
             "1c5250d8034ec2b784ba2cfd69dbdb8af406cfe3ff938e131f0def8c8b60b4db21993c62ce81883d2dd1b51a28"

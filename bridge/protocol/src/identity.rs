@@ -10,7 +10,10 @@ use std::fmt;
 
 use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 use gatehouse_wire::associations as pb;
-use k256::ecdsa::{RecoveryId, Signature as EcdsaSignature, SigningKey as EcdsaKey, VerifyingKey as EcdsaVerifyingKey};
+use k256::ecdsa::{
+    RecoveryId, Signature as EcdsaSignature, SigningKey as EcdsaKey,
+    VerifyingKey as EcdsaVerifyingKey,
+};
 use sha2::{Digest, Sha256, Sha512};
 use sha3::Keccak256;
 
@@ -265,7 +268,9 @@ pub enum UnsignedAction {
 impl UnsignedAction {
     fn text(&self) -> String {
         match self {
-            UnsignedAction::CreateInbox { owner, .. } => format!("- Create inbox\n  (Owner: {owner})"),
+            UnsignedAction::CreateInbox { owner, .. } => {
+                format!("- Create inbox\n  (Owner: {owner})")
+            }
             UnsignedAction::Add(m) => {
                 let prefix = match m {
                     Member::Installation(_) => "Grant messaging access to app",
@@ -290,7 +295,11 @@ impl UnsignedAction {
 }
 
 /// XMTP's signature text for an identity update.
-pub fn signature_text(inbox_id: &str, client_timestamp_ns: u64, actions: &[UnsignedAction]) -> String {
+pub fn signature_text(
+    inbox_id: &str,
+    client_timestamp_ns: u64,
+    actions: &[UnsignedAction],
+) -> String {
     let lines: Vec<String> = actions.iter().map(UnsignedAction::text).collect();
     format!(
         "{HEADER}\n\nInbox ID: {inbox_id}\nCurrent time: {}\n\n{}\n\n{FOOTER}",
@@ -334,13 +343,18 @@ pub fn register_inbox(
         &id,
         client_timestamp_ns,
         &[
-            UnsignedAction::CreateInbox { owner: owner.clone(), nonce },
+            UnsignedAction::CreateInbox {
+                owner: owner.clone(),
+                nonce,
+            },
             UnsignedAction::Add(new_member.clone()),
         ],
     );
     let wallet_sig = wallet.sign_text(&text);
     let erc191 = |bytes: Vec<u8>| pb::Signature {
-        signature: Some(pb::signature::Signature::Erc191(pb::RecoverableEcdsaSignature { bytes })),
+        signature: Some(pb::signature::Signature::Erc191(
+            pb::RecoverableEcdsaSignature { bytes },
+        )),
     };
     let create = pb::IdentityAction {
         kind: Some(pb::identity_action::Kind::CreateInbox(pb::CreateInbox {
@@ -406,7 +420,8 @@ impl InboxState {
 
     /// Whether `key` is a live installation of this inbox.
     pub fn has_installation(&self, key: &[u8]) -> bool {
-        self.members.contains_key(&Member::Installation(key.to_vec()))
+        self.members
+            .contains_key(&Member::Installation(key.to_vec()))
     }
 
     /// The Ethereum addresses associated with this inbox.
@@ -432,17 +447,27 @@ fn verify_signature(text: &str, sig: Option<&pb::Signature>) -> Result<Verified>
     match sig {
         S::Erc191(s) => {
             let (address, replay) = recover_erc191(text, &s.bytes)?;
-            Ok(Verified { signer: Member::Ethereum(address), replay })
+            Ok(Verified {
+                signer: Member::Ethereum(address),
+                replay,
+            })
         }
         S::InstallationKey(s) => {
             verify_installation(text, &s.bytes, &s.public_key)?;
-            Ok(Verified { signer: Member::Installation(s.public_key.clone()), replay: s.bytes.clone() })
+            Ok(Verified {
+                signer: Member::Installation(s.public_key.clone()),
+                replay: s.bytes.clone(),
+            })
         }
         S::Erc6492(_) => Err(ProtocolError::Unsupported(
             "smart-contract wallet signatures need a chain RPC, and none is configured".into(),
         )),
-        S::Passkey(_) => Err(ProtocolError::Unsupported("passkey signatures are not supported yet".into())),
-        S::DelegatedErc191(_) => Err(ProtocolError::Unsupported("legacy delegated signatures".into())),
+        S::Passkey(_) => Err(ProtocolError::Unsupported(
+            "passkey signatures are not supported yet".into(),
+        )),
+        S::DelegatedErc191(_) => Err(ProtocolError::Unsupported(
+            "legacy delegated signatures".into(),
+        )),
     }
 }
 
@@ -512,7 +537,9 @@ pub fn apply_update(state: Option<&InboxState>, update: &pb::IdentityUpdate) -> 
                 }
                 let v = verify_signature(&text, c.initial_identifier_signature.as_ref())?;
                 if v.signer != Member::Ethereum(owner.clone()) {
-                    return Err(ProtocolError::InvalidSignature("create-inbox not signed by its owner".into()));
+                    return Err(ProtocolError::InvalidSignature(
+                        "create-inbox not signed by its owner".into(),
+                    ));
                 }
                 let mut new = InboxState {
                     inbox_id: expected,
@@ -524,22 +551,33 @@ pub fn apply_update(state: Option<&InboxState>, update: &pb::IdentityUpdate) -> 
                 new.seen_signatures.insert(v.replay);
                 new.members.insert(
                     Member::Ethereum(owner.clone()),
-                    MemberRecord { added_by: None, client_timestamp_ns: update.client_timestamp_ns },
+                    MemberRecord {
+                        added_by: None,
+                        client_timestamp_ns: update.client_timestamp_ns,
+                    },
                 );
                 st = Some(new);
             }
             (Some(Kind::Add(add)), UnsignedAction::Add(new_member)) => {
-                let s = st.as_mut().ok_or_else(|| ProtocolError::IdentityRule("inbox does not exist".into()))?;
+                let s = st
+                    .as_mut()
+                    .ok_or_else(|| ProtocolError::IdentityRule("inbox does not exist".into()))?;
                 let existing = verify_signature(&text, add.existing_member_signature.as_ref())?;
                 let newsig = verify_signature(&text, add.new_member_signature.as_ref())?;
                 if !s.members.contains_key(&existing.signer) {
-                    return Err(ProtocolError::IdentityRule("existing-member signature is not from a member".into()));
+                    return Err(ProtocolError::IdentityRule(
+                        "existing-member signature is not from a member".into(),
+                    ));
                 }
                 if &newsig.signer != new_member {
-                    return Err(ProtocolError::InvalidSignature("new member did not sign".into()));
+                    return Err(ProtocolError::InvalidSignature(
+                        "new member did not sign".into(),
+                    ));
                 }
                 if !may_associate(&existing.signer, new_member) {
-                    return Err(ProtocolError::IdentityRule("this member kind may not add that one".into()));
+                    return Err(ProtocolError::IdentityRule(
+                        "this member kind may not add that one".into(),
+                    ));
                 }
                 if matches!(new_member, Member::Installation(_))
                     && s.installations().count() >= MAX_INSTALLATIONS_PER_INBOX
@@ -561,35 +599,50 @@ pub fn apply_update(state: Option<&InboxState>, update: &pb::IdentityUpdate) -> 
                 );
             }
             (Some(Kind::Revoke(r)), UnsignedAction::Revoke(member)) => {
-                let s = st.as_mut().ok_or_else(|| ProtocolError::IdentityRule("inbox does not exist".into()))?;
+                let s = st
+                    .as_mut()
+                    .ok_or_else(|| ProtocolError::IdentityRule("inbox does not exist".into()))?;
                 let v = verify_signature(&text, r.recovery_identifier_signature.as_ref())?;
                 if v.signer != Member::Ethereum(s.recovery.clone()) {
-                    return Err(ProtocolError::IdentityRule("revocation not signed by the recovery address".into()));
+                    return Err(ProtocolError::IdentityRule(
+                        "revocation not signed by the recovery address".into(),
+                    ));
                 }
                 use_sig(s, &v)?;
                 s.seen_signatures.insert(v.replay);
                 s.members.remove(member);
                 // Whatever the revoked member added goes with it.
-                s.members.retain(|_, rec| rec.added_by.as_ref() != Some(member));
+                s.members
+                    .retain(|_, rec| rec.added_by.as_ref() != Some(member));
             }
             (Some(Kind::ChangeRecoveryAddress(c)), UnsignedAction::ChangeRecovery(new)) => {
-                let s = st.as_mut().ok_or_else(|| ProtocolError::IdentityRule("inbox does not exist".into()))?;
+                let s = st
+                    .as_mut()
+                    .ok_or_else(|| ProtocolError::IdentityRule("inbox does not exist".into()))?;
                 let v = verify_signature(&text, c.existing_recovery_identifier_signature.as_ref())?;
                 if v.signer != Member::Ethereum(s.recovery.clone()) {
-                    return Err(ProtocolError::IdentityRule("recovery change not signed by the recovery address".into()));
+                    return Err(ProtocolError::IdentityRule(
+                        "recovery change not signed by the recovery address".into(),
+                    ));
                 }
                 use_sig(s, &v)?;
                 s.seen_signatures.insert(v.replay);
                 s.recovery = new.clone();
             }
-            _ => return Err(ProtocolError::Internal("action and its text disagree".into())),
+            _ => {
+                return Err(ProtocolError::Internal(
+                    "action and its text disagree".into(),
+                ));
+            }
         }
     }
     st.ok_or_else(|| ProtocolError::Internal("no state after update".into()))
 }
 
 /// Folds a whole log.
-pub fn fold<'a>(updates: impl IntoIterator<Item = &'a pb::IdentityUpdate>) -> Result<Option<InboxState>> {
+pub fn fold<'a>(
+    updates: impl IntoIterator<Item = &'a pb::IdentityUpdate>,
+) -> Result<Option<InboxState>> {
     let mut st: Option<InboxState> = None;
     for u in updates {
         st = Some(apply_update(st.as_ref(), u)?);
@@ -606,7 +659,10 @@ mod tests {
     fn signature_text_matches_libxmtp() {
         let owner = "0x1234567890abcdef1234567890abcdef12345678".to_string();
         let id = inbox_id(&owner, 0);
-        assert_eq!(id, "fcd18d86276d7a99fe522dba9660c420f03c8648785ada7c5daae232a3df77a9");
+        assert_eq!(
+            id,
+            "fcd18d86276d7a99fe522dba9660c420f03c8648785ada7c5daae232a3df77a9"
+        );
         let addr = Member::Ethereum("0x4567890abcdef1234567890abcdef12345678123".into());
         let inst = Member::Installation(vec![1, 2, 3]);
         let text = signature_text(
@@ -652,7 +708,10 @@ mod tests {
         let st = apply_update(None, &u).unwrap();
         assert_eq!(st.inbox_id, inbox_id(&w.address(), 1));
         assert!(st.has_installation(&inst.public()));
-        assert_eq!(st.addresses().collect::<Vec<_>>(), vec![w.address().as_str()]);
+        assert_eq!(
+            st.addresses().collect::<Vec<_>>(),
+            vec![w.address().as_str()]
+        );
         assert!(apply_update(Some(&st), &u).is_err());
         let mut forged = u.clone();
         forged.client_timestamp_ns += 1_000_000_000;
@@ -663,7 +722,13 @@ mod tests {
     #[test]
     fn rfc3339() {
         assert_eq!(rfc3339_secs(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_secs(951_782_400 * 1_000_000_000), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339_secs(1_795_506_939_986_000_000), "2026-11-24T07:55:39Z");
+        assert_eq!(
+            rfc3339_secs(951_782_400 * 1_000_000_000),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            rfc3339_secs(1_795_506_939_986_000_000),
+            "2026-11-24T07:55:39Z"
+        );
     }
 }

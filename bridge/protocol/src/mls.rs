@@ -69,7 +69,10 @@ pub fn read_header(mls_message: &[u8]) -> Result<MessageHeader> {
     let mut r = Reader::new(mls_message, "MlsMessage");
     let version = r.u16()?;
     if version != 1 {
-        return Err(ProtocolError::malformed("MlsMessage", format!("version {version}")));
+        return Err(ProtocolError::malformed(
+            "MlsMessage",
+            format!("version {version}"),
+        ));
     }
     let wire_format = r.u16()?;
     match wire_format {
@@ -77,7 +80,12 @@ pub fn read_header(mls_message: &[u8]) -> Result<MessageHeader> {
             let group_id = r.vec()?.to_vec();
             let epoch = r.u64()?;
             let content_type = r.u8()?;
-            Ok(MessageHeader { wire_format, group_id, epoch, content_type })
+            Ok(MessageHeader {
+                wire_format,
+                group_id,
+                epoch,
+                content_type,
+            })
         }
         wire_format::PUBLIC => {
             let group_id = r.vec()?.to_vec();
@@ -93,9 +101,17 @@ pub fn read_header(mls_message: &[u8]) -> Result<MessageHeader> {
             }
             r.vec()?; // authenticated_data
             let content_type = r.u8()?;
-            Ok(MessageHeader { wire_format, group_id, epoch, content_type })
+            Ok(MessageHeader {
+                wire_format,
+                group_id,
+                epoch,
+                content_type,
+            })
         }
-        other => Err(ProtocolError::malformed("group message", format!("wire format {other}"))),
+        other => Err(ProtocolError::malformed(
+            "group message",
+            format!("wire format {other}"),
+        )),
     }
 }
 
@@ -103,7 +119,8 @@ fn expand_with_label(secret: &[u8], label: &str, context: &[u8], len: usize) -> 
     let mut info = (len as u16).to_be_bytes().to_vec();
     put_vec(&mut info, format!("MLS 1.0 {label}").as_bytes());
     put_vec(&mut info, context);
-    let hk = Hkdf::<Sha256>::from_prk(secret).map_err(|_| ProtocolError::malformed("MLS secret", "length"))?;
+    let hk = Hkdf::<Sha256>::from_prk(secret)
+        .map_err(|_| ProtocolError::malformed("MLS secret", "length"))?;
     let mut out = vec![0u8; len];
     hk.expand(&info, &mut out)
         .map_err(|_| ProtocolError::Internal("HKDF expand length".into()))?;
@@ -154,16 +171,25 @@ pub struct GroupInfoSummary {
 /// Opens a TLS `MlsMessage` carrying a `Welcome` far enough to read its `GroupInfo`, acting as
 /// the key package `key_package_ref` whose HPKE init private key is `init_private`
 /// (ciphersuite 3 only). This does not validate the group; joining does.
-pub fn read_welcome(mls_message: &[u8], key_package_ref: &[u8], init_private: &[u8; 32]) -> Result<GroupInfoSummary> {
+pub fn read_welcome(
+    mls_message: &[u8],
+    key_package_ref: &[u8],
+    init_private: &[u8; 32],
+) -> Result<GroupInfoSummary> {
     let mut r = Reader::new(mls_message, "Welcome");
     let _version = r.u16()?;
     let wf = r.u16()?;
     if wf != wire_format::WELCOME {
-        return Err(ProtocolError::malformed("Welcome", format!("wire format {wf}")));
+        return Err(ProtocolError::malformed(
+            "Welcome",
+            format!("wire format {wf}"),
+        ));
     }
     let suite = r.u16()?;
     if suite != CIPHERSUITE_XMTP {
-        return Err(ProtocolError::Unsupported(format!("welcome on ciphersuite {suite:#06x}")));
+        return Err(ProtocolError::Unsupported(format!(
+            "welcome on ciphersuite {suite:#06x}"
+        )));
     }
     let secrets = r.vec()?;
     let encrypted_group_info = r.vec()?;
@@ -183,7 +209,8 @@ pub fn read_welcome(mls_message: &[u8], key_package_ref: &[u8], init_private: &[
         }
         s = Reader::new(e.rest(), "EncryptedGroupSecrets");
     }
-    let (kem_output, ct) = mine.ok_or_else(|| ProtocolError::Mls("welcome has no secrets for this key package".into()))?;
+    let (kem_output, ct) = mine
+        .ok_or_else(|| ProtocolError::Mls("welcome has no secrets for this key package".into()))?;
     let ss = hpke::dhkem_x25519_decap(init_private, kem_output)?;
     let mut info = Vec::new();
     put_vec(&mut info, b"MLS 1.0 Welcome");
@@ -208,5 +235,11 @@ pub fn read_welcome(mls_message: &[u8], key_package_ref: &[u8], init_private: &[
     g.vec()?; // confirmed transcript hash
     let context_extensions = read_extensions(&mut g)?;
     let info_extensions = read_extensions(&mut g)?;
-    Ok(GroupInfoSummary { group_id, epoch, ciphersuite, context_extensions, info_extensions })
+    Ok(GroupInfoSummary {
+        group_id,
+        epoch,
+        ciphersuite,
+        context_extensions,
+        info_extensions,
+    })
 }

@@ -64,9 +64,13 @@ fn open_context(data: &[u8], seed: &[u8; 32]) -> Result<(Context, Vec<u8>)> {
     let mut r = data;
     let kem_output = VLBytes::tls_deserialize(&mut r)
         .map_err(|e| ProtocolError::malformed("HPKECiphertext", e))?;
-    let ct = VLBytes::tls_deserialize(&mut r).map_err(|e| ProtocolError::malformed("HPKECiphertext", e))?;
+    let ct = VLBytes::tls_deserialize(&mut r)
+        .map_err(|e| ProtocolError::malformed("HPKECiphertext", e))?;
     let ss = xwing::decapsulate(seed, kem_output.as_slice())?;
-    Ok((Context::new(KEM_XWING, &ss, &welcome_info()), ct.as_slice().to_vec()))
+    Ok((
+        Context::new(KEM_XWING, &ss, &welcome_info()),
+        ct.as_slice().to_vec(),
+    ))
 }
 
 /// Opens an X-Wing wrapped welcome with the recipient's X-Wing seed.
@@ -77,16 +81,23 @@ pub fn unwrap(data: &[u8], welcome_metadata: &[u8], seed: &[u8; 32]) -> Result<U
         None
     } else {
         let pt = ctx.open(1, b"", welcome_metadata)?;
-        Some(WelcomeMetadata::decode(pt.as_slice()).map_err(|e| ProtocolError::malformed("WelcomeMetadata", e))?)
+        Some(
+            WelcomeMetadata::decode(pt.as_slice())
+                .map_err(|e| ProtocolError::malformed("WelcomeMetadata", e))?,
+        )
     };
-    Ok(Unwrapped { mls_message, metadata })
+    Ok(Unwrapped {
+        mls_message,
+        metadata,
+    })
 }
 
 /// Opens an X-Wing wrapped `WelcomePointer`.
 pub fn unwrap_pointer(data: &[u8], seed: &[u8; 32]) -> Result<welcome_pointer::WelcomeV1Pointer> {
     let (ctx, ct) = open_context(data, seed)?;
     let pt = ctx.open(0, b"", &ct)?;
-    let p = WelcomePointer::decode(pt.as_slice()).map_err(|e| ProtocolError::malformed("WelcomePointer", e))?;
+    let p = WelcomePointer::decode(pt.as_slice())
+        .map_err(|e| ProtocolError::malformed("WelcomePointer", e))?;
     match p.version {
         Some(welcome_pointer::Version::WelcomeV1Pointer(v1)) => Ok(v1),
         None => Err(ProtocolError::malformed("WelcomePointer", "no version")),
@@ -112,10 +123,21 @@ pub fn unwrap_symmetric(
     let metadata = if welcome_metadata.is_empty() {
         None
     } else {
-        let pt = hpke::aead_open(&key, &nonce(&pointer.welcome_metadata_nonce)?, b"", welcome_metadata)?;
-        Some(WelcomeMetadata::decode(pt.as_slice()).map_err(|e| ProtocolError::malformed("WelcomeMetadata", e))?)
+        let pt = hpke::aead_open(
+            &key,
+            &nonce(&pointer.welcome_metadata_nonce)?,
+            b"",
+            welcome_metadata,
+        )?;
+        Some(
+            WelcomeMetadata::decode(pt.as_slice())
+                .map_err(|e| ProtocolError::malformed("WelcomeMetadata", e))?,
+        )
     };
-    Ok(Unwrapped { mls_message, metadata })
+    Ok(Unwrapped {
+        mls_message,
+        metadata,
+    })
 }
 
 #[cfg(test)]

@@ -82,8 +82,9 @@ pub fn encapsulate(pk: &[u8], rng: &mut impl CryptoRngCore) -> Result<([u8; 32],
     }
     let encoded = ml_kem::Key::<EncapsulationKey>::try_from(&pk[..MLKEM_PK])
         .map_err(|_| ProtocolError::malformed("X-Wing public key", "ML-KEM part"))?;
-    let ek = EncapsulationKey::new(&encoded)
-        .map_err(|_| ProtocolError::malformed("X-Wing public key", "ML-KEM key fails validation"))?;
+    let ek = EncapsulationKey::new(&encoded).map_err(|_| {
+        ProtocolError::malformed("X-Wing public key", "ML-KEM key fails validation")
+    })?;
     let mut pk_x = [0u8; 32];
     pk_x.copy_from_slice(&pk[MLKEM_PK..]);
     let mut m = B32::default();

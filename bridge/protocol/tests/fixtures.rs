@@ -17,8 +17,14 @@ use gatehouse_wire::{identity_api, mls_api};
 fn dir() -> PathBuf {
     let d = std::env::var_os("GATEHOUSE_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/xmtp-v3"));
-    assert!(d.join("index.json").exists(), "fixture folder not found at {} (set GATEHOUSE_FIXTURES)", d.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/xmtp-v3")
+        });
+    assert!(
+        d.join("index.json").exists(),
+        "fixture folder not found at {} (set GATEHOUSE_FIXTURES)",
+        d.display()
+    );
     d
 }
 
@@ -46,25 +52,42 @@ fn identity_updates_verify_and_fold() {
     let mut logs: BTreeMap<String, Vec<_>> = BTreeMap::new();
     let mut count = 0;
     for c in calls() {
-        if c["method"].as_str().unwrap().ends_with("/PublishIdentityUpdate") {
-            let req = identity_api::PublishIdentityUpdateRequest::decode(read(c["request"].as_str().unwrap()).as_slice()).unwrap();
+        if c["method"]
+            .as_str()
+            .unwrap()
+            .ends_with("/PublishIdentityUpdate")
+        {
+            let req = identity_api::PublishIdentityUpdateRequest::decode(
+                read(c["request"].as_str().unwrap()).as_slice(),
+            )
+            .unwrap();
             let u = req.identity_update.unwrap();
             logs.entry(u.inbox_id.clone()).or_default().push(u);
             count += 1;
         }
     }
-    assert!(count >= 8, "expected the recorded registrations, found {count}");
+    assert!(
+        count >= 8,
+        "expected the recorded registrations, found {count}"
+    );
     let mut states = BTreeMap::new();
     for (inbox, updates) in &logs {
-        let st = identity::fold(updates.iter()).unwrap_or_else(|e| panic!("inbox {inbox}: {e}")).unwrap();
+        let st = identity::fold(updates.iter())
+            .unwrap_or_else(|e| panic!("inbox {inbox}: {e}"))
+            .unwrap();
         assert_eq!(&st.inbox_id, inbox);
         states.insert(inbox.clone(), st);
     }
     let k = keys();
     for name in ["A", "B", "C", "D"] {
         let inbox = k[name]["inbox_id"].as_str().unwrap();
-        let st = states.get(inbox).unwrap_or_else(|| panic!("{name}'s inbox was not registered"));
-        assert!(st.has_installation(&hexval(&k[name]["installation_public_key"])), "{name}'s installation");
+        let st = states
+            .get(inbox)
+            .unwrap_or_else(|| panic!("{name}'s inbox was not registered"));
+        assert!(
+            st.has_installation(&hexval(&k[name]["installation_public_key"])),
+            "{name}'s installation"
+        );
         assert_eq!(st.recovery, k[name]["wallet_address"].as_str().unwrap());
         assert_eq!(identity::inbox_id(&st.recovery, 1), inbox);
     }
@@ -75,9 +98,21 @@ fn identity_updates_verify_and_fold() {
     }
     // Our signatures over A's registration text are accepted by the same fold.
     let a = identity::Wallet::from_bytes(&hexval(&k["A"]["wallet_private_key"])).unwrap();
-    let inst = identity::InstallationKey::from_seed(&hexval(&k["A"]["installation_private_key"]).try_into().unwrap());
-    assert_eq!(hex::encode(inst.public()), k["A"]["installation_public_key"].as_str().unwrap());
-    let ours = identity::register_inbox(&a, 1, &inst, logs[k["A"]["inbox_id"].as_str().unwrap()][0].client_timestamp_ns);
+    let inst = identity::InstallationKey::from_seed(
+        &hexval(&k["A"]["installation_private_key"])
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(
+        hex::encode(inst.public()),
+        k["A"]["installation_public_key"].as_str().unwrap()
+    );
+    let ours = identity::register_inbox(
+        &a,
+        1,
+        &inst,
+        logs[k["A"]["inbox_id"].as_str().unwrap()][0].client_timestamp_ns,
+    );
     identity::apply_update(None, &ours).unwrap();
 }
 
@@ -87,11 +122,36 @@ fn identity_updates_verify_and_fold() {
 fn welcomes_unwrap() {
     let k = keys();
     let expected: &[(&str, &str, &str, u64)] = &[
-        ("A", "034-MlsApi-SubscribeWelcomeMessages.resp.bin", "cfd2102a02c9073d0dd061e1e274baf7", 1),
-        ("A", "036-MlsApi-QueryWelcomeMessages.resp.bin", "cfd2102a02c9073d0dd061e1e274baf7", 1),
-        ("A", "118-MlsApi-QueryWelcomeMessages.resp.bin", "9eb9847950415819ab3aab95e4d911b2", 1),
-        ("B", "137-MlsApi-QueryWelcomeMessages.resp.bin", "0509079f9a38b522b209d7987fd3f5e6", 1),
-        ("C", "105-MlsApi-QueryWelcomeMessages.resp.bin", "cfd2102a02c9073d0dd061e1e274baf7", 3),
+        (
+            "A",
+            "034-MlsApi-SubscribeWelcomeMessages.resp.bin",
+            "cfd2102a02c9073d0dd061e1e274baf7",
+            1,
+        ),
+        (
+            "A",
+            "036-MlsApi-QueryWelcomeMessages.resp.bin",
+            "cfd2102a02c9073d0dd061e1e274baf7",
+            1,
+        ),
+        (
+            "A",
+            "118-MlsApi-QueryWelcomeMessages.resp.bin",
+            "9eb9847950415819ab3aab95e4d911b2",
+            1,
+        ),
+        (
+            "B",
+            "137-MlsApi-QueryWelcomeMessages.resp.bin",
+            "0509079f9a38b522b209d7987fd3f5e6",
+            1,
+        ),
+        (
+            "C",
+            "105-MlsApi-QueryWelcomeMessages.resp.bin",
+            "cfd2102a02c9073d0dd061e1e274baf7",
+            3,
+        ),
     ];
     let mut opened = 0;
     for (who, file, group, epoch) in expected {
@@ -99,12 +159,21 @@ fn welcomes_unwrap() {
         let welcomes: Vec<mls_api::WelcomeMessage> = if file.contains("Subscribe") {
             vec![mls_api::WelcomeMessage::decode(bytes.as_slice()).unwrap()]
         } else {
-            mls_api::QueryWelcomeMessagesResponse::decode(bytes.as_slice()).unwrap().messages
+            mls_api::QueryWelcomeMessagesResponse::decode(bytes.as_slice())
+                .unwrap()
+                .messages
         };
         let mut found = false;
         for w in welcomes {
-            let Some(mls_api::welcome_message::Version::V1(v1)) = w.version else { continue };
-            for (i, wk) in k[who]["welcome_wrapper_keys"].as_array().unwrap().iter().enumerate() {
+            let Some(mls_api::welcome_message::Version::V1(v1)) = w.version else {
+                continue;
+            };
+            for (i, wk) in k[who]["welcome_wrapper_keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
                 if hexval(&wk["public"]) != v1.hpke_public_key {
                     continue;
                 }
@@ -113,7 +182,9 @@ fn welcomes_unwrap() {
                 assert!(u.metadata.is_some(), "{file}: metadata");
                 let kp = &k[who]["key_packages"][i];
                 let init: [u8; 32] = hexval(&kp["init_private"]).try_into().unwrap();
-                let info = mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init).unwrap();
+                let info =
+                    mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init)
+                        .unwrap();
                 assert_eq!(hex::encode(&info.group_id), *group, "{file}");
                 assert_eq!(info.epoch, *epoch, "{file}");
                 found = true;
@@ -125,27 +196,51 @@ fn welcomes_unwrap() {
     assert_eq!(opened, expected.len());
 
     // G2: pointers for A (151), B (153), D (152) all lead to the symmetric welcome in 155.
-    let pointee = mls_api::QueryWelcomeMessagesResponse::decode(read("155-MlsApi-QueryWelcomeMessages.resp.bin").as_slice()).unwrap();
-    let Some(mls_api::welcome_message::Version::V1(sym)) = pointee.messages[0].version.clone() else { panic!("155 is not v1") };
+    let pointee = mls_api::QueryWelcomeMessagesResponse::decode(
+        read("155-MlsApi-QueryWelcomeMessages.resp.bin").as_slice(),
+    )
+    .unwrap();
+    let Some(mls_api::welcome_message::Version::V1(sym)) = pointee.messages[0].version.clone()
+    else {
+        panic!("155 is not v1")
+    };
     for (who, file) in [("A", "151"), ("B", "153"), ("D", "152")] {
-        let name = std::fs::read_dir(dir()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap())
-            .find(|n| n.starts_with(file) && n.ends_with(".resp.bin")).unwrap();
+        let name = std::fs::read_dir(dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|n| n.starts_with(file) && n.ends_with(".resp.bin"))
+            .unwrap();
         let resp = mls_api::QueryWelcomeMessagesResponse::decode(read(&name).as_slice()).unwrap();
         let mut done = false;
         for w in resp.messages {
-            let Some(mls_api::welcome_message::Version::WelcomePointer(p)) = w.version else { continue };
-            for (i, wk) in k[who]["welcome_wrapper_keys"].as_array().unwrap().iter().enumerate() {
+            let Some(mls_api::welcome_message::Version::WelcomePointer(p)) = w.version else {
+                continue;
+            };
+            for (i, wk) in k[who]["welcome_wrapper_keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
                 if hexval(&wk["public"]) != p.hpke_public_key {
                     continue;
                 }
                 let seed: [u8; 32] = hexval(&wk["private"]).try_into().unwrap();
                 let ptr = welcome::unwrap_pointer(&p.welcome_pointer, &seed).unwrap();
-                assert_eq!(ptr.destination, sym.installation_key, "{who}: pointer destination");
+                assert_eq!(
+                    ptr.destination, sym.installation_key,
+                    "{who}: pointer destination"
+                );
                 let u = welcome::unwrap_symmetric(&sym.data, &sym.welcome_metadata, &ptr).unwrap();
                 let kp = &k[who]["key_packages"][i];
                 let init: [u8; 32] = hexval(&kp["init_private"]).try_into().unwrap();
-                let info = mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init).unwrap();
-                assert_eq!(hex::encode(&info.group_id), "975780de6b83ed70278e42f86cf4e75a");
+                let info =
+                    mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init)
+                        .unwrap();
+                assert_eq!(
+                    hex::encode(&info.group_id),
+                    "975780de6b83ed70278e42f86cf4e75a"
+                );
                 assert_eq!(info.epoch, 1);
                 done = true;
             }
@@ -159,10 +254,19 @@ fn welcomes_unwrap() {
 fn group_message_headers() {
     let mut n = 0;
     for c in calls() {
-        if c["method"].as_str().unwrap().ends_with("/SendGroupMessages") {
-            let req = mls_api::SendGroupMessagesRequest::decode(read(c["request"].as_str().unwrap()).as_slice()).unwrap();
+        if c["method"]
+            .as_str()
+            .unwrap()
+            .ends_with("/SendGroupMessages")
+        {
+            let req = mls_api::SendGroupMessagesRequest::decode(
+                read(c["request"].as_str().unwrap()).as_slice(),
+            )
+            .unwrap();
             for m in req.messages {
-                let Some(mls_api::group_message_input::Version::V1(v1)) = m.version else { panic!() };
+                let Some(mls_api::group_message_input::Version::V1(v1)) = m.version else {
+                    panic!()
+                };
                 let h = mls::read_header(&v1.data).unwrap();
                 assert_eq!(h.wire_format, mls::wire_format::PRIVATE);
                 assert!(h.content_type == 1 || h.content_type == 3);
@@ -184,13 +288,20 @@ fn key_packages_validate() {
     let mut theirs = None;
     for c in calls() {
         if c["method"].as_str().unwrap().ends_with("/UploadKeyPackage") {
-            let req = mls_api::UploadKeyPackageRequest::decode(read(c["request"].as_str().unwrap()).as_slice()).unwrap();
+            let req = mls_api::UploadKeyPackageRequest::decode(
+                read(c["request"].as_str().unwrap()).as_slice(),
+            )
+            .unwrap();
             assert!(req.is_inbox_id_credential);
             let tls = req.key_package.unwrap().key_package_tls_serialized;
-            let v = group::validate_key_package(&provider, &tls).unwrap_or_else(|e| panic!("{}: {e}", c["request"]));
+            let v = group::validate_key_package(&provider, &tls)
+                .unwrap_or_else(|e| panic!("{}: {e}", c["request"]));
             assert_eq!(v.wrapper_public_key.as_ref().map(Vec::len), Some(1216));
             if v.inbox_id == k["A"]["inbox_id"].as_str().unwrap() {
-                assert_eq!(hex::encode(&v.installation_key), k["A"]["installation_public_key"].as_str().unwrap());
+                assert_eq!(
+                    hex::encode(&v.installation_key),
+                    k["A"]["installation_public_key"].as_str().unwrap()
+                );
                 theirs = Some(v);
             }
             n += 1;
@@ -200,9 +311,20 @@ fn key_packages_validate() {
     let theirs = theirs.unwrap();
     let mut rng = rand::rngs::OsRng;
     let inst = identity::InstallationKey::from_seed(&[5; 32]);
-    let ours = group::validate_key_package(&provider, &group::build_key_package(&provider, "x", &inst, &mut rng).unwrap().tls).unwrap();
+    let ours = group::validate_key_package(
+        &provider,
+        &group::build_key_package(&provider, "x", &inst, &mut rng)
+            .unwrap()
+            .tls,
+    )
+    .unwrap();
     let types = |v: &group::VerifiedKeyPackage| {
-        let mut t: Vec<_> = v.key_package.extensions().iter().map(|e| e.extension_type()).collect();
+        let mut t: Vec<_> = v
+            .key_package
+            .extensions()
+            .iter()
+            .map(|e| e.extension_type())
+            .collect();
         t.sort();
         t
     };

@@ -24,7 +24,10 @@ thread_local! {
 }
 
 fn err(code: &str, message: impl Into<String>) -> Error {
-    Error { code: code.into(), message: message.into() }
+    Error {
+        code: code.into(),
+        message: message.into(),
+    }
 }
 
 struct Mqtt;
@@ -36,7 +39,12 @@ impl Guest for Mqtt {
             for (k, v) in config {
                 match k.as_str() {
                     "format" if ["json", "text", "any"].contains(&v.as_str()) => c.format = v,
-                    "format" => return Err(err("config", format!("format must be json, text or any, not {v}"))),
+                    "format" => {
+                        return Err(err(
+                            "config",
+                            format!("format must be json, text or any, not {v}"),
+                        ));
+                    }
                     "down_topic" => c.down_topic = v,
                     other => return Err(err("config", format!("unknown key {other}"))),
                 }
@@ -52,24 +60,51 @@ impl Guest for Mqtt {
         let send = match (format.as_str(), json, text) {
             ("json" | "any", Ok(v), _) => {
                 let canonical = v.to_string();
-                Send { content_type: "gatehouse.dev/json:1.0".into(), payload: canonical.clone().into_bytes(), fallback: Some(canonical) }
+                Send {
+                    content_type: "gatehouse.dev/json:1.0".into(),
+                    payload: canonical.clone().into_bytes(),
+                    fallback: Some(canonical),
+                }
             }
-            ("json", Err(e), _) => return Err(err("malformed", format!("payload is not JSON: {e}"))),
-            (_, _, Ok(t)) => Send { content_type: "xmtp.org/text:1.0".into(), payload: t.as_bytes().to_vec(), fallback: None },
-            (_, _, Err(_)) => return Err(err("malformed", "payload is neither JSON nor UTF-8 text")),
+            ("json", Err(e), _) => {
+                return Err(err("malformed", format!("payload is not JSON: {e}")));
+            }
+            (_, _, Ok(t)) => Send {
+                content_type: "xmtp.org/text:1.0".into(),
+                payload: t.as_bytes().to_vec(),
+                fallback: None,
+            },
+            (_, _, Err(_)) => {
+                return Err(err("malformed", "payload is neither JSON nor UTF-8 text"));
+            }
         };
-        log(Level::Debug, &format!("mapped {} bytes from {}", msg.payload.len(), msg.endpoint));
+        log(
+            Level::Debug,
+            &format!("mapped {} bytes from {}", msg.payload.len(), msg.endpoint),
+        );
         Ok(vec![Action::Send(send)])
     }
 
     fn on_conversation(msg: Message) -> Result<Vec<Action>, Error> {
         let template = CONFIG.with(|c| c.borrow().down_topic.clone());
         let endpoint = msg.endpoint.clone();
-        let topic = gatehouse_plugin_sdk::fill(&template, |k| (k == "device").then(|| endpoint.clone())).map_err(|e| err("config", e))?;
-        if !msg.content_type.starts_with("xmtp.org/text:") && !msg.content_type.starts_with("gatehouse.dev/json:") {
-            return Ok(vec![Action::Drop(format!("content type {} is not forwarded to devices", msg.content_type))]);
+        let topic =
+            gatehouse_plugin_sdk::fill(&template, |k| (k == "device").then(|| endpoint.clone()))
+                .map_err(|e| err("config", e))?;
+        if !msg.content_type.starts_with("xmtp.org/text:")
+            && !msg.content_type.starts_with("gatehouse.dev/json:")
+        {
+            return Ok(vec![Action::Drop(format!(
+                "content type {} is not forwarded to devices",
+                msg.content_type
+            ))]);
         }
-        Ok(vec![Action::Publish(Publish { channel: "mqtt".into(), address: topic, payload: msg.payload, metadata: vec![] })])
+        Ok(vec![Action::Publish(Publish {
+            channel: "mqtt".into(),
+            address: topic,
+            payload: msg.payload,
+            metadata: vec![],
+        })])
     }
 }
 

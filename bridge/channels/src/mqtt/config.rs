@@ -48,13 +48,13 @@ fn default_max_packet() -> usize {
 impl Default for MqttConfig {
     fn default() -> Self {
         Self {
-        host: default_host(),
-        port: default_port(),
-        client_id: default_client_id(),
-        username: None,
-        password: None,
-        keep_alive_secs: default_keep_alive(),
-        max_packet_bytes: default_max_packet(),
+            host: default_host(),
+            port: default_port(),
+            client_id: default_client_id(),
+            username: None,
+            password: None,
+            keep_alive_secs: default_keep_alive(),
+            max_packet_bytes: default_max_packet(),
         }
     }
 }

@@ -53,7 +53,9 @@ pub struct MqttHandle {
 impl MqttHandle {
     /// Publishes with QoS 1. Queued while disconnected; sent after reconnecting.
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), rumqttc::ClientError> {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
     }
 
     /// Acknowledges an inbound message to the broker (call after the durable write).
@@ -75,7 +77,12 @@ impl MqttHandle {
 /// Starts the driver: connects, subscribes to `filters` with QoS 1, and forwards every publish
 /// to `inbound` (the driver waits when that channel is full, which holds back the broker).
 /// Stops when `shutdown` changes to true.
-pub fn start(config: &MqttConfig, filters: Vec<String>, inbound: mpsc::Sender<Inbound>, mut shutdown: watch::Receiver<bool>) -> MqttHandle {
+pub fn start(
+    config: &MqttConfig,
+    filters: Vec<String>,
+    inbound: mpsc::Sender<Inbound>,
+    mut shutdown: watch::Receiver<bool>,
+) -> MqttHandle {
     let mut opts = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
     opts.set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)));
     opts.set_manual_acks(true);
@@ -86,7 +93,10 @@ pub fn start(config: &MqttConfig, filters: Vec<String>, inbound: mpsc::Sender<In
     }
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
-    let handle = MqttHandle { client: client.clone(), state: state_rx };
+    let handle = MqttHandle {
+        client: client.clone(),
+        state: state_rx,
+    };
     let broker = format!("{}:{}", config.host, config.port);
     tokio::spawn(async move {
         let mut failures = 0u32;
@@ -126,8 +136,14 @@ pub fn start(config: &MqttConfig, filters: Vec<String>, inbound: mpsc::Sender<In
                 Ok(_) => {}
                 Err(e) => {
                     let wait = crate::backoff(failures, BASE_BACKOFF, MAX_BACKOFF);
+                    // Say so at once, then once per ten attempts, so a long outage stays visible
+                    // without flooding the log.
+                    if failures % 10 == 0 {
+                        tracing::warn!(%broker, error = %e, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
+                    } else {
+                        tracing::debug!(%broker, error = %e, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
+                    }
                     failures = failures.saturating_add(1);
-                    tracing::warn!(%broker, error = %e, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
                     let _ = state_tx.send(ConnectionState::BackingOff(e.to_string()));
                     tokio::select! {
                         _ = shutdown.changed() => { let _ = state_tx.send(ConnectionState::Stopped); return; }
