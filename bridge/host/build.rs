@@ -13,6 +13,10 @@ fn main() {
     println!("cargo:rerun-if-changed={}", plugins.join("sdk").display());
     println!(
         "cargo:rerun-if-changed={}",
+        plugins.join("misbehave").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
         plugins.join("Cargo.toml").display()
     );
     println!(
@@ -69,7 +73,7 @@ fn main() {
         "building plugins/ for wasm32-wasip2 failed (see the output above)"
     );
     // One entry per first-party plugin crate in plugins/.
-    const PLUGINS: &[&str] = &["gatehouse_plugin_mqtt"];
+    const PLUGINS: &[&str] = &["gatehouse_plugin_mqtt", "gatehouse_plugin_misbehave"];
     for name in PLUGINS {
         let wasm = target_dir
             .join("wasm32-wasip2/release")

@@ -15,7 +15,11 @@ fn walkthrough_script_runs() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "walkthrough failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "walkthrough failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains(r#""text":"{\"t\":21.5}""#), "{stdout}");
     assert!(stdout.contains("device received: set 19.0"), "{stdout}");
 }

@@ -355,8 +355,14 @@ mod tests {
     /// `${NAME}` takes the environment's value; a missing variable is named; comments are left alone.
     #[test]
     fn env_interpolation() {
-        let e = Config::parse("# ${NOT_SET_ANYWHERE} in a comment is fine\ndata_dir: ${GATEHOUSE_TEST_UNSET_VAR}\n").unwrap_err();
-        assert!(format!("{e:#}").contains("GATEHOUSE_TEST_UNSET_VAR"), "{e:#}");
+        let e = Config::parse(
+            "# ${NOT_SET_ANYWHERE} in a comment is fine\ndata_dir: ${GATEHOUSE_TEST_UNSET_VAR}\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("GATEHOUSE_TEST_UNSET_VAR"),
+            "{e:#}"
+        );
         let path = std::env::var("PATH").unwrap();
         let c = Config::parse("data_dir: \"${PATH}\"\n").unwrap();
         assert_eq!(c.data_dir, PathBuf::from(path));

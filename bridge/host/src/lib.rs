@@ -28,6 +28,11 @@ pub use bindings::gatehouse::plugin::types::{Action, Message, Publish, Send};
 pub const MQTT_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
 
+/// A deliberately bad plugin (loops, allocates, traps on request) for the isolation tests.
+#[cfg(test)]
+const MISBEHAVE_PLUGIN: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_misbehave.wasm"));
+
 /// How often the epoch ticks; deadlines are whole ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
@@ -342,6 +347,56 @@ mod tests {
         };
         assert_eq!(p.address, "devices/t1/down");
         assert_eq!(p.payload, b"hello");
+    }
+
+    /// A plugin that loops is stopped at its deadline, one that allocates without bound is
+    /// stopped at its memory cap, one that traps is contained; each time the next call gets a
+    /// fresh instance and works.
+    #[test]
+    fn faults_are_contained() {
+        let host = Host::new().unwrap();
+        let limits = Limits {
+            deadline: Duration::from_millis(100),
+            memory_bytes: 16 << 20,
+            fuel: None,
+        };
+        let p = host.load("bad", MISBEHAVE_PLUGIN, vec![], limits).unwrap();
+        let echo = |p: &Plugin| {
+            let a = p.on_external(&msg(b"still here")).unwrap();
+            assert!(matches!(a.as_slice(), [Action::Send(s)] if s.payload == b"still here"));
+        };
+        echo(&p);
+        assert!(matches!(
+            p.on_external(&msg(b"loop")),
+            Err(PluginError::Timeout(_))
+        ));
+        echo(&p);
+        match p.on_external(&msg(b"alloc")) {
+            Err(PluginError::Trap(_)) => {}
+            other => panic!("expected a trap at the memory cap, got {other:?}"),
+        }
+        echo(&p);
+        assert!(matches!(
+            p.on_external(&msg(b"trap")),
+            Err(PluginError::Trap(_))
+        ));
+        echo(&p);
+    }
+
+    /// With fuel metering on, a loop runs out of fuel before its deadline.
+    #[test]
+    fn fuel_limit() {
+        let host = Host::new().unwrap();
+        let limits = Limits {
+            deadline: Duration::from_secs(30),
+            memory_bytes: 16 << 20,
+            fuel: Some(5_000_000),
+        };
+        let p = host.load("bad", MISBEHAVE_PLUGIN, vec![], limits).unwrap();
+        assert!(matches!(
+            p.on_external(&msg(b"loop")),
+            Err(PluginError::OutOfFuel)
+        ));
     }
 
     /// A bad config is refused at load with the plugin's reason.
