@@ -85,8 +85,12 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts one in `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port())
+    }
+
+    /// Starts one on a given port.
+    pub fn start_on(dir: &Path, port: u16) -> Self {
         require("mosquitto", "mosquitto");
-        let port = free_port();
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
@@ -277,6 +281,11 @@ impl Setup {
 
     /// Writes a config for one MQTT route whose agents are `agents`.
     pub fn write_config(&self, agents: &[&str]) -> PathBuf {
+        self.write_config_for(self.broker.port, agents)
+    }
+
+    /// The same, for a broker on `mqtt_port`.
+    pub fn write_config_for(&self, mqtt_port: u16, agents: &[&str]) -> PathBuf {
         let agents = agents
             .iter()
             .map(|a| format!("\"{a}\""))
@@ -284,15 +293,24 @@ impl Setup {
             .join(", ");
         let text = format!(
             "data_dir: data\nnode: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\nchannels: {{mqtt: {{port: {}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\nroutes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}], max_payload: 65536}}\n",
-            self.node_port, self.admin_port, self.broker.port
+            self.node_port, self.admin_port, mqtt_port
         );
         let path = self.dir.join("config.yaml");
         std::fs::write(&path, text).unwrap();
         path
     }
 
-    /// Starts the daemon and waits until its admin API answers and MQTT is connected.
+    /// Starts the daemon and waits until MQTT is connected.
     pub fn start_daemon(&self, config: &Path) -> Daemon {
+        let d = self.spawn_daemon(config);
+        wait_for("the daemon's MQTT connection", || {
+            d.log_text().contains("MQTT connected").then_some(())
+        });
+        d
+    }
+
+    /// Starts the daemon without waiting for anything.
+    pub fn spawn_daemon(&self, config: &Path) -> Daemon {
         let log = self.dir.join(format!("daemon-{}.log", rand_suffix()));
         let child = Command::new(gatehouse_bin())
             .args(["run", "--config"])
@@ -302,17 +320,13 @@ impl Setup {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let d = Daemon {
+        Daemon {
             proc: Some(Proc(child)),
             config: config.to_path_buf(),
             log,
             node_url: self.node_url(),
             admin: format!("127.0.0.1:{}", self.admin_port),
-        };
-        wait_for("the daemon's MQTT connection", || {
-            d.log_text().contains("MQTT connected").then_some(())
-        });
-        d
+        }
     }
 
     /// An agent home in this set-up.
@@ -387,7 +401,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    fn run(&self, args: &[&str]) -> Output {
+    /// An agent home against any node URL.
+    pub fn at(home: PathBuf, node: String) -> Self {
+        Agent { home, node }
+    }
+
+    /// Runs `gatehouse agent … args` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
         Command::new(gatehouse_bin())
             .args(["agent", "--home"])
             .arg(&self.home)
@@ -397,7 +417,8 @@ impl Agent {
             .unwrap()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
             out.status.success(),
@@ -436,6 +457,35 @@ impl Agent {
         out.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+}
+
+/// A standalone `gatehouse node`.
+pub struct StandaloneNode {
+    /// Its URL.
+    pub url: String,
+    _proc: Proc,
+}
+
+impl StandaloneNode {
+    /// Starts one with its data in `dir` and waits until it accepts connections.
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new(gatehouse_bin())
+            .args(["node", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+            .arg(dir.join("node-data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let proc = Proc(child);
+        wait_for("the node to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        StandaloneNode {
+            url: format!("http://127.0.0.1:{port}"),
+            _proc: proc,
+        }
     }
 }
 

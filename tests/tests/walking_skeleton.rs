@@ -114,3 +114,22 @@ fn restart_keeps_the_conversation() {
     a.send(&endpoint, "after restart");
     assert_eq!(down.next_message(), "after restart");
 }
+
+/// With no broker the daemon starts, serves its node and says the broker is unreachable; when
+/// a broker appears it connects and carries messages.
+#[test]
+fn daemon_waits_for_the_broker() {
+    let s = Setup::new("nobroker");
+    let a = s.agent("agent-a");
+    let inbox_a = a.inbox_id();
+    let port = free_port();
+    let config = s.write_config_for(port, &[&inbox_a]);
+    let d = s.spawn_daemon(&config);
+    d.wait_log(&["MQTT broker unreachable", &port.to_string()]);
+    // The embedded node works meanwhile.
+    a.init();
+    let late = Mosquitto::start_on(&s.dir, port);
+    d.wait_log(&["MQTT connected"]);
+    late.publish("devices/late-1/up", br#"{"ok":true}"#);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"ok":true}"#);
+}
