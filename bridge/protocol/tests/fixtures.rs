@@ -337,3 +337,133 @@ fn key_packages_validate() {
     };
     assert_eq!(caps(&ours), caps(&theirs), "leaf capabilities");
 }
+
+/// A DM we create carries the group-context extensions libxmtp's recorded DM (A–C, welcome
+/// 118) carries: the same types, a byte-identical required-capabilities extension, and
+/// metadata that decodes the same way.
+#[test]
+fn our_dm_context_matches_libxmtp() {
+    use gatehouse_protocol::group;
+    use gatehouse_wire::message_contents as mc;
+    let k = keys();
+    // Recorded: A's welcome to the DM with C.
+    let resp = mls_api::QueryWelcomeMessagesResponse::decode(
+        read("118-MlsApi-QueryWelcomeMessages.resp.bin").as_slice(),
+    )
+    .unwrap();
+    let mut recorded = None;
+    for w in resp.messages {
+        let Some(mls_api::welcome_message::Version::V1(v1)) = w.version else {
+            continue;
+        };
+        for (i, wk) in k["A"]["welcome_wrapper_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
+            if hexval(&wk["public"]) == v1.hpke_public_key {
+                let seed: [u8; 32] = hexval(&wk["private"]).try_into().unwrap();
+                let u = welcome::unwrap(&v1.data, &v1.welcome_metadata, &seed).unwrap();
+                let kp = &k["A"]["key_packages"][i];
+                let init: [u8; 32] = hexval(&kp["init_private"]).try_into().unwrap();
+                recorded = Some(
+                    mls::read_welcome(&u.mls_message, &hexval(&kp["key_package_ref"]), &init)
+                        .unwrap(),
+                );
+            }
+        }
+    }
+    let recorded = recorded.expect("welcome 118 opens as A");
+
+    // Ours: a DM between two fresh inboxes.
+    let mut rng = rand::rngs::OsRng;
+    let (pa, pb) = (group::Provider::default(), group::Provider::default());
+    let (ka, kb) = (
+        identity::InstallationKey::from_seed(&[1; 32]),
+        identity::InstallationKey::from_seed(&[2; 32]),
+    );
+    let (ia, ib) = ("a".repeat(64), "b".repeat(64));
+    let kp = group::validate_key_package(
+        &pa,
+        &group::build_key_package(&pb, &ib, &kb, &mut rng)
+            .unwrap()
+            .tls,
+    )
+    .unwrap();
+    let membership = [(ia.clone(), 1u64), (ib.clone(), 2u64)].into();
+    let created = group::create_dm(
+        &pa,
+        &ka,
+        &ia,
+        &ib,
+        vec![kp.key_package],
+        &membership,
+        &mut rng,
+    )
+    .unwrap();
+    let ours: Vec<(u16, Vec<u8>)> = created
+        .group
+        .extensions()
+        .iter()
+        .map(|e| {
+            use tls_codec::Serialize;
+            let bytes = e.tls_serialize_detached().unwrap();
+            // Extension = u16 type ‖ opaque data<V>; strip the type and the length prefix.
+            let mut r = gatehouse_protocol::tlsread::Reader::new(&bytes, "extension");
+            let t = r.u16().unwrap();
+            (t, r.vec().unwrap().to_vec())
+        })
+        .collect();
+    let mut their_types: Vec<u16> = recorded
+        .context_extensions
+        .iter()
+        .map(|e| e.ext_type)
+        .collect();
+    let mut our_types: Vec<u16> = ours.iter().map(|(t, _)| *t).collect();
+    their_types.sort();
+    our_types.sort();
+    assert_eq!(our_types, their_types, "group-context extension types");
+    let rc = |v: &[(u16, Vec<u8>)]| v.iter().find(|(t, _)| *t == 3).map(|(_, d)| d.clone());
+    let theirs: Vec<(u16, Vec<u8>)> = recorded
+        .context_extensions
+        .iter()
+        .map(|e| (e.ext_type, e.data.clone()))
+        .collect();
+    assert_eq!(rc(&ours), rc(&theirs), "required capabilities");
+    // Immutable metadata: a length-prefixed GroupMetadataV1 naming a DM and its two members.
+    for (exts, creator) in [
+        (&ours, ia.as_str()),
+        (&theirs, k["C"]["inbox_id"].as_str().unwrap()),
+    ] {
+        let data = &exts
+            .iter()
+            .find(|(t, _)| *t == mls::EXT_IMMUTABLE_METADATA)
+            .unwrap()
+            .1;
+        let md = mc::GroupMetadataV1::decode(
+            gatehouse_protocol::tlsread::Reader::new(data, "md")
+                .vec()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(md.conversation_type, mc::ConversationType::Dm as i32);
+        assert_eq!(md.creator_inbox_id, creator);
+        assert!(md.dm_members.is_some());
+        let perms = &exts
+            .iter()
+            .find(|(t, _)| *t == mls::EXT_GROUP_PERMISSIONS)
+            .unwrap()
+            .1;
+        let p = mc::GroupMutablePermissionsV1::decode(perms.as_slice())
+            .unwrap()
+            .policies
+            .unwrap();
+        assert_eq!(
+            p.add_member_policy,
+            Some(mc::MembershipPolicy {
+                kind: Some(mc::membership_policy::Kind::Base(2))
+            })
+        );
+    }
+}

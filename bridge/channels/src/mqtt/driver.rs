@@ -138,7 +138,7 @@ pub fn start(
                     let wait = crate::backoff(failures, BASE_BACKOFF, MAX_BACKOFF);
                     // Say so at once, then once per ten attempts, so a long outage stays visible
                     // without flooding the log.
-                    if failures % 10 == 0 {
+                    if failures.is_multiple_of(10) {
                         tracing::warn!(%broker, error = %e, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
                     } else {
                         tracing::debug!(%broker, error = %e, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
