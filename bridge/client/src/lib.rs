@@ -41,6 +41,12 @@ pub enum ClientError {
     Peer(String),
 }
 
+impl From<identity::AssociationError> for ClientError {
+    fn from(e: identity::AssociationError) -> Self {
+        ClientError::Protocol(e.into())
+    }
+}
+
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
         ClientError::Node(Box::new(s))

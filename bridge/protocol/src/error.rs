@@ -14,12 +14,9 @@ pub enum ProtocolError {
         /// What was wrong with it.
         detail: String,
     },
-    /// A signature did not verify, or was made by someone other than the claimed signer.
-    #[error("invalid signature: {0}")]
-    InvalidSignature(String),
-    /// An identity update breaks XMTP's association rules.
+    /// An identity update or signature breaks XMTP's identity rules.
     #[error("identity update rejected: {0}")]
-    IdentityRule(String),
+    Identity(#[from] crate::identity::AssociationError),
     /// A key package, welcome or commit failed MLS validation or XMTP's conventions.
     #[error("MLS: {0}")]
     Mls(String),
