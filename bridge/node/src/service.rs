@@ -584,11 +584,12 @@ impl ipb::identity_api_server::IdentityApi for IdentityService {
         let new = identity::apply_update(state.as_ref(), &update).map_err(|e| {
             Status::invalid_argument(format!("identity update for {}: {e}", update.inbox_id))
         })?;
+        // GetInboxIds resolves every public identifier (addresses, passkeys) of live members.
         let before: Vec<String> = state
             .as_ref()
-            .map(|s| s.addresses().map(str::to_string).collect())
+            .map(|s| s.public_identifiers())
             .unwrap_or_default();
-        let after: Vec<String> = new.addresses().map(str::to_string).collect();
+        let after: Vec<String> = new.public_identifiers();
         let added: Vec<String> = after
             .iter()
             .filter(|a| !before.contains(a))
