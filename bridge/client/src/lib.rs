@@ -199,14 +199,41 @@ impl Client {
         let registered = state
             .as_ref()
             .is_some_and(|s| s.has_installation(&self.key.public()));
+        if !registered && self.tree.get(b"id/registered")?.is_some() {
+            // Registered once and no longer live: revoked. It does not re-add itself.
+            return Err(ClientError::Peer(format!(
+                "this installation ({}) was revoked from inbox {}; use a new home to add a new installation",
+                hex::encode(self.key.public()),
+                self.inbox_id
+            )));
+        }
         if !registered {
-            if state.is_some() {
-                return Err(ClientError::Peer(format!(
-                    "inbox {} exists but this installation is not on it; adding installations is not supported yet",
-                    self.inbox_id
-                )));
-            }
-            let update = identity::register_inbox(&self.wallet, 1, &self.key, now_ns());
+            let update = match &state {
+                // A further installation of an existing inbox: the wallet adds it (XMTP's flow
+                // when an app starts with a wallet that already has an inbox).
+                Some(st) => {
+                    if !st
+                        .members
+                        .contains_key(&identity::Member::Ethereum(self.wallet.address()))
+                        && st.recovery != self.wallet.address()
+                    {
+                        return Err(ClientError::Peer(format!(
+                            "wallet {} is no longer a member of inbox {}; it cannot add installations",
+                            self.wallet.address(),
+                            self.inbox_id
+                        )));
+                    }
+                    identity::build_update(
+                        &self.inbox_id,
+                        now_ns(),
+                        &[identity::Pending::Add {
+                            existing: identity::SignerRef::Wallet(&self.wallet),
+                            new: identity::SignerRef::Installation(&self.key),
+                        }],
+                    )
+                }
+                None => identity::register_inbox(&self.wallet, 1, &self.key, now_ns()),
+            };
             self.ids
                 .publish_identity_update(ipb::PublishIdentityUpdateRequest {
                     identity_update: Some(update),
@@ -214,6 +241,7 @@ impl Client {
                 .await?;
             tracing::info!(inbox = %self.inbox_id, "inbox registered");
         }
+        self.tree.insert(b"id/registered", &[1])?;
         if self.tree.get(b"kp/current")?.is_none() {
             self.upload_key_package().await?;
         }
@@ -246,6 +274,66 @@ impl Client {
         self.tree.insert(b"kp/current", kp.reference)?;
         self.tree.flush_async().await?;
         Ok(())
+    }
+
+    async fn publish(
+        &mut self,
+        update: gatehouse_wire::associations::IdentityUpdate,
+    ) -> Result<()> {
+        self.ids
+            .publish_identity_update(ipb::PublishIdentityUpdateRequest {
+                identity_update: Some(update),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// This inbox's verified state.
+    pub async fn identity(&mut self) -> Result<identity::InboxState> {
+        let id = self.inbox_id.clone();
+        Ok(self.inbox_state(&id).await?.0)
+    }
+
+    /// Revokes an installation of this inbox (this home's wallet must be the recovery address).
+    pub async fn revoke_installation(&mut self, installation: &[u8]) -> Result<()> {
+        let st = self.identity().await?;
+        if st.recovery != self.wallet.address() {
+            return Err(ClientError::Peer(format!(
+                "only the recovery address {} may revoke; this home holds {}",
+                st.recovery,
+                self.wallet.address()
+            )));
+        }
+        if !st.has_installation(installation) {
+            return Err(ClientError::Peer(format!(
+                "{} is not a live installation of inbox {}",
+                hex::encode(installation),
+                self.inbox_id
+            )));
+        }
+        let update = identity::build_update(
+            &self.inbox_id,
+            now_ns(),
+            &[identity::Pending::Revoke {
+                recovery: &self.wallet,
+                member: identity::Member::Installation(installation.to_vec()),
+            }],
+        );
+        self.publish(update).await
+    }
+
+    /// Hands recovery of this inbox to another address (this home's wallet must hold it now).
+    pub async fn change_recovery(&mut self, new_address: &str) -> Result<()> {
+        let new_address = identity::normalize_address(new_address)?;
+        let update = identity::build_update(
+            &self.inbox_id,
+            now_ns(),
+            &[identity::Pending::ChangeRecovery {
+                recovery: &self.wallet,
+                new_recovery: new_address,
+            }],
+        );
+        self.publish(update).await
     }
 
     /// An inbox's identity log: `(sequence id, update)`.
@@ -582,8 +670,15 @@ impl Client {
         let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
             ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
         })?;
-        // Apply whatever arrived first so we send on the current epoch.
+        // Apply whatever arrived first so we send on the current epoch, to the current members.
         self.sync_group_inner(&mut g).await?;
+        self.maintain_membership(&mut g).await?;
+        if !group::is_active(&g) {
+            return Err(ClientError::Peer(format!(
+                "this installation is no longer a member of conversation {} (revoked or removed)",
+                hex::encode(gid)
+            )));
+        }
         let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
         let data = group::encrypt(
             &self.provider,
@@ -620,6 +715,8 @@ impl Client {
         let gid = g.group_id().as_slice().to_vec();
         let ckey = [b"cursor/g/".as_slice(), &gid].concat();
         let mut out = Vec::new();
+        // Identity states fetched during this pass, so each inbox is read once.
+        let mut states: BTreeMap<String, identity::InboxState> = BTreeMap::new();
         loop {
             let cursor = self
                 .tree
@@ -643,39 +740,8 @@ impl Client {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
                 };
-                match group::process(&self.provider, g, &v.data) {
-                    Ok(group::Processed::Application {
-                        sender_inbox,
-                        sender_installation,
-                        plaintext,
-                    }) => {
-                        if let Ok(content::Opened::Content {
-                            content,
-                            idempotency_key,
-                        }) = content::open_envelope(&plaintext)
-                        {
-                            out.push(Received {
-                                conversation: hex::encode(&gid),
-                                id: v.id,
-                                sender_inbox,
-                                sender_installation: hex::encode(sender_installation),
-                                content_type: content
-                                    .r#type
-                                    .as_ref()
-                                    .map(content::type_string)
-                                    .unwrap_or_default(),
-                                text: content::display_text(&content),
-                                content: content.content.clone(),
-                                sent_at_ns: v.created_ns,
-                                idempotency_key,
-                            });
-                        }
-                    }
-                    Ok(_) => {}
-                    // Our own messages come back and cannot be decrypted by us; others are logged.
-                    Err(e) => {
-                        tracing::debug!(conversation = %hex::encode(&gid), id = v.id, error = %e, "message not processed")
-                    }
+                if let Some(r) = self.handle_message(g, &gid, &v, &mut states).await? {
+                    out.push(r);
                 }
                 self.tree.insert(&ckey, &v.id.to_be_bytes())?;
             }
@@ -687,12 +753,284 @@ impl Client {
         Ok(out)
     }
 
+    async fn live(
+        &mut self,
+        states: &mut BTreeMap<String, identity::InboxState>,
+        inbox: &str,
+        installation: &[u8],
+    ) -> Result<bool> {
+        if !states.contains_key(inbox) {
+            match self.inbox_state(inbox).await {
+                Ok((st, _)) => {
+                    states.insert(inbox.to_string(), st);
+                }
+                Err(ClientError::Peer(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(states
+            .get(inbox)
+            .is_some_and(|s| s.has_installation(installation)))
+    }
+
+    /// Processes one group message: verifies senders and commit leaves against the identity
+    /// logs (fail closed), merges valid commits, returns application content.
+    async fn handle_message(
+        &mut self,
+        g: &mut openmls_group::MlsGroup,
+        gid: &[u8],
+        v: &mpb::group_message::V1,
+        states: &mut BTreeMap<String, identity::InboxState>,
+    ) -> Result<Option<Received>> {
+        let conversation = hex::encode(gid);
+        match group::process(&self.provider, g, &v.data) {
+            Ok(group::Processed::Application {
+                sender_inbox,
+                sender_installation,
+                plaintext,
+            }) => {
+                if !self
+                    .live(states, &sender_inbox, &sender_installation)
+                    .await?
+                {
+                    tracing::warn!(%conversation, id = v.id, sender = %sender_inbox, installation = %hex::encode(&sender_installation), "rejected a message from an installation that is not live on its inbox");
+                    return Ok(None);
+                }
+                let Ok(content::Opened::Content {
+                    content,
+                    idempotency_key,
+                }) = content::open_envelope(&plaintext)
+                else {
+                    return Ok(None);
+                };
+                Ok(Some(Received {
+                    conversation,
+                    id: v.id,
+                    sender_inbox,
+                    sender_installation: hex::encode(sender_installation),
+                    content_type: content
+                        .r#type
+                        .as_ref()
+                        .map(content::type_string)
+                        .unwrap_or_default(),
+                    text: content::display_text(&content),
+                    content: content.content.clone(),
+                    sent_at_ns: v.created_ns,
+                    idempotency_key,
+                }))
+            }
+            Ok(group::Processed::PendingCommit {
+                staged, new_leaves, ..
+            }) => {
+                // Identity logs only grow: re-read them for a commit so new installations are seen.
+                states.clear();
+                for (inbox, inst) in &new_leaves {
+                    if !self.live(states, inbox, inst).await? {
+                        tracing::error!(%conversation, id = v.id, inbox = %inbox, installation = %hex::encode(inst), "rejected a commit whose leaf is not a live installation of its inbox");
+                        return Ok(None);
+                    }
+                }
+                group::merge_commit(&self.provider, g, *staged)?;
+                Ok(None)
+            }
+            Ok(group::Processed::Proposal) => Ok(None),
+            // Our own messages come back and cannot be decrypted by us; others are logged.
+            Err(e) => {
+                tracing::debug!(%conversation, id = v.id, error = %e, "message not processed");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Brings a group's membership in line with its members' identity logs, as libxmtp does:
+    /// installations revoked since the group last looked are removed, new installations of
+    /// member inboxes are added, and the membership extension records the new log positions.
+    /// One commit, ordered by the node: if another commit wins the race, ours is dropped.
+    async fn maintain_membership(&mut self, g: &mut openmls_group::MlsGroup) -> Result<()> {
+        if !group::is_active(g) {
+            return Ok(());
+        }
+        let gid = g.group_id().as_slice().to_vec();
+        let known = group::membership(g)?;
+        let requests = known
+            .iter()
+            .map(|(inbox, seq)| ipb::get_identity_updates_request::Request {
+                inbox_id: inbox.clone(),
+                sequence_id: *seq,
+            })
+            .collect();
+        let resp = self
+            .ids
+            .get_identity_updates(ipb::GetIdentityUpdatesRequest { requests })
+            .await?
+            .into_inner();
+        let changed: Vec<String> = resp
+            .responses
+            .into_iter()
+            .filter(|r| !r.updates.is_empty())
+            .map(|r| r.inbox_id)
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let leaves = group::leaves(g);
+        let mine = self.key.public().to_vec();
+        let mut membership = known.clone();
+        let mut remove = Vec::new();
+        let mut add_keys = Vec::new();
+        for inbox in &changed {
+            let (st, seq) = self.inbox_state(inbox).await?;
+            // A revoked installation must not commit: its commits would be refused anyway.
+            if *inbox == self.inbox_id && !st.has_installation(&mine) {
+                return Err(ClientError::Peer(format!(
+                    "this installation ({}) was revoked from inbox {}",
+                    hex::encode(&mine),
+                    self.inbox_id
+                )));
+            }
+            membership.insert(inbox.clone(), seq);
+            for (li, key) in &leaves {
+                if li == inbox && !st.has_installation(key) && *key != mine {
+                    remove.push(key.clone());
+                }
+            }
+            for inst in st.installations() {
+                if !leaves.iter().any(|(_, k)| k == inst) {
+                    add_keys.push((inbox.clone(), inst.to_vec()));
+                }
+            }
+        }
+        let mut adds = Vec::new();
+        let mut wrappers = Vec::new();
+        if !add_keys.is_empty() {
+            let resp = self
+                .mls
+                .fetch_key_packages(mpb::FetchKeyPackagesRequest {
+                    installation_keys: add_keys.iter().map(|(_, k)| k.clone()).collect(),
+                })
+                .await?
+                .into_inner();
+            for ((inbox, inst), kp) in add_keys.iter().zip(resp.key_packages) {
+                let Ok(v) =
+                    group::validate_key_package(&self.provider, &kp.key_package_tls_serialized)
+                else {
+                    continue;
+                };
+                if &v.inbox_id != inbox || &v.installation_key != inst {
+                    continue;
+                }
+                let Some(pk) = v.wrapper_public_key.clone() else {
+                    continue;
+                };
+                wrappers.push((inst.clone(), pk));
+                adds.push(v.key_package);
+            }
+        }
+        if adds.is_empty() && remove.is_empty() {
+            return Ok(());
+        }
+        let staged =
+            group::commit_membership(&self.provider, &self.key, g, adds, &remove, &membership)?;
+        let before = self
+            .tree
+            .get([b"cursor/g/".as_slice(), &gid].concat())?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0);
+        self.mls
+            .send_group_messages(mpb::SendGroupMessagesRequest {
+                messages: vec![mpb::GroupMessageInput {
+                    version: Some(mpb::group_message_input::Version::V1(
+                        mpb::group_message_input::V1 {
+                            data: staged.commit.clone(),
+                            sender_hmac: vec![],
+                            should_push: false,
+                        },
+                    )),
+                }],
+            })
+            .await?;
+        // The node orders commits: ours counts only if nothing else committed before it.
+        let resp = self
+            .mls
+            .query_group_messages(mpb::QueryGroupMessagesRequest {
+                group_id: gid.clone(),
+                paging_info: Some(mpb::PagingInfo {
+                    direction: mpb::SortDirection::Ascending as i32,
+                    limit: 1000,
+                    id_cursor: before,
+                }),
+            })
+            .await?
+            .into_inner();
+        // Application messages are left for the next read (their epoch keys are kept), and the
+        // read cursor is not moved here, so nothing is skipped.
+        let mut states = BTreeMap::new();
+        let mut ours_won = false;
+        for m in resp.messages {
+            let Some(mpb::group_message::Version::V1(v)) = m.version else {
+                continue;
+            };
+            if v.data == staged.commit {
+                group::merge_pending(&self.provider, g)?;
+                ours_won = true;
+                break;
+            }
+            if v.is_commit {
+                group::clear_pending(&self.provider, g)?;
+                tracing::info!(conversation = %hex::encode(&gid), "another member's commit came first; membership update deferred");
+                let _ = self.handle_message(g, &gid, &v, &mut states).await?;
+                break;
+            }
+        }
+        self.persist_mls()?;
+        if ours_won {
+            if let Some(welcome_bytes) = staged.welcome {
+                let newest = self.newest_id(&gid).await?;
+                let mut messages = Vec::new();
+                for (inst, pk) in wrappers {
+                    let (data, meta) = welcome::wrap(
+                        &welcome_bytes,
+                        &mpb::WelcomeMetadata {
+                            message_cursor: newest,
+                        },
+                        &pk,
+                        &mut rand::rngs::OsRng,
+                    )?;
+                    messages.push(mpb::WelcomeMessageInput {
+                        version: Some(mpb::welcome_message_input::Version::V1(
+                            mpb::welcome_message_input::V1 {
+                                installation_key: inst,
+                                data,
+                                hpke_public_key: pk,
+                                wrapper_algorithm: mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6
+                                    as i32,
+                                welcome_metadata: meta,
+                            },
+                        )),
+                    });
+                }
+                self.mls
+                    .send_welcome_messages(mpb::SendWelcomeMessagesRequest { messages })
+                    .await?;
+            }
+            tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), "membership updated from identity logs");
+        }
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
     /// Joins new conversations, then reads every conversation.
     pub async fn sync_all(&mut self) -> Result<Vec<Received>> {
         self.sync_welcomes().await?;
         let mut out = Vec::new();
         for (gid, _) in self.conversations()? {
-            out.extend(self.sync_group(&gid).await?);
+            let Some(mut g) = group::load(&self.provider, &gid)? else {
+                continue;
+            };
+            out.extend(self.sync_group_inner(&mut g).await?);
+            if let Err(e) = self.maintain_membership(&mut g).await {
+                tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
+            }
         }
         self.tree.flush_async().await?;
         Ok(out)

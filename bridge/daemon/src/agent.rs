@@ -42,6 +42,19 @@ pub enum AgentCommand {
         /// The text.
         text: String,
     },
+    /// Show or change this inbox's identity (identifiers, installations, recovery).
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+    },
+    /// Resolve an inbox id or 0x address through the node and show its identity.
+    Whois {
+        /// Inbox id or 0x address.
+        identifier: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print incoming messages, one JSON object (or line) per message.
     Listen {
         /// Print JSON lines.
@@ -54,6 +67,58 @@ pub enum AgentCommand {
         #[arg(long)]
         timeout: Option<u64>,
     },
+}
+
+/// Identity commands.
+#[derive(Subcommand, Debug)]
+pub enum IdentityCommand {
+    /// Identifiers, installations and recovery address of this inbox.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an installation (hex key) of this inbox; this home's wallet must be the recovery address.
+    RevokeInstallation {
+        /// The installation key, hex.
+        installation: String,
+    },
+    /// Hand recovery of this inbox to another 0x address.
+    ChangeRecovery {
+        /// The new recovery address.
+        address: String,
+    },
+}
+
+fn identity_json(
+    st: &gatehouse_protocol::identity::InboxState,
+    this: Option<&[u8]>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "inbox_id": st.inbox_id,
+        "recovery": st.recovery,
+        "identifiers": st.public_identifiers(),
+        "installations": st.installations().map(hex::encode).collect::<Vec<_>>(),
+        "this_installation": this.map(hex::encode),
+    })
+}
+
+fn print_identity(st: &gatehouse_protocol::identity::InboxState, this: Option<&[u8]>, json: bool) {
+    if json {
+        println!("{}", identity_json(st, this));
+    } else {
+        println!(
+            "inbox id:      {}\nrecovery:      {}",
+            st.inbox_id, st.recovery
+        );
+        for i in st.public_identifiers() {
+            println!("identifier:    {i}");
+        }
+        for k in st.installations() {
+            let mark = if this == Some(k) { " (this one)" } else { "" };
+            println!("installation:  {}{mark}", hex::encode(k));
+        }
+    }
 }
 
 /// How often `listen` asks the node for news.
@@ -141,6 +206,32 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             client.send(&gid, &content::text(&text), None).await?;
             db.flush_async().await?;
             println!("{}", hex::encode(&gid));
+        }
+        AgentCommand::Identity { command } => {
+            let (db, mut client) = open(home, node, None).await?;
+            match command {
+                IdentityCommand::Show { json } => {
+                    let st = client.identity().await?;
+                    print_identity(&st, Some(&client.installation_key()), json);
+                }
+                IdentityCommand::RevokeInstallation { installation } => {
+                    let key = hex::decode(installation.trim_start_matches("0x"))
+                        .context("the installation key must be hex")?;
+                    client.revoke_installation(&key).await?;
+                    println!("revoked {}", hex::encode(&key));
+                }
+                IdentityCommand::ChangeRecovery { address } => {
+                    client.change_recovery(&address).await?;
+                    println!("recovery is now {}", address.to_lowercase());
+                }
+            }
+            db.flush_async().await?;
+        }
+        AgentCommand::Whois { identifier, json } => {
+            let (_db, mut client) = open(home, node, None).await?;
+            let inbox = client.resolve(&identifier).await?;
+            let (st, _) = client.inbox_state(&inbox).await?;
+            print_identity(&st, None, json);
         }
         AgentCommand::Listen {
             json,

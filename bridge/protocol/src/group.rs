@@ -446,8 +446,17 @@ pub enum Processed {
         /// The decrypted plaintext (a `PlaintextEnvelope`).
         plaintext: Vec<u8>,
     },
-    /// A commit that was applied.
-    Commit,
+    /// A commit from another member, verified by MLS but not yet merged: the caller checks
+    /// `new_leaves` (every leaf the commit adds or updates) against the identity logs, then
+    /// calls [`merge_commit`] or drops it.
+    PendingCommit {
+        /// The staged commit.
+        staged: Box<StagedCommit>,
+        /// `(inbox id, installation key)` of each leaf the commit adds or replaces.
+        new_leaves: Vec<(String, Vec<u8>)>,
+        /// Installation keys the commit removes.
+        removed: Vec<Vec<u8>>,
+    },
     /// A proposal was stored; nothing to show.
     Proposal,
 }
@@ -477,8 +486,34 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
             plaintext: a.into_bytes(),
         }),
         ProcessedMessageContent::StagedCommitMessage(sc) => {
-            group.merge_staged_commit(provider, *sc).map_err(mls_err)?;
-            Ok(Processed::Commit)
+            let mut new_leaves = Vec::new();
+            for add in sc.add_proposals() {
+                let leaf = add.add_proposal().key_package().leaf_node();
+                new_leaves.push((
+                    inbox_of_credential(leaf.credential())?,
+                    leaf.signature_key().as_slice().to_vec(),
+                ));
+            }
+            if let Some(leaf) = sc.update_path_leaf_node() {
+                new_leaves.push((
+                    inbox_of_credential(leaf.credential())?,
+                    leaf.signature_key().as_slice().to_vec(),
+                ));
+            }
+            let removed = sc
+                .remove_proposals()
+                .filter_map(|r| {
+                    group
+                        .members()
+                        .find(|m| m.index == r.remove_proposal().removed())
+                        .map(|m| m.signature_key)
+                })
+                .collect();
+            Ok(Processed::PendingCommit {
+                staged: sc,
+                new_leaves,
+                removed,
+            })
         }
         ProcessedMessageContent::ProposalMessage(p) => {
             group
@@ -488,6 +523,104 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
         }
         _ => Ok(Processed::Proposal),
     }
+}
+
+/// Merges a commit returned by [`process`] after the caller has checked it.
+pub fn merge_commit(provider: &Provider, group: &mut MlsGroup, staged: StagedCommit) -> Result<()> {
+    group.merge_staged_commit(provider, staged).map_err(mls_err)
+}
+
+/// Whether this installation is still a member (false after a commit removed it).
+pub fn is_active(group: &MlsGroup) -> bool {
+    group.is_active()
+}
+
+/// XMTP's membership extension: inbox id → identity-log sequence id.
+pub fn membership(group: &MlsGroup) -> Result<BTreeMap<String, u64>> {
+    let ext = group
+        .extensions()
+        .unknown(EXT_GROUP_MEMBERSHIP)
+        .ok_or_else(|| ProtocolError::Mls("group has no membership extension".into()))?;
+    let m = mc::GroupMembership::decode(ext.0.as_slice())
+        .map_err(|e| ProtocolError::malformed("GroupMembership", e))?;
+    Ok(m.members.into_iter().collect())
+}
+
+/// A staged membership commit: publish `commit`; once the node has ordered it first, call
+/// [`merge_pending`]; if another commit won, [`clear_pending`]. Send `welcome` to added
+/// installations only after merging.
+pub struct MembershipCommit {
+    /// TLS `MlsMessage` of the commit.
+    pub commit: Vec<u8>,
+    /// TLS `MlsMessage` Welcome, when installations were added.
+    pub welcome: Option<Vec<u8>>,
+}
+
+/// Stages a commit that adds `adds`, removes the leaves of `remove` (installation keys) and
+/// writes `membership` into XMTP's membership extension, as libxmtp does on every membership
+/// change.
+pub fn commit_membership(
+    provider: &Provider,
+    key: &InstallationKey,
+    group: &mut MlsGroup,
+    adds: Vec<KeyPackage>,
+    remove: &[Vec<u8>],
+    membership: &BTreeMap<String, u64>,
+) -> Result<MembershipCommit> {
+    let removals: Vec<LeafNodeIndex> = group
+        .members()
+        .filter(|m| remove.contains(&m.signature_key))
+        .map(|m| m.index)
+        .collect();
+    let members = mc::GroupMembership {
+        members: membership.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        failed_installations: vec![],
+    };
+    let exts: Vec<Extension> = group
+        .extensions()
+        .iter()
+        .map(|e| match e {
+            Extension::Unknown(EXT_GROUP_MEMBERSHIP, _) => Extension::Unknown(
+                EXT_GROUP_MEMBERSHIP,
+                UnknownExtension(members.encode_to_vec()),
+            ),
+            other => other.clone(),
+        })
+        .collect();
+    let exts = Extensions::from_vec(exts).map_err(mls_err)?;
+    let signer = signer(key);
+    let bundle = group
+        .commit_builder()
+        .propose_adds(adds)
+        .propose_removals(removals)
+        .propose_group_context_extensions(exts)
+        .map_err(mls_err)?
+        .load_psks(provider.storage())
+        .map_err(mls_err)?
+        .build(provider.rand(), provider.crypto(), &signer, |_| true)
+        .map_err(mls_err)?
+        .stage_commit(provider)
+        .map_err(mls_err)?;
+    let (commit, welcome, _) = bundle.into_messages();
+    Ok(MembershipCommit {
+        commit: commit.tls_serialize_detached().map_err(mls_err)?,
+        welcome: welcome
+            .map(|w| w.tls_serialize_detached())
+            .transpose()
+            .map_err(mls_err)?,
+    })
+}
+
+/// Applies our own staged commit after the node ordered it first.
+pub fn merge_pending(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
+    group.merge_pending_commit(provider).map_err(mls_err)
+}
+
+/// Drops our own staged commit after another commit won the race.
+pub fn clear_pending(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
+    group
+        .clear_pending_commit(provider.storage())
+        .map_err(mls_err)
 }
 
 /// The leaves of a group: `(inbox id, installation key)` per member.

@@ -1,0 +1,32 @@
+//! The `gatehouse` binary's config checking, run as a user would. (Having an integration test
+//! here also makes `cargo test --workspace` build `target/<profile>/gatehouse`, which the
+//! end-to-end tests in `tests/` drive.)
+
+use std::process::Command;
+
+fn gatehouse(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_gatehouse")).args(args).output().unwrap()
+}
+
+/// The repository's config.yaml passes `gatehouse check`.
+#[test]
+fn check_accepts_the_repo_config() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.yaml");
+    let out = gatehouse(&["check", "--config", config]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+/// A broken config is refused with the file, line and the offending key; nothing starts.
+#[test]
+fn check_names_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("gh-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("broken.yaml");
+    std::fs::write(&path, "data_dir: x\nnode:\n  embeded: true\n").unwrap();
+    let out = gatehouse(&["check", "--config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("broken.yaml") && err.contains("line 3") && err.contains("embeded"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
