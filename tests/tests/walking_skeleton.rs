@@ -133,3 +133,40 @@ fn daemon_waits_for_the_broker() {
     late.publish("devices/late-1/up", br#"{"ok":true}"#);
     assert_eq!(a.listen(1)[0]["text"], r#"{"ok":true}"#);
 }
+
+/// A bridge restarted from the same seed on an empty data directory re-derives the same
+/// endpoint identities (the seed is the one secret to back up).
+#[test]
+fn seed_rederives_endpoint_identities() {
+    let s = Setup::new("seed");
+    let a = s.agent("agent-a");
+    let inbox_a = a.inbox_id();
+    let config = s.write_config(&[&inbox_a]);
+    let mut d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/meter-9/up", br#"{"kwh":1}"#);
+    a.listen(1);
+    let before = endpoint_inbox(&d, "meter-9");
+    let wallet_before = d.endpoints()[0]["wallet_address"].clone();
+    d.stop();
+
+    // Everything but the seed is gone (the embedded node's store included).
+    let data = s.dir.join("data");
+    let seed = std::fs::read(data.join("seed")).unwrap();
+    std::fs::rename(&data, s.dir.join("data-lost")).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("seed"), seed).unwrap();
+
+    let d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/meter-9/up", br#"{"kwh":2}"#);
+    let got = a.listen(1);
+    assert_eq!(got[0]["text"], r#"{"kwh":2}"#);
+    assert_eq!(
+        endpoint_inbox(&d, "meter-9"),
+        before,
+        "same inbox id from the same seed"
+    );
+    assert_eq!(d.endpoints()[0]["wallet_address"], wallet_before);
+    assert_eq!(got[0]["sender_inbox"], before.as_str());
+}

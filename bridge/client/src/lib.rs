@@ -199,8 +199,9 @@ impl Client {
         let registered = state
             .as_ref()
             .is_some_and(|s| s.has_installation(&self.key.public()));
-        if !registered && self.tree.get(b"id/registered")?.is_some() {
-            // Registered once and no longer live: revoked. It does not re-add itself.
+        if !registered && state.is_some() && self.tree.get(b"id/registered")?.is_some() {
+            // Registered once, and the inbox still lists it no more: revoked. It does not
+            // re-add itself. (An inbox the node does not know at all is registered anew.)
             return Err(ClientError::Peer(format!(
                 "this installation ({}) was revoked from inbox {}; use a new home to add a new installation",
                 hex::encode(self.key.public()),

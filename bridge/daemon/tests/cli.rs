@@ -5,7 +5,10 @@
 use std::process::Command;
 
 fn gatehouse(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_gatehouse")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// The repository's config.yaml passes `gatehouse check`.
@@ -13,7 +16,11 @@ fn gatehouse(args: &[&str]) -> std::process::Output {
 fn check_accepts_the_repo_config() {
     let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.yaml");
     let out = gatehouse(&["check", "--config", config]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
 }
 
@@ -27,6 +34,9 @@ fn check_names_file_line_and_key() {
     let out = gatehouse(&["check", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("broken.yaml") && err.contains("line 3") && err.contains("embeded"), "{err}");
+    assert!(
+        err.contains("broken.yaml") && err.contains("line 3") && err.contains("embeded"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
