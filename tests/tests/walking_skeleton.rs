@@ -134,23 +134,32 @@ fn daemon_waits_for_the_broker() {
     assert_eq!(a.listen(1)[0]["text"], r#"{"ok":true}"#);
 }
 
-/// A bridge restarted from the same seed on an empty data directory re-derives the same
-/// endpoint identities (the seed is the one secret to back up).
+/// A bridge reinstalled from its seed alone (empty data directory, same external node)
+/// re-derives the same endpoint identities and carries on: the seed is the one secret to back up.
 #[test]
 fn seed_rederives_endpoint_identities() {
     let s = Setup::new("seed");
-    let a = s.agent("agent-a");
+    let node = StandaloneNode::start(&s.dir);
+    let a = Agent::at(s.dir.join("agent-a"), node.url.clone());
     let inbox_a = a.inbox_id();
-    let config = s.write_config(&[&inbox_a]);
-    let mut d = s.start_daemon(&config);
     a.init();
+    let config = s.dir.join("external-node.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: data\nnode: {{embedded: false, url: \"{}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\nchannels: {{mqtt: {{port: {}, client_id: gh-seed}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\nroutes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", plugin: mqtt, agents: [\"{inbox_a}\"]}}\n",
+            node.url, s.admin_port, s.broker.port
+        ),
+    )
+    .unwrap();
+    let mut d = s.start_daemon(&config);
     s.broker.publish("devices/meter-9/up", br#"{"kwh":1}"#);
     a.listen(1);
     let before = endpoint_inbox(&d, "meter-9");
     let wallet_before = d.endpoints()[0]["wallet_address"].clone();
     d.stop();
 
-    // Everything but the seed is gone (the embedded node's store included).
+    // Reinstall: everything of the bridge but its seed is gone.
     let data = s.dir.join("data");
     let seed = std::fs::read(data.join("seed")).unwrap();
     std::fs::rename(&data, s.dir.join("data-lost")).unwrap();
@@ -158,7 +167,6 @@ fn seed_rederives_endpoint_identities() {
     std::fs::write(data.join("seed"), seed).unwrap();
 
     let d = s.start_daemon(&config);
-    a.init();
     s.broker.publish("devices/meter-9/up", br#"{"kwh":2}"#);
     let got = a.listen(1);
     assert_eq!(got[0]["text"], r#"{"kwh":2}"#);

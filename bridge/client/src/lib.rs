@@ -243,7 +243,18 @@ impl Client {
             tracing::info!(inbox = %self.inbox_id, "inbox registered");
         }
         self.tree.insert(b"id/registered", &[1])?;
-        if self.tree.get(b"kp/current")?.is_none() {
+        // Make sure the node holds a key package for us (it may be a new or wiped node).
+        let held = self
+            .mls
+            .fetch_key_packages(mpb::FetchKeyPackagesRequest {
+                installation_keys: vec![self.key.public().to_vec()],
+            })
+            .await?
+            .into_inner()
+            .key_packages
+            .first()
+            .is_some_and(|k| !k.key_package_tls_serialized.is_empty());
+        if !held || self.tree.get(b"kp/current")?.is_none() {
             self.upload_key_package().await?;
         }
         Ok(())
