@@ -376,6 +376,20 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `gatehouse status`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(gatehouse_bin())
+            .args(["status", "--admin", &self.admin])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// Stops the daemon with SIGTERM and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -36,6 +36,12 @@ fn device_and_agent_talk_end_to_end() {
     assert_eq!(got[0]["content_type"], "gatehouse.dev/json:1.0");
     assert_eq!(got[0]["sender_inbox"], endpoint.as_str());
     let conversation = got[0]["conversation"].as_str().unwrap().to_string();
+    // The bridge attests where the message comes from, and A verified it.
+    let bridge = d.status()["bridge_inbox"].as_str().unwrap().to_string();
+    assert_eq!(
+        got[0]["sender_endpoint"],
+        serde_json::json!({"bridge": bridge, "channel": "mqtt", "address": "devices/thermo-1/up", "verified": true})
+    );
 
     let down = s.broker.subscribe("devices/thermo-1/down");
     // B is not allowed: its message is dropped (and logged without its text).

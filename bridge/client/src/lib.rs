@@ -84,6 +84,22 @@ pub struct Received {
     pub sent_at_ns: u64,
     /// The sender's idempotency key.
     pub idempotency_key: String,
+    /// What a Gatehouse bridge attests about the sender, if the message carries an attestation.
+    pub sender_endpoint: Option<SenderEndpoint>,
+}
+
+/// A bridge's attestation about a sender, as checked by this client.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SenderEndpoint {
+    /// The bridge's inbox id.
+    pub bridge: String,
+    /// Channel kind (`mqtt`).
+    pub channel: String,
+    /// The endpoint's channel address.
+    pub address: String,
+    /// True only if the signature verifies, the signing key is a live installation of the
+    /// bridge inbox, and the attested endpoint is the sender.
+    pub verified: bool,
 }
 
 /// A gRPC channel to a node URL (`http://` or `https://`). It connects lazily: the first call
@@ -815,7 +831,17 @@ impl Client {
                 else {
                     return Ok(None);
                 };
+                let sender_endpoint = match content
+                    .parameters
+                    .get(gatehouse_protocol::attestation::PARAMETER)
+                {
+                    Some(value) => {
+                        Some(self.check_attestation(value, &sender_inbox, states).await?)
+                    }
+                    None => None,
+                };
                 Ok(Some(Received {
+                    sender_endpoint,
                     conversation,
                     id: v.id,
                     sender_inbox,
@@ -852,6 +878,40 @@ impl Client {
                 Ok(None)
             }
         }
+    }
+
+    async fn check_attestation(
+        &mut self,
+        value: &str,
+        sender_inbox: &str,
+        states: &mut BTreeMap<String, identity::InboxState>,
+    ) -> Result<SenderEndpoint> {
+        use gatehouse_protocol::attestation::EndpointAttestation;
+        let (claim, verified) = match EndpointAttestation::verify_signature(value) {
+            Ok((claim, key)) => {
+                let live = claim.endpoint == sender_inbox
+                    && self.live(states, &claim.bridge, &key).await?;
+                (claim, live)
+            }
+            Err(_) => match EndpointAttestation::parse_unverified(value) {
+                Some(claim) => (claim, false),
+                None => (
+                    EndpointAttestation {
+                        bridge: String::new(),
+                        endpoint: String::new(),
+                        channel: String::new(),
+                        address: String::new(),
+                    },
+                    false,
+                ),
+            },
+        };
+        Ok(SenderEndpoint {
+            bridge: claim.bridge,
+            channel: claim.channel,
+            address: claim.address,
+            verified,
+        })
     }
 
     /// Brings a group's membership in line with its members' identity logs, as libxmtp does:

@@ -254,6 +254,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                             "text": m.text,
                             "sent_at": rfc3339_secs(m.sent_at_ns),
                             "sent_at_ns": m.sent_at_ns,
+                            "sender_endpoint": m.sender_endpoint,
                         });
                         println!("{v}");
                     } else {

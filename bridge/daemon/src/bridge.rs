@@ -75,6 +75,11 @@ pub struct Bridge {
     mqtt: Option<MqttHandle>,
     endpoints: std::sync::Mutex<HashMap<String, Arc<Endpoint>>>,
     resolved: Mutex<HashMap<String, String>>,
+    /// The bridge's own XMTP identity: it signs endpoint attestations.
+    bridge_identity: Mutex<Client>,
+    bridge_key: gatehouse_protocol::identity::InstallationKey,
+    bridge_inbox: String,
+    bridge_registered: Mutex<bool>,
     work: Notify,
     started: std::time::Instant,
 }
@@ -98,6 +103,7 @@ impl Bridge {
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_secs": self.started.elapsed().as_secs(),
+            "bridge_inbox": self.bridge_inbox,
             "endpoints": self.endpoint_index.len(),
             "inbox_depth": self.inbox.len(),
             "dead_letters": self.dead.len(),
@@ -287,11 +293,22 @@ impl Bridge {
                 Action::Send(s) => {
                     let t = content::parse_type(&s.content_type)
                         .map_err(|e| Failure::Permanent(format!("plugin sent {e}")))?;
-                    let c = if s.content_type.starts_with("xmtp.org/text:") {
+                    let mut c = if s.content_type.starts_with("xmtp.org/text:") {
                         content::text(&String::from_utf8_lossy(&s.payload))
                     } else {
                         content::with_fallback(t, s.payload.clone(), s.fallback.clone())
                     };
+                    self.ensure_bridge_registered().await?;
+                    let attestation = gatehouse_protocol::attestation::EndpointAttestation {
+                        bridge: self.bridge_inbox.clone(),
+                        endpoint: endpoint.client.lock().await.inbox_id().to_string(),
+                        channel: route.channel.clone(),
+                        address: route.subscribe.replace("{device}", &rec.device),
+                    };
+                    c.parameters.insert(
+                        gatehouse_protocol::attestation::PARAMETER.into(),
+                        attestation.sign(&self.bridge_key),
+                    );
                     let mut client = endpoint.client.lock().await;
                     self.ensure_registered(&endpoint, &mut client).await?;
                     if route.agents.is_empty() {
@@ -320,6 +337,20 @@ impl Bridge {
                     tracing::info!(route = %route.name, device = %rec.device, %reason, "dropped by plugin")
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn ensure_bridge_registered(&self) -> Result<(), Failure> {
+        let mut reg = self.bridge_registered.lock().await;
+        if !*reg {
+            self.bridge_identity
+                .lock()
+                .await
+                .register()
+                .await
+                .map_err(|e| Failure::Transient(format!("registering the bridge identity: {e}")))?;
+            *reg = true;
         }
         Ok(())
     }
@@ -497,7 +528,20 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
         _ => None,
     };
+    let (bridge_wallet, bridge_key) = identity::endpoint_keys(&seed, "gatehouse/bridge");
+    let bridge_identity = Client::open(
+        db.open_tree("bridge-identity")?,
+        channel.clone(),
+        Some(bridge_wallet),
+        Some(bridge_key.clone()),
+    )?;
+    let bridge_inbox = bridge_identity.inbox_id().to_string();
+    tracing::info!(bridge = %bridge_inbox, "bridge identity (signs endpoint attestations)");
     let bridge = Arc::new(Bridge {
+        bridge_identity: Mutex::new(bridge_identity),
+        bridge_key,
+        bridge_inbox,
+        bridge_registered: Mutex::new(false),
         seed,
         inbox: db.open_tree("inbox")?,
         dead: db.open_tree("dead_letters")?,

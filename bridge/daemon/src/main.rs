@@ -64,6 +64,15 @@ enum Command {
         #[command(subcommand)]
         command: agent::AgentCommand,
     },
+    /// Show the running daemon's status (version, uptime, bridge inbox, queue depths, MQTT state).
+    Status {
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// List the daemon's endpoint identities.
     Endpoints {
         /// Print JSON.
@@ -163,6 +172,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             init_logging("warn");
             return agent::run(&home, &node, command).await;
+        }
+        Command::Status { config, admin } => {
+            let addr = match admin {
+                Some(a) => a,
+                None => config::Config::load(&config)?.admin.listen,
+            };
+            println!("{}", admin::get(addr, "/status").await?);
         }
         Command::Endpoints {
             json,
