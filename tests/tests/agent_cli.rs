@@ -51,3 +51,34 @@ fn wallet_key_and_address_resolution() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no XMTP inbox"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An agent whose inbox is owned by a (software) passkey registers, is reachable, and shows
+/// the passkey as its identifier and recovery.
+#[test]
+fn passkey_agent() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-passkey-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = StandaloneNode::start(&dir);
+    let p = Agent::at(dir.join("p"), node.url.clone());
+    let other = Agent::at(dir.join("o"), node.url.clone());
+    let key_file = dir.join("passkey.hex");
+    let inbox = p
+        .ok(&["init", "--passkey", key_file.to_str().unwrap()])
+        .trim()
+        .to_string();
+    assert!(key_file.exists(), "the passkey file is created");
+    let shown: serde_json::Value =
+        serde_json::from_str(&p.ok(&["identity", "show", "--json"])).unwrap();
+    let passkey_hex = shown["recovery"].as_str().unwrap().to_string();
+    assert_eq!(passkey_hex.len(), 66, "a compressed P-256 key");
+    assert_eq!(shown["identifiers"], serde_json::json!([passkey_hex]));
+    assert_eq!(
+        inbox,
+        hex::encode(sha2::Sha256::digest(format!("{passkey_hex}1")))
+    );
+    other.init();
+    other.send(&inbox, "to a passkey inbox");
+    assert_eq!(p.listen(1)[0]["text"], "to a passkey inbox");
+    let _ = std::fs::remove_dir_all(&dir);
+}

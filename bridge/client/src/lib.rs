@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::group::{self, Provider};
-use gatehouse_protocol::identity::{self, InstallationKey, Wallet};
+use gatehouse_protocol::identity::{self, InstallationKey, SoftPasskey, Wallet};
 use gatehouse_protocol::{content, welcome};
 use gatehouse_wire::associations::IdentifierKind;
 use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
@@ -118,10 +118,36 @@ pub struct Client {
     mls: MlsApiClient<Channel>,
     ids: IdentityApiClient<Channel>,
     provider: Provider,
-    wallet: Wallet,
+    owner: Owner,
     key: InstallationKey,
     inbox_id: String,
 }
+
+/// Who owns (and recovers) the inbox: a wallet or a passkey.
+#[derive(Clone, Debug)]
+pub enum Owner {
+    /// An Ethereum wallet (ERC-191).
+    Wallet(Wallet),
+    /// A WebAuthn P-256 passkey.
+    Passkey(SoftPasskey),
+}
+
+impl Owner {
+    fn signer(&self) -> identity::SignerRef<'_> {
+        match self {
+            Owner::Wallet(w) => identity::SignerRef::Wallet(w),
+            Owner::Passkey(p) => identity::SignerRef::Passkey(p),
+        }
+    }
+
+    /// The public identifier: `0x` address or hex passkey key.
+    pub fn identifier(&self) -> String {
+        self.signer().member().to_string()
+    }
+}
+
+const K_PASSKEY: &[u8] = b"id/passkey";
+const K_PASSKEY_ORIGIN: &[u8] = b"id/passkey-origin";
 
 const K_WALLET: &[u8] = b"id/wallet";
 const K_INSTALLATION: &[u8] = b"id/installation";
@@ -137,22 +163,59 @@ impl Client {
         wallet: Option<Wallet>,
         installation: Option<InstallationKey>,
     ) -> Result<Self> {
-        let wallet = match tree.get(K_WALLET)? {
-            Some(sk) => Wallet::from_bytes(&sk)?,
-            None => {
-                let w = match wallet {
-                    Some(w) => w,
-                    None => loop {
-                        let mut sk = [0u8; 32];
-                        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sk);
-                        if let Ok(w) = Wallet::from_bytes(&sk) {
-                            break w;
-                        }
-                    },
-                };
-                tree.insert(K_WALLET, &w.to_bytes())?;
-                w
+        Self::open_owned(tree, channel, wallet.map(Owner::Wallet), installation)
+    }
+
+    /// Like [`Client::open`], for any owner kind. A stored owner always wins over `owner`.
+    pub fn open_owned(
+        tree: sled::Tree,
+        channel: Channel,
+        owner: Option<Owner>,
+        installation: Option<InstallationKey>,
+    ) -> Result<Self> {
+        let stored_passkey = match (tree.get(K_PASSKEY)?, tree.get(K_PASSKEY_ORIGIN)?) {
+            (Some(sk), Some(origin)) => Some(SoftPasskey::from_bytes(
+                &sk,
+                &String::from_utf8_lossy(&origin),
+            )?),
+            _ => None,
+        };
+        let (owner, wallet) = match (stored_passkey, tree.get(K_WALLET)?, owner) {
+            (Some(p), _, _) => (Some(Owner::Passkey(p)), None),
+            (None, None, Some(Owner::Passkey(p))) => {
+                tree.insert(K_PASSKEY, &p.to_bytes())?;
+                tree.insert(K_PASSKEY_ORIGIN, p.origin().as_bytes())?;
+                (Some(Owner::Passkey(p)), None)
             }
+            // A home that already holds a wallet keeps it: its identity does not change.
+            (None, Some(_), Some(Owner::Passkey(_))) => {
+                return Err(ClientError::Peer(
+                    "this home already holds a wallet identity; use a new home for a passkey"
+                        .into(),
+                ));
+            }
+            (None, _, Some(Owner::Wallet(w))) => (None, Some(w)),
+            (None, _, None) => (None, None),
+        };
+        let owner = match owner {
+            Some(o) => o,
+            None => Owner::Wallet(match tree.get(K_WALLET)? {
+                Some(sk) => Wallet::from_bytes(&sk)?,
+                None => {
+                    let w = match wallet {
+                        Some(w) => w,
+                        None => loop {
+                            let mut sk = [0u8; 32];
+                            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut sk);
+                            if let Ok(w) = Wallet::from_bytes(&sk) {
+                                break w;
+                            }
+                        },
+                    };
+                    tree.insert(K_WALLET, &w.to_bytes())?;
+                    w
+                }
+            }),
         };
         let key = match tree.get(K_INSTALLATION)? {
             Some(seed) => InstallationKey::from_seed(
@@ -174,13 +237,13 @@ impl Client {
         let provider = group::provider_from_storage(
             &tree.get(K_MLS)?.map(|v| v.to_vec()).unwrap_or_default(),
         )?;
-        let inbox_id = identity::inbox_id(&wallet.address(), 1);
+        let inbox_id = identity::inbox_id(&owner.identifier(), 1);
         Ok(Self {
             tree,
             mls: MlsApiClient::new(channel.clone()).max_decoding_message_size(32 << 20),
             ids: IdentityApiClient::new(channel),
             provider,
-            wallet,
+            owner,
             key,
             inbox_id,
         })
@@ -193,7 +256,7 @@ impl Client {
 
     /// This inbox's wallet address.
     pub fn address(&self) -> String {
-        self.wallet.address()
+        self.owner.identifier()
     }
 
     /// This installation's public key.
@@ -229,14 +292,12 @@ impl Client {
                 // A further installation of an existing inbox: the wallet adds it (XMTP's flow
                 // when an app starts with a wallet that already has an inbox).
                 Some(st) => {
-                    if !st
-                        .members
-                        .contains_key(&identity::Member::Ethereum(self.wallet.address()))
-                        && st.recovery != self.wallet.address()
+                    if !st.members.contains_key(&self.owner.signer().member())
+                        && st.recovery != self.owner.identifier()
                     {
                         return Err(ClientError::Peer(format!(
                             "wallet {} is no longer a member of inbox {}; it cannot add installations",
-                            self.wallet.address(),
+                            self.owner.identifier(),
                             self.inbox_id
                         )));
                     }
@@ -244,12 +305,12 @@ impl Client {
                         &self.inbox_id,
                         now_ns(),
                         &[identity::Pending::Add {
-                            existing: identity::SignerRef::Wallet(&self.wallet),
+                            existing: self.owner.signer(),
                             new: identity::SignerRef::Installation(&self.key),
                         }],
                     )
                 }
-                None => identity::register_inbox(&self.wallet, 1, &self.key, now_ns()),
+                None => identity::register_inbox_with(self.owner.signer(), 1, &self.key, now_ns()),
             };
             self.ids
                 .publish_identity_update(ipb::PublishIdentityUpdateRequest {
@@ -325,11 +386,11 @@ impl Client {
     /// Revokes an installation of this inbox (this home's wallet must be the recovery address).
     pub async fn revoke_installation(&mut self, installation: &[u8]) -> Result<()> {
         let st = self.identity().await?;
-        if st.recovery != self.wallet.address() {
+        if st.recovery != self.owner.identifier() {
             return Err(ClientError::Peer(format!(
                 "only the recovery address {} may revoke; this home holds {}",
                 st.recovery,
-                self.wallet.address()
+                self.owner.identifier()
             )));
         }
         if !st.has_installation(installation) {
@@ -343,7 +404,7 @@ impl Client {
             &self.inbox_id,
             now_ns(),
             &[identity::Pending::Revoke {
-                recovery: &self.wallet,
+                recovery: self.owner.signer(),
                 member: identity::Member::Installation(installation.to_vec()),
             }],
         );
@@ -357,7 +418,7 @@ impl Client {
             &self.inbox_id,
             now_ns(),
             &[identity::Pending::ChangeRecovery {
-                recovery: &self.wallet,
+                recovery: self.owner.signer(),
                 new_recovery: new_address,
             }],
         );

@@ -5,8 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Subcommand;
-use gatehouse_client::Client;
+use gatehouse_client::{Client, Owner};
 use gatehouse_protocol::content;
+use gatehouse_protocol::identity::SoftPasskey;
 use gatehouse_protocol::identity::{Wallet, rfc3339_secs};
 
 /// Agent commands.
@@ -15,8 +16,15 @@ pub enum AgentCommand {
     /// Create (or load) this home's identity and register it on the node; prints the inbox id.
     Init {
         /// File holding the wallet's private key in hex; a new key is generated when omitted.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "passkey")]
         wallet_key: Option<PathBuf>,
+        /// Own the inbox with a software passkey (P-256) kept in this file (hex); the file is
+        /// created with a new key if it does not exist.
+        #[arg(long)]
+        passkey: Option<PathBuf>,
+        /// The passkey's relying-party origin.
+        #[arg(long, default_value = "https://gatehouse.local", requires = "passkey")]
+        origin: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -121,14 +129,48 @@ fn print_identity(st: &gatehouse_protocol::identity::InboxState, this: Option<&[
     }
 }
 
+fn load_or_create_passkey(path: &Path, origin: &str) -> anyhow::Result<SoftPasskey> {
+    let bytes = match std::fs::read_to_string(path) {
+        Ok(text) => {
+            hex::decode(text.trim()).with_context(|| format!("{}: not hex", path.display()))?
+        }
+        Err(_) => {
+            let key: [u8; 32] = loop {
+                let k: [u8; 32] = rand::random();
+                if SoftPasskey::from_bytes(&k, origin).is_ok() {
+                    break k;
+                }
+            };
+            write_secret(path, hex::encode(key).as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            key.to_vec()
+        }
+    };
+    SoftPasskey::from_bytes(&bytes, origin)
+        .with_context(|| format!("{}: not a P-256 private key", path.display()))
+}
+
+#[cfg(unix)]
+fn write_secret(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+#[cfg(not(unix))]
+fn write_secret(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, data)
+}
+
 /// How often `listen` asks the node for news.
 const LISTEN_POLL: Duration = Duration::from_millis(200);
 
-async fn open(
-    home: &Path,
-    node: &str,
-    wallet: Option<Wallet>,
-) -> anyhow::Result<(sled::Db, Client)> {
+async fn open(home: &Path, node: &str, owner: Option<Owner>) -> anyhow::Result<(sled::Db, Client)> {
     std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
     let db = sled::open(home.join("db")).with_context(|| {
         format!(
@@ -139,28 +181,36 @@ async fn open(
     let channel = gatehouse_client::connect(node)
         .await
         .with_context(|| format!("connecting to the XMTP node at {node}"))?;
-    let client = Client::open(db.open_tree("agent")?, channel, wallet, None)?;
+    let client = Client::open_owned(db.open_tree("agent")?, channel, owner, None)?;
     Ok((db, client))
 }
 
 /// Runs one agent command.
 pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i32> {
     match cmd {
-        AgentCommand::Init { wallet_key, json } => {
-            let wallet = match wallet_key {
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    let hexkey = text.trim().trim_start_matches("0x");
-                    let bytes = hex::decode(hexkey)
-                        .with_context(|| format!("{}: not hex", path.display()))?;
-                    Some(Wallet::from_bytes(&bytes).with_context(|| {
-                        format!("{}: not a secp256k1 private key", path.display())
-                    })?)
-                }
-                None => None,
+        AgentCommand::Init {
+            wallet_key,
+            passkey,
+            origin,
+            json,
+        } => {
+            let owner = match (wallet_key, passkey) {
+                (_, Some(path)) => Some(Owner::Passkey(load_or_create_passkey(&path, &origin)?)),
+                (wallet_key, None) => match wallet_key {
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?;
+                        let hexkey = text.trim().trim_start_matches("0x");
+                        let bytes = hex::decode(hexkey)
+                            .with_context(|| format!("{}: not hex", path.display()))?;
+                        Some(Owner::Wallet(Wallet::from_bytes(&bytes).with_context(
+                            || format!("{}: not a secp256k1 private key", path.display()),
+                        )?))
+                    }
+                    None => None,
+                },
             };
-            let (db, mut client) = open(home, node, wallet).await?;
+            let (db, mut client) = open(home, node, owner).await?;
             client.register().await?;
             db.flush_async().await?;
             if json {

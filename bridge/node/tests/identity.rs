@@ -82,7 +82,7 @@ async fn identifiers_follow_the_log() {
         &id,
         t + 2_000_000_000,
         &[Pending::Revoke {
-            recovery: &w3,
+            recovery: SignerRef::Wallet(&w3),
             member: Member::Ethereum(w2.address()),
         }],
     );
@@ -104,7 +104,7 @@ async fn identifiers_follow_the_log() {
             &id,
             t + 3_000_000_000,
             &[Pending::Revoke {
-                recovery: &w1,
+                recovery: SignerRef::Wallet(&w1),
                 member: Member::Ethereum(w2.address()),
             }],
         ),
@@ -119,7 +119,7 @@ async fn identifiers_follow_the_log() {
             &id,
             t + 4_000_000_000,
             &[Pending::ChangeRecovery {
-                recovery: &w1,
+                recovery: SignerRef::Wallet(&w1),
                 new_recovery: w3.address(),
             }],
         ),

@@ -243,10 +243,10 @@ impl SignerRef<'_> {
 /// One action to build, with the signers it needs.
 #[derive(Clone, Debug)]
 pub enum Pending<'a> {
-    /// Create the inbox of `owner` with `nonce`.
+    /// Create the inbox of `owner` (a wallet or a passkey) with `nonce`.
     Create {
-        /// The owner wallet.
-        owner: &'a Wallet,
+        /// The owner.
+        owner: SignerRef<'a>,
         /// The nonce.
         nonce: u64,
     },
@@ -259,16 +259,16 @@ pub enum Pending<'a> {
     },
     /// The recovery identifier revokes `member`.
     Revoke {
-        /// The recovery wallet.
-        recovery: &'a Wallet,
+        /// The recovery identifier's signer.
+        recovery: SignerRef<'a>,
         /// Who to revoke.
         member: Member,
     },
     /// The recovery identifier hands recovery to `new_recovery`.
     ChangeRecovery {
-        /// The recovery wallet.
-        recovery: &'a Wallet,
-        /// The new recovery address.
+        /// The recovery identifier's signer.
+        recovery: SignerRef<'a>,
+        /// The new recovery identifier: a `0x` address or a hex passkey key.
         new_recovery: String,
     },
 }
@@ -284,7 +284,7 @@ pub fn build_update(
         .iter()
         .map(|a| match a {
             Pending::Create { owner, nonce } => UnsignedAction::CreateInbox {
-                owner: owner.address(),
+                owner: owner.member().to_string(),
                 nonce: *nonce,
             },
             Pending::Add { new, .. } => UnsignedAction::Add(new.member()),
@@ -300,10 +300,10 @@ pub fn build_update(
         .map(|a| pb::IdentityAction {
             kind: Some(match a {
                 Pending::Create { owner, nonce } => Kind::CreateInbox(pb::CreateInbox {
-                    initial_identifier: owner.address(),
+                    initial_identifier: owner.member().to_string(),
                     nonce: *nonce,
-                    initial_identifier_signature: Some(owner.signature(&text)),
-                    initial_identifier_kind: pb::IdentifierKind::Ethereum as i32,
+                    initial_identifier_signature: Some(owner.sign(&text)),
+                    initial_identifier_kind: identifier_kind(&owner.member()) as i32,
                     relying_party: None,
                 }),
                 Pending::Add { existing, new } => Kind::Add(pb::AddAssociation {
@@ -314,15 +314,19 @@ pub fn build_update(
                 }),
                 Pending::Revoke { recovery, member } => Kind::Revoke(pb::RevokeAssociation {
                     member_to_revoke: Some(member.to_proto()),
-                    recovery_identifier_signature: Some(recovery.signature(&text)),
+                    recovery_identifier_signature: Some(recovery.sign(&text)),
                 }),
                 Pending::ChangeRecovery {
                     recovery,
                     new_recovery,
                 } => Kind::ChangeRecoveryAddress(pb::ChangeRecoveryAddress {
                     new_recovery_identifier: new_recovery.to_lowercase(),
-                    existing_recovery_identifier_signature: Some(recovery.signature(&text)),
-                    new_recovery_identifier_kind: pb::IdentifierKind::Ethereum as i32,
+                    existing_recovery_identifier_signature: Some(recovery.sign(&text)),
+                    new_recovery_identifier_kind: if new_recovery.starts_with("0x") {
+                        pb::IdentifierKind::Ethereum
+                    } else {
+                        pb::IdentifierKind::Passkey
+                    } as i32,
                     relying_party: None,
                 }),
             }),
@@ -342,21 +346,52 @@ pub fn register_inbox(
     installation: &InstallationKey,
     client_timestamp_ns: u64,
 ) -> pb::IdentityUpdate {
-    let id = inbox_id(&wallet.address(), nonce);
+    register_inbox_with(
+        SignerRef::Wallet(wallet),
+        nonce,
+        installation,
+        client_timestamp_ns,
+    )
+}
+
+/// Registration for any owner kind (wallet or passkey).
+pub fn register_inbox_with(
+    owner: SignerRef<'_>,
+    nonce: u64,
+    installation: &InstallationKey,
+    client_timestamp_ns: u64,
+) -> pb::IdentityUpdate {
+    let id = inbox_id(&owner.member().to_string(), nonce);
     build_update(
         &id,
         client_timestamp_ns,
         &[
-            Pending::Create {
-                owner: wallet,
-                nonce,
-            },
+            Pending::Create { owner, nonce },
             Pending::Add {
-                existing: SignerRef::Wallet(wallet),
+                existing: owner,
                 new: SignerRef::Installation(installation),
             },
         ],
     )
+}
+
+fn identifier_kind(m: &Member) -> pb::IdentifierKind {
+    match m {
+        Member::Passkey(_) => pb::IdentifierKind::Passkey,
+        _ => pb::IdentifierKind::Ethereum,
+    }
+}
+
+/// Reads a public identifier of the given kind (`0x` address, or hex passkey key).
+pub fn parse_identifier(identifier: &str, kind: i32) -> Result<Member, AssociationError> {
+    if kind == pb::IdentifierKind::Passkey as i32 {
+        let key = hex::decode(identifier).map_err(|_| {
+            AssociationError::BadIdentifier(format!("passkey {identifier:?} is not hex"))
+        })?;
+        Ok(Member::Passkey(key))
+    } else {
+        Ok(Member::Ethereum(normalize_address(identifier)?))
+    }
 }
 
 /// One member's record in an inbox state.
@@ -384,6 +419,14 @@ pub struct InboxState {
 }
 
 impl InboxState {
+    /// The recovery identifier as a member (an address or a passkey).
+    pub fn recovery_member(&self) -> Member {
+        match normalize_address(&self.recovery) {
+            Ok(a) => Member::Ethereum(a),
+            Err(_) => Member::Passkey(hex::decode(&self.recovery).unwrap_or_default()),
+        }
+    }
+
     /// The live installation keys.
     pub fn installations(&self) -> impl Iterator<Item = &[u8]> {
         self.members.keys().filter_map(|m| match m {
@@ -455,7 +498,8 @@ pub fn apply_update(
     for a in &update.actions {
         unsigned.push(match a.kind.as_ref() {
             Some(Kind::CreateInbox(c)) => UnsignedAction::CreateInbox {
-                owner: normalize_address(&c.initial_identifier)?,
+                owner: parse_identifier(&c.initial_identifier, c.initial_identifier_kind)?
+                    .to_string(),
                 nonce: c.nonce,
             },
             Some(Kind::Add(add)) => UnsignedAction::Add(Member::from_proto(
@@ -468,9 +512,10 @@ pub fn apply_update(
                     AssociationError::BadIdentifier("revoke without a member".into())
                 })?,
             )?),
-            Some(Kind::ChangeRecoveryAddress(c)) => {
-                UnsignedAction::ChangeRecovery(normalize_address(&c.new_recovery_identifier)?)
-            }
+            Some(Kind::ChangeRecoveryAddress(c)) => UnsignedAction::ChangeRecovery(
+                parse_identifier(&c.new_recovery_identifier, c.new_recovery_identifier_kind)?
+                    .to_string(),
+            ),
             None => {
                 return Err(AssociationError::BadIdentifier(
                     "action without a kind".into(),
@@ -502,7 +547,8 @@ pub fn apply_update(
                     "initial identifier",
                     &text,
                 )?;
-                let owner_member = Member::Ethereum(owner.clone());
+                let owner_member =
+                    parse_identifier(&c.initial_identifier, c.initial_identifier_kind)?;
                 if v.signer != owner_member {
                     return Err(AssociationError::MissingExistingMember);
                 }
@@ -543,7 +589,7 @@ pub fn apply_update(
                 check_kind(new_member, &newsig)?;
                 // The adder is a member, or else the recovery identifier.
                 let adder = if s.members.contains_key(&existing.signer)
-                    || existing.signer == Member::Ethereum(s.recovery.clone())
+                    || existing.signer == s.recovery_member()
                 {
                     existing.signer.clone()
                 } else {
@@ -583,7 +629,7 @@ pub fn apply_update(
                     &text,
                 )?;
                 fresh(&v)?;
-                if v.signer != Member::Ethereum(s.recovery.clone()) {
+                if v.signer != s.recovery_member() {
                     return Err(AssociationError::NotRecoveryIdentifier);
                 }
                 s.members.remove(member);
@@ -600,7 +646,7 @@ pub fn apply_update(
                     &text,
                 )?;
                 fresh(&v)?;
-                if v.signer != Member::Ethereum(s.recovery.clone()) {
+                if v.signer != s.recovery_member() {
                     return Err(AssociationError::NotRecoveryIdentifier);
                 }
                 s.recovery = new.clone();

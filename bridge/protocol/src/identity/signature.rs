@@ -358,6 +358,16 @@ impl SoftPasskey {
         })
     }
 
+    /// The private scalar (secret; never log it).
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.key.to_bytes().into()
+    }
+
+    /// The relying party's origin.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
     /// The SEC1 (compressed) public key: the passkey's identifier.
     pub fn public(&self) -> Vec<u8> {
         self.key

@@ -151,7 +151,7 @@ fn installations_wallets_revocation_recovery() {
         &id,
         T0 + 3 * SEC,
         &[Pending::Revoke {
-            recovery: &w1,
+            recovery: SignerRef::Wallet(&w1),
             member: Member::Ethereum(w2.address()),
         }],
     );
@@ -164,7 +164,7 @@ fn installations_wallets_revocation_recovery() {
         &id,
         T0 + 4 * SEC,
         &[Pending::ChangeRecovery {
-            recovery: &w1,
+            recovery: SignerRef::Wallet(&w1),
             new_recovery: w3.address(),
         }],
     );
@@ -174,7 +174,7 @@ fn installations_wallets_revocation_recovery() {
         &id,
         T0 + 5 * SEC,
         &[Pending::Revoke {
-            recovery: &w1,
+            recovery: SignerRef::Wallet(&w1),
             member: Member::Installation(i1.public().to_vec()),
         }],
     );
@@ -186,7 +186,7 @@ fn installations_wallets_revocation_recovery() {
         &id,
         T0 + 5 * SEC,
         &[Pending::Revoke {
-            recovery: &w3,
+            recovery: SignerRef::Wallet(&w3),
             member: Member::Installation(i1.public().to_vec()),
         }],
     );
@@ -360,7 +360,7 @@ fn negative_cases() {
         &id,
         T0 + 4 * SEC,
         &[Pending::Revoke {
-            recovery: &w2,
+            recovery: SignerRef::Wallet(&w2),
             member: Member::Installation(i1.public().to_vec()),
         }],
     );
@@ -533,7 +533,7 @@ mod properties {
                 new: SignerRef::Installation(&keys[*k as usize]),
             },
             Op::RevokeInstallation(k) => Pending::Revoke {
-                recovery: owner,
+                recovery: SignerRef::Wallet(owner),
                 member: Member::Installation(keys[*k as usize].public().to_vec()),
             },
             Op::AddWallet(k) => Pending::Add {
@@ -592,4 +592,45 @@ mod properties {
             }
         }
     }
+}
+
+/// An inbox owned by a passkey: created, extended and recovered by passkey signatures.
+#[test]
+fn passkey_owned_inbox() {
+    let pk = SoftPasskey::from_bytes(&[9; 32], "https://gatehouse.example").unwrap();
+    let id = inbox_id(&hex::encode(pk.public()), 1);
+    let s1 = apply_update(
+        None,
+        &register_inbox_with(SignerRef::Passkey(&pk), 1, &inst(1), T0),
+    )
+    .unwrap();
+    assert_eq!(s1.inbox_id, id);
+    assert_eq!(s1.recovery, hex::encode(pk.public()));
+    assert_eq!(s1.recovery_member(), Member::Passkey(pk.public()));
+    let revoke = build_update(
+        &id,
+        T0 + SEC,
+        &[Pending::Revoke {
+            recovery: SignerRef::Passkey(&pk),
+            member: Member::Installation(inst(1).public().to_vec()),
+        }],
+    );
+    assert!(
+        !apply_update(Some(&s1), &revoke)
+            .unwrap()
+            .has_installation(&inst(1).public())
+    );
+    // A wallet that is not the recovery identifier cannot revoke.
+    let by_wallet = build_update(
+        &id,
+        T0 + SEC,
+        &[Pending::Revoke {
+            recovery: SignerRef::Wallet(&wallet(5)),
+            member: Member::Installation(inst(1).public().to_vec()),
+        }],
+    );
+    assert_eq!(
+        apply_update(Some(&s1), &by_wallet).unwrap_err(),
+        AssociationError::NotRecoveryIdentifier
+    );
 }
