@@ -34,7 +34,18 @@ fn second_installation_and_revocation() {
     assert_eq!(a1.listen(1)[0]["text"], "one");
 
     // The same wallet in another home is a second installation of the same inbox.
-    assert_eq!(a2.ok(&["init", "--wallet-key", key]).trim(), inbox_a);
+    let added = a2
+        .ok(&["identity", "add-installation", "--wallet-key", key])
+        .trim()
+        .to_string();
+    assert_eq!(
+        json(&a2.ok(&["id", "--json"]))["inbox_id"],
+        inbox_a.as_str()
+    );
+    assert_eq!(
+        json(&a2.ok(&["id", "--json"]))["installation_key"],
+        added.as_str()
+    );
     let key1 = json(&a1.ok(&["id", "--json"]))["installation_key"]
         .as_str()
         .unwrap()

@@ -86,6 +86,18 @@ pub enum IdentityCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make this (new) home another installation of an existing inbox, signed by its owner.
+    AddInstallation {
+        /// The owner wallet's private key file (hex).
+        #[arg(long, conflicts_with = "passkey", required_unless_present = "passkey")]
+        wallet_key: Option<PathBuf>,
+        /// The owner passkey's key file (hex).
+        #[arg(long)]
+        passkey: Option<PathBuf>,
+        /// The passkey's relying-party origin.
+        #[arg(long, default_value = "https://gatehouse.local")]
+        origin: String,
+    },
     /// Revoke an installation (hex key) of this inbox; this home's wallet must be the recovery address.
     RevokeInstallation {
         /// The installation key, hex.
@@ -257,9 +269,44 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             db.flush_async().await?;
             println!("{}", hex::encode(&gid));
         }
+        AgentCommand::Identity {
+            command:
+                IdentityCommand::AddInstallation {
+                    wallet_key,
+                    passkey,
+                    origin,
+                },
+        } => {
+            let owner = match (wallet_key, passkey) {
+                (_, Some(path)) => {
+                    anyhow::ensure!(path.exists(), "{}: no such passkey file", path.display());
+                    Owner::Passkey(load_or_create_passkey(&path, &origin)?)
+                }
+                (Some(path), None) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let bytes = hex::decode(text.trim().trim_start_matches("0x"))
+                        .with_context(|| format!("{}: not hex", path.display()))?;
+                    Owner::Wallet(Wallet::from_bytes(&bytes).with_context(|| {
+                        format!("{}: not a secp256k1 private key", path.display())
+                    })?)
+                }
+                (None, None) => anyhow::bail!("give --wallet-key or --passkey"),
+            };
+            let (db, mut client) = open(home, node, Some(owner)).await?;
+            // Only an existing inbox: creating one is `init`.
+            let inbox = client.inbox_id().to_string();
+            client.inbox_state(&inbox).await.with_context(|| {
+                format!("inbox {inbox} does not exist yet; use `init` to create it")
+            })?;
+            client.register().await?;
+            db.flush_async().await?;
+            println!("{}", hex::encode(client.installation_key()));
+        }
         AgentCommand::Identity { command } => {
             let (db, mut client) = open(home, node, None).await?;
             match command {
+                IdentityCommand::AddInstallation { .. } => unreachable!("handled above"),
                 IdentityCommand::Show { json } => {
                     let st = client.identity().await?;
                     print_identity(&st, Some(&client.installation_key()), json);
