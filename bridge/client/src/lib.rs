@@ -885,12 +885,24 @@ impl Client {
                     tracing::warn!(%conversation, id = v.id, sender = %sender_inbox, installation = %hex::encode(&sender_installation), "rejected a message from an installation that is not live on its inbox");
                     return Ok(None);
                 }
-                let Ok(content::Opened::Content {
-                    content,
-                    idempotency_key,
-                }) = content::open_envelope(&plaintext)
-                else {
-                    return Ok(None);
+                let (content, idempotency_key) = match content::open_envelope(&plaintext) {
+                    Ok(content::Opened::Content {
+                        content,
+                        idempotency_key,
+                    }) => (content, idempotency_key),
+                    // Raw bytes (not EncodedContent): shown as text when they are UTF-8.
+                    Ok(content::Opened::Raw {
+                        bytes,
+                        idempotency_key,
+                    }) => (
+                        gatehouse_wire::message_contents::EncodedContent {
+                            content: bytes.clone(),
+                            fallback: String::from_utf8(bytes).ok(),
+                            ..Default::default()
+                        },
+                        idempotency_key,
+                    ),
+                    _ => return Ok(None),
                 };
                 let sender_endpoint = match content
                     .parameters
@@ -932,7 +944,7 @@ impl Client {
                 group::merge_commit(&self.provider, g, *staged)?;
                 Ok(None)
             }
-            Ok(group::Processed::Proposal) => Ok(None),
+            Ok(group::Processed::Proposal) | Ok(group::Processed::Own) => Ok(None),
             // Our own messages come back and cannot be decrypted by us; others are logged.
             Err(e) => {
                 tracing::debug!(%conversation, id = v.id, error = %e, "message not processed");

@@ -100,6 +100,13 @@ pub enum Opened {
         /// The sender's idempotency key.
         idempotency_key: String,
     },
+    /// Bytes that are not an `EncodedContent` (libxmtp's debug client sends raw text this way).
+    Raw {
+        /// The bytes as sent.
+        bytes: Vec<u8>,
+        /// The sender's idempotency key.
+        idempotency_key: String,
+    },
     /// A device-sync or preference message (V2 without user content).
     Sync,
 }
@@ -116,12 +123,18 @@ pub fn open_envelope(bytes: &[u8]) -> Result<Opened> {
         },
         None => return Err(ProtocolError::malformed("PlaintextEnvelope", "empty")),
     };
-    let content = EncodedContent::decode(content.as_slice())
-        .map_err(|e| ProtocolError::malformed("EncodedContent", e))?;
-    Ok(Opened::Content {
-        content,
-        idempotency_key: key,
-    })
+    // Content is `EncodedContent` when it decodes as one with a type; anything else is kept as
+    // the raw bytes it is (protobuf decoding alone is too lenient to tell).
+    match EncodedContent::decode(content.as_slice()) {
+        Ok(c) if c.r#type.is_some() => Ok(Opened::Content {
+            content: c,
+            idempotency_key: key,
+        }),
+        _ => Ok(Opened::Raw {
+            bytes: content,
+            idempotency_key: key,
+        }),
+    }
 }
 
 /// A readable rendering: the text for text content, else the fallback.
@@ -157,5 +170,16 @@ mod tests {
         assert_eq!(type_string(&text_type()), "xmtp.org/text:1.0");
         assert_eq!(parse_type("gatehouse.dev/json:1.0").unwrap(), json_type());
         assert!(open_envelope(b"\xff\xff").is_err());
+        // Raw (non-EncodedContent) bytes, as libxmtp's debug client sends them, are kept.
+        let raw = PlaintextEnvelope {
+            content: Some(plaintext_envelope::Content::V1(plaintext_envelope::V1 {
+                content: b"hello xmtp 1".to_vec(),
+                idempotency_key: "k".into(),
+            })),
+        }
+        .encode_to_vec();
+        assert!(
+            matches!(open_envelope(&raw).unwrap(), Opened::Raw { bytes, .. } if bytes == b"hello xmtp 1")
+        );
     }
 }

@@ -459,6 +459,8 @@ pub enum Processed {
     },
     /// A proposal was stored; nothing to show.
     Proposal,
+    /// One of this installation's own messages came back from the node.
+    Own,
 }
 
 /// Decrypts and applies one group message (commits are merged at once).
@@ -521,7 +523,17 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
                 .map_err(mls_err)?;
             Ok(Processed::Proposal)
         }
-        _ => Ok(Processed::Proposal),
+        // A message this installation sent, fanned back by the node: it cannot be decrypted by
+        // its author and must never be mistaken for someone else's (or for a fork).
+        ProcessedMessageContent::OwnPrivateMessage => Ok(Processed::Own),
+        ProcessedMessageContent::OwnPendingCommit => Ok(Processed::Own),
+        other => Err(ProtocolError::Unsupported(format!(
+            "message kind not handled yet: {}",
+            match other {
+                ProcessedMessageContent::ExternalJoinProposalMessage(_) => "external join proposal",
+                _ => "app-data commit",
+            }
+        ))),
     }
 }
 
