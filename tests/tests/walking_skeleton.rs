@@ -183,4 +183,12 @@ fn seed_rederives_endpoint_identities() {
     );
     assert_eq!(d.endpoints()[0]["wallet_address"], wallet_before);
     assert_eq!(got[0]["sender_inbox"], before.as_str());
+    // The reinstalled endpoint started a new DM; the agent answers on the DM the endpoint last
+    // wrote on (DM stitching), so the reply reaches the device.
+    let down = s.broker.subscribe("devices/meter-9/down");
+    assert_eq!(
+        a.send(&before, "after reinstall"),
+        got[0]["conversation"].as_str().unwrap()
+    );
+    assert_eq!(down.next_message(), "after reinstall");
 }

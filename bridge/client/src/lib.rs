@@ -711,9 +711,9 @@ impl Client {
                 })
                 .unwrap_or_default();
             // Keep the first DM with a peer as the one we send on; later ones still deliver.
-            if self.tree.get(format!("dm/{peer}"))?.is_none() {
-                self.tree.insert(format!("dm/{peer}"), gid.clone())?;
-            }
+            // DM stitching (libxmtp's rule): the most recently active DM with a peer is the one
+            // we send on; a newly joined DM is the most recent. Messages on every DM still arrive.
+            self.tree.insert(format!("dm/{peer}"), gid.clone())?;
             self.tree
                 .insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
         } else {
@@ -904,6 +904,12 @@ impl Client {
                     ),
                     _ => return Ok(None),
                 };
+                // The DM a peer last wrote on is the one we answer on (DM stitching).
+                if let Some(peer) = self.dm_peer(gid)?
+                    && peer == sender_inbox
+                {
+                    self.tree.insert(format!("dm/{peer}"), gid)?;
+                }
                 let sender_endpoint = match content
                     .parameters
                     .get(gatehouse_protocol::attestation::PARAMETER)
