@@ -492,39 +492,13 @@ impl Client {
         }
         let (peer_state, peer_seq) = self.inbox_state(&peer).await?;
         let (_, my_seq) = self.inbox_state(&self.inbox_id.clone()).await?;
-        let installations: Vec<Vec<u8>> = peer_state.installations().map(<[u8]>::to_vec).collect();
-        let resp = self
-            .mls
-            .fetch_key_packages(mpb::FetchKeyPackagesRequest {
-                installation_keys: installations.clone(),
-            })
-            .await?
-            .into_inner();
-        let mut kps = Vec::new();
-        let mut wrappers = Vec::new();
-        for (inst, kp) in installations.iter().zip(resp.key_packages) {
-            if kp.key_package_tls_serialized.is_empty() {
-                continue;
-            }
-            let v =
-                match group::validate_key_package(&self.provider, &kp.key_package_tls_serialized) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(peer = %peer, error = %e, "skipping invalid key package");
-                        continue;
-                    }
-                };
-            // Fail closed: the leaf must be a live installation of the inbox it names.
-            if v.inbox_id != peer || &v.installation_key != inst {
-                tracing::warn!(peer = %peer, "skipping key package that does not match the peer's identity log");
-                continue;
-            }
-            let Some(pk) = v.wrapper_public_key.clone() else {
-                continue;
-            };
-            wrappers.push((inst.clone(), pk));
-            kps.push(v.key_package);
-        }
+        // Fail closed: only live installations of the peer (from its identity log), each with a
+        // key package that names exactly that inbox and installation.
+        let wanted: Vec<(String, Vec<u8>)> = peer_state
+            .installations()
+            .map(|k| (peer.clone(), k.to_vec()))
+            .collect();
+        let (kps, wrappers) = self.usable_key_packages(&wanted).await?;
         if kps.is_empty() {
             return Err(ClientError::Peer(format!(
                 "inbox {peer} has no usable key package"
@@ -546,43 +520,43 @@ impl Client {
         self.tree.insert(format!("dm/{peer}"), gid.clone())?;
         self.tree
             .insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
-        self.mls
-            .send_group_messages(mpb::SendGroupMessagesRequest {
-                messages: vec![mpb::GroupMessageInput {
-                    version: Some(mpb::group_message_input::Version::V1(
-                        mpb::group_message_input::V1 {
-                            data: created.commit,
-                            sender_hmac: vec![],
-                            should_push: false,
-                        },
-                    )),
-                }],
-            })
-            .await?;
+        self.publish_group_message(created.commit, false).await?;
         // Our own commit is already applied: start reading after it.
         let newest = self.newest_id(&gid).await?;
         self.tree.insert(
             [b"cursor/g/".as_slice(), &gid].concat(),
             &newest.to_be_bytes(),
         )?;
-        let mut messages = Vec::new();
-        for (inst, pk) in wrappers {
-            let (data, meta) = welcome::wrap(
-                &created.welcome,
-                &mpb::WelcomeMetadata {
-                    message_cursor: newest,
-                },
+        self.send_welcomes(&created.welcome, newest, wrappers)
+            .await?;
+        self.tree.flush_async().await?;
+        tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
+        Ok(gid)
+    }
+
+    /// Wraps a welcome to each new installation's X-Wing key and sends them in one call.
+    async fn send_welcomes(
+        &mut self,
+        welcome_mls: &[u8],
+        message_cursor: u64,
+        wrappers: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<()> {
+        let mut messages = Vec::with_capacity(wrappers.len());
+        for (installation_key, pk) in wrappers {
+            let (data, welcome_metadata) = welcome::wrap(
+                welcome_mls,
+                &mpb::WelcomeMetadata { message_cursor },
                 &pk,
                 &mut rand::rngs::OsRng,
             )?;
             messages.push(mpb::WelcomeMessageInput {
                 version: Some(mpb::welcome_message_input::Version::V1(
                     mpb::welcome_message_input::V1 {
-                        installation_key: inst,
+                        installation_key,
                         data,
                         hpke_public_key: pk,
                         wrapper_algorithm: mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6 as i32,
-                        welcome_metadata: meta,
+                        welcome_metadata,
                     },
                 )),
             });
@@ -590,9 +564,68 @@ impl Client {
         self.mls
             .send_welcome_messages(mpb::SendWelcomeMessagesRequest { messages })
             .await?;
-        self.tree.flush_async().await?;
-        tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
-        Ok(gid)
+        Ok(())
+    }
+
+    /// Fetches and checks the key packages of `(inbox, installation)` pairs: each must verify
+    /// and name exactly that inbox and installation (fail closed), and carry an X-Wing key.
+    /// Returns the usable packages and `(installation, wrapper key)` for their welcomes.
+    async fn usable_key_packages(
+        &mut self,
+        wanted: &[(String, Vec<u8>)],
+    ) -> Result<(Vec<group::ValidKeyPackage>, Vec<(Vec<u8>, Vec<u8>)>)> {
+        let resp = self
+            .mls
+            .fetch_key_packages(mpb::FetchKeyPackagesRequest {
+                installation_keys: wanted.iter().map(|(_, k)| k.clone()).collect(),
+            })
+            .await?
+            .into_inner();
+        let mut kps = Vec::new();
+        let mut wrappers = Vec::new();
+        for ((inbox, inst), kp) in wanted.iter().zip(resp.key_packages) {
+            if kp.key_package_tls_serialized.is_empty() {
+                continue;
+            }
+            let v = match group::validate_key_package(
+                &self.provider,
+                &kp.key_package_tls_serialized,
+            ) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(inbox = %inbox, error = %e, "skipping an invalid key package");
+                    continue;
+                }
+            };
+            if &v.inbox_id != inbox || &v.installation_key != inst {
+                tracing::warn!(inbox = %inbox, "skipping a key package that does not match the identity log");
+                continue;
+            }
+            let Some(pk) = v.wrapper_public_key.clone() else {
+                continue;
+            };
+            wrappers.push((inst.clone(), pk));
+            kps.push(v.key_package);
+        }
+        Ok((kps, wrappers))
+    }
+
+    /// Publishes one MLS message to the node.
+    async fn publish_group_message(&mut self, data: Vec<u8>, should_push: bool) -> Result<()> {
+        self.mls
+            .send_group_messages(mpb::SendGroupMessagesRequest {
+                messages: vec![mpb::GroupMessageInput {
+                    version: Some(mpb::group_message_input::Version::V1(
+                        mpb::group_message_input::V1 {
+                            data,
+                            sender_hmac: vec![],
+                            should_push,
+                        },
+                    )),
+                }],
+            })
+            .await?;
+        Ok(())
     }
 
     async fn newest_id(&mut self, gid: &[u8]) -> Result<u64> {
@@ -776,19 +809,7 @@ impl Client {
             &content::seal_envelope(c, &key),
         )?;
         self.persist_mls()?;
-        self.mls
-            .send_group_messages(mpb::SendGroupMessagesRequest {
-                messages: vec![mpb::GroupMessageInput {
-                    version: Some(mpb::group_message_input::Version::V1(
-                        mpb::group_message_input::V1 {
-                            data,
-                            sender_hmac: vec![],
-                            should_push: true,
-                        },
-                    )),
-                }],
-            })
-            .await?;
+        self.publish_group_message(data, true).await?;
         Ok(key)
     }
 
@@ -1051,32 +1072,11 @@ impl Client {
                 }
             }
         }
-        let mut adds = Vec::new();
-        let mut wrappers = Vec::new();
-        if !add_keys.is_empty() {
-            let resp = self
-                .mls
-                .fetch_key_packages(mpb::FetchKeyPackagesRequest {
-                    installation_keys: add_keys.iter().map(|(_, k)| k.clone()).collect(),
-                })
-                .await?
-                .into_inner();
-            for ((inbox, inst), kp) in add_keys.iter().zip(resp.key_packages) {
-                let Ok(v) =
-                    group::validate_key_package(&self.provider, &kp.key_package_tls_serialized)
-                else {
-                    continue;
-                };
-                if &v.inbox_id != inbox || &v.installation_key != inst {
-                    continue;
-                }
-                let Some(pk) = v.wrapper_public_key.clone() else {
-                    continue;
-                };
-                wrappers.push((inst.clone(), pk));
-                adds.push(v.key_package);
-            }
-        }
+        let (adds, wrappers) = if add_keys.is_empty() {
+            (Vec::new(), Vec::new())
+        } else {
+            self.usable_key_packages(&add_keys).await?
+        };
         if adds.is_empty() && remove.is_empty() {
             return Ok(());
         }
@@ -1087,18 +1087,7 @@ impl Client {
             .get([b"cursor/g/".as_slice(), &gid].concat())?
             .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
             .unwrap_or(0);
-        self.mls
-            .send_group_messages(mpb::SendGroupMessagesRequest {
-                messages: vec![mpb::GroupMessageInput {
-                    version: Some(mpb::group_message_input::Version::V1(
-                        mpb::group_message_input::V1 {
-                            data: staged.commit.clone(),
-                            sender_hmac: vec![],
-                            should_push: false,
-                        },
-                    )),
-                }],
-            })
+        self.publish_group_message(staged.commit.clone(), false)
             .await?;
         // The node orders commits: ours counts only if nothing else committed before it.
         let resp = self
@@ -1137,32 +1126,7 @@ impl Client {
         if ours_won {
             if let Some(welcome_bytes) = staged.welcome {
                 let newest = self.newest_id(&gid).await?;
-                let mut messages = Vec::new();
-                for (inst, pk) in wrappers {
-                    let (data, meta) = welcome::wrap(
-                        &welcome_bytes,
-                        &mpb::WelcomeMetadata {
-                            message_cursor: newest,
-                        },
-                        &pk,
-                        &mut rand::rngs::OsRng,
-                    )?;
-                    messages.push(mpb::WelcomeMessageInput {
-                        version: Some(mpb::welcome_message_input::Version::V1(
-                            mpb::welcome_message_input::V1 {
-                                installation_key: inst,
-                                data,
-                                hpke_public_key: pk,
-                                wrapper_algorithm: mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6
-                                    as i32,
-                                welcome_metadata: meta,
-                            },
-                        )),
-                    });
-                }
-                self.mls
-                    .send_welcome_messages(mpb::SendWelcomeMessagesRequest { messages })
-                    .await?;
+                self.send_welcomes(&welcome_bytes, newest, wrappers).await?;
             }
             tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), "membership updated from identity logs");
         }

@@ -153,30 +153,13 @@ fn load_or_create_passkey(path: &Path, origin: &str) -> anyhow::Result<SoftPassk
                     break k;
                 }
             };
-            write_secret(path, hex::encode(key).as_bytes())
+            crate::identity::write_private(path, hex::encode(key).as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             key.to_vec()
         }
     };
     SoftPasskey::from_bytes(&bytes, origin)
         .with_context(|| format!("{}: not a P-256 private key", path.display()))
-}
-
-#[cfg(unix)]
-fn write_secret(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)
-}
-
-#[cfg(not(unix))]
-fn write_secret(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, data)
 }
 
 /// How often `listen` asks the node for news.

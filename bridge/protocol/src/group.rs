@@ -701,6 +701,9 @@ pub fn provider_from_storage(bytes: &[u8]) -> Result<Provider> {
 /// The openmls group type, re-exported so callers need not depend on openmls.
 pub type MlsGroupHandle = MlsGroup;
 
+/// A validated MLS key package, re-exported for the same reason.
+pub type ValidKeyPackage = KeyPackage;
+
 /// Deletes a group from the store (after a rejected welcome).
 pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
     group.delete(provider.storage()).map_err(mls_err)

@@ -5,45 +5,16 @@
 //! missing, the suite fails and says where it looked.
 #![cfg(feature = "fixtures")]
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use gatehouse_protocol::identity;
 use gatehouse_protocol::mls;
 use gatehouse_protocol::welcome;
 use gatehouse_wire::Message;
 use gatehouse_wire::{identity_api, mls_api};
-
-fn dir() -> PathBuf {
-    let d = std::env::var_os("GATEHOUSE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/xmtp-v3")
-        });
-    assert!(
-        d.join("index.json").exists(),
-        "fixture folder not found at {} (set GATEHOUSE_FIXTURES)",
-        d.display()
-    );
-    d
-}
-
-fn read(name: &str) -> Vec<u8> {
-    std::fs::read(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn calls() -> Vec<serde_json::Value> {
-    let index: serde_json::Value = serde_json::from_slice(&read("index.json")).unwrap();
-    index["calls"].as_array().unwrap().clone()
-}
-
-fn keys() -> serde_json::Value {
-    serde_json::from_slice(&read("keys.json")).unwrap()
-}
-
-fn hexval(v: &serde_json::Value) -> Vec<u8> {
-    hex::decode(v.as_str().unwrap()).unwrap()
-}
 
 /// Every recorded identity update verifies and folds; A–D fold to the README's inbox ids,
 /// wallets and installation keys.
@@ -205,11 +176,7 @@ fn welcomes_unwrap() {
         panic!("155 is not v1")
     };
     for (who, file) in [("A", "151"), ("B", "153"), ("D", "152")] {
-        let name = std::fs::read_dir(dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .find(|n| n.starts_with(file) && n.ends_with(".resp.bin"))
-            .unwrap();
+        let name = response_of(file);
         let resp = mls_api::QueryWelcomeMessagesResponse::decode(read(&name).as_slice()).unwrap();
         let mut done = false;
         for w in resp.messages {

@@ -4,39 +4,14 @@
 //! up to the member's own first commit (which it recognises as its own, never as a fork).
 #![cfg(feature = "fixtures")]
 
-use std::path::PathBuf;
+mod common;
+use common::*;
 
 use gatehouse_protocol::{content, group, mls, welcome};
 use gatehouse_wire::{Message, mls_api};
 use openmls::prelude::tls_codec::Deserialize as _;
 use openmls::prelude::*;
 use openmls_traits::storage::StorageProvider as _;
-
-fn dir() -> PathBuf {
-    let d = std::env::var_os("GATEHOUSE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/testdata/xmtp-v3")
-        });
-    assert!(
-        d.join("index.json").exists(),
-        "fixture folder not found at {} (set GATEHOUSE_FIXTURES)",
-        d.display()
-    );
-    d
-}
-
-fn read(name: &str) -> Vec<u8> {
-    std::fs::read(dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
-}
-
-fn json(name: &str) -> serde_json::Value {
-    serde_json::from_slice(&read(name)).unwrap()
-}
-
-fn hexval(v: &serde_json::Value) -> Vec<u8> {
-    hex::decode(v.as_str().unwrap()).unwrap()
-}
 
 fn template_bundle() -> KeyPackageBundle {
     let p = group::Provider::default();
@@ -322,11 +297,7 @@ fn follow_g2_as_a_b_d() {
     };
     let mut total_texts = 0;
     for (who, file) in [("A", "151"), ("B", "153"), ("D", "152")] {
-        let name = std::fs::read_dir(dir())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .find(|n| n.starts_with(file) && n.ends_with(".resp.bin"))
-            .unwrap();
+        let name = response_of(file);
         let resp = mls_api::QueryWelcomeMessagesResponse::decode(read(&name).as_slice()).unwrap();
         let Some(mls_api::welcome_message::Version::WelcomePointer(p)) =
             resp.messages[0].version.clone()
