@@ -958,13 +958,46 @@ impl Client {
                 }))
             }
             Ok(group::Processed::PendingCommit {
-                staged, new_leaves, ..
+                staged,
+                new_leaves,
+                added,
+                removed,
+                committer,
             }) => {
                 // Identity logs only grow: re-read them for a commit so new installations are seen.
                 states.clear();
                 for (inbox, inst) in &new_leaves {
                     if !self.live(states, inbox, inst).await? {
                         tracing::error!(%conversation, id = v.id, inbox = %inbox, installation = %hex::encode(inst), "rejected a commit whose leaf is not a live installation of its inbox");
+                        return Ok(None);
+                    }
+                }
+                // The group's policy: adding new member inboxes and removing live installations
+                // of other inboxes need the committer to hold the right role. Installation
+                // changes of existing members and removal of revoked ones are maintenance.
+                let leaves = group::leaves(g);
+                let adds_member = added
+                    .iter()
+                    .any(|(inbox, _)| !leaves.iter().any(|(i, _)| i == inbox));
+                if adds_member
+                    && !group::may_change_membership(g, &committer, group::MembershipChange::Add)?
+                {
+                    tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: the group's policy does not let this member add members");
+                    return Ok(None);
+                }
+                for key in &removed {
+                    let Some((inbox, _)) = leaves.iter().find(|(_, k)| k == key) else {
+                        continue;
+                    };
+                    if inbox != &committer
+                        && self.live(states, inbox, key).await?
+                        && !group::may_change_membership(
+                            g,
+                            &committer,
+                            group::MembershipChange::Remove,
+                        )?
+                    {
+                        tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: the group's policy does not let this member remove members");
                         return Ok(None);
                     }
                 }
@@ -1082,6 +1115,23 @@ impl Client {
         }
         let staged =
             group::commit_membership(&self.provider, &self.key, g, adds, &remove, &membership)?;
+        if self.publish_commit(g, staged, wrappers).await? {
+            tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), "membership updated from identity logs");
+        }
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
+    /// Publishes a staged commit and applies it only if the node ordered it first (another
+    /// member's earlier commit wins: ours is cleared and theirs applied). Sends the welcomes of
+    /// a winning commit. Returns whether ours won.
+    async fn publish_commit(
+        &mut self,
+        g: &mut openmls_group::MlsGroup,
+        staged: group::MembershipCommit,
+        wrappers: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<bool> {
+        let gid = g.group_id().as_slice().to_vec();
         let before = self
             .tree
             .get([b"cursor/g/".as_slice(), &gid].concat())?
@@ -1089,7 +1139,6 @@ impl Client {
             .unwrap_or(0);
         self.publish_group_message(staged.commit.clone(), false)
             .await?;
-        // The node orders commits: ours counts only if nothing else committed before it.
         let resp = self
             .mls
             .query_group_messages(mpb::QueryGroupMessagesRequest {
@@ -1117,21 +1166,167 @@ impl Client {
             }
             if v.is_commit {
                 group::clear_pending(&self.provider, g)?;
-                tracing::info!(conversation = %hex::encode(&gid), "another member's commit came first; membership update deferred");
+                tracing::info!(conversation = %hex::encode(&gid), "another member's commit came first; ours is dropped");
                 let _ = self.handle_message(g, &gid, &v, &mut states).await?;
                 break;
             }
         }
         self.persist_mls()?;
-        if ours_won {
-            if let Some(welcome_bytes) = staged.welcome {
-                let newest = self.newest_id(&gid).await?;
-                self.send_welcomes(&welcome_bytes, newest, wrappers).await?;
-            }
-            tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), "membership updated from identity logs");
+        if ours_won && let Some(welcome_bytes) = staged.welcome {
+            let newest = self.newest_id(&gid).await?;
+            self.send_welcomes(&welcome_bytes, newest, wrappers).await?;
         }
         self.tree.flush_async().await?;
+        Ok(ours_won)
+    }
+
+    /// Creates a group with `members` (inbox ids): every live installation of each member and
+    /// this inbox's other installations are added. Returns the group id.
+    pub async fn create_group(
+        &mut self,
+        name: &str,
+        description: &str,
+        members: &[String],
+    ) -> Result<Vec<u8>> {
+        let mut membership = BTreeMap::new();
+        let mut wanted = Vec::new();
+        let me = self.inbox_id.clone();
+        for inbox in std::iter::once(&me).chain(members) {
+            let (st, seq) = self.inbox_state(inbox).await?;
+            membership.insert(inbox.clone(), seq);
+            wanted.extend(
+                st.installations()
+                    .filter(|k| *k != self.key.public())
+                    .map(|k| (inbox.clone(), k.to_vec())),
+            );
+        }
+        let (kps, wrappers) = self.usable_key_packages(&wanted).await?;
+        let created = group::create(
+            &self.provider,
+            &self.key,
+            &me,
+            group::Kind::Group { name, description },
+            kps,
+            &membership,
+            &mut rand::rngs::OsRng,
+        )?;
+        let gid = created.group.group_id().as_slice().to_vec();
+        self.persist_mls()?;
+        self.tree
+            .insert([b"conv/".as_slice(), &gid].concat(), b"")?;
+        self.publish_group_message(created.commit, false).await?;
+        let newest = self.newest_id(&gid).await?;
+        self.tree.insert(
+            [b"cursor/g/".as_slice(), &gid].concat(),
+            &newest.to_be_bytes(),
+        )?;
+        self.send_welcomes(&created.welcome, newest, wrappers)
+            .await?;
+        self.tree.flush_async().await?;
+        Ok(gid)
+    }
+
+    /// Adds member inboxes (all their live installations) to a group, if its policy lets us.
+    pub async fn add_members(&mut self, gid: &[u8], inboxes: &[String]) -> Result<()> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
+        self.sync_group_inner(&mut g).await?;
+        if !group::may_change_membership(&g, &self.inbox_id, group::MembershipChange::Add)? {
+            return Err(ClientError::Peer(
+                "the group's policy does not let you add members".into(),
+            ));
+        }
+        let mut membership = group::membership(&g)?;
+        let mut wanted = Vec::new();
+        for inbox in inboxes {
+            let (st, seq) = self.inbox_state(inbox).await?;
+            membership.insert(inbox.clone(), seq);
+            wanted.extend(st.installations().map(|k| (inbox.clone(), k.to_vec())));
+        }
+        let (kps, wrappers) = self.usable_key_packages(&wanted).await?;
+        if kps.is_empty() {
+            return Err(ClientError::Peer(
+                "none of those inboxes has a usable key package".into(),
+            ));
+        }
+        let staged =
+            group::commit_membership(&self.provider, &self.key, &mut g, kps, &[], &membership)?;
+        if !self.publish_commit(&mut g, staged, wrappers).await? {
+            return Err(ClientError::Peer(
+                "another member's change came first; try again".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Removes member inboxes (all their installations) from a group, if its policy lets us.
+    pub async fn remove_members(&mut self, gid: &[u8], inboxes: &[String]) -> Result<()> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
+        self.sync_group_inner(&mut g).await?;
+        if !group::may_change_membership(&g, &self.inbox_id, group::MembershipChange::Remove)? {
+            return Err(ClientError::Peer(
+                "the group's policy does not let you remove members".into(),
+            ));
+        }
+        let keys: Vec<Vec<u8>> = group::leaves(&g)
+            .into_iter()
+            .filter(|(i, _)| inboxes.contains(i))
+            .map(|(_, k)| k)
+            .collect();
+        if keys.is_empty() {
+            return Err(ClientError::Peer(
+                "none of those inboxes is a member".into(),
+            ));
+        }
+        let mut membership = group::membership(&g)?;
+        membership.retain(|i, _| !inboxes.contains(i));
+        let staged = group::commit_membership(
+            &self.provider,
+            &self.key,
+            &mut g,
+            vec![],
+            &keys,
+            &membership,
+        )?;
+        if !self.publish_commit(&mut g, staged, vec![]).await? {
+            return Err(ClientError::Peer(
+                "another member's change came first; try again".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A conversation's kind, name, epoch, members and roles.
+    pub fn conversation_info(&self, gid: &[u8]) -> Result<serde_json::Value> {
+        let g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
+        let md = group::group_metadata(&g)?;
+        let mm = group::mutable_metadata(&g)?;
+        let mut members: Vec<String> = group::leaves(&g).into_iter().map(|(i, _)| i).collect();
+        members.sort();
+        members.dedup();
+        let kind = if md.conversation_type == mc::ConversationType::Dm as i32 {
+            "dm"
+        } else {
+            "group"
+        };
+        Ok(serde_json::json!({
+            "conversation": hex::encode(gid),
+            "kind": kind,
+            "name": mm.attributes.get("group_name").cloned().unwrap_or_default(),
+            "description": mm.attributes.get("description").cloned().unwrap_or_default(),
+            "epoch": g.epoch().as_u64(),
+            "ciphersuite": format!("{:?}", g.ciphersuite()),
+            "creator": md.creator_inbox_id,
+            "members": members,
+            "admins": mm.admin_list.map(|l| l.inbox_ids).unwrap_or_default(),
+            "super_admins": mm.super_admin_list.map(|l| l.inbox_ids).unwrap_or_default(),
+            "active": group::is_active(&g),
+        }))
     }
 
     /// Joins new conversations, then reads every conversation.

@@ -55,6 +55,13 @@ pub enum AgentCommand {
         #[command(subcommand)]
         command: IdentityCommand,
     },
+    /// Create and manage groups.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// List this home's conversations (JSON lines: id, kind, name, members).
+    Conversations,
     /// Resolve an inbox id or 0x address through the node and show its identity.
     Whois {
         /// Inbox id or 0x address.
@@ -74,6 +81,47 @@ pub enum AgentCommand {
         /// Give up after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
+    },
+}
+
+/// Group commands. Members are inbox ids or 0x addresses.
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Create a group (libxmtp's default policy: anyone adds, admins remove; you are super admin).
+    Create {
+        /// Group name.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Group description.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A member to add (repeat).
+        #[arg(long = "member")]
+        members: Vec<String>,
+    },
+    /// Add members (all their installations).
+    Add {
+        /// The group's id (hex).
+        #[arg(long)]
+        conversation: String,
+        /// A member to add (repeat).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+    },
+    /// Remove members (all their installations).
+    Remove {
+        /// The group's id (hex).
+        #[arg(long)]
+        conversation: String,
+        /// A member to remove (repeat).
+        #[arg(long = "member", required = true)]
+        members: Vec<String>,
+    },
+    /// Kind, name, epoch, ciphersuite, members, admins (JSON).
+    Info {
+        /// The conversation's id (hex).
+        #[arg(long)]
+        conversation: String,
     },
 }
 
@@ -160,6 +208,14 @@ fn load_or_create_passkey(path: &Path, origin: &str) -> anyhow::Result<SoftPassk
     };
     SoftPasskey::from_bytes(&bytes, origin)
         .with_context(|| format!("{}: not a P-256 private key", path.display()))
+}
+
+async fn resolve_all(client: &mut Client, members: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::with_capacity(members.len());
+    for m in members {
+        out.push(client.resolve(m).await?);
+    }
+    Ok(out)
 }
 
 /// How often `listen` asks the node for news.
@@ -306,6 +362,50 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 }
             }
             db.flush_async().await?;
+        }
+        AgentCommand::Group { command } => {
+            let (db, mut client) = open(home, node, None).await?;
+            client.register().await?;
+            match command {
+                GroupCommand::Create {
+                    name,
+                    description,
+                    members,
+                } => {
+                    let inboxes = resolve_all(&mut client, &members).await?;
+                    let gid = client.create_group(&name, &description, &inboxes).await?;
+                    println!("{}", hex::encode(gid));
+                }
+                GroupCommand::Add {
+                    conversation,
+                    members,
+                } => {
+                    let gid = hex::decode(&conversation).context("--conversation must be hex")?;
+                    let inboxes = resolve_all(&mut client, &members).await?;
+                    client.add_members(&gid, &inboxes).await?;
+                }
+                GroupCommand::Remove {
+                    conversation,
+                    members,
+                } => {
+                    let gid = hex::decode(&conversation).context("--conversation must be hex")?;
+                    let inboxes = resolve_all(&mut client, &members).await?;
+                    client.remove_members(&gid, &inboxes).await?;
+                }
+                GroupCommand::Info { conversation } => {
+                    let gid = hex::decode(&conversation).context("--conversation must be hex")?;
+                    client.sync_all().await?;
+                    println!("{}", client.conversation_info(&gid)?);
+                }
+            }
+            db.flush_async().await?;
+        }
+        AgentCommand::Conversations => {
+            let (_db, mut client) = open(home, node, None).await?;
+            client.sync_welcomes().await?;
+            for (gid, _) in client.conversations()? {
+                println!("{}", client.conversation_info(&gid)?);
+            }
         }
         AgentCommand::Whois { identifier, json } => {
             let (_db, mut client) = open(home, node, None).await?;

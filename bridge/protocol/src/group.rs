@@ -212,78 +212,92 @@ pub fn inbox_of_credential(c: &Credential) -> Result<String> {
     Ok(mc.inbox_id)
 }
 
-/// XMTP's group-context extensions for a DM between `creator` and `peer`.
-fn dm_context_extensions(
+/// What kind of conversation to create.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind<'a> {
+    /// A DM with one peer inbox.
+    Dm {
+        /// The peer's inbox id.
+        peer: &'a str,
+    },
+    /// A group, with libxmtp's default ("all members") policy and the creator as super admin.
+    Group {
+        /// Its name.
+        name: &'a str,
+        /// Its description.
+        description: &'a str,
+    },
+}
+
+/// XMTP's group-context extensions for a new conversation, laid out as libxmtp lays them out
+/// (compare the recorded DM A–C and group G1).
+fn context_extensions(
+    kind: Kind<'_>,
     creator: &str,
-    peer: &str,
     membership: &BTreeMap<String, u64>,
     rng: &mut impl CryptoRngCore,
 ) -> Result<Extensions<GroupContext>> {
-    let metadata = mc::GroupMetadataV1 {
-        conversation_type: mc::ConversationType::Dm as i32,
-        creator_account_address: String::new(),
-        creator_inbox_id: creator.to_string(),
-        dm_members: Some(mc::DmMembers {
-            dm_member_one: Some(mc::Inbox {
-                inbox_id: creator.to_string(),
+    let metadata = match kind {
+        Kind::Dm { peer } => mc::GroupMetadataV1 {
+            conversation_type: mc::ConversationType::Dm as i32,
+            creator_account_address: String::new(),
+            creator_inbox_id: creator.to_string(),
+            dm_members: Some(mc::DmMembers {
+                dm_member_one: Some(mc::Inbox {
+                    inbox_id: creator.to_string(),
+                }),
+                dm_member_two: Some(mc::Inbox {
+                    inbox_id: peer.to_string(),
+                }),
             }),
-            dm_member_two: Some(mc::Inbox {
-                inbox_id: peer.to_string(),
-            }),
-        }),
-        oneshot_message: None,
+            oneshot_message: None,
+        },
+        Kind::Group { .. } => mc::GroupMetadataV1 {
+            conversation_type: mc::ConversationType::Group as i32,
+            creator_account_address: String::new(),
+            creator_inbox_id: creator.to_string(),
+            dm_members: None,
+            oneshot_message: None,
+        },
     };
     // libxmtp writes the immutable metadata as a TLS opaque<V> around the protobuf.
     let mut immutable = Vec::new();
     crate::tlsread::put_vec(&mut immutable, &metadata.encode_to_vec());
     let mut signer_key = [0u8; 32];
     rng.fill_bytes(&mut signer_key);
-    let attributes = [
-        ("group_name", String::new()),
-        ("description", String::new()),
+    let (name, description, is_group) = match kind {
+        Kind::Dm { .. } => ("", "", false),
+        Kind::Group { name, description } => (name, description, true),
+    };
+    let mut attributes: Vec<(&str, String)> = vec![
+        ("group_name", name.to_string()),
+        ("description", description.to_string()),
         ("_commit_log_signer", hex::encode(signer_key)),
         ("group_image_url_square", String::new()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mutable = mc::GroupMutableMetadataV1 {
-        attributes,
-        admin_list: Some(mc::Inboxes::default()),
-        super_admin_list: Some(mc::Inboxes::default()),
-    };
-    let allow = || mc::MetadataPolicy {
-        kind: Some(mc::metadata_policy::Kind::Base(
-            mc::metadata_policy::MetadataBasePolicy::Allow as i32,
-        )),
-    };
-    let deny_members = || mc::MembershipPolicy {
-        kind: Some(mc::membership_policy::Kind::Base(
-            mc::membership_policy::BasePolicy::Deny as i32,
-        )),
-    };
-    let deny_perms = || mc::PermissionsUpdatePolicy {
-        kind: Some(mc::permissions_update_policy::Kind::Base(
-            mc::permissions_update_policy::PermissionsBasePolicy::Deny as i32,
-        )),
-    };
-    let fields = [
-        "app_data",
-        "description",
-        "group_name",
-        "minimum_supported_protocol_version",
-        "message_disappear_from_ns",
-        "message_disappear_in_ns",
-        "group_image_url_square",
     ];
+    if is_group {
+        attributes.push(("app_data", String::new()));
+    }
+    let mutable = mc::GroupMutableMetadataV1 {
+        attributes: attributes
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        admin_list: Some(mc::Inboxes::default()),
+        // libxmtp makes a group's creator its super admin; DMs have none.
+        super_admin_list: Some(mc::Inboxes {
+            inbox_ids: if is_group {
+                vec![creator.to_string()]
+            } else {
+                vec![]
+            },
+        }),
+    };
     let permissions = mc::GroupMutablePermissionsV1 {
-        policies: Some(mc::PolicySet {
-            add_member_policy: Some(deny_members()),
-            remove_member_policy: Some(deny_members()),
-            update_metadata_policy: fields.iter().map(|f| (f.to_string(), allow())).collect(),
-            add_admin_policy: Some(deny_perms()),
-            remove_admin_policy: Some(deny_perms()),
-            update_permissions_policy: Some(deny_perms()),
+        policies: Some(if is_group {
+            group_policy()
+        } else {
+            dm_policy()
         }),
     };
     let members = mc::GroupMembership {
@@ -319,6 +333,158 @@ fn dm_context_extensions(
         ),
     ])
     .map_err(mls_err)
+}
+
+fn metadata_policy(p: mc::metadata_policy::MetadataBasePolicy) -> mc::MetadataPolicy {
+    mc::MetadataPolicy {
+        kind: Some(mc::metadata_policy::Kind::Base(p as i32)),
+    }
+}
+
+fn membership_policy(p: mc::membership_policy::BasePolicy) -> mc::MembershipPolicy {
+    mc::MembershipPolicy {
+        kind: Some(mc::membership_policy::Kind::Base(p as i32)),
+    }
+}
+
+fn permissions_policy(
+    p: mc::permissions_update_policy::PermissionsBasePolicy,
+) -> mc::PermissionsUpdatePolicy {
+    mc::PermissionsUpdatePolicy {
+        kind: Some(mc::permissions_update_policy::Kind::Base(p as i32)),
+    }
+}
+
+/// libxmtp's DM policy: nobody adds or removes members or changes permissions; metadata is open.
+fn dm_policy() -> mc::PolicySet {
+    use mc::metadata_policy::MetadataBasePolicy as M;
+    let fields = [
+        "app_data",
+        "description",
+        "group_name",
+        "minimum_supported_protocol_version",
+        "message_disappear_from_ns",
+        "message_disappear_in_ns",
+        "group_image_url_square",
+    ];
+    mc::PolicySet {
+        add_member_policy: Some(membership_policy(mc::membership_policy::BasePolicy::Deny)),
+        remove_member_policy: Some(membership_policy(mc::membership_policy::BasePolicy::Deny)),
+        update_metadata_policy: fields
+            .iter()
+            .map(|f| (f.to_string(), metadata_policy(M::Allow)))
+            .collect(),
+        add_admin_policy: Some(permissions_policy(
+            mc::permissions_update_policy::PermissionsBasePolicy::Deny,
+        )),
+        remove_admin_policy: Some(permissions_policy(
+            mc::permissions_update_policy::PermissionsBasePolicy::Deny,
+        )),
+        update_permissions_policy: Some(permissions_policy(
+            mc::permissions_update_policy::PermissionsBasePolicy::Deny,
+        )),
+    }
+}
+
+/// libxmtp's default group policy ("all members", as recorded in group G1): anyone adds,
+/// admins remove, most metadata is open, disappearing settings need an admin, protocol
+/// version and admin lists need a super admin.
+fn group_policy() -> mc::PolicySet {
+    use mc::metadata_policy::MetadataBasePolicy as M;
+    use mc::permissions_update_policy::PermissionsBasePolicy as P;
+    let fields = [
+        ("group_name", M::Allow),
+        ("description", M::Allow),
+        ("group_image_url_square", M::Allow),
+        ("app_data", M::Allow),
+        ("message_disappear_from_ns", M::AllowIfAdmin),
+        ("message_disappear_in_ns", M::AllowIfAdmin),
+        ("minimum_supported_protocol_version", M::AllowIfSuperAdmin),
+    ];
+    mc::PolicySet {
+        add_member_policy: Some(membership_policy(mc::membership_policy::BasePolicy::Allow)),
+        remove_member_policy: Some(membership_policy(
+            mc::membership_policy::BasePolicy::AllowIfAdminOrSuperAdmin,
+        )),
+        update_metadata_policy: fields
+            .iter()
+            .map(|(f, p)| (f.to_string(), metadata_policy(*p)))
+            .collect(),
+        add_admin_policy: Some(permissions_policy(P::AllowIfSuperAdmin)),
+        remove_admin_policy: Some(permissions_policy(P::AllowIfSuperAdmin)),
+        update_permissions_policy: Some(permissions_policy(P::AllowIfSuperAdmin)),
+    }
+}
+
+/// Reads XMTP's mutable metadata (name, admins) from a group.
+pub fn mutable_metadata(group: &MlsGroup) -> Result<mc::GroupMutableMetadataV1> {
+    let ext = group
+        .extensions()
+        .unknown(EXT_MUTABLE_METADATA)
+        .ok_or_else(|| ProtocolError::Mls("group has no mutable metadata".into()))?;
+    mc::GroupMutableMetadataV1::decode(ext.0.as_slice())
+        .map_err(|e| ProtocolError::malformed("GroupMutableMetadataV1", e))
+}
+
+/// Reads XMTP's permission policies from a group.
+pub fn policies(group: &MlsGroup) -> Result<mc::PolicySet> {
+    let ext = group
+        .extensions()
+        .unknown(EXT_GROUP_PERMISSIONS)
+        .ok_or_else(|| ProtocolError::Mls("group has no permissions".into()))?;
+    mc::GroupMutablePermissionsV1::decode(ext.0.as_slice())
+        .map_err(|e| ProtocolError::malformed("GroupMutablePermissionsV1", e))?
+        .policies
+        .ok_or_else(|| ProtocolError::Mls("group has an empty policy set".into()))
+}
+
+/// Which membership change a policy is asked about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Adding new member inboxes.
+    Add,
+    /// Removing member inboxes.
+    Remove,
+}
+
+/// Whether `actor` may make this membership change under the group's policy (base policies and
+/// and/any combinations, with the group's admin and super-admin lists).
+pub fn may_change_membership(
+    group: &MlsGroup,
+    actor: &str,
+    change: MembershipChange,
+) -> Result<bool> {
+    let policies = policies(group)?;
+    let meta = mutable_metadata(group)?;
+    let is_admin = meta
+        .admin_list
+        .as_ref()
+        .is_some_and(|l| l.inbox_ids.iter().any(|i| i == actor));
+    let is_super = meta
+        .super_admin_list
+        .as_ref()
+        .is_some_and(|l| l.inbox_ids.iter().any(|i| i == actor));
+    fn eval(p: &mc::MembershipPolicy, admin: bool, sup: bool) -> bool {
+        use mc::membership_policy::{BasePolicy as B, Kind};
+        match &p.kind {
+            Some(Kind::Base(b)) => match B::try_from(*b) {
+                Ok(B::Allow) => true,
+                Ok(B::AllowIfAdminOrSuperAdmin) => admin || sup,
+                Ok(B::AllowIfSuperAdmin) => sup,
+                _ => false,
+            },
+            Some(Kind::AndCondition(c)) => {
+                !c.policies.is_empty() && c.policies.iter().all(|p| eval(p, admin, sup))
+            }
+            Some(Kind::AnyCondition(c)) => c.policies.iter().any(|p| eval(p, admin, sup)),
+            None => false,
+        }
+    }
+    let policy = match change {
+        MembershipChange::Add => policies.add_member_policy,
+        MembershipChange::Remove => policies.remove_member_policy,
+    };
+    Ok(policy.as_ref().is_some_and(|p| eval(p, is_admin, is_super)))
 }
 
 /// Reads XMTP's immutable metadata from a group.
@@ -365,6 +531,27 @@ pub fn create_dm(
     membership: &BTreeMap<String, u64>,
     rng: &mut impl CryptoRngCore,
 ) -> Result<Created> {
+    create(
+        provider,
+        key,
+        creator_inbox,
+        Kind::Dm { peer: peer_inbox },
+        peer_key_packages,
+        membership,
+        rng,
+    )
+}
+
+/// Creates a conversation of `kind` and adds the installations behind `key_packages`.
+pub fn create(
+    provider: &Provider,
+    key: &InstallationKey,
+    creator_inbox: &str,
+    kind: Kind<'_>,
+    key_packages: Vec<KeyPackage>,
+    membership: &BTreeMap<String, u64>,
+    rng: &mut impl CryptoRngCore,
+) -> Result<Created> {
     let mut gid = [0u8; 16];
     rng.fill_bytes(&mut gid);
     let config = MlsGroupCreateConfig::builder()
@@ -379,12 +566,7 @@ pub fn create_dm(
         .capabilities(leaf_capabilities())
         .with_leaf_node_extensions(leaf_extensions(creator_inbox)?)
         .map_err(mls_err)?
-        .with_group_context_extensions(dm_context_extensions(
-            creator_inbox,
-            peer_inbox,
-            membership,
-            rng,
-        )?)
+        .with_group_context_extensions(context_extensions(kind, creator_inbox, membership, rng)?)
         .build();
     let signer = signer(key);
     let mut group = MlsGroup::new_with_group_id(
@@ -399,7 +581,7 @@ pub fn create_dm(
     )
     .map_err(mls_err)?;
     let (commit, welcome, _) = group
-        .add_members(provider, &signer, &peer_key_packages)
+        .add_members(provider, &signer, &key_packages)
         .map_err(mls_err)?;
     group.merge_pending_commit(provider).map_err(mls_err)?;
     Ok(Created {
@@ -416,7 +598,11 @@ pub fn join(provider: &Provider, welcome_mls: &[u8]) -> Result<MlsGroup> {
     let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
         return Err(ProtocolError::malformed("Welcome", "not a welcome"));
     };
-    let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+    // A welcome to a group we already hold (we were removed and re-added) replaces it.
+    let staged = StagedWelcome::build_from_welcome(provider, &join_config(), welcome)
+        .map_err(mls_err)?
+        .replace_old_group()
+        .build()
         .map_err(mls_err)?;
     staged.into_group(provider).map_err(mls_err)
 }
@@ -454,8 +640,12 @@ pub enum Processed {
         staged: Box<StagedCommit>,
         /// `(inbox id, installation key)` of each leaf the commit adds or replaces.
         new_leaves: Vec<(String, Vec<u8>)>,
+        /// `(inbox id, installation key)` of each leaf the commit adds (a subset of `new_leaves`).
+        added: Vec<(String, Vec<u8>)>,
         /// Installation keys the commit removes.
         removed: Vec<Vec<u8>>,
+        /// The committer's inbox id.
+        committer: String,
     },
     /// A proposal was stored; nothing to show.
     Proposal,
@@ -496,6 +686,7 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
                     leaf.signature_key().as_slice().to_vec(),
                 ));
             }
+            let added = new_leaves.clone();
             if let Some(leaf) = sc.update_path_leaf_node() {
                 new_leaves.push((
                     inbox_of_credential(leaf.credential())?,
@@ -514,7 +705,9 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
             Ok(Processed::PendingCommit {
                 staged: sc,
                 new_leaves,
+                added,
                 removed,
+                committer: sender_inbox,
             })
         }
         ProcessedMessageContent::ProposalMessage(p) => {

@@ -199,6 +199,7 @@ fn follow(provider: &group::Provider, g: &mut MlsGroup, messages: &[Vec<u8>]) ->
                 staged,
                 new_leaves,
                 removed,
+                ..
             }) => {
                 f.trace.push(format!(
                     "e{} commit adds/updates {} removes {}",
