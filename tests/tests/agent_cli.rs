@@ -37,6 +37,15 @@ fn wallet_key_and_address_resolution() {
     assert_eq!(got[0]["conversation"], conv.as_str());
     assert_eq!(got[0]["content_type"], "xmtp.org/text:1.0");
 
+    // JSON content travels as gatehouse.dev/json:1.0; invalid JSON is refused before sending.
+    d.ok(&["send", "--to", address, "--type", "json", r#"{"set": 19}"#]);
+    let got = c.listen(1);
+    assert_eq!(got[0]["content_type"], "gatehouse.dev/json:1.0");
+    assert_eq!(got[0]["text"], r#"{"set":19}"#);
+    let out = d.run(&["send", "--to", address, "--type", "json", "{nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+
     // Nothing more is waiting: a bounded listen times out with status 3.
     let out = c.run(&["listen", "--json", "--count", "1", "--timeout", "1"]);
     assert_eq!(out.status.code(), Some(3));

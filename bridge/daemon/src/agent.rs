@@ -47,7 +47,11 @@ pub enum AgentCommand {
         /// Hex id of an existing conversation.
         #[arg(long)]
         conversation: Option<String>,
-        /// The text.
+        /// What the text is: `text` (xmtp.org/text:1.0) or `json` (gatehouse.dev/json:1.0, with
+        /// the JSON as the fallback XMTP clients show).
+        #[arg(long = "type", default_value = "text", value_parser = ["text", "json"])]
+        kind: String,
+        /// The text (or JSON document).
         text: String,
     },
     /// Show or change this inbox's identity (identifiers, installations, recovery).
@@ -292,8 +296,16 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
         AgentCommand::Send {
             to,
             conversation,
+            kind,
             text,
         } => {
+            let body = if kind == "json" {
+                let v: serde_json::Value = serde_json::from_str(&text).context("--type json: the message is not valid JSON")?;
+                let canonical = v.to_string();
+                content::with_fallback(content::json_type(), canonical.clone().into_bytes(), Some(canonical))
+            } else {
+                content::text(&text)
+            };
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
             let gid = match (to, conversation) {
@@ -304,7 +316,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 (None, Some(c)) => hex::decode(&c).context("--conversation must be hex")?,
                 (None, None) => anyhow::bail!("give --to or --conversation"),
             };
-            client.send(&gid, &content::text(&text), None).await?;
+            client.send(&gid, &body, None).await?;
             db.flush_async().await?;
             println!("{}", hex::encode(&gid));
         }
