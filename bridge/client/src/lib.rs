@@ -121,6 +121,8 @@ pub struct Client {
     owner: Owner,
     key: InstallationKey,
     inbox_id: String,
+    /// How long rotated-out key packages stay usable.
+    key_package_grace: std::time::Duration,
 }
 
 /// Who owns (and recovers) the inbox: a wallet or a passkey.
@@ -145,6 +147,12 @@ impl Owner {
         self.signer().member().to_string()
     }
 }
+
+/// How long a key package is used before it is replaced even without welcomes.
+pub const KEY_PACKAGE_ROTATION: std::time::Duration =
+    std::time::Duration::from_secs(30 * 24 * 3600);
+/// How long a replaced key package stays usable (welcomes to it may still be in flight).
+pub const KEY_PACKAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 const K_PASSKEY: &[u8] = b"id/passkey";
 const K_PASSKEY_ORIGIN: &[u8] = b"id/passkey-origin";
@@ -246,6 +254,7 @@ impl Client {
             owner,
             key,
             inbox_id,
+            key_package_grace: KEY_PACKAGE_GRACE,
         })
     }
 
@@ -360,9 +369,73 @@ impl Client {
                 is_inbox_id_credential: true,
             })
             .await?;
-        self.tree.insert(b"kp/current", kp.reference)?;
+        // The previous package stays usable for a grace period (welcomes may be in flight),
+        // then its private keys are deleted (`expire_key_packages`).
+        if let Some(old) = self.tree.insert(b"kp/current", kp.reference.clone())? {
+            self.tree.insert(
+                [b"kp/old/".as_slice(), &old].concat(),
+                &now_ns().to_be_bytes(),
+            )?;
+        }
+        self.tree.insert(
+            [b"kp/wrap/".as_slice(), &kp.reference].concat(),
+            pk.as_slice(),
+        )?;
+        self.tree.insert(b"kp/created", &now_ns().to_be_bytes())?;
         self.tree.flush_async().await?;
         Ok(())
+    }
+
+    /// Rotates the key package when it is older than [`KEY_PACKAGE_ROTATION`] and deletes the
+    /// private keys of packages rotated out more than `key_package_grace` ago.
+    async fn expire_key_packages(&mut self) -> Result<()> {
+        let now = now_ns();
+        let created = self
+            .tree
+            .get(b"kp/created")?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(now);
+        if now.saturating_sub(created) > KEY_PACKAGE_ROTATION.as_nanos() as u64 {
+            self.upload_key_package().await?;
+        }
+        let grace = self.key_package_grace.as_nanos() as u64;
+        let mut expired = Vec::new();
+        for item in self.tree.scan_prefix(b"kp/old/") {
+            let (k, v) = item?;
+            let rotated = u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8]));
+            if now.saturating_sub(rotated) >= grace {
+                expired.push(k[b"kp/old/".len()..].to_vec());
+            }
+        }
+        for reference in expired {
+            group::delete_key_package(&self.provider, &reference)?;
+            if let Some(pk) = self
+                .tree
+                .remove([b"kp/wrap/".as_slice(), &reference].concat())?
+            {
+                self.tree.remove([b"wrap/".as_slice(), &pk].concat())?;
+            }
+            self.tree
+                .remove([b"kp/old/".as_slice(), &reference].concat())?;
+            tracing::debug!(key_package = %hex::encode(&reference), "old key package deleted");
+        }
+        self.persist_mls()?;
+        Ok(())
+    }
+
+    /// Sets how long a rotated-out key package stays usable (default [`KEY_PACKAGE_GRACE`]).
+    pub fn set_key_package_grace(&mut self, grace: std::time::Duration) {
+        self.key_package_grace = grace;
+    }
+
+    /// Whether this installation still holds the private keys of key package `reference`.
+    pub fn holds_key_package(&self, reference: &[u8]) -> bool {
+        group::has_key_package(&self.provider, reference)
+    }
+
+    /// The reference of the key package currently on the node.
+    pub fn current_key_package(&self) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree.get(b"kp/current")?.map(|v| v.to_vec()))
     }
 
     async fn publish(
@@ -685,6 +758,12 @@ impl Client {
                 break;
             }
         }
+        // A welcome used our last-resort key package: rotate it (as libxmtp does), keeping the
+        // old one for the grace period.
+        if !joined.is_empty() {
+            self.upload_key_package().await?;
+        }
+        self.expire_key_packages().await?;
         self.tree.flush_async().await?;
         Ok(joined)
     }

@@ -300,9 +300,14 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             text,
         } => {
             let body = if kind == "json" {
-                let v: serde_json::Value = serde_json::from_str(&text).context("--type json: the message is not valid JSON")?;
+                let v: serde_json::Value = serde_json::from_str(&text)
+                    .context("--type json: the message is not valid JSON")?;
                 let canonical = v.to_string();
-                content::with_fallback(content::json_type(), canonical.clone().into_bytes(), Some(canonical))
+                content::with_fallback(
+                    content::json_type(),
+                    canonical.clone().into_bytes(),
+                    Some(canonical),
+                )
             } else {
                 content::text(&text)
             };

@@ -897,6 +897,36 @@ pub type MlsGroupHandle = MlsGroup;
 /// A validated MLS key package, re-exported for the same reason.
 pub type ValidKeyPackage = KeyPackage;
 
+fn key_package_ref(reference: &[u8]) -> Result<KeyPackageRef> {
+    // A KeyPackageRef's wire form is an opaque<V> of the hash.
+    let mut tls = Vec::new();
+    crate::tlsread::put_vec(&mut tls, reference);
+    KeyPackageRef::tls_deserialize(&mut tls.as_slice())
+        .map_err(|e| ProtocolError::malformed("KeyPackageRef", e))
+}
+
+/// Deletes the private keys of one of our key packages (by `KeyPackageRef`).
+pub fn delete_key_package(provider: &Provider, reference: &[u8]) -> Result<()> {
+    use openmls_traits::storage::StorageProvider as _;
+    provider
+        .storage()
+        .delete_key_package(&key_package_ref(reference)?)
+        .map_err(mls_err)
+}
+
+/// Whether the provider holds the private keys of key package `reference`.
+pub fn has_key_package(provider: &Provider, reference: &[u8]) -> bool {
+    use openmls_traits::storage::StorageProvider as _;
+    key_package_ref(reference).is_ok_and(|r| {
+        provider
+            .storage()
+            .key_package::<KeyPackageRef, KeyPackageBundle>(&r)
+            .ok()
+            .flatten()
+            .is_some()
+    })
+}
+
 /// Deletes a group from the store (after a rejected welcome).
 pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
     group.delete(provider.storage()).map_err(mls_err)
