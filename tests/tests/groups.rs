@@ -38,6 +38,11 @@ fn group_lifecycle() {
     members.sort();
     assert_eq!(info["members"], serde_json::json!(members));
     assert_eq!(info["super_admins"], serde_json::json!([ia]));
+    // Every member is a Gatehouse installation, so the group is post-quantum.
+    assert_eq!(
+        info["ciphersuite"],
+        "MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519"
+    );
 
     // The default policy lets only admins remove members.
     let out = c.run(&["group", "remove", "--conversation", &gid, "--member", &ib]);

@@ -579,11 +579,12 @@ impl Client {
         }
         let membership: BTreeMap<String, u64> =
             [(self.inbox_id.clone(), my_seq), (peer.clone(), peer_seq)].into();
-        let created = group::create_dm(
+        // Post-quantum when every installation of the peer is a Gatehouse one (PQ twin).
+        let created = group::create_best(
             &self.provider,
             &self.key,
             &self.inbox_id,
-            &peer,
+            group::Kind::Dm { peer: &peer },
             kps,
             &membership,
             &mut rand::rngs::OsRng,
@@ -646,7 +647,7 @@ impl Client {
     async fn usable_key_packages(
         &mut self,
         wanted: &[(String, Vec<u8>)],
-    ) -> Result<(Vec<group::ValidKeyPackage>, Vec<(Vec<u8>, Vec<u8>)>)> {
+    ) -> Result<(Vec<group::VerifiedKeyPackage>, Vec<(Vec<u8>, Vec<u8>)>)> {
         let resp = self
             .mls
             .fetch_key_packages(mpb::FetchKeyPackagesRequest {
@@ -678,7 +679,7 @@ impl Client {
                 continue;
             };
             wrappers.push((inst.clone(), pk));
-            kps.push(v.key_package);
+            kps.push(v);
         }
         Ok((kps, wrappers))
     }
@@ -1192,6 +1193,7 @@ impl Client {
         if adds.is_empty() && remove.is_empty() {
             return Ok(());
         }
+        let adds = group::key_packages_for(g, adds);
         let staged =
             group::commit_membership(&self.provider, &self.key, g, adds, &remove, &membership)?;
         if self.publish_commit(g, staged, wrappers).await? {
@@ -1280,7 +1282,7 @@ impl Client {
             );
         }
         let (kps, wrappers) = self.usable_key_packages(&wanted).await?;
-        let created = group::create(
+        let created = group::create_best(
             &self.provider,
             &self.key,
             &me,
@@ -1328,6 +1330,10 @@ impl Client {
             return Err(ClientError::Peer(
                 "none of those inboxes has a usable key package".into(),
             ));
+        }
+        let kps = group::key_packages_for(&g, kps);
+        if kps.is_empty() {
+            return Err(ClientError::Peer("none of those inboxes can join this group (a post-quantum group needs Gatehouse installations)".into()));
         }
         let staged =
             group::commit_membership(&self.provider, &self.key, &mut g, kps, &[], &membership)?;

@@ -38,6 +38,14 @@ pub const OUT_OF_ORDER_TOLERANCE: u32 = 100;
 /// Maximum forward distance of the sender ratchet.
 pub const MAXIMUM_FORWARD_DISTANCE: u32 = 1000;
 
+/// Gatehouse's post-quantum suite: ML-KEM-768 + X25519 (X-Wing), AES-128-GCM, SHA-256,
+/// Ed25519. Code point 0x004F is provisional (draft-ietf-mls-pq-ciphersuites): keep it named.
+pub const PQ_CIPHERSUITE: Ciphersuite =
+    Ciphersuite::MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519;
+/// Key-package extension carrying a complete second key package on [`PQ_CIPHERSUITE`]
+/// (Gatehouse private use; provisional, XMTP clients ignore it).
+pub const EXT_PQ_KEY_PACKAGE: u16 = 0xfa01;
+
 /// The openmls provider: RustCrypto plus in-memory key-value storage that the caller persists.
 pub type Provider = OpenMlsRustCrypto;
 
@@ -66,9 +74,13 @@ pub fn credential(inbox_id: &str) -> Credential {
 }
 
 fn leaf_capabilities() -> Capabilities {
+    capabilities_for(CIPHERSUITE)
+}
+
+fn capabilities_for(suite: Ciphersuite) -> Capabilities {
     Capabilities::new(
         None,
-        Some(&[CIPHERSUITE]),
+        Some(&[suite]),
         Some(&[
             ExtensionType::LastResort,
             ExtensionType::ApplicationId,
@@ -80,6 +92,8 @@ fn leaf_capabilities() -> Capabilities {
             ExtensionType::Unknown(EXT_WELCOME_POINTEE_AEAD_TYPES),
             // Members can join groups that use app-data updates (libxmtp advertises it).
             ExtensionType::AppDataDictionary,
+            // Gatehouse's post-quantum key package (ignored by XMTP clients).
+            ExtensionType::Unknown(EXT_PQ_KEY_PACKAGE),
         ]),
         Some(&[
             ProposalType::GroupContextExtensions,
@@ -134,6 +148,32 @@ pub fn build_key_package(
     ])
     .map_err(mls_err)?;
     let signer = signer(key);
+    // The post-quantum twin: the same installation on the PQ suite, embedded whole so any
+    // Gatehouse creator can build a PQ group; its private keys live in the same provider.
+    let pq = KeyPackage::builder()
+        .leaf_node_capabilities(capabilities_for(PQ_CIPHERSUITE))
+        .leaf_node_extensions(leaf_extensions(inbox_id)?)
+        .key_package_extensions(
+            Extensions::single(Extension::LastResort(LastResortExtension::default()))
+                .map_err(mls_err)?,
+        )
+        .build(
+            PQ_CIPHERSUITE,
+            provider,
+            &signer,
+            CredentialWithKey {
+                credential: credential(inbox_id),
+                signature_key: key.public().to_vec().into(),
+            },
+        )
+        .map_err(mls_err)?;
+    let mut kp_ext = kp_ext;
+    kp_ext
+        .add(Extension::Unknown(
+            EXT_PQ_KEY_PACKAGE,
+            UnknownExtension(pq.key_package().tls_serialize_detached().map_err(mls_err)?),
+        ))
+        .map_err(mls_err)?;
     let bundle = KeyPackage::builder()
         .leaf_node_capabilities(leaf_capabilities())
         .leaf_node_extensions(leaf_extensions(inbox_id)?)
@@ -172,6 +212,8 @@ pub struct VerifiedKeyPackage {
     pub wrapper_public_key: Option<Vec<u8>>,
     /// The validated package.
     pub key_package: KeyPackage,
+    /// The validated post-quantum twin (same credential and signature key), if advertised.
+    pub pq_key_package: Option<KeyPackage>,
 }
 
 /// Parses and validates a TLS key package (signature, version, keys) and reads XMTP's fields.
@@ -195,11 +237,26 @@ pub fn validate_key_package(provider: &Provider, tls: &[u8]) -> Result<VerifiedK
         .and_then(|u| mc::WelcomeWrapperEncryption::decode(u.0.as_slice()).ok())
         .filter(|w| w.algorithm == mc::WelcomeWrapperAlgorithm::XwingMlkem768Draft6 as i32)
         .map(|w| w.pub_key);
+    // A PQ twin counts only if it validates and speaks for the same installation and inbox.
+    let pq_key_package = kp.extensions().unknown(EXT_PQ_KEY_PACKAGE).and_then(|u| {
+        let inner = KeyPackageIn::tls_deserialize(&mut u.0.as_slice())
+            .ok()?
+            .validate(provider.crypto(), ProtocolVersion::Mls10)
+            .ok()?;
+        let same = inner.ciphersuite() == PQ_CIPHERSUITE
+            && inner.leaf_node().signature_key() == leaf.signature_key()
+            && inbox_of_credential(inner.leaf_node().credential())
+                .ok()
+                .as_deref()
+                == Some(inbox_id.as_str());
+        same.then_some(inner)
+    });
     Ok(VerifiedKeyPackage {
         inbox_id,
         installation_key: leaf.signature_key().as_slice().to_vec(),
         wrapper_public_key,
         key_package: kp,
+        pq_key_package,
     })
 }
 
@@ -539,10 +596,67 @@ pub fn create_dm(
         peer_key_packages,
         membership,
         rng,
+        CIPHERSUITE,
     )
 }
 
-/// Creates a conversation of `kind` and adds the installations behind `key_packages`.
+/// Creates a conversation, on the post-quantum suite when every invitee advertises a PQ twin
+/// (and there is at least one), else on XMTP's suite.
+pub fn create_best(
+    provider: &Provider,
+    key: &InstallationKey,
+    creator_inbox: &str,
+    kind: Kind<'_>,
+    invitees: Vec<VerifiedKeyPackage>,
+    membership: &BTreeMap<String, u64>,
+    rng: &mut impl CryptoRngCore,
+) -> Result<Created> {
+    let all_pq = !invitees.is_empty() && invitees.iter().all(|v| v.pq_key_package.is_some());
+    let (suite, kps) = if all_pq {
+        (
+            PQ_CIPHERSUITE,
+            invitees
+                .into_iter()
+                .filter_map(|v| v.pq_key_package)
+                .collect(),
+        )
+    } else {
+        (
+            CIPHERSUITE,
+            invitees.into_iter().map(|v| v.key_package).collect(),
+        )
+    };
+    create(
+        provider,
+        key,
+        creator_inbox,
+        kind,
+        kps,
+        membership,
+        rng,
+        suite,
+    )
+}
+
+/// The key packages to add `invitees` to `group` with: its own suite's packages (PQ twins for a
+/// post-quantum group). Invitees without one are left out, so the group never downgrades.
+pub fn key_packages_for(group: &MlsGroup, invitees: Vec<VerifiedKeyPackage>) -> Vec<KeyPackage> {
+    let pq = group.ciphersuite() == PQ_CIPHERSUITE;
+    invitees
+        .into_iter()
+        .filter_map(|v| {
+            if pq {
+                v.pq_key_package
+            } else {
+                Some(v.key_package)
+            }
+        })
+        .collect()
+}
+
+/// Creates a conversation of `kind` on `suite` and adds the installations behind `key_packages`.
+// Each argument is a distinct input of one MLS operation; a wrapper struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     provider: &Provider,
     key: &InstallationKey,
@@ -551,11 +665,12 @@ pub fn create(
     key_packages: Vec<KeyPackage>,
     membership: &BTreeMap<String, u64>,
     rng: &mut impl CryptoRngCore,
+    suite: Ciphersuite,
 ) -> Result<Created> {
     let mut gid = [0u8; 16];
     rng.fill_bytes(&mut gid);
     let config = MlsGroupCreateConfig::builder()
-        .ciphersuite(CIPHERSUITE)
+        .ciphersuite(suite)
         .wire_format_policy(PURE_CIPHERTEXT_WIRE_FORMAT_POLICY)
         .max_past_epochs(MAX_PAST_EPOCHS)
         .sender_ratchet_configuration(SenderRatchetConfiguration::new(
@@ -563,7 +678,7 @@ pub fn create(
             MAXIMUM_FORWARD_DISTANCE,
         ))
         .use_ratchet_tree_extension(true)
-        .capabilities(leaf_capabilities())
+        .capabilities(capabilities_for(suite))
         .with_leaf_node_extensions(leaf_extensions(creator_inbox)?)
         .map_err(mls_err)?
         .with_group_context_extensions(context_extensions(kind, creator_inbox, membership, rng)?)
@@ -936,6 +1051,67 @@ pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
 mod tests {
     use super::*;
     use crate::content;
+
+    /// Gatehouse installations (all with PQ twins) get a post-quantum group; one invitee
+    /// without a twin (as an XMTP client's key package) gets XMTP's suite. Both work.
+    #[test]
+    fn post_quantum_when_everyone_can() {
+        let mut rng = rand::rngs::OsRng;
+        let (pa, pb) = (Provider::default(), Provider::default());
+        let (ka, kb) = (
+            InstallationKey::from_seed(&[1; 32]),
+            InstallationKey::from_seed(&[2; 32]),
+        );
+        let kp_b = validate_key_package(
+            &pa,
+            &build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap().tls,
+        )
+        .unwrap();
+        assert!(kp_b.pq_key_package.is_some());
+        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
+        let kind = Kind::Group {
+            name: "g",
+            description: "",
+        };
+        let mut pq = create_best(
+            &pa,
+            &ka,
+            "aaaa",
+            kind,
+            vec![kp_b.clone()],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
+        assert_eq!(pq.group.ciphersuite(), PQ_CIPHERSUITE);
+        let mut gb = join(&pb, &pq.welcome).unwrap();
+        assert_eq!(gb.ciphersuite(), PQ_CIPHERSUITE);
+        let ct = encrypt(
+            &pa,
+            &ka,
+            &mut pq.group,
+            &content::seal_envelope(&content::text("pq"), "1"),
+        )
+        .unwrap();
+        assert!(matches!(
+            process(&pb, &mut gb, &ct).unwrap(),
+            Processed::Application { .. }
+        ));
+        let mut classical_only = kp_b;
+        classical_only.pq_key_package = None;
+        let xmtp = create_best(
+            &pa,
+            &ka,
+            "aaaa",
+            kind,
+            vec![classical_only],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
+        assert_eq!(xmtp.group.ciphersuite(), CIPHERSUITE);
+        assert_eq!(join(&pb, &xmtp.welcome).unwrap().ciphersuite(), CIPHERSUITE);
+    }
 
     /// Two installations make a DM, exchange messages both ways, and state survives a
     /// storage export/import (what the client persists).

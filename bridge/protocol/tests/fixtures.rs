@@ -249,6 +249,7 @@ fn group_message_headers() {
 #[test]
 fn key_packages_validate() {
     use gatehouse_protocol::group;
+    use openmls::prelude::ExtensionType;
     let provider = group::Provider::default();
     let k = keys();
     let mut n = 0;
@@ -285,20 +286,29 @@ fn key_packages_validate() {
             .tls,
     )
     .unwrap();
+    // Ours add exactly one thing libxmtp's lack: the post-quantum twin (ignored by XMTP).
+    let pq = ExtensionType::Unknown(group::EXT_PQ_KEY_PACKAGE);
     let types = |v: &group::VerifiedKeyPackage| {
         let mut t: Vec<_> = v
             .key_package
             .extensions()
             .iter()
             .map(|e| e.extension_type())
+            .filter(|t| *t != pq)
             .collect();
         t.sort();
         t
     };
+    assert!(ours.pq_key_package.is_some() && theirs.pq_key_package.is_none());
     assert_eq!(types(&ours), types(&theirs), "key-package extensions");
     let caps = |v: &group::VerifiedKeyPackage| {
         let c = v.key_package.leaf_node().capabilities();
-        let mut e: Vec<_> = c.extensions().to_vec();
+        let mut e: Vec<_> = c
+            .extensions()
+            .iter()
+            .copied()
+            .filter(|t| *t != pq)
+            .collect();
         e.sort();
         (e, c.proposals().to_vec(), c.ciphersuites().to_vec())
     };
