@@ -1056,30 +1056,19 @@ impl Client {
                 // of other inboxes need the committer to hold the right role. Installation
                 // changes of existing members and removal of revoked ones are maintenance.
                 let leaves = group::leaves(g);
-                let adds_member = added
-                    .iter()
-                    .any(|(inbox, _)| !leaves.iter().any(|(i, _)| i == inbox));
-                if adds_member
-                    && !group::may_change_membership(g, &committer, group::MembershipChange::Add)?
-                {
-                    tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: the group's policy does not let this member add members");
-                    return Ok(None);
-                }
+                let mut removed_live = Vec::new();
                 for key in &removed {
-                    let Some((inbox, _)) = leaves.iter().find(|(_, k)| k == key) else {
-                        continue;
-                    };
-                    if inbox != &committer
+                    if let Some((inbox, _)) = leaves.iter().find(|(_, k)| k == key)
                         && self.live(states, inbox, key).await?
-                        && !group::may_change_membership(
-                            g,
-                            &committer,
-                            group::MembershipChange::Remove,
-                        )?
                     {
-                        tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: the group's policy does not let this member remove members");
-                        return Ok(None);
+                        removed_live.push(inbox.clone());
                     }
+                }
+                if let Some(rule) =
+                    group::commit_policy_violation(g, &committer, &added, &removed_live)?
+                {
+                    tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: {rule}");
+                    return Ok(None);
                 }
                 group::merge_commit(&self.provider, g, *staged)?;
                 Ok(None)

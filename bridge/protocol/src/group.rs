@@ -544,6 +544,34 @@ pub fn may_change_membership(
     Ok(policy.as_ref().is_some_and(|p| eval(p, is_admin, is_super)))
 }
 
+/// Checks a commit against the group's membership policy, before it is merged. `added` are
+/// the `(inbox, installation)` leaves it adds; `removed_live` the inboxes whose still-live
+/// installations it removes (removing revoked installations is maintenance anyone may do).
+/// Returns the rule it breaks, if any.
+pub fn commit_policy_violation(
+    group: &MlsGroup,
+    committer: &str,
+    added: &[(String, Vec<u8>)],
+    removed_live: &[String],
+) -> Result<Option<&'static str>> {
+    let leaves = leaves(group);
+    let adds_member = added
+        .iter()
+        .any(|(inbox, _)| !leaves.iter().any(|(i, _)| i == inbox));
+    if adds_member && !may_change_membership(group, committer, MembershipChange::Add)? {
+        return Ok(Some(
+            "the group's policy does not let this member add members",
+        ));
+    }
+    let removes_other = removed_live.iter().any(|i| i != committer);
+    if removes_other && !may_change_membership(group, committer, MembershipChange::Remove)? {
+        return Ok(Some(
+            "the group's policy does not let this member remove members",
+        ));
+    }
+    Ok(None)
+}
+
 /// Reads XMTP's immutable metadata from a group.
 pub fn group_metadata(group: &MlsGroup) -> Result<mc::GroupMetadataV1> {
     let ext = group
@@ -1051,6 +1079,89 @@ pub fn delete(provider: &Provider, group: &mut MlsGroup) -> Result<()> {
 mod tests {
     use super::*;
     use crate::content;
+
+    /// A commit that breaks the group's policy is caught by the receiver: in a default group a
+    /// non-admin member's commit removing another member is a violation; the creator's is not.
+    #[test]
+    fn receivers_catch_policy_violations() {
+        let mut rng = rand::rngs::OsRng;
+        let (pa, pb, pc) = (
+            Provider::default(),
+            Provider::default(),
+            Provider::default(),
+        );
+        let keys = [
+            InstallationKey::from_seed(&[1; 32]),
+            InstallationKey::from_seed(&[2; 32]),
+            InstallationKey::from_seed(&[3; 32]),
+        ];
+        let kp = |p: &Provider, inbox: &str, k: &InstallationKey| {
+            validate_key_package(
+                &pa,
+                &build_key_package(p, inbox, k, &mut rand::rngs::OsRng)
+                    .unwrap()
+                    .tls,
+            )
+            .unwrap()
+        };
+        let (kb, kc) = (kp(&pb, "bbbb", &keys[1]), kp(&pc, "cccc", &keys[2]));
+        let membership: BTreeMap<String, u64> = [("aaaa", 1u64), ("bbbb", 1), ("cccc", 1)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into();
+        let created = create_best(
+            &pa,
+            &keys[0],
+            "aaaa",
+            Kind::Group {
+                name: "g",
+                description: "",
+            },
+            vec![kb, kc],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
+        let gb = join(&pb, &created.welcome).unwrap();
+        let mut gc = join(&pc, &created.welcome).unwrap();
+        // C (not an admin) removes B.
+        let mut without_b = membership.clone();
+        without_b.remove("bbbb");
+        let staged = commit_membership(
+            &pc,
+            &keys[2],
+            &mut gc,
+            vec![],
+            &[keys[1].public().to_vec()],
+            &without_b,
+        )
+        .unwrap();
+        let mut ga = created.group;
+        let Processed::PendingCommit {
+            added,
+            committer,
+            removed,
+            ..
+        } = process(&pa, &mut ga, &staged.commit).unwrap()
+        else {
+            panic!("expected a commit")
+        };
+        assert_eq!(committer, "cccc");
+        assert_eq!(removed, vec![keys[1].public().to_vec()]);
+        assert_eq!(
+            commit_policy_violation(&ga, &committer, &added, &["bbbb".to_string()]).unwrap(),
+            Some("the group's policy does not let this member remove members")
+        );
+        // The same removal by A, the super admin, is within the policy.
+        assert_eq!(
+            commit_policy_violation(&ga, "aaaa", &added, &["bbbb".to_string()]).unwrap(),
+            None
+        );
+        // Any member may add.
+        assert_eq!(
+            commit_policy_violation(&gb, "bbbb", &[("dddd".to_string(), vec![9])], &[]).unwrap(),
+            None
+        );
+    }
 
     /// Gatehouse installations (all with PQ twins) get a post-quantum group; one invitee
     /// without a twin (as an XMTP client's key package) gets XMTP's suite. Both work.
