@@ -44,6 +44,20 @@ fn group_lifecycle() {
         "MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519"
     );
 
+    // Any member may rename the group; only a super admin may appoint admins.
+    b.ok(&["group", "set", "--conversation", &gid, "--name", "renamed"]);
+    let out = c.run(&["group", "admin", "--conversation", &gid, "--add", &ic]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("add admins"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(a.ok(&["group", "info", "--conversation", &gid]).trim()).unwrap();
+    assert_eq!(info["name"], "renamed");
+    assert_eq!(info["admins"], serde_json::json!([]));
+
     // The default policy lets only admins remove members.
     let out = c.run(&["group", "remove", "--conversation", &gid, "--member", &ib]);
     assert!(!out.status.success());
@@ -63,6 +77,12 @@ fn group_lifecycle() {
         "C must read nothing after removal: {}",
         String::from_utf8_lossy(&out.stdout)
     );
+
+    // A makes B an admin; now B may remove members (and B's removal of C is accepted by A).
+    a.ok(&["group", "admin", "--conversation", &gid, "--add", &ib]);
+    let info: serde_json::Value =
+        serde_json::from_str(b.ok(&["group", "info", "--conversation", &gid]).trim()).unwrap();
+    assert_eq!(info["admins"], serde_json::json!([ib]));
 
     // Any member may add: B brings C back, and C reads again.
     b.ok(&["group", "add", "--conversation", &gid, "--member", &ic]);

@@ -1373,6 +1373,29 @@ impl Client {
         Ok(())
     }
 
+    /// Changes a group's metadata or roles, if its policy lets us.
+    pub async fn update_metadata(
+        &mut self,
+        gid: &[u8],
+        update: group::MetadataUpdate,
+    ) -> Result<()> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
+        self.sync_group_inner(&mut g).await?;
+        let exts = group::updated_extensions(&g, &update)?;
+        if let Some(rule) = group::extensions_policy_violation(&g, &self.inbox_id, &exts)? {
+            return Err(ClientError::Peer(rule.replace("this member", "you")));
+        }
+        let staged = group::commit_extensions(&self.provider, &self.key, &mut g, exts)?;
+        if !self.publish_commit(&mut g, staged, vec![]).await? {
+            return Err(ClientError::Peer(
+                "another member's change came first; try again".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A conversation's kind, name, epoch, members and roles.
     pub fn conversation_info(&self, gid: &[u8]) -> Result<serde_json::Value> {
         let g = group::load(&self.provider, gid)?.ok_or_else(|| {

@@ -121,6 +121,30 @@ pub enum GroupCommand {
         #[arg(long = "member", required = true)]
         members: Vec<String>,
     },
+    /// Change the group's name or description (per its metadata policy).
+    Set {
+        /// The group's id (hex).
+        #[arg(long)]
+        conversation: String,
+        /// New name.
+        #[arg(long)]
+        name: Option<String>,
+        /// New description.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Add or remove an admin (super admins only, by default).
+    Admin {
+        /// The group's id (hex).
+        #[arg(long)]
+        conversation: String,
+        /// Make this member an admin.
+        #[arg(long, conflicts_with = "remove", required_unless_present = "remove")]
+        add: Option<String>,
+        /// Take admin away from this member.
+        #[arg(long)]
+        remove: Option<String>,
+    },
     /// Kind, name, epoch, ciphersuite, members, admins (JSON).
     Info {
         /// The conversation's id (hex).
@@ -408,6 +432,56 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;
                     let inboxes = resolve_all(&mut client, &members).await?;
                     client.remove_members(&gid, &inboxes).await?;
+                }
+                GroupCommand::Set {
+                    conversation,
+                    name,
+                    description,
+                } => {
+                    let gid = hex::decode(&conversation).context("--conversation must be hex")?;
+                    anyhow::ensure!(
+                        name.is_some() || description.is_some(),
+                        "give --name and/or --description"
+                    );
+                    if let Some(n) = name {
+                        client
+                            .update_metadata(
+                                &gid,
+                                gatehouse_protocol::group::MetadataUpdate::Attribute(
+                                    "group_name".into(),
+                                    n,
+                                ),
+                            )
+                            .await?;
+                    }
+                    if let Some(d) = description {
+                        client
+                            .update_metadata(
+                                &gid,
+                                gatehouse_protocol::group::MetadataUpdate::Attribute(
+                                    "description".into(),
+                                    d,
+                                ),
+                            )
+                            .await?;
+                    }
+                }
+                GroupCommand::Admin {
+                    conversation,
+                    add,
+                    remove,
+                } => {
+                    let gid = hex::decode(&conversation).context("--conversation must be hex")?;
+                    let update = match (add, remove) {
+                        (Some(a), _) => gatehouse_protocol::group::MetadataUpdate::AddAdmin(
+                            client.resolve(&a).await?,
+                        ),
+                        (None, Some(r)) => gatehouse_protocol::group::MetadataUpdate::RemoveAdmin(
+                            client.resolve(&r).await?,
+                        ),
+                        (None, None) => anyhow::bail!("give --add or --remove"),
+                    };
+                    client.update_metadata(&gid, update).await?;
                 }
                 GroupCommand::Info { conversation } => {
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;

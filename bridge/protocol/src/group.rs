@@ -572,6 +572,205 @@ pub fn commit_policy_violation(
     Ok(None)
 }
 
+/// A change to a group's mutable metadata or roles.
+#[derive(Clone, Debug)]
+pub enum MetadataUpdate {
+    /// Set an attribute (`group_name`, `description`, `group_image_url_square`, `app_data`, …).
+    Attribute(String, String),
+    /// Make an inbox an admin.
+    AddAdmin(String),
+    /// Take admin away from an inbox.
+    RemoveAdmin(String),
+}
+
+fn with_mutable(
+    group: &MlsGroup,
+    mutable: &mc::GroupMutableMetadataV1,
+) -> Result<Extensions<GroupContext>> {
+    let exts: Vec<Extension> = group
+        .extensions()
+        .iter()
+        .map(|e| match e {
+            Extension::Unknown(EXT_MUTABLE_METADATA, _) => Extension::Unknown(
+                EXT_MUTABLE_METADATA,
+                UnknownExtension(mutable.encode_to_vec()),
+            ),
+            other => other.clone(),
+        })
+        .collect();
+    Extensions::from_vec(exts).map_err(mls_err)
+}
+
+/// The group-context extensions after applying `update`.
+pub fn updated_extensions(
+    group: &MlsGroup,
+    update: &MetadataUpdate,
+) -> Result<Extensions<GroupContext>> {
+    let mut m = mutable_metadata(group)?;
+    match update {
+        MetadataUpdate::Attribute(k, v) => {
+            m.attributes.insert(k.clone(), v.clone());
+        }
+        MetadataUpdate::AddAdmin(i) => {
+            let list = m.admin_list.get_or_insert_with(Default::default);
+            if !list.inbox_ids.contains(i) {
+                list.inbox_ids.push(i.clone());
+            }
+        }
+        MetadataUpdate::RemoveAdmin(i) => {
+            if let Some(list) = m.admin_list.as_mut() {
+                list.inbox_ids.retain(|x| x != i);
+            }
+        }
+    }
+    with_mutable(group, &m)
+}
+
+/// Stages a commit that replaces the group-context extensions (a metadata or role change).
+pub fn commit_extensions(
+    provider: &Provider,
+    key: &InstallationKey,
+    group: &mut MlsGroup,
+    exts: Extensions<GroupContext>,
+) -> Result<MembershipCommit> {
+    let signer = signer(key);
+    let bundle = group
+        .commit_builder()
+        .propose_group_context_extensions(exts)
+        .map_err(mls_err)?
+        .load_psks(provider.storage())
+        .map_err(mls_err)?
+        .build(provider.rand(), provider.crypto(), &signer, |_| true)
+        .map_err(mls_err)?
+        .stage_commit(provider)
+        .map_err(mls_err)?;
+    let (commit, _, _) = bundle.into_messages();
+    Ok(MembershipCommit {
+        commit: commit.tls_serialize_detached().map_err(mls_err)?,
+        welcome: None,
+    })
+}
+
+fn read_mutable(exts: &Extensions<GroupContext>) -> Option<mc::GroupMutableMetadataV1> {
+    exts.unknown(EXT_MUTABLE_METADATA)
+        .and_then(|u| mc::GroupMutableMetadataV1::decode(u.0.as_slice()).ok())
+}
+
+/// Checks new group-context extensions (from a commit) against the group's policies: the
+/// immutable metadata must not change; each changed attribute needs its metadata policy;
+/// admin-list changes need the add/remove-admin policy; super-admin or permission changes
+/// need a super admin. Returns the rule broken, if any.
+pub fn extensions_policy_violation(
+    group: &MlsGroup,
+    committer: &str,
+    new: &Extensions<GroupContext>,
+) -> Result<Option<String>> {
+    let old = group.extensions();
+    if old.unknown(EXT_IMMUTABLE_METADATA) != new.unknown(EXT_IMMUTABLE_METADATA) {
+        return Ok(Some("the immutable metadata may not change".into()));
+    }
+    let policies = policies(group)?;
+    let before = mutable_metadata(group)?;
+    let Some(after) = read_mutable(new) else {
+        return Ok(Some("the commit drops the group's metadata".into()));
+    };
+    let in_list = |l: &Option<mc::Inboxes>, i: &str| {
+        l.as_ref()
+            .is_some_and(|l| l.inbox_ids.iter().any(|x| x == i))
+    };
+    let admin = in_list(&before.admin_list, committer);
+    let sup = in_list(&before.super_admin_list, committer);
+    use mc::metadata_policy::{Kind as MK, MetadataBasePolicy as MB};
+    use mc::permissions_update_policy::{Kind as PK, PermissionsBasePolicy as PB};
+    fn meta_ok(p: &mc::MetadataPolicy, admin: bool, sup: bool) -> bool {
+        match &p.kind {
+            Some(MK::Base(b)) => match MB::try_from(*b) {
+                Ok(MB::Allow) => true,
+                Ok(MB::AllowIfAdmin) => admin || sup,
+                Ok(MB::AllowIfSuperAdmin) => sup,
+                _ => false,
+            },
+            Some(MK::AndCondition(c)) => {
+                !c.policies.is_empty() && c.policies.iter().all(|p| meta_ok(p, admin, sup))
+            }
+            Some(MK::AnyCondition(c)) => c.policies.iter().any(|p| meta_ok(p, admin, sup)),
+            None => false,
+        }
+    }
+    fn perm_ok(p: &Option<mc::PermissionsUpdatePolicy>, admin: bool, sup: bool) -> bool {
+        fn one(p: &mc::PermissionsUpdatePolicy, admin: bool, sup: bool) -> bool {
+            match &p.kind {
+                Some(PK::Base(b)) => match PB::try_from(*b) {
+                    Ok(PB::AllowIfAdmin) => admin || sup,
+                    Ok(PB::AllowIfSuperAdmin) => sup,
+                    _ => false,
+                },
+                Some(PK::AndCondition(c)) => {
+                    !c.policies.is_empty() && c.policies.iter().all(|p| one(p, admin, sup))
+                }
+                Some(PK::AnyCondition(c)) => c.policies.iter().any(|p| one(p, admin, sup)),
+                None => false,
+            }
+        }
+        p.as_ref().is_some_and(|p| one(p, admin, sup))
+    }
+    let keys: std::collections::BTreeSet<&String> = before
+        .attributes
+        .keys()
+        .chain(after.attributes.keys())
+        .collect();
+    for k in keys {
+        // The commit-log signer is rotated by the protocol, not by a user decision.
+        if k == "_commit_log_signer" || before.attributes.get(k) == after.attributes.get(k) {
+            continue;
+        }
+        let allowed = policies
+            .update_metadata_policy
+            .get(k)
+            .is_some_and(|p| meta_ok(p, admin, sup));
+        if !allowed {
+            return Ok(Some(format!(
+                "the group's policy does not let this member change {k}"
+            )));
+        }
+    }
+    let ids = |l: &Option<mc::Inboxes>| {
+        l.as_ref()
+            .map(|l| {
+                l.inbox_ids
+                    .iter()
+                    .cloned()
+                    .collect::<std::collections::BTreeSet<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let (a0, a1) = (ids(&before.admin_list), ids(&after.admin_list));
+    if a1.difference(&a0).next().is_some() && !perm_ok(&policies.add_admin_policy, admin, sup) {
+        return Ok(Some(
+            "the group's policy does not let this member add admins".into(),
+        ));
+    }
+    if a0.difference(&a1).next().is_some() && !perm_ok(&policies.remove_admin_policy, admin, sup) {
+        return Ok(Some(
+            "the group's policy does not let this member remove admins".into(),
+        ));
+    }
+    let perms_changed = old.unknown(EXT_GROUP_PERMISSIONS) != new.unknown(EXT_GROUP_PERMISSIONS);
+    if (ids(&before.super_admin_list) != ids(&after.super_admin_list) || perms_changed)
+        && !perm_ok(&policies.update_permissions_policy, admin, sup)
+    {
+        return Ok(Some(
+            "the group's policy does not let this member change permissions or super admins".into(),
+        ));
+    }
+    Ok(None)
+}
+
+/// The new group-context extensions a staged commit would install, if it changes them.
+pub fn staged_extensions(staged: &StagedCommit) -> Extensions<GroupContext> {
+    staged.group_context().extensions().clone()
+}
+
 /// Reads XMTP's immutable metadata from a group.
 pub fn group_metadata(group: &MlsGroup) -> Result<mc::GroupMetadataV1> {
     let ext = group
@@ -1121,7 +1320,7 @@ mod tests {
             &mut rng,
         )
         .unwrap();
-        let gb = join(&pb, &created.welcome).unwrap();
+        let mut gb = join(&pb, &created.welcome).unwrap();
         let mut gc = join(&pc, &created.welcome).unwrap();
         // C (not an admin) removes B.
         let mut without_b = membership.clone();
@@ -1159,6 +1358,30 @@ mod tests {
         // Any member may add.
         assert_eq!(
             commit_policy_violation(&gb, "bbbb", &[("dddd".to_string(), vec![9])], &[]).unwrap(),
+            None
+        );
+        // C (not a super admin) makes itself an admin: the receiver refuses it; a rename by
+        // any member is within the policy.
+        clear_pending(&pc, &mut gc).unwrap();
+        let exts = updated_extensions(&gc, &MetadataUpdate::AddAdmin("cccc".into())).unwrap();
+        let staged = commit_extensions(&pc, &keys[2], &mut gc, exts).unwrap();
+        let Processed::PendingCommit {
+            staged: sc,
+            committer,
+            ..
+        } = process(&pb, &mut gb, &staged.commit).unwrap()
+        else {
+            panic!("expected a commit")
+        };
+        let rule = extensions_policy_violation(&gb, &committer, &staged_extensions(&sc)).unwrap();
+        assert!(rule.unwrap().contains("add admins"));
+        let renamed = updated_extensions(
+            &ga,
+            &MetadataUpdate::Attribute("group_name".into(), "new".into()),
+        )
+        .unwrap();
+        assert_eq!(
+            extensions_policy_violation(&ga, "cccc", &renamed).unwrap(),
             None
         );
     }
