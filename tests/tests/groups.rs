@@ -91,5 +91,16 @@ fn group_lifecycle() {
     assert_eq!(got[0]["text"], "welcome back");
     assert_eq!(got[0]["conversation"], gid.as_str());
     assert_eq!(a.listen(1)[0]["text"], "welcome back");
+
+    // C asks to leave; A (super admin) carries it out at its next read.
+    c.ok(&["group", "leave", "--conversation", &gid]);
+    let got = a.listen(1);
+    assert_eq!(got[0]["content_type"], "xmtp.org/leave_request:1.0");
+    assert_eq!(got[0]["sender_inbox"], ic.as_str());
+    let info: serde_json::Value =
+        serde_json::from_str(a.ok(&["group", "info", "--conversation", &gid]).trim()).unwrap();
+    let mut members = vec![ia.clone(), ib.clone()];
+    members.sort();
+    assert_eq!(info["members"], serde_json::json!(members));
     let _ = std::fs::remove_dir_all(&dir);
 }

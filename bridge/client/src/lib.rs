@@ -1005,6 +1005,17 @@ impl Client {
                     ),
                     _ => return Ok(None),
                 };
+                // A leave request: recorded, and carried out by a member allowed to remove.
+                if content
+                    .r#type
+                    .as_ref()
+                    .is_some_and(|t| t.authority_id == "xmtp.org" && t.type_id == "leave_request")
+                {
+                    self.tree.insert(
+                        [b"leave/".as_slice(), gid, b"/", sender_inbox.as_bytes()].concat(),
+                        b"",
+                    )?;
+                }
                 // The DM a peer last wrote on is the one we answer on (DM stitching).
                 if let Some(peer) = self.dm_peer(gid)?
                     && peer == sender_inbox
@@ -1144,7 +1155,23 @@ impl Client {
             .filter(|r| !r.updates.is_empty())
             .map(|r| r.inbox_id)
             .collect();
-        if changed.is_empty() {
+        // Members that asked to leave, removed by whoever may remove members.
+        let leave_prefix = [b"leave/".as_slice(), &gid, b"/"].concat();
+        let mut leavers: Vec<String> = Vec::new();
+        let current = group::leaves(g);
+        for item in self.tree.scan_prefix(&leave_prefix) {
+            let (k, _) = item?;
+            let inbox = String::from_utf8_lossy(&k[leave_prefix.len()..]).into_owned();
+            if current.iter().any(|(i, _)| *i == inbox) {
+                leavers.push(inbox);
+            } else {
+                // Gone already: the request is done.
+                self.tree.remove(&k)?;
+            }
+        }
+        let may_remove = !leavers.is_empty()
+            && group::may_change_membership(g, &self.inbox_id, group::MembershipChange::Remove)?;
+        if changed.is_empty() && !may_remove {
             return Ok(());
         }
         let leaves = group::leaves(g);
@@ -1179,6 +1206,22 @@ impl Client {
         } else {
             self.usable_key_packages(&add_keys).await?
         };
+        if may_remove {
+            for leaver in &leavers {
+                if *leaver == self.inbox_id {
+                    continue;
+                }
+                remove.extend(
+                    leaves
+                        .iter()
+                        .filter(|(i, _)| i == leaver)
+                        .map(|(_, k)| k.clone()),
+                );
+                membership.remove(leaver);
+            }
+        }
+        remove.sort();
+        remove.dedup();
         if adds.is_empty() && remove.is_empty() {
             return Ok(());
         }
@@ -1370,6 +1413,26 @@ impl Client {
                 "another member's change came first; try again".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Asks to leave a group (XMTP's `leave_request`): a member allowed to remove members takes
+    /// this inbox out at its next read.
+    pub async fn leave(&mut self, gid: &[u8]) -> Result<()> {
+        let request = gatehouse_wire::message_contents::content_types::LeaveRequest {
+            authenticated_note: None,
+        };
+        let c = content::with_fallback(
+            mc::ContentTypeId {
+                authority_id: "xmtp.org".into(),
+                type_id: "leave_request".into(),
+                version_major: 1,
+                version_minor: 0,
+            },
+            gatehouse_wire::Message::encode_to_vec(&request),
+            Some("(left the group)".into()),
+        );
+        self.send(gid, &c, None).await?;
         Ok(())
     }
 

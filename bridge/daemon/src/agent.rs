@@ -145,6 +145,12 @@ pub enum GroupCommand {
         #[arg(long)]
         remove: Option<String>,
     },
+    /// Ask to leave a group: an admin's client removes you at its next read.
+    Leave {
+        /// The group's id (hex).
+        #[arg(long)]
+        conversation: String,
+    },
     /// Kind, name, epoch, ciphersuite, members, admins (JSON).
     Info {
         /// The conversation's id (hex).
@@ -482,6 +488,10 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                         (None, None) => anyhow::bail!("give --add or --remove"),
                     };
                     client.update_metadata(&gid, update).await?;
+                }
+                GroupCommand::Leave { conversation } => {
+                    let gid = hex::decode(&conversation).context("--conversation must be hex")?;
+                    client.leave(&gid).await?;
                 }
                 GroupCommand::Info { conversation } => {
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;
