@@ -684,6 +684,37 @@ impl Client {
         Ok((kps, wrappers))
     }
 
+    /// This installation's read position in a conversation (the last node id it processed).
+    fn read_cursor(&self, gid: &[u8]) -> Result<u64> {
+        Ok(self
+            .tree
+            .get([b"cursor/g/".as_slice(), gid].concat())?
+            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(0))
+    }
+
+    /// Up to `limit` group messages with ids greater than `cursor`, in node order.
+    async fn messages_after(
+        &mut self,
+        gid: &[u8],
+        cursor: u64,
+        limit: u32,
+    ) -> Result<Vec<mpb::GroupMessage>> {
+        Ok(self
+            .mls
+            .query_group_messages(mpb::QueryGroupMessagesRequest {
+                group_id: gid.to_vec(),
+                paging_info: Some(mpb::PagingInfo {
+                    direction: mpb::SortDirection::Ascending as i32,
+                    limit,
+                    id_cursor: cursor,
+                }),
+            })
+            .await?
+            .into_inner()
+            .messages)
+    }
+
     /// Publishes one MLS message to the node.
     async fn publish_group_message(&mut self, data: Vec<u8>, should_push: bool) -> Result<()> {
         self.mls
@@ -908,25 +939,10 @@ impl Client {
         // Identity states fetched during this pass, so each inbox is read once.
         let mut states: BTreeMap<String, identity::InboxState> = BTreeMap::new();
         loop {
-            let cursor = self
-                .tree
-                .get(&ckey)?
-                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
-            let resp = self
-                .mls
-                .query_group_messages(mpb::QueryGroupMessagesRequest {
-                    group_id: gid.clone(),
-                    paging_info: Some(mpb::PagingInfo {
-                        direction: mpb::SortDirection::Ascending as i32,
-                        limit: 100,
-                        id_cursor: cursor,
-                    }),
-                })
-                .await?
-                .into_inner();
-            let n = resp.messages.len();
-            for m in resp.messages {
+            let cursor = self.read_cursor(&gid)?;
+            let messages = self.messages_after(&gid, cursor, 100).await?;
+            let n = messages.len();
+            for m in messages {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
                 };
@@ -1245,30 +1261,15 @@ impl Client {
         wrappers: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<bool> {
         let gid = g.group_id().as_slice().to_vec();
-        let before = self
-            .tree
-            .get([b"cursor/g/".as_slice(), &gid].concat())?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0);
+        let before = self.read_cursor(&gid)?;
         self.publish_group_message(staged.commit.clone(), false)
             .await?;
-        let resp = self
-            .mls
-            .query_group_messages(mpb::QueryGroupMessagesRequest {
-                group_id: gid.clone(),
-                paging_info: Some(mpb::PagingInfo {
-                    direction: mpb::SortDirection::Ascending as i32,
-                    limit: 1000,
-                    id_cursor: before,
-                }),
-            })
-            .await?
-            .into_inner();
+        let messages = self.messages_after(&gid, before, 1000).await?;
         // Application messages are left for the next read (their epoch keys are kept), and the
         // read cursor is not moved here, so nothing is skipped.
         let mut states = BTreeMap::new();
         let mut ours_won = false;
-        for m in resp.messages {
+        for m in messages {
             let Some(mpb::group_message::Version::V1(v)) = m.version else {
                 continue;
             };

@@ -495,6 +495,131 @@ pub fn policies(group: &MlsGroup) -> Result<mc::PolicySet> {
         .ok_or_else(|| ProtocolError::Mls("group has an empty policy set".into()))
 }
 
+/// What a base policy asks of the actor.
+#[derive(Clone, Copy)]
+enum Need {
+    Anyone,
+    Nobody,
+    Admin,
+    SuperAdmin,
+}
+
+/// XMTP's three policy trees (membership, metadata, permissions) share one shape: a base
+/// policy or an and/any combination.
+trait PolicyTree: Sized {
+    fn need(&self) -> Option<Need>;
+    fn all_of(&self) -> Option<&[Self]>;
+    fn any_of(&self) -> Option<&[Self]>;
+
+    fn allows(&self, admin: bool, sup: bool) -> bool {
+        if let Some(need) = self.need() {
+            return match need {
+                Need::Anyone => true,
+                Need::Nobody => false,
+                Need::Admin => admin || sup,
+                Need::SuperAdmin => sup,
+            };
+        }
+        if let Some(all) = self.all_of() {
+            return !all.is_empty() && all.iter().all(|p| p.allows(admin, sup));
+        }
+        self.any_of()
+            .is_some_and(|any| any.iter().any(|p| p.allows(admin, sup)))
+    }
+}
+
+impl PolicyTree for mc::MembershipPolicy {
+    fn need(&self) -> Option<Need> {
+        use mc::membership_policy::{BasePolicy as B, Kind};
+        match &self.kind {
+            Some(Kind::Base(b)) => Some(match B::try_from(*b) {
+                Ok(B::Allow) => Need::Anyone,
+                Ok(B::AllowIfAdminOrSuperAdmin) => Need::Admin,
+                Ok(B::AllowIfSuperAdmin) => Need::SuperAdmin,
+                _ => Need::Nobody,
+            }),
+            None => Some(Need::Nobody),
+            _ => None,
+        }
+    }
+    fn all_of(&self) -> Option<&[Self]> {
+        match &self.kind {
+            Some(mc::membership_policy::Kind::AndCondition(c)) => Some(&c.policies),
+            _ => None,
+        }
+    }
+    fn any_of(&self) -> Option<&[Self]> {
+        match &self.kind {
+            Some(mc::membership_policy::Kind::AnyCondition(c)) => Some(&c.policies),
+            _ => None,
+        }
+    }
+}
+
+impl PolicyTree for mc::MetadataPolicy {
+    fn need(&self) -> Option<Need> {
+        use mc::metadata_policy::{Kind, MetadataBasePolicy as B};
+        match &self.kind {
+            Some(Kind::Base(b)) => Some(match B::try_from(*b) {
+                Ok(B::Allow) => Need::Anyone,
+                Ok(B::AllowIfAdmin) => Need::Admin,
+                Ok(B::AllowIfSuperAdmin) => Need::SuperAdmin,
+                _ => Need::Nobody,
+            }),
+            None => Some(Need::Nobody),
+            _ => None,
+        }
+    }
+    fn all_of(&self) -> Option<&[Self]> {
+        match &self.kind {
+            Some(mc::metadata_policy::Kind::AndCondition(c)) => Some(&c.policies),
+            _ => None,
+        }
+    }
+    fn any_of(&self) -> Option<&[Self]> {
+        match &self.kind {
+            Some(mc::metadata_policy::Kind::AnyCondition(c)) => Some(&c.policies),
+            _ => None,
+        }
+    }
+}
+
+impl PolicyTree for mc::PermissionsUpdatePolicy {
+    fn need(&self) -> Option<Need> {
+        use mc::permissions_update_policy::{Kind, PermissionsBasePolicy as B};
+        match &self.kind {
+            Some(Kind::Base(b)) => Some(match B::try_from(*b) {
+                Ok(B::AllowIfAdmin) => Need::Admin,
+                Ok(B::AllowIfSuperAdmin) => Need::SuperAdmin,
+                _ => Need::Nobody,
+            }),
+            None => Some(Need::Nobody),
+            _ => None,
+        }
+    }
+    fn all_of(&self) -> Option<&[Self]> {
+        match &self.kind {
+            Some(mc::permissions_update_policy::Kind::AndCondition(c)) => Some(&c.policies),
+            _ => None,
+        }
+    }
+    fn any_of(&self) -> Option<&[Self]> {
+        match &self.kind {
+            Some(mc::permissions_update_policy::Kind::AnyCondition(c)) => Some(&c.policies),
+            _ => None,
+        }
+    }
+}
+
+/// `(is admin, is super admin)` of `actor` per the group's mutable metadata.
+fn roles(meta: &mc::GroupMutableMetadataV1, actor: &str) -> (bool, bool) {
+    let has = |l: &Option<mc::Inboxes>| {
+        l.as_ref()
+            .is_some_and(|l| l.inbox_ids.iter().any(|i| i == actor))
+    };
+    (has(&meta.admin_list), has(&meta.super_admin_list))
+}
+
 /// Which membership change a policy is asked about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MembershipChange {
@@ -512,36 +637,12 @@ pub fn may_change_membership(
     change: MembershipChange,
 ) -> Result<bool> {
     let policies = policies(group)?;
-    let meta = mutable_metadata(group)?;
-    let is_admin = meta
-        .admin_list
-        .as_ref()
-        .is_some_and(|l| l.inbox_ids.iter().any(|i| i == actor));
-    let is_super = meta
-        .super_admin_list
-        .as_ref()
-        .is_some_and(|l| l.inbox_ids.iter().any(|i| i == actor));
-    fn eval(p: &mc::MembershipPolicy, admin: bool, sup: bool) -> bool {
-        use mc::membership_policy::{BasePolicy as B, Kind};
-        match &p.kind {
-            Some(Kind::Base(b)) => match B::try_from(*b) {
-                Ok(B::Allow) => true,
-                Ok(B::AllowIfAdminOrSuperAdmin) => admin || sup,
-                Ok(B::AllowIfSuperAdmin) => sup,
-                _ => false,
-            },
-            Some(Kind::AndCondition(c)) => {
-                !c.policies.is_empty() && c.policies.iter().all(|p| eval(p, admin, sup))
-            }
-            Some(Kind::AnyCondition(c)) => c.policies.iter().any(|p| eval(p, admin, sup)),
-            None => false,
-        }
-    }
+    let (admin, sup) = roles(&mutable_metadata(group)?, actor);
     let policy = match change {
         MembershipChange::Add => policies.add_member_policy,
         MembershipChange::Remove => policies.remove_member_policy,
     };
-    Ok(policy.as_ref().is_some_and(|p| eval(p, is_admin, is_super)))
+    Ok(policy.as_ref().is_some_and(|p| p.allows(admin, sup)))
 }
 
 /// Checks a commit against the group's membership policy, before it is merged. `added` are
@@ -674,46 +775,9 @@ pub fn extensions_policy_violation(
     let Some(after) = read_mutable(new) else {
         return Ok(Some("the commit drops the group's metadata".into()));
     };
-    let in_list = |l: &Option<mc::Inboxes>, i: &str| {
-        l.as_ref()
-            .is_some_and(|l| l.inbox_ids.iter().any(|x| x == i))
-    };
-    let admin = in_list(&before.admin_list, committer);
-    let sup = in_list(&before.super_admin_list, committer);
-    use mc::metadata_policy::{Kind as MK, MetadataBasePolicy as MB};
-    use mc::permissions_update_policy::{Kind as PK, PermissionsBasePolicy as PB};
-    fn meta_ok(p: &mc::MetadataPolicy, admin: bool, sup: bool) -> bool {
-        match &p.kind {
-            Some(MK::Base(b)) => match MB::try_from(*b) {
-                Ok(MB::Allow) => true,
-                Ok(MB::AllowIfAdmin) => admin || sup,
-                Ok(MB::AllowIfSuperAdmin) => sup,
-                _ => false,
-            },
-            Some(MK::AndCondition(c)) => {
-                !c.policies.is_empty() && c.policies.iter().all(|p| meta_ok(p, admin, sup))
-            }
-            Some(MK::AnyCondition(c)) => c.policies.iter().any(|p| meta_ok(p, admin, sup)),
-            None => false,
-        }
-    }
-    fn perm_ok(p: &Option<mc::PermissionsUpdatePolicy>, admin: bool, sup: bool) -> bool {
-        fn one(p: &mc::PermissionsUpdatePolicy, admin: bool, sup: bool) -> bool {
-            match &p.kind {
-                Some(PK::Base(b)) => match PB::try_from(*b) {
-                    Ok(PB::AllowIfAdmin) => admin || sup,
-                    Ok(PB::AllowIfSuperAdmin) => sup,
-                    _ => false,
-                },
-                Some(PK::AndCondition(c)) => {
-                    !c.policies.is_empty() && c.policies.iter().all(|p| one(p, admin, sup))
-                }
-                Some(PK::AnyCondition(c)) => c.policies.iter().any(|p| one(p, admin, sup)),
-                None => false,
-            }
-        }
-        p.as_ref().is_some_and(|p| one(p, admin, sup))
-    }
+    let (admin, sup) = roles(&before, committer);
+    let perm_ok =
+        |p: &Option<mc::PermissionsUpdatePolicy>| p.as_ref().is_some_and(|p| p.allows(admin, sup));
     let keys: std::collections::BTreeSet<&String> = before
         .attributes
         .keys()
@@ -727,7 +791,7 @@ pub fn extensions_policy_violation(
         let allowed = policies
             .update_metadata_policy
             .get(k)
-            .is_some_and(|p| meta_ok(p, admin, sup));
+            .is_some_and(|p| p.allows(admin, sup));
         if !allowed {
             return Ok(Some(format!(
                 "the group's policy does not let this member change {k}"
@@ -745,19 +809,19 @@ pub fn extensions_policy_violation(
             .unwrap_or_default()
     };
     let (a0, a1) = (ids(&before.admin_list), ids(&after.admin_list));
-    if a1.difference(&a0).next().is_some() && !perm_ok(&policies.add_admin_policy, admin, sup) {
+    if a1.difference(&a0).next().is_some() && !perm_ok(&policies.add_admin_policy) {
         return Ok(Some(
             "the group's policy does not let this member add admins".into(),
         ));
     }
-    if a0.difference(&a1).next().is_some() && !perm_ok(&policies.remove_admin_policy, admin, sup) {
+    if a0.difference(&a1).next().is_some() && !perm_ok(&policies.remove_admin_policy) {
         return Ok(Some(
             "the group's policy does not let this member remove admins".into(),
         ));
     }
     let perms_changed = old.unknown(EXT_GROUP_PERMISSIONS) != new.unknown(EXT_GROUP_PERMISSIONS);
     if (ids(&before.super_admin_list) != ids(&after.super_admin_list) || perms_changed)
-        && !perm_ok(&policies.update_permissions_policy, admin, sup)
+        && !perm_ok(&policies.update_permissions_policy)
     {
         return Ok(Some(
             "the group's policy does not let this member change permissions or super admins".into(),
