@@ -140,6 +140,33 @@ impl Mosquitto {
         );
     }
 
+    /// Publishes each line as its own QoS 1 message over one connection (`mosquitto_pub -l`).
+    pub fn publish_lines(&self, topic: &str, lines: &[String]) {
+        require("mosquitto_pub", "mosquitto-clients");
+        use std::io::Write;
+        let mut child = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                topic,
+                "-l",
+            ])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        for l in lines {
+            writeln!(stdin, "{l}").unwrap();
+        }
+        drop(stdin);
+        assert!(child.wait().unwrap().success(), "mosquitto_pub -l failed");
+    }
+
     /// Subscribes with `mosquitto_sub` and returns once the broker has acknowledged the
     /// subscription; the process collects messages until it is finished with `collect`.
     pub fn subscribe(&self, topic: &str) -> Subscriber {

@@ -192,3 +192,23 @@ fn seed_rederives_endpoint_identities() {
     );
     assert_eq!(down.next_message(), "after reinstall");
 }
+
+/// A burst of device messages (stored and acknowledged in batches) all arrive, once each, in
+/// the order they were published.
+#[test]
+fn burst_arrives_complete_and_in_order() {
+    let s = Setup::new("burst");
+    let a = s.agent("agent-a");
+    let inbox_a = a.inbox_id();
+    let config = s.write_config(&[&inbox_a]);
+    let _d = s.start_daemon(&config);
+    a.init();
+    let lines: Vec<String> = (0..60).map(|i| format!(r#"{{"n":{i}}}"#)).collect();
+    s.broker.publish_lines("devices/burst-1/up", &lines);
+    let got = a.listen(lines.len());
+    let texts: Vec<String> = got
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, lines);
+}
