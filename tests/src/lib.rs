@@ -403,6 +403,20 @@ impl Daemon {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `gatehouse plugins`.
+    pub fn plugins(&self) -> serde_json::Value {
+        let out = Command::new(gatehouse_bin())
+            .args(["plugins", "--admin", &self.admin])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "plugins: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// `gatehouse status`.
     pub fn status(&self) -> serde_json::Value {
         let out = Command::new(gatehouse_bin())

@@ -1,6 +1,7 @@
 //! The local admin API: plain HTTP/1.1 on a loopback address, read-only for now.
 //!
-//! `GET /endpoints` lists endpoint identities; `GET /status` gives version and counts.
+//! `GET /endpoints` lists endpoint identities; `GET /status` gives version and counts;
+//! `GET /plugins` gives each plugin's limits, counters and quarantine state.
 //! There is no authentication: the listener must be loopback (config validation enforces it),
 //! so only local users can reach it.
 
@@ -47,6 +48,7 @@ pub async fn serve(
                     serde_json::to_string(&bridge.endpoints()).unwrap_or_default(),
                 ),
                 "/status" => ("200 OK", bridge.status().to_string()),
+                "/plugins" => ("200 OK", bridge.plugins().to_string()),
                 _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
             };
             let resp = format!(

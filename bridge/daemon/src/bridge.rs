@@ -74,6 +74,8 @@ pub struct Bridge {
     endpoint_index: sled::Tree,
     channel: Channel,
     plugins: BTreeMap<String, Plugin>,
+    /// Per-plugin counters and quarantine state (`gatehouse plugins`).
+    plugin_stats: std::sync::Mutex<BTreeMap<String, crate::grants::PluginStats>>,
     mqtt: Option<MqttHandle>,
     endpoints: std::sync::Mutex<HashMap<String, Arc<Endpoint>>>,
     resolved: Mutex<HashMap<String, String>>,
@@ -216,18 +218,24 @@ impl Bridge {
         Ok(())
     }
 
+    /// Calls a route's plugin under its limits and accounts for the outcome.
     async fn run_plugin(
         &self,
         route: &Route,
         msg: Message,
         external: bool,
-    ) -> Result<Vec<Action>, PluginError> {
+    ) -> Result<Vec<Action>, PluginOutcome> {
+        let name = route.plugin.clone();
         let plugin = self
             .plugins
-            .get(&route.plugin)
+            .get(&name)
             .cloned()
-            .ok_or_else(|| PluginError::Load(format!("plugin {} not loaded", route.plugin)))?;
-        tokio::task::spawn_blocking(move || {
+            .ok_or_else(|| PluginOutcome::Fault(format!("plugin {name} not loaded")))?;
+        if self.stats(&name, |s| s.quarantined) {
+            return Err(PluginOutcome::Quarantined(name));
+        }
+        self.stats(&name, |s| s.calls += 1);
+        let result = tokio::task::spawn_blocking(move || {
             if external {
                 plugin.on_external(&msg)
             } else {
@@ -235,7 +243,70 @@ impl Bridge {
             }
         })
         .await
-        .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))))
+        .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))));
+        match result {
+            Ok(actions) => match crate::grants::check_limits(&self.cfg.plugins[&name], &actions) {
+                Ok(()) => Ok(actions),
+                Err(reason) => {
+                    self.fault(&name, &reason, actions.len() as u64);
+                    Err(PluginOutcome::Fault(reason))
+                }
+            },
+            // The plugin refused the input (e.g. malformed): the message is bad, not the plugin.
+            Err(PluginError::Refused { code, message }) => Err(PluginOutcome::Refused(format!(
+                "plugin refused: {code}: {message}"
+            ))),
+            Err(e) => {
+                let reason = e.to_string();
+                self.fault(&name, &reason, 0);
+                Err(PluginOutcome::Fault(reason))
+            }
+        }
+    }
+
+    fn stats<T>(&self, name: &str, f: impl FnOnce(&mut crate::grants::PluginStats) -> T) -> T {
+        let mut all = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
+        f(all.entry(name.to_string()).or_default())
+    }
+
+    /// Counts a fault (and refused actions); quarantines the plugin past its threshold.
+    fn fault(&self, name: &str, reason: &str, refused: u64) {
+        let cfg = &self.cfg.plugins[name];
+        let quarantined = self.stats(name, |s| {
+            s.refused_actions += refused;
+            s.dead_letters += 1;
+            s.fault(reason, cfg, std::time::Instant::now())
+        });
+        if quarantined {
+            tracing::error!(plugin = %name, %reason, "plugin quarantined after repeated faults: its routes hold their messages until restart");
+        }
+    }
+
+    /// Plugin states for the admin API.
+    pub fn plugins(&self) -> serde_json::Value {
+        let all = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
+        let list: Vec<serde_json::Value> = self
+            .cfg
+            .plugins
+            .iter()
+            .map(|(name, p)| {
+                let mut v =
+                    serde_json::to_value(all.get(name).map(|s| s as &crate::grants::PluginStats))
+                        .unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("name".into(), name.clone().into());
+                    o.insert("deadline_ms".into(), p.deadline_ms.into());
+                    o.insert("memory_mb".into(), p.memory_mb.into());
+                    o.insert("max_actions".into(), p.max_actions.into());
+                    o.insert(
+                        "content_types".into(),
+                        p.grants.content_types.clone().into(),
+                    );
+                }
+                v
+            })
+            .collect();
+        serde_json::Value::Array(list)
     }
 
     /// Processes queued inbound messages in order. Returns false when it should retry later.
@@ -258,9 +329,34 @@ impl Bridge {
                     tracing::warn!(queue_id = id, %reason, "delivery failed; will retry");
                     return false;
                 }
+                Err(Failure::Held(reason)) => {
+                    tracing::debug!(queue_id = id, %reason, "held in the queue");
+                    return false;
+                }
             }
         }
         true
+    }
+
+    /// Keeps a conversation message that could not go out, with the reason (local store only;
+    /// nothing of its content is logged).
+    fn dead_letter_outbound(&self, r: &gatehouse_client::Received, device: &str, reason: &str) {
+        let rec = serde_json::json!({
+            "reason": reason,
+            "direction": "outbound",
+            "device": device,
+            "conversation": r.conversation,
+            "message_id": r.id,
+            "sender_inbox": r.sender_inbox,
+            "content_type": r.content_type,
+            "content": hex::encode(&r.content),
+        });
+        if let Ok(id) = self.db.generate_id() {
+            let _ = self.dead.insert(
+                id.to_be_bytes(),
+                serde_json::to_vec(&rec).unwrap_or_default(),
+            );
+        }
     }
 
     fn dead_letter(&self, key: &[u8], value: &[u8], reason: &str) {
@@ -294,9 +390,12 @@ impl Bridge {
         };
         let actions = match self.run_plugin(route, msg, true).await {
             Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(route = %route.name, device = %rec.device, topic = %rec.topic, error = %e, "rejected by plugin");
-                return Err(Failure::Permanent(e.to_string()));
+            Err(PluginOutcome::Quarantined(name)) => {
+                return Err(Failure::Held(format!("plugin {name} is quarantined")));
+            }
+            Err(PluginOutcome::Refused(reason) | PluginOutcome::Fault(reason)) => {
+                tracing::warn!(route = %route.name, device = %rec.device, topic = %rec.topic, error = %reason, "rejected by plugin");
+                return Err(Failure::Permanent(reason));
             }
         };
         let endpoint = self
@@ -305,6 +404,13 @@ impl Bridge {
         for action in actions {
             match action {
                 Action::Send(s) => {
+                    if let Err(reason) =
+                        crate::grants::check_send(&self.cfg.plugins[&route.plugin], &s.content_type)
+                    {
+                        tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
+                        self.fault(&route.plugin, &reason, 1);
+                        return Err(Failure::Permanent(reason));
+                    }
                     let t = content::parse_type(&s.content_type)
                         .map_err(|e| Failure::Permanent(format!("plugin sent {e}")))?;
                     let mut c = if s.content_type.starts_with("xmtp.org/text:") {
@@ -429,18 +535,33 @@ impl Bridge {
             };
             let actions = match self.run_plugin(route, msg, false).await {
                 Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(route = %route.name, device = %ep.device, error = %e, "plugin refused a conversation message");
+                Err(PluginOutcome::Quarantined(name)) => {
+                    self.dead_letter_outbound(
+                        &r,
+                        &ep.device,
+                        &format!("plugin {name} is quarantined"),
+                    );
+                    continue;
+                }
+                Err(PluginOutcome::Refused(reason) | PluginOutcome::Fault(reason)) => {
+                    tracing::warn!(route = %route.name, device = %ep.device, error = %reason, "plugin refused a conversation message");
+                    self.dead_letter_outbound(&r, &ep.device, &reason);
                     continue;
                 }
             };
             for action in actions {
                 match action {
                     Action::Publish(p) => {
-                        // Grant: only the route's own channel and reply topic for this device.
-                        if p.channel != route.channel || p.address != route.reply_topic(&ep.device)
-                        {
-                            tracing::warn!(route = %route.name, channel = %p.channel, address = %p.address, "refused: publish outside the route's grant");
+                        if let Err(reason) = crate::grants::check_publish(
+                            &self.cfg.plugins[&route.plugin],
+                            route,
+                            &ep.device,
+                            &p.channel,
+                            &p.address,
+                        ) {
+                            tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
+                            self.fault(&route.plugin, &reason, 1);
+                            self.dead_letter_outbound(&r, &ep.device, &reason);
                             continue;
                         }
                         if let Some(m) = &self.mqtt {
@@ -466,6 +587,18 @@ impl Bridge {
 enum Failure {
     Permanent(String),
     Transient(String),
+    /// Held back on purpose (a quarantined plugin): stays queued, retried later, no alarm.
+    Held(String),
+}
+
+/// Why a plugin call produced no actions.
+enum PluginOutcome {
+    /// The plugin is quarantined; the message stays queued.
+    Quarantined(String),
+    /// The plugin refused the input (its own error result).
+    Refused(String),
+    /// A fault: trap, timeout, fuel or memory exhausted, limits broken.
+    Fault(String),
 }
 
 /// Starts everything and runs until `shutdown` turns true.
@@ -520,7 +653,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         let limits = Limits {
             deadline: Duration::from_millis(p.deadline_ms),
             memory_bytes: p.memory_mb << 20,
-            fuel: None,
+            fuel: p.fuel,
         };
         let plugin = host
             .load(name, &wasm, config, limits)
@@ -562,6 +695,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         endpoint_index: db.open_tree("endpoints")?,
         db,
         channel,
+        plugin_stats: std::sync::Mutex::new(
+            plugins
+                .keys()
+                .map(|k| (k.clone(), Default::default()))
+                .collect(),
+        ),
         plugins,
         mqtt,
         endpoints: Default::default(),

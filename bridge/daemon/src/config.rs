@@ -129,6 +129,81 @@ pub struct PluginConfig {
     /// Memory cap, MiB.
     #[serde(default = "default_memory")]
     pub memory_mb: usize,
+    /// Fuel per call (instruction budget); unset = unmetered.
+    #[serde(default)]
+    pub fuel: Option<u64>,
+    /// Most actions one call may return; more and the message is dead-lettered.
+    #[serde(default = "default_max_actions")]
+    pub max_actions: usize,
+    /// Most payload bytes one call may return in total; more and the message is dead-lettered.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// Faults (traps, timeouts, refusals of its grants) within `fault_window_secs` that
+    /// quarantine the plugin: its routes stop taking messages (they stay queued) until restart.
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: usize,
+    /// The window for `quarantine_after`, seconds.
+    #[serde(default = "default_fault_window")]
+    pub fault_window_secs: u64,
+    /// What the plugin's actions may do.
+    #[serde(default)]
+    pub grants: Grants,
+}
+
+/// A plugin's grants: anything outside them is refused, counted and dead-lettered.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grants {
+    /// Content types its `send` actions may use.
+    #[serde(default = "default_content_types")]
+    pub content_types: Vec<String>,
+    /// Channels its `publish` actions may target (default: the channels of its routes).
+    #[serde(default)]
+    pub channels: Option<Vec<String>>,
+    /// Address patterns (MQTT-style `+`/`#` wildcards, or `{device}` templates) its `publish`
+    /// actions may target (default: each route's `reply` for the message's device).
+    #[serde(default)]
+    pub addresses: Option<Vec<String>>,
+}
+
+impl Default for Grants {
+    fn default() -> Self {
+        Self {
+            content_types: default_content_types(),
+            channels: None,
+            addresses: None,
+        }
+    }
+}
+
+fn default_content_types() -> Vec<String> {
+    vec!["xmtp.org/text:1.0".into(), "gatehouse.dev/json:1.0".into()]
+}
+fn default_max_actions() -> usize {
+    16
+}
+fn default_max_bytes() -> usize {
+    1 << 20
+}
+fn default_quarantine_after() -> usize {
+    5
+}
+fn default_fault_window() -> u64 {
+    60
+}
+
+/// Whether an MQTT-style pattern (`+` one level, `#` the rest) matches a topic.
+pub fn topic_matches(pattern: &str, topic: &str) -> bool {
+    let mut t = topic.split('/');
+    for p in pattern.split('/') {
+        match (p, t.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (p, Some(seg)) if p == seg => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
 }
 
 fn default_deadline() -> u64 {
@@ -366,6 +441,16 @@ mod tests {
         let path = std::env::var("PATH").unwrap();
         let c = Config::parse("data_dir: \"${PATH}\"\n").unwrap();
         assert_eq!(c.data_dir, PathBuf::from(path));
+    }
+
+    /// MQTT-style grant patterns.
+    #[test]
+    fn patterns() {
+        assert!(topic_matches("devices/+/down", "devices/t1/down"));
+        assert!(!topic_matches("devices/+/down", "devices/t1/up"));
+        assert!(!topic_matches("devices/+/down", "devices/t1/down/x"));
+        assert!(topic_matches("devices/#", "devices/t1/down/x"));
+        assert!(topic_matches("a/b", "a/b") && !topic_matches("a/b", "a"));
     }
 
     /// Topic templates match and extract the device.

@@ -7,6 +7,7 @@ mod admin;
 mod agent;
 mod bridge;
 mod config;
+mod grants;
 mod identity;
 
 use std::net::SocketAddr;
@@ -66,6 +67,15 @@ enum Command {
     },
     /// Show the running daemon's status (version, uptime, bridge inbox, queue depths, MQTT state).
     Status {
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// The running daemon's plugins: limits, calls, faults, refused actions, quarantine (JSON).
+    Plugins {
         /// The daemon's config file (its admin.listen is used).
         #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
         config: PathBuf,
@@ -179,6 +189,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => config::Config::load(&config)?.admin.listen,
             };
             println!("{}", admin::get(addr, "/status").await?);
+        }
+        Command::Plugins { config, admin } => {
+            let addr = match admin {
+                Some(a) => a,
+                None => config::Config::load(&config)?.admin.listen,
+            };
+            println!("{}", admin::get(addr, "/plugins").await?);
         }
         Command::Endpoints {
             json,
