@@ -128,12 +128,16 @@ fn daemon_waits_for_the_broker() {
     let s = Setup::new("nobroker");
     let a = s.agent("agent-a");
     let inbox_a = a.inbox_id();
-    let port = free_port();
+    // Hold the port (a listener that never answers) so no parallel test can take it while the
+    // daemon keeps failing to reach a broker there.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let config = s.write_config_for(port, &[&inbox_a]);
     let d = s.spawn_daemon(&config);
     d.wait_log(&["MQTT broker unreachable", &port.to_string()]);
     // The embedded node works meanwhile.
     a.init();
+    drop(reserved);
     let late = Mosquitto::start_on(&s.dir, port);
     d.wait_log(&["MQTT connected"]);
     late.publish("devices/late-1/up", br#"{"ok":true}"#);

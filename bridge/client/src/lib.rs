@@ -407,19 +407,21 @@ impl Client {
                 expired.push(k[b"kp/old/".len()..].to_vec());
             }
         }
-        for reference in expired {
-            group::delete_key_package(&self.provider, &reference)?;
+        for reference in &expired {
+            group::delete_key_package(&self.provider, reference)?;
             if let Some(pk) = self
                 .tree
-                .remove([b"kp/wrap/".as_slice(), &reference].concat())?
+                .remove([b"kp/wrap/".as_slice(), reference].concat())?
             {
                 self.tree.remove([b"wrap/".as_slice(), &pk].concat())?;
             }
             self.tree
-                .remove([b"kp/old/".as_slice(), &reference].concat())?;
-            tracing::debug!(key_package = %hex::encode(&reference), "old key package deleted");
+                .remove([b"kp/old/".as_slice(), reference].concat())?;
+            tracing::debug!(key_package = %hex::encode(reference), "old key package deleted");
         }
-        self.persist_mls()?;
+        if !expired.is_empty() {
+            self.persist_mls()?;
+        }
         Ok(())
     }
 
@@ -951,7 +953,11 @@ impl Client {
                 }
                 self.tree.insert(&ckey, &v.id.to_be_bytes())?;
             }
-            self.persist_mls()?;
+            // The MLS store is written back only when messages were processed (the read loop
+            // runs every poll interval for every conversation).
+            if n > 0 {
+                self.persist_mls()?;
+            }
             if n < 100 {
                 break;
             }
