@@ -389,46 +389,34 @@ impl Daemon {
         })
     }
 
-    /// `gatehouse endpoints --json`.
-    pub fn endpoints(&self) -> Vec<serde_json::Value> {
+    /// Runs an admin command (`gatehouse ARGS --admin ADDR`) and parses its JSON output.
+    fn admin_json(&self, args: &[&str]) -> serde_json::Value {
         let out = Command::new(gatehouse_bin())
-            .args(["endpoints", "--json", "--admin", &self.admin])
+            .args(args)
+            .args(["--admin", &self.admin])
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "endpoints: {}",
+            "gatehouse {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `gatehouse endpoints --json`.
+    pub fn endpoints(&self) -> Vec<serde_json::Value> {
+        serde_json::from_value(self.admin_json(&["endpoints", "--json"])).unwrap()
     }
 
     /// `gatehouse plugins`.
     pub fn plugins(&self) -> serde_json::Value {
-        let out = Command::new(gatehouse_bin())
-            .args(["plugins", "--admin", &self.admin])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "plugins: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.admin_json(&["plugins"])
     }
 
     /// `gatehouse status`.
     pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(gatehouse_bin())
-            .args(["status", "--admin", &self.admin])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.admin_json(&["status"])
     }
 
     /// Stops the daemon with SIGTERM and waits for it to exit.

@@ -592,10 +592,25 @@ impl Client {
             &mut rand::rngs::OsRng,
         )?;
         let gid = created.group.group_id().as_slice().to_vec();
-        self.persist_mls()?;
         self.tree.insert(format!("dm/{peer}"), gid.clone())?;
+        self.announce_created(created, peer.as_bytes(), wrappers)
+            .await?;
+        tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
+        Ok(gid)
+    }
+
+    /// Records a conversation we just created (`peer` is the DM peer, empty for a group),
+    /// publishes its creating commit, starts reading after it, and sends the welcomes.
+    async fn announce_created(
+        &mut self,
+        created: group::Created,
+        peer: &[u8],
+        wrappers: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Vec<u8>> {
+        let gid = created.group.group_id().as_slice().to_vec();
+        self.persist_mls()?;
         self.tree
-            .insert([b"conv/".as_slice(), &gid].concat(), peer.as_bytes())?;
+            .insert([b"conv/".as_slice(), &gid].concat(), peer)?;
         self.publish_group_message(created.commit, false).await?;
         // Our own commit is already applied: start reading after it.
         let newest = self.newest_id(&gid).await?;
@@ -606,7 +621,6 @@ impl Client {
         self.send_welcomes(&created.welcome, newest, wrappers)
             .await?;
         self.tree.flush_async().await?;
-        tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
         Ok(gid)
     }
 
@@ -1330,20 +1344,7 @@ impl Client {
             &membership,
             &mut rand::rngs::OsRng,
         )?;
-        let gid = created.group.group_id().as_slice().to_vec();
-        self.persist_mls()?;
-        self.tree
-            .insert([b"conv/".as_slice(), &gid].concat(), b"")?;
-        self.publish_group_message(created.commit, false).await?;
-        let newest = self.newest_id(&gid).await?;
-        self.tree.insert(
-            [b"cursor/g/".as_slice(), &gid].concat(),
-            &newest.to_be_bytes(),
-        )?;
-        self.send_welcomes(&created.welcome, newest, wrappers)
-            .await?;
-        self.tree.flush_async().await?;
-        Ok(gid)
+        self.announce_created(created, b"", wrappers).await
     }
 
     /// Adds member inboxes (all their live installations) to a group, if its policy lets us.
