@@ -104,3 +104,107 @@ fn group_lifecycle() {
     assert_eq!(info["members"], serde_json::json!(members));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// XMTP's standard content types travel end to end from the CLI, refer to XMTP message ids,
+/// and a third member sees each commit as a `group_updated` transcript.
+#[test]
+fn content_types_and_transcripts() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-content-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = StandaloneNode::start(&dir);
+    let (a, b, c) = (
+        Agent::at(dir.join("a"), node.url.clone()),
+        Agent::at(dir.join("b"), node.url.clone()),
+        Agent::at(dir.join("c"), node.url.clone()),
+    );
+    let (ia, ib, ic) = (a.init(), b.init(), c.init());
+    let gid = a
+        .ok(&["group", "create", "--name", "team", "--member", &ib])
+        .trim()
+        .to_string();
+    let sent: serde_json::Value = serde_json::from_str(
+        a.ok(&["send", "--conversation", &gid, "--json", "question?"])
+            .trim(),
+    )
+    .unwrap();
+    let got = b.listen(1);
+    // Sender and receiver derive the same XMTP message id.
+    assert_eq!(got[0]["message_id"], sent["message_id"]);
+    let mid = sent["message_id"].as_str().unwrap();
+
+    std::fs::write(dir.join("report.csv"), "t,21.5\n").unwrap();
+    for args in [
+        vec!["--type", "reply", "--reference", mid, "answer"],
+        vec!["--type", "reaction", "--reference", mid, "👍"],
+        vec!["--type", "read-receipt"],
+        vec![
+            "--type",
+            "attachment",
+            "--file",
+            dir.join("report.csv").to_str().unwrap(),
+            "--mime",
+            "text/csv",
+        ],
+    ] {
+        let mut full = vec!["send", "--conversation", &gid];
+        full.extend(args);
+        b.ok(&full);
+    }
+    let got = a.listen(4);
+    let pairs: Vec<(String, String)> = got
+        .iter()
+        .map(|m| {
+            (
+                m["content_type"].as_str().unwrap().to_string(),
+                m["text"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        vec![
+            (
+                "xmtp.org/reply:1.0".into(),
+                format!("(reply to {mid}) answer")
+            ),
+            (
+                "xmtp.org/reaction:2.0".into(),
+                format!("(reacted 👍 to {mid})")
+            ),
+            ("xmtp.org/readReceipt:1.0".into(), "(read)".into()),
+            (
+                "xmtp.org/attachment:1.0".into(),
+                "(attachment report.csv text/csv, 7 bytes)".into()
+            ),
+        ]
+    );
+    // A reply without a reference is refused with a readable error.
+    let out = b.run(&["send", "--conversation", &gid, "--type", "reply", "x"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reference"));
+
+    // Commits show as transcripts to the other members (only with --transcripts).
+    a.ok(&["group", "add", "--conversation", &gid, "--member", &ic]);
+    a.ok(&["group", "set", "--conversation", &gid, "--name", "crew"]);
+    let got = b.ok(&[
+        "listen",
+        "--json",
+        "--transcripts",
+        "--count",
+        "2",
+        "--timeout",
+        "60",
+    ]);
+    let texts: Vec<serde_json::Value> = got
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .all(|m| m["content_type"] == "xmtp.org/group_updated:1.0")
+    );
+    assert_eq!(texts[0]["text"], format!("{ia} added {ic}"));
+    assert_eq!(texts[1]["text"], format!("{ia} set group_name to \"crew\""));
+}

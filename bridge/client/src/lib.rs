@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use gatehouse_protocol::group::{self, Provider};
 use gatehouse_protocol::identity::{self, InstallationKey, SoftPasskey, Wallet};
 use gatehouse_protocol::{content, welcome};
+use gatehouse_wire::Message as _;
 use gatehouse_wire::associations::IdentifierKind;
 use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
 use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
@@ -84,8 +85,27 @@ pub struct Received {
     pub sent_at_ns: u64,
     /// The sender's idempotency key.
     pub idempotency_key: String,
+    /// XMTP's message id (hex), the reference replies and reactions use.
+    pub message_id: String,
     /// What a Gatehouse bridge attests about the sender, if the message carries an attestation.
     pub sender_endpoint: Option<SenderEndpoint>,
+}
+
+/// What [`Client::send`] published.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The idempotency key inside the envelope.
+    pub idempotency_key: String,
+    /// XMTP's message id (hex).
+    pub message_id: String,
+}
+
+impl Received {
+    /// Whether this is a transcript of a commit (`xmtp.org/group_updated`), derived locally
+    /// rather than sent by anyone: shown to people, never forwarded to a device.
+    pub fn is_transcript(&self) -> bool {
+        self.content_type.starts_with("xmtp.org/group_updated:")
+    }
 }
 
 /// A bridge's attestation about a sender, as checked by this client.
@@ -909,13 +929,14 @@ impl Client {
         Ok(out)
     }
 
-    /// Sends content into a conversation. Returns the idempotency key used.
+    /// Sends content into a conversation. Returns the idempotency key used and XMTP's id of
+    /// the message.
     pub async fn send(
         &mut self,
         gid: &[u8],
         c: &mc::EncodedContent,
         idempotency_key: Option<String>,
-    ) -> Result<String> {
+    ) -> Result<Sent> {
         let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
             ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
         })?;
@@ -937,7 +958,10 @@ impl Client {
         )?;
         self.persist_mls()?;
         self.publish_group_message(data, true).await?;
-        Ok(key)
+        Ok(Sent {
+            message_id: content::message_id(gid, &c.encode_to_vec(), &key),
+            idempotency_key: key,
+        })
     }
 
     /// Reads new messages of one conversation.
@@ -1022,25 +1046,31 @@ impl Client {
                     tracing::warn!(%conversation, id = v.id, sender = %sender_inbox, installation = %hex::encode(&sender_installation), "rejected a message from an installation that is not live on its inbox");
                     return Ok(None);
                 }
-                let (content, idempotency_key) = match content::open_envelope(&plaintext) {
-                    Ok(content::Opened::Content {
-                        content,
-                        idempotency_key,
-                    }) => (content, idempotency_key),
-                    // Raw bytes (not EncodedContent): shown as text when they are UTF-8.
-                    Ok(content::Opened::Raw {
-                        bytes,
-                        idempotency_key,
-                    }) => (
-                        gatehouse_wire::message_contents::EncodedContent {
-                            content: bytes.clone(),
-                            fallback: String::from_utf8(bytes).ok(),
-                            ..Default::default()
-                        },
-                        idempotency_key,
-                    ),
-                    _ => return Ok(None),
-                };
+                let (content, idempotency_key, message_id) =
+                    match content::open_envelope(&plaintext) {
+                        Ok(content::Opened::Content {
+                            content,
+                            bytes,
+                            idempotency_key,
+                        }) => {
+                            let id = content::message_id(gid, &bytes, &idempotency_key);
+                            (content, idempotency_key, id)
+                        }
+                        // Raw bytes (not EncodedContent): shown as text when they are UTF-8.
+                        Ok(content::Opened::Raw {
+                            bytes,
+                            idempotency_key,
+                        }) => (
+                            gatehouse_wire::message_contents::EncodedContent {
+                                content: bytes.clone(),
+                                fallback: String::from_utf8(bytes.clone()).ok(),
+                                ..Default::default()
+                            },
+                            content::message_id(gid, &bytes, &idempotency_key),
+                            idempotency_key,
+                        ),
+                        _ => return Ok(None),
+                    };
                 // A leave request: recorded, and carried out by a member allowed to remove.
                 if content
                     .r#type
@@ -1082,6 +1112,7 @@ impl Client {
                     content: content.content.clone(),
                     sent_at_ns: v.created_ns,
                     idempotency_key,
+                    message_id,
                 }))
             }
             Ok(group::Processed::PendingCommit {
@@ -1090,6 +1121,7 @@ impl Client {
                 added,
                 removed,
                 committer,
+                committer_installation,
             }) => {
                 // Identity logs only grow: re-read them for a commit so new installations are seen.
                 states.clear();
@@ -1117,8 +1149,40 @@ impl Client {
                     tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: {rule}");
                     return Ok(None);
                 }
+                let before = group::snapshot(g);
+                let sender_installation = hex::encode(&committer_installation);
                 group::merge_commit(&self.provider, g, *staged)?;
-                Ok(None)
+                // XMTP's transcript of the commit (never published, derived by every member).
+                let leave_prefix = [b"leave/".as_slice(), gid, b"/"].concat();
+                let left: Vec<String> = self
+                    .tree
+                    .scan_prefix(&leave_prefix)
+                    .keys()
+                    .filter_map(|k| k.ok())
+                    .map(|k| String::from_utf8_lossy(&k[leave_prefix.len()..]).into_owned())
+                    .collect();
+                let update = group::transcript(&before, g, &committer, &left);
+                if update.is_empty() {
+                    return Ok(None);
+                }
+                let c = update.to_content();
+                Ok(Some(Received {
+                    sender_endpoint: None,
+                    conversation,
+                    id: v.id,
+                    sender_inbox: committer,
+                    sender_installation,
+                    content_type: c
+                        .r#type
+                        .as_ref()
+                        .map(content::type_string)
+                        .unwrap_or_default(),
+                    text: content::display_text(&c),
+                    message_id: content::message_id(gid, &c.content, &format!("commit/{}", v.id)),
+                    content: c.content,
+                    sent_at_ns: v.created_ns,
+                    idempotency_key: String::new(),
+                }))
             }
             Ok(group::Processed::Proposal) | Ok(group::Processed::Own) => Ok(None),
             // Our own messages come back and cannot be decrypted by us; others are logged.

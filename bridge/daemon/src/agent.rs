@@ -47,11 +47,30 @@ pub enum AgentCommand {
         /// Hex id of an existing conversation.
         #[arg(long)]
         conversation: Option<String>,
-        /// What the text is: `text` (xmtp.org/text:1.0) or `json` (gatehouse.dev/json:1.0, with
-        /// the JSON as the fallback XMTP clients show).
-        #[arg(long = "type", default_value = "text", value_parser = ["text", "json"])]
+        /// What to send: `text` (xmtp.org/text:1.0), `json` (gatehouse.dev/json:1.0, with the
+        /// JSON as the fallback XMTP clients show), `reply` (TEXT in reply to --reference),
+        /// `reaction` (TEXT is the emoji; --remove takes it back), `read-receipt`, or
+        /// `attachment` (--file, sent inline).
+        #[arg(long = "type", default_value = "text", value_parser = ["text", "json", "reply", "reaction", "read-receipt", "attachment"])]
         kind: String,
-        /// The text (or JSON document).
+        /// The message id (hex, as `listen` prints it) a reply or reaction refers to.
+        #[arg(long)]
+        reference: Option<String>,
+        /// A reaction: remove it instead of adding it.
+        #[arg(long)]
+        remove: bool,
+        /// An attachment: the file to send (at most 1 MiB inline).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// An attachment's MIME type.
+        #[arg(long, default_value = "application/octet-stream")]
+        mime: String,
+        /// Print `{"conversation":…,"message_id":…}` instead of the conversation id.
+        #[arg(long)]
+        json: bool,
+        /// The text (JSON document, reply text or emoji); not used by read receipts and
+        /// attachments.
+        #[arg(default_value = "")]
         text: String,
     },
     /// Show or change this inbox's identity (identifiers, installations, recovery).
@@ -85,6 +104,10 @@ pub enum AgentCommand {
         /// Give up after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// Also print group changes (XMTP's `group_updated` transcripts: who added, removed
+        /// or renamed what); they count towards --count.
+        #[arg(long)]
+        transcripts: bool,
     },
 }
 
@@ -327,19 +350,57 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             to,
             conversation,
             kind,
+            reference,
+            remove,
+            file,
+            mime,
+            json,
             text,
         } => {
-            let body = if kind == "json" {
-                let v: serde_json::Value = serde_json::from_str(&text)
-                    .context("--type json: the message is not valid JSON")?;
-                let canonical = v.to_string();
-                content::with_fallback(
-                    content::json_type(),
-                    canonical.clone().into_bytes(),
-                    Some(canonical),
-                )
-            } else {
-                content::text(&text)
+            let reference = || -> anyhow::Result<String> {
+                let r = reference
+                    .clone()
+                    .with_context(|| format!("--type {kind} needs --reference MESSAGE_ID"))?;
+                anyhow::ensure!(
+                    hex::decode(&r).is_ok(),
+                    "--reference must be a hex message id (as `agent listen` prints it)"
+                );
+                Ok(r)
+            };
+            let body = match kind.as_str() {
+                "json" => {
+                    let v: serde_json::Value = serde_json::from_str(&text)
+                        .context("--type json: the message is not valid JSON")?;
+                    let canonical = v.to_string();
+                    content::with_fallback(
+                        content::json_type(),
+                        canonical.clone().into_bytes(),
+                        Some(canonical),
+                    )
+                }
+                "reply" => content::reply(&reference()?, None, &content::text(&text))?,
+                "reaction" => {
+                    anyhow::ensure!(!text.is_empty(), "--type reaction needs the emoji as TEXT");
+                    content::reaction(&reference()?, &text, remove)
+                }
+                "read-receipt" => content::read_receipt(),
+                "attachment" => {
+                    let path = file.context("--type attachment needs --file PATH")?;
+                    let data = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    anyhow::ensure!(
+                        data.len() <= 1 << 20,
+                        "{}: {} bytes; inline attachments are limited to 1 MiB",
+                        path.display(),
+                        data.len()
+                    );
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    content::attachment(&name, &mime, data)
+                }
+                _ => content::text(&text),
             };
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
@@ -351,9 +412,16 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 (None, Some(c)) => hex::decode(&c).context("--conversation must be hex")?,
                 (None, None) => anyhow::bail!("give --to or --conversation"),
             };
-            client.send(&gid, &body, None).await?;
+            let sent = client.send(&gid, &body, None).await?;
             db.flush_async().await?;
-            println!("{}", hex::encode(&gid));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(&gid), "message_id": sent.message_id})
+                );
+            } else {
+                println!("{}", hex::encode(&gid));
+            }
         }
         AgentCommand::Identity {
             command:
@@ -518,6 +586,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             json,
             count,
             timeout,
+            transcripts,
         } => {
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
@@ -525,10 +594,14 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             let mut seen = 0usize;
             loop {
                 for m in client.sync_all().await? {
+                    if m.is_transcript() && !transcripts {
+                        continue;
+                    }
                     if json {
                         let v = serde_json::json!({
                             "conversation": m.conversation,
                             "id": m.id,
+                            "message_id": m.message_id,
                             "sender_inbox": m.sender_inbox,
                             "sender_installation": m.sender_installation,
                             "content_type": m.content_type,

@@ -519,6 +519,9 @@ impl Bridge {
         let allowed = self.allowed(&mut client, route).await?;
         drop(client);
         for r in received {
+            if r.is_transcript() {
+                continue;
+            }
             if !allowed.contains(&r.sender_inbox) {
                 tracing::info!(route = %route.name, device = %ep.device, sender = %r.sender_inbox, "dropped conversation message: sender not allowed by the route");
                 continue;

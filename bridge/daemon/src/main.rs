@@ -98,8 +98,10 @@ enum Command {
 }
 
 fn init_logging(default: &str) {
+    // openmls logs routine conditions (a stale epoch from a lost race) at error level; Gatehouse
+    // reports what they mean itself. GATEHOUSE_LOG replaces the whole filter.
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},openmls=off")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1052,6 +1052,8 @@ pub enum Processed {
         removed: Vec<Vec<u8>>,
         /// The committer's inbox id.
         committer: String,
+        /// The committer's installation key.
+        committer_installation: Vec<u8>,
     },
     /// A proposal was stored; nothing to show.
     Proposal,
@@ -1114,6 +1116,7 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
                 added,
                 removed,
                 committer: sender_inbox,
+                committer_installation: sender_key,
             })
         }
         ProcessedMessageContent::ProposalMessage(p) => {
@@ -1155,6 +1158,92 @@ pub fn membership(group: &MlsGroup) -> Result<BTreeMap<String, u64>> {
     let m = mc::GroupMembership::decode(ext.0.as_slice())
         .map_err(|e| ProtocolError::malformed("GroupMembership", e))?;
     Ok(m.members.into_iter().collect())
+}
+
+/// What a person sees of a group before a commit (for the transcript).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    members: BTreeMap<String, u64>,
+    meta: mc::GroupMutableMetadataV1,
+}
+
+/// Captures the membership and metadata the transcript of the next commit is measured from.
+pub fn snapshot(group: &MlsGroup) -> Snapshot {
+    Snapshot {
+        members: membership(group).unwrap_or_default(),
+        meta: mutable_metadata(group).unwrap_or_default(),
+    }
+}
+
+/// XMTP's `GroupUpdated` transcript of a merged commit: inboxes added and removed (those in
+/// `left` were removed at their own request), metadata fields changed, admin list changes.
+pub fn transcript(
+    before: &Snapshot,
+    group: &MlsGroup,
+    committer: &str,
+    left: &[String],
+) -> crate::content::GroupUpdated {
+    use crate::content::{MetadataFieldChange, UpdatedInbox};
+    let after = snapshot(group);
+    let inbox = |s: &String| UpdatedInbox {
+        inbox_id: s.clone(),
+    };
+    let diff = |a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>| -> Vec<String> {
+        b.keys().filter(|k| !a.contains_key(*k)).cloned().collect()
+    };
+    let removed = diff(&after.members, &before.members);
+    let list = |m: &mc::GroupMutableMetadataV1, admin: bool| -> Vec<String> {
+        let l = if admin {
+            &m.admin_list
+        } else {
+            &m.super_admin_list
+        };
+        l.as_ref().map(|l| l.inbox_ids.clone()).unwrap_or_default()
+    };
+    let gained = |a: Vec<String>, b: Vec<String>| -> Vec<UpdatedInbox> {
+        b.iter().filter(|x| !a.contains(x)).map(inbox).collect()
+    };
+    let mut keys: Vec<&String> = before
+        .meta
+        .attributes
+        .keys()
+        .chain(after.meta.attributes.keys())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let metadata_field_changes = keys
+        .into_iter()
+        .filter_map(|k| {
+            let (old, new) = (before.meta.attributes.get(k), after.meta.attributes.get(k));
+            (old != new).then(|| MetadataFieldChange {
+                field_name: k.clone(),
+                old_value: old.cloned(),
+                new_value: new.cloned(),
+            })
+        })
+        .collect();
+    crate::content::GroupUpdated {
+        initiated_by_inbox_id: committer.to_string(),
+        added_inboxes: diff(&before.members, &after.members)
+            .iter()
+            .map(inbox)
+            .collect(),
+        removed_inboxes: removed
+            .iter()
+            .filter(|r| !left.contains(r))
+            .map(inbox)
+            .collect(),
+        left_inboxes: removed
+            .iter()
+            .filter(|r| left.contains(r))
+            .map(inbox)
+            .collect(),
+        metadata_field_changes,
+        added_admin_inboxes: gained(list(&before.meta, true), list(&after.meta, true)),
+        removed_admin_inboxes: gained(list(&after.meta, true), list(&before.meta, true)),
+        added_super_admin_inboxes: gained(list(&before.meta, false), list(&after.meta, false)),
+        removed_super_admin_inboxes: gained(list(&after.meta, false), list(&before.meta, false)),
+    }
 }
 
 /// A staged membership commit: publish `commit`; once the node has ordered it first, call
