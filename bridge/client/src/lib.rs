@@ -18,6 +18,7 @@ use gatehouse_protocol::{content, welcome};
 use gatehouse_wire::Message as _;
 use gatehouse_wire::associations::IdentifierKind;
 use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
+use gatehouse_wire::message_contents::CommitResult;
 use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
 use gatehouse_wire::{identity_api as ipb, message_contents as mc, mls_api as mpb};
 pub use tonic::transport::Channel;
@@ -143,6 +144,8 @@ pub struct Client {
     inbox_id: String,
     /// How long rotated-out key packages stay usable.
     key_package_grace: std::time::Duration,
+    /// Fault injection: fail right after publishing a commit, before merging it.
+    crash_after_commit_publish: bool,
 }
 
 /// Who owns (and recovers) the inbox: a wallet or a passkey.
@@ -275,6 +278,7 @@ impl Client {
             key,
             inbox_id,
             key_package_grace: KEY_PACKAGE_GRACE,
+            crash_after_commit_publish: false,
         })
     }
 
@@ -448,6 +452,13 @@ impl Client {
     /// Sets how long a rotated-out key package stays usable (default [`KEY_PACKAGE_GRACE`]).
     pub fn set_key_package_grace(&mut self, grace: std::time::Duration) {
         self.key_package_grace = grace;
+    }
+
+    /// Fault injection for tests: the next commit fails right after it is published, before
+    /// it is merged (as if the process stopped there).
+    #[doc(hidden)]
+    pub fn crash_after_commit_publish(&mut self, on: bool) {
+        self.crash_after_commit_publish = on;
     }
 
     /// Whether this installation still holds the private keys of key package `reference`.
@@ -628,6 +639,7 @@ impl Client {
         wrappers: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<Vec<u8>> {
         let gid = created.group.group_id().as_slice().to_vec();
+        self.record_epoch(&created.group)?;
         self.persist_mls()?;
         self.tree
             .insert([b"conv/".as_slice(), &gid].concat(), peer)?;
@@ -878,6 +890,11 @@ impl Client {
         }
         let md = group::group_metadata(&g)?;
         self.persist_mls()?;
+        if self.fork_state(&gid)?.is_some() {
+            self.forget_fork(&g)?;
+        } else {
+            self.record_epoch(&g)?;
+        }
         if md.conversation_type == mc::ConversationType::Dm as i32 {
             let peer = md
                 .dm_members
@@ -949,17 +966,33 @@ impl Client {
                 hex::encode(gid)
             )));
         }
+        if self.fork_state(gid)?.is_some() {
+            return Err(ClientError::Peer(format!(
+                "conversation {} forked (this installation's state differs from the group's); a re-add has been requested, try again once it is back",
+                hex::encode(gid)
+            )));
+        }
+        self.encrypt_and_publish(&mut g, c, idempotency_key).await
+    }
+
+    /// Encrypts content on the group's current epoch and publishes it (no read first).
+    async fn encrypt_and_publish(
+        &mut self,
+        g: &mut openmls_group::MlsGroup,
+        c: &mc::EncodedContent,
+        idempotency_key: Option<String>,
+    ) -> Result<Sent> {
         let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
         let data = group::encrypt(
             &self.provider,
             &self.key,
-            &mut g,
+            g,
             &content::seal_envelope(c, &key),
         )?;
         self.persist_mls()?;
         self.publish_group_message(data, true).await?;
         Ok(Sent {
-            message_id: content::message_id(gid, &c.encode_to_vec(), &key),
+            message_id: content::message_id(g.group_id().as_slice(), &c.encode_to_vec(), &key),
             idempotency_key: key,
         })
     }
@@ -978,6 +1011,7 @@ impl Client {
         let mut out = Vec::new();
         // Identity states fetched during this pass, so each inbox is read once.
         let mut states: BTreeMap<String, identity::InboxState> = BTreeMap::new();
+        let mut saw_commit = false;
         loop {
             let cursor = self.read_cursor(&gid)?;
             let messages = self.messages_after(&gid, cursor, 100).await?;
@@ -986,6 +1020,7 @@ impl Client {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
                 };
+                saw_commit |= v.is_commit;
                 if let Some(r) = self.handle_message(g, &gid, &v, &mut states).await? {
                     out.push(r);
                 }
@@ -999,6 +1034,14 @@ impl Client {
             if n < 100 {
                 break;
             }
+        }
+        // After a commit: publish our commit log (if we are its publisher) and compare ours with
+        // the published one, so a fork is found within one round.
+        if saw_commit {
+            if let Err(e) = self.publish_commit_log(g).await {
+                tracing::warn!(conversation = %hex::encode(&gid), error = %e, "publishing the commit log failed; will retry");
+            }
+            self.check_fork(g).await?;
         }
         Ok(out)
     }
@@ -1033,6 +1076,15 @@ impl Client {
         states: &mut BTreeMap<String, identity::InboxState>,
     ) -> Result<Option<Received>> {
         let conversation = hex::encode(gid);
+        let before = v
+            .is_commit
+            .then(|| gatehouse_protocol::commit_log::authenticator(g));
+        let log = |c: &Self, g: &openmls_group::MlsGroup, r: CommitResult| -> Result<()> {
+            match &before {
+                Some(b) => c.log_commit(g, v.id, b, r),
+                None => Ok(()),
+            }
+        };
         match group::process(&self.provider, g, &v.data) {
             Ok(group::Processed::Application {
                 sender_inbox,
@@ -1071,6 +1123,13 @@ impl Client {
                         ),
                         _ => return Ok(None),
                     };
+                // A forked member asks (in our DM) to be re-added: handled, not shown.
+                if content.r#type.as_ref().is_some_and(|t| {
+                    t.authority_id == "gatehouse.dev" && t.type_id == forks::READD_TYPE
+                }) {
+                    self.note_readd_request(&content.content, &sender_inbox, &sender_installation)?;
+                    return Ok(None);
+                }
                 // A leave request: recorded, and carried out by a member allowed to remove.
                 if content
                     .r#type
@@ -1128,6 +1187,7 @@ impl Client {
                 for (inbox, inst) in &new_leaves {
                     if !self.live(states, inbox, inst).await? {
                         tracing::error!(%conversation, id = v.id, inbox = %inbox, installation = %hex::encode(inst), "rejected a commit whose leaf is not a live installation of its inbox");
+                        log(self, g, CommitResult::Invalid)?;
                         return Ok(None);
                     }
                 }
@@ -1147,11 +1207,13 @@ impl Client {
                     group::commit_policy_violation(g, &committer, &added, &removed_live)?
                 {
                     tracing::error!(%conversation, id = v.id, committer = %committer, "rejected a commit: {rule}");
+                    log(self, g, CommitResult::Invalid)?;
                     return Ok(None);
                 }
                 let before = group::snapshot(g);
                 let sender_installation = hex::encode(&committer_installation);
                 group::merge_commit(&self.provider, g, *staged)?;
+                log(self, g, CommitResult::Applied)?;
                 // XMTP's transcript of the commit (never published, derived by every member).
                 let leave_prefix = [b"leave/".as_slice(), gid, b"/"].concat();
                 let left: Vec<String> = self
@@ -1184,9 +1246,32 @@ impl Client {
                     idempotency_key: String::new(),
                 }))
             }
+            // Our own commit, still pending: we stopped (crashed) between publishing it and
+            // merging it. The node ordered it, so it is the group's next epoch: merge it now and
+            // send the welcomes it owes.
+            Ok(group::Processed::Own) if v.is_commit && g.pending_commit().is_some() => {
+                group::merge_pending(&self.provider, g)?;
+                log(self, g, CommitResult::Applied)?;
+                tracing::info!(%conversation, id = v.id, epoch = g.epoch().as_u64(), "merged our own commit published before a restart");
+                self.send_pending_welcomes(gid).await?;
+                Ok(None)
+            }
             Ok(group::Processed::Proposal) | Ok(group::Processed::Own) => Ok(None),
             // Our own messages come back and cannot be decrypted by us; others are logged.
             Err(e) => {
+                if v.is_commit {
+                    let wrong_epoch = gatehouse_protocol::mls::read_header(&v.data)
+                        .is_ok_and(|h| h.epoch != g.epoch().as_u64());
+                    log(
+                        self,
+                        g,
+                        if wrong_epoch {
+                            CommitResult::WrongEpoch
+                        } else {
+                            CommitResult::Undecryptable
+                        },
+                    )?;
+                }
                 tracing::debug!(%conversation, id = v.id, error = %e, "message not processed");
                 Ok(None)
             }
@@ -1271,7 +1356,16 @@ impl Client {
         }
         let may_remove = !leavers.is_empty()
             && group::may_change_membership(g, &self.inbox_id, group::MembershipChange::Remove)?;
-        if changed.is_empty() && !may_remove {
+        // Forked installations that asked to be re-added: removed and added back from a fresh
+        // key package in one commit (whoever may add members does it).
+        let readds: Vec<(String, Vec<u8>)> = self
+            .readd_requests(&gid)?
+            .into_iter()
+            .filter(|(_, k)| current.iter().any(|(_, c)| c == k) && *k != self.key.public())
+            .collect();
+        let may_readd = !readds.is_empty()
+            && group::may_change_membership(g, &self.inbox_id, group::MembershipChange::Add)?;
+        if changed.is_empty() && !may_remove && !may_readd {
             return Ok(());
         }
         let leaves = group::leaves(g);
@@ -1299,6 +1393,12 @@ impl Client {
                 if !leaves.iter().any(|(_, k)| k == inst) {
                     add_keys.push((inbox.clone(), inst.to_vec()));
                 }
+            }
+        }
+        if may_readd {
+            for (inbox, inst) in &readds {
+                remove.push(inst.clone());
+                add_keys.push((inbox.clone(), inst.clone()));
             }
         }
         let (adds, wrappers) = if add_keys.is_empty() {
@@ -1329,7 +1429,8 @@ impl Client {
         let staged =
             group::commit_membership(&self.provider, &self.key, g, adds, &remove, &membership)?;
         if self.publish_commit(g, staged, wrappers).await? {
-            tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), "membership updated from identity logs");
+            tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), readded = readds.len(), "membership updated");
+            self.clear_readd_requests(&gid, &readds)?;
         }
         self.tree.flush_async().await?;
         Ok(())
@@ -1346,8 +1447,21 @@ impl Client {
     ) -> Result<bool> {
         let gid = g.group_id().as_slice().to_vec();
         let before = self.read_cursor(&gid)?;
+        let before_auth = gatehouse_protocol::commit_log::authenticator(g);
+        // Durable before it leaves: the pending commit (MLS state) and the welcomes it owes, so
+        // a restart after publishing can still merge it and send them.
+        self.persist_mls()?;
+        if let Some(w) = &staged.welcome {
+            self.store_pending_welcomes(&gid, w, &wrappers)?;
+        }
+        self.tree.flush_async().await?;
         self.publish_group_message(staged.commit.clone(), false)
             .await?;
+        if self.crash_after_commit_publish {
+            return Err(ClientError::Peer(
+                "fault injection: stopped between publishing a commit and merging it".into(),
+            ));
+        }
         let messages = self.messages_after(&gid, before, 1000).await?;
         // Application messages are left for the next read (their epoch keys are kept), and the
         // read cursor is not moved here, so nothing is skipped.
@@ -1359,23 +1473,66 @@ impl Client {
             };
             if v.data == staged.commit {
                 group::merge_pending(&self.provider, g)?;
+                self.log_commit(g, v.id, &before_auth, CommitResult::Applied)?;
                 ours_won = true;
                 break;
             }
             if v.is_commit {
                 group::clear_pending(&self.provider, g)?;
+                self.tree
+                    .remove([b"pending_welcome/".as_slice(), &gid].concat())?;
                 tracing::info!(conversation = %hex::encode(&gid), "another member's commit came first; ours is dropped");
                 let _ = self.handle_message(g, &gid, &v, &mut states).await?;
                 break;
             }
         }
         self.persist_mls()?;
-        if ours_won && let Some(welcome_bytes) = staged.welcome {
-            let newest = self.newest_id(&gid).await?;
-            self.send_welcomes(&welcome_bytes, newest, wrappers).await?;
+        if ours_won {
+            self.send_pending_welcomes(&gid).await?;
+            if let Err(e) = self.publish_commit_log(g).await {
+                tracing::warn!(conversation = %hex::encode(&gid), error = %e, "publishing the commit log failed; will retry");
+            }
         }
         self.tree.flush_async().await?;
         Ok(ours_won)
+    }
+
+    fn store_pending_welcomes(
+        &self,
+        gid: &[u8],
+        welcome: &[u8],
+        wrappers: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
+        let v = serde_json::json!({
+            "welcome": hex::encode(welcome),
+            "wrappers": wrappers.iter().map(|(a, b)| [hex::encode(a), hex::encode(b)]).collect::<Vec<_>>(),
+        });
+        self.tree.insert(
+            [b"pending_welcome/".as_slice(), gid].concat(),
+            v.to_string().as_bytes(),
+        )?;
+        Ok(())
+    }
+
+    /// Sends the welcomes of our last merged commit, if any are owed.
+    async fn send_pending_welcomes(&mut self, gid: &[u8]) -> Result<()> {
+        let k = [b"pending_welcome/".as_slice(), gid].concat();
+        let Some(raw) = self.tree.get(&k)? else {
+            return Ok(());
+        };
+        let v: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| ClientError::Peer(format!("corrupt pending welcome: {e}")))?;
+        let hexv =
+            |x: &serde_json::Value| hex::decode(x.as_str().unwrap_or_default()).unwrap_or_default();
+        let welcome = hexv(&v["welcome"]);
+        let wrappers = v["wrappers"]
+            .as_array()
+            .map(|a| a.iter().map(|p| (hexv(&p[0]), hexv(&p[1]))).collect())
+            .unwrap_or_default();
+        let newest = self.newest_id(gid).await?;
+        self.send_welcomes(&welcome, newest, wrappers).await?;
+        self.tree.remove(k)?;
+        Ok(())
     }
 
     /// Creates a group with `members` (inbox ids): every live installation of each member and
@@ -1558,6 +1715,7 @@ impl Client {
             "admins": mm.admin_list.map(|l| l.inbox_ids).unwrap_or_default(),
             "super_admins": mm.super_admin_list.map(|l| l.inbox_ids).unwrap_or_default(),
             "active": group::is_active(&g),
+            "forked": self.fork_state(gid)?,
         }))
     }
 
@@ -1587,6 +1745,8 @@ impl Client {
             .filter(|s| !s.is_empty()))
     }
 }
+
+mod forks;
 
 mod openmls_group {
     pub use gatehouse_protocol::group::MlsGroupHandle as MlsGroup;

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod attestation;
+pub mod commit_log;
 pub mod content;
 pub mod error;
 pub mod group;
