@@ -207,4 +207,33 @@ fn content_types_and_transcripts() {
     );
     assert_eq!(texts[0]["text"], format!("{ia} added {ic}"));
     assert_eq!(texts[1]["text"], format!("{ia} set group_name to \"crew\""));
+
+    // The CLI spellings: --json on group commands, set-admin, conversations --json.
+    let info: serde_json::Value = serde_json::from_str(
+        a.ok(&[
+            "group",
+            "set-admin",
+            "--conversation",
+            &gid,
+            "--add",
+            &ib,
+            "--json",
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(info["admins"], serde_json::json!([ib]));
+    assert_eq!(
+        info["ciphersuite"],
+        "MLS_128_MLKEM768X25519_AES128GCM_SHA256_Ed25519"
+    );
+    assert!(info["forked"].is_null());
+    let info: serde_json::Value = serde_json::from_str(
+        c.ok(&["group", "info", "--conversation", &gid, "--json"])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(info["name"], "crew");
+    let listed = c.ok(&["conversations", "--json"]);
+    assert!(listed.lines().any(|l| l.contains(&gid)), "{listed}");
 }

@@ -82,9 +82,17 @@ pub enum AgentCommand {
     Group {
         #[command(subcommand)]
         command: GroupCommand,
+        /// Print JSON: the new group's id for `create`, the group as `info` shows it after
+        /// `add`, `remove`, `set`, `admin` and `leave`.
+        #[arg(long, global = true)]
+        json: bool,
     },
-    /// List this home's conversations (JSON lines: id, kind, name, members).
-    Conversations,
+    /// List this home's conversations (JSON lines, as `group info`).
+    Conversations {
+        /// Accepted for symmetry; the output is always JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Resolve an inbox id or 0x address through the node and show its identity.
     Whois {
         /// Inbox id or 0x address.
@@ -157,6 +165,7 @@ pub enum GroupCommand {
         description: Option<String>,
     },
     /// Add or remove an admin (super admins only, by default).
+    #[command(alias = "set-admin")]
     Admin {
         /// The group's id (hex).
         #[arg(long)]
@@ -478,9 +487,11 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             }
             db.flush_async().await?;
         }
-        AgentCommand::Group { command } => {
+        AgentCommand::Group { command, json } => {
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
+            // The group a changing command touched, printed with --json.
+            let mut touched: Option<Vec<u8>> = None;
             match command {
                 GroupCommand::Create {
                     name,
@@ -489,7 +500,11 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 } => {
                     let inboxes = resolve_all(&mut client, &members).await?;
                     let gid = client.create_group(&name, &description, &inboxes).await?;
-                    println!("{}", hex::encode(gid));
+                    if json {
+                        println!("{}", client.conversation_info(&gid)?);
+                    } else {
+                        println!("{}", hex::encode(gid));
+                    }
                 }
                 GroupCommand::Add {
                     conversation,
@@ -498,6 +513,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;
                     let inboxes = resolve_all(&mut client, &members).await?;
                     client.add_members(&gid, &inboxes).await?;
+                    touched = Some(gid);
                 }
                 GroupCommand::Remove {
                     conversation,
@@ -506,6 +522,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;
                     let inboxes = resolve_all(&mut client, &members).await?;
                     client.remove_members(&gid, &inboxes).await?;
+                    touched = Some(gid);
                 }
                 GroupCommand::Set {
                     conversation,
@@ -539,6 +556,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                             )
                             .await?;
                     }
+                    touched = Some(gid);
                 }
                 GroupCommand::Admin {
                     conversation,
@@ -556,10 +574,12 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                         (None, None) => anyhow::bail!("give --add or --remove"),
                     };
                     client.update_metadata(&gid, update).await?;
+                    touched = Some(gid);
                 }
                 GroupCommand::Leave { conversation } => {
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;
                     client.leave(&gid).await?;
+                    touched = Some(gid);
                 }
                 GroupCommand::Info { conversation } => {
                     let gid = hex::decode(&conversation).context("--conversation must be hex")?;
@@ -567,9 +587,12 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     println!("{}", client.conversation_info(&gid)?);
                 }
             }
+            if json && let Some(gid) = touched {
+                println!("{}", client.conversation_info(&gid)?);
+            }
             db.flush_async().await?;
         }
-        AgentCommand::Conversations => {
+        AgentCommand::Conversations { json: _ } => {
             let (_db, mut client) = open(home, node, None).await?;
             client.sync_welcomes().await?;
             for (gid, _) in client.conversations()? {

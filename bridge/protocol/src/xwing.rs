@@ -255,4 +255,48 @@ mod tests {
         let (other, _) = generate(&mut rng);
         assert_ne!(decapsulate(&other, &ct).unwrap(), ss);
     }
+
+    /// FIPS 203 §7.2 input validation, as C2SP/CCTV's ML-KEM-768 "modulus" vectors exercise
+    /// it: an encapsulation key holding any 12-bit coefficient in q..4096 (q = 3329) must be
+    /// refused. Every one of the 767 invalid values is tried, each at its own position among
+    /// the 768 coefficients (the vectors' recipe, regenerated here from a valid key); q - 1 is
+    /// still accepted, and so are the untouched key and no other length.
+    #[test]
+    fn fips203_modulus_check_refuses_every_out_of_range_coefficient() {
+        const Q: u16 = 3329;
+        let mut rng = rand::rngs::OsRng;
+        let (_, pk) = generate(&mut rng);
+        let set = |pk: &mut [u8], i: usize, v: u16| {
+            // Coefficients are packed two per three bytes, little-endian 12-bit.
+            let at = i / 2 * 3;
+            if i.is_multiple_of(2) {
+                pk[at] = v as u8;
+                pk[at + 1] = (pk[at + 1] & 0xf0) | (v >> 8) as u8;
+            } else {
+                pk[at + 1] = (pk[at + 1] & 0x0f) | ((v & 0x0f) << 4) as u8;
+                pk[at + 2] = (v >> 4) as u8;
+            }
+        };
+        let mut refused = 0;
+        for v in Q..4096 {
+            let i = (v as usize * 7919) % 768;
+            let mut bad = pk.clone();
+            set(&mut bad, i, v);
+            assert!(
+                encapsulate(&bad, &mut rng).is_err(),
+                "coefficient {i} = {v} accepted"
+            );
+            refused += 1;
+            let mut edge = pk.clone();
+            set(&mut edge, i, Q - 1);
+            assert!(
+                encapsulate(&edge, &mut rng).is_ok(),
+                "coefficient {i} = q - 1 refused"
+            );
+        }
+        assert_eq!(refused, 4096 - Q as usize);
+        assert!(encapsulate(&pk, &mut rng).is_ok());
+        assert!(encapsulate(&pk[..PUBLIC_KEY_LEN - 1], &mut rng).is_err());
+        assert!(encapsulate(&[pk.clone(), vec![0]].concat(), &mut rng).is_err());
+    }
 }
