@@ -91,3 +91,49 @@ fn passkey_agent() {
     assert_eq!(p.listen(1)[0]["text"], "to a passkey inbox");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Consent from the CLI: a stranger's DM is a request (shown once, marked, listed by
+/// `requests`); after `consent deny` its messages vanish and the sender sees nothing; the
+/// list shows the decision.
+#[test]
+fn consent_requests_and_deny() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-consent-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = StandaloneNode::start(&dir);
+    let (a, c) = (
+        Agent::at(dir.join("a"), node.url.clone()),
+        Agent::at(dir.join("c"), node.url.clone()),
+    );
+    let (ia, ic) = (a.init(), c.init());
+    c.send(&ia, "may I?");
+    let got = a.listen(1);
+    assert_eq!(got[0]["text"], "may I?");
+    assert_eq!(got[0]["request"], true);
+    let reqs = a.ok(&["requests", "--json"]);
+    assert!(reqs.contains("may I?") && reqs.contains(&ic), "{reqs}");
+
+    a.ok(&["consent", "deny", &ic]);
+    c.send(&ia, "hello??");
+    let out = a.run(&["listen", "--json", "--count", "1", "--timeout", "3"]);
+    assert_eq!(out.status.code(), Some(3), "denied: nothing shown");
+    assert!(a.ok(&["requests", "--json"]).trim().is_empty());
+    let listed = a.ok(&["consent", "list", "--json"]);
+    let rec: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(
+        (
+            rec["kind"].as_str(),
+            rec["entity"].as_str(),
+            rec["state"].as_str()
+        ),
+        (Some("inbox_id"), Some(ic.as_str()), Some("denied"))
+    );
+    // The sender's view carries no trace of the block.
+    let out = c.run(&["listen", "--json", "--count", "1", "--timeout", "2"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty());
+
+    a.ok(&["consent", "allow", &ic]);
+    c.send(&ia, "thanks");
+    assert_eq!(a.listen(1)[0]["text"], "thanks");
+}

@@ -58,7 +58,8 @@ impl Client {
             [key("clog/", gid), be(seq).to_vec()].concat(),
             e.encode_to_vec(),
         )?;
-        if result == CommitResult::Applied {
+        // A commit that removed us leaves no epoch of ours to compare.
+        if result == CommitResult::Applied && group::is_active(g) {
             self.record_epoch(g)?;
         }
         Ok(())
@@ -121,7 +122,7 @@ impl Client {
     /// Marks the conversation forked (and asks to be re-added) on a disagreement.
     pub(crate) async fn check_fork(&mut self, g: &MlsGroup) -> Result<Option<Fork>> {
         let gid = g.group_id().as_slice().to_vec();
-        if self.fork_state(&gid)?.is_some() {
+        if self.fork_state(&gid)?.is_some() || !group::is_active(g) {
             return Ok(None);
         }
         let Some(signer) = commit_log::signer(g) else {

@@ -65,7 +65,7 @@ fn now_ns() -> u64 {
 }
 
 /// A received message.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Received {
     /// Hex group id of the conversation.
     pub conversation: String,
@@ -88,6 +88,10 @@ pub struct Received {
     pub idempotency_key: String,
     /// XMTP's message id (hex), the reference replies and reactions use.
     pub message_id: String,
+    /// From a conversation whose consent is `unknown`: the message waits in the request queue
+    /// and is shown once, marked as a request (allowing does not show it again).
+    #[serde(default)]
+    pub request: bool,
     /// What a Gatehouse bridge attests about the sender, if the message carries an attestation.
     pub sender_endpoint: Option<SenderEndpoint>,
 }
@@ -110,7 +114,7 @@ impl Received {
 }
 
 /// A bridge's attestation about a sender, as checked by this client.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SenderEndpoint {
     /// The bridge's inbox id.
     pub bridge: String,
@@ -146,6 +150,14 @@ pub struct Client {
     key_package_grace: std::time::Duration,
     /// Fault injection: fail right after publishing a commit, before merging it.
     crash_after_commit_publish: bool,
+    /// Whether messages from `unknown` conversations are held (else dropped).
+    hold_unknown: bool,
+    /// Whether a newly held message is also returned once, marked as a request.
+    surface_requests: bool,
+    /// Bound of the request queue.
+    max_requests: usize,
+    /// When this installation last looked for siblings to sync consent with.
+    last_sync_group_check: Option<std::time::Instant>,
 }
 
 /// Who owns (and recovers) the inbox: a wallet or a passkey.
@@ -279,6 +291,10 @@ impl Client {
             inbox_id,
             key_package_grace: KEY_PACKAGE_GRACE,
             crash_after_commit_publish: false,
+            hold_unknown: true,
+            surface_requests: true,
+            max_requests: consent::MAX_REQUESTS,
+            last_sync_group_check: None,
         })
     }
 
@@ -626,6 +642,7 @@ impl Client {
         self.tree.insert(format!("dm/{peer}"), gid.clone())?;
         self.announce_created(created, peer.as_bytes(), wrappers)
             .await?;
+        self.allow_conversation(&gid)?;
         tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
         Ok(gid)
     }
@@ -889,6 +906,29 @@ impl Client {
             }
         }
         let md = group::group_metadata(&g)?;
+        // A device-sync group is only ever our own installations.
+        if md.conversation_type == mc::ConversationType::Sync as i32 {
+            if md.creator_inbox_id != self.inbox_id
+                || group::leaves(&g).iter().any(|(i, _)| *i != self.inbox_id)
+            {
+                let _ = group::delete(&self.provider, &mut g);
+                self.persist_mls()?;
+                return Err(ClientError::Peer(
+                    "refused a device-sync group that is not this inbox's own".into(),
+                ));
+            }
+            self.persist_mls()?;
+            self.record_epoch(&g)?;
+            self.tree
+                .insert([b"sync/".as_slice(), &gid].concat(), b"")?;
+            let cursor = unwrapped.metadata.map(|m| m.message_cursor).unwrap_or(0);
+            self.tree.insert(
+                [b"cursor/g/".as_slice(), &gid].concat(),
+                &cursor.to_be_bytes(),
+            )?;
+            tracing::info!(conversation = %hex::encode(&gid), "joined this inbox's device-sync group");
+            return Ok(None);
+        }
         self.persist_mls()?;
         if self.fork_state(&gid)?.is_some() {
             self.forget_fork(&g)?;
@@ -966,6 +1006,10 @@ impl Client {
                 hex::encode(gid)
             )));
         }
+        // Replying is consent: the conversation (and a DM's peer) become allowed.
+        if self.conversation_state(gid)? != gatehouse_protocol::consent::State::Allowed {
+            self.allow_conversation(gid)?;
+        }
         if self.fork_state(gid)?.is_some() {
             return Err(ClientError::Peer(format!(
                 "conversation {} forked (this installation's state differs from the group's); a re-add has been requested, try again once it is back",
@@ -997,12 +1041,13 @@ impl Client {
         })
     }
 
-    /// Reads new messages of one conversation.
+    /// Reads new messages of one conversation (consent applies, as in [`Self::sync_all`]).
     pub async fn sync_group(&mut self, gid: &[u8]) -> Result<Vec<Received>> {
         let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
             ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
         })?;
-        self.sync_group_inner(&mut g).await
+        let got = self.sync_group_inner(&mut g).await?;
+        self.gate(got)
     }
 
     async fn sync_group_inner(&mut self, g: &mut openmls_group::MlsGroup) -> Result<Vec<Received>> {
@@ -1123,6 +1168,13 @@ impl Client {
                         ),
                         _ => return Ok(None),
                     };
+                // Consent records from our own installations (device-sync group).
+                if content.r#type.as_ref().is_some_and(|t| {
+                    t.authority_id == "xmtp.org" && t.type_id == "application/x-protobuf"
+                }) {
+                    self.receive_consent(gid, &sender_inbox, &content)?;
+                    return Ok(None);
+                }
                 // A forked member asks (in our DM) to be re-added: handled, not shown.
                 if content.r#type.as_ref().is_some_and(|t| {
                     t.authority_id == "gatehouse.dev" && t.type_id == forks::READD_TYPE
@@ -1172,6 +1224,7 @@ impl Client {
                     sent_at_ns: v.created_ns,
                     idempotency_key,
                     message_id,
+                    request: false,
                 }))
             }
             Ok(group::Processed::PendingCommit {
@@ -1244,6 +1297,7 @@ impl Client {
                     content: c.content,
                     sent_at_ns: v.created_ns,
                     idempotency_key: String::new(),
+                    request: false,
                 }))
             }
             // Our own commit, still pending: we stopped (crashed) between publishing it and
@@ -1497,6 +1551,28 @@ impl Client {
         Ok(ours_won)
     }
 
+    /// Marks a conversation (and a DM's peer) allowed, decided now; synced to our other
+    /// installations at the next read.
+    fn allow_conversation(&self, gid: &[u8]) -> Result<()> {
+        use gatehouse_protocol::consent::{Entity, Record, State};
+        let at_ns = now_ns() as i64;
+        let mut records = vec![Record {
+            kind: Entity::ConversationId,
+            entity: hex::encode(gid),
+            state: State::Allowed,
+            at_ns,
+        }];
+        if let Some(peer) = self.dm_peer(gid)? {
+            records.push(Record {
+                kind: Entity::InboxId,
+                entity: peer,
+                state: State::Allowed,
+                at_ns,
+            });
+        }
+        self.note_consent(records)
+    }
+
     fn store_pending_welcomes(
         &self,
         gid: &[u8],
@@ -1732,6 +1808,10 @@ impl Client {
                 tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
             }
         }
+        if let Err(e) = self.sync_consent().await {
+            tracing::warn!(error = %e, "consent sync failed; will retry");
+        }
+        let out = self.gate(out)?;
         self.tree.flush_async().await?;
         Ok(out)
     }
@@ -1746,7 +1826,10 @@ impl Client {
     }
 }
 
+mod consent;
 mod forks;
+
+pub use consent::MAX_REQUESTS;
 
 mod openmls_group {
     pub use gatehouse_protocol::group::MlsGroupHandle as MlsGroup;

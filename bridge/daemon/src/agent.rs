@@ -93,6 +93,18 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Messages waiting for a consent decision (from senders neither allowed nor denied).
+    Requests {
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow, deny or list senders and conversations (synced to this inbox's other
+    /// installations through its private device-sync group).
+    Consent {
+        #[command(subcommand)]
+        command: ConsentCommand,
+    },
     /// Resolve an inbox id or 0x address through the node and show its identity.
     Whois {
         /// Inbox id or 0x address.
@@ -116,6 +128,28 @@ pub enum AgentCommand {
         /// or renamed what); they count towards --count.
         #[arg(long)]
         transcripts: bool,
+    },
+}
+
+/// Consent commands.
+#[derive(Subcommand, Debug)]
+pub enum ConsentCommand {
+    /// Allow an inbox (id or 0x address) or a conversation (hex id): its waiting messages are
+    /// delivered, in order, at the next read.
+    Allow {
+        /// Inbox id, 0x address, or conversation id.
+        target: String,
+    },
+    /// Deny an inbox or a conversation: its messages are dropped, without any signal.
+    Deny {
+        /// Inbox id, 0x address, or conversation id.
+        target: String,
+    },
+    /// Every consent record.
+    List {
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -599,6 +633,79 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 println!("{}", client.conversation_info(&gid)?);
             }
         }
+        AgentCommand::Requests { json } => {
+            let (db, mut client) = open(home, node, None).await?;
+            client.register().await?;
+            client.set_surface_requests(false);
+            client.sync_all().await?;
+            for m in client.requests()? {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "conversation": m.conversation,
+                            "id": m.id,
+                            "message_id": m.message_id,
+                            "sender_inbox": m.sender_inbox,
+                            "content_type": m.content_type,
+                            "text": m.text,
+                            "sent_at": rfc3339_secs(m.sent_at_ns),
+                        })
+                    );
+                } else {
+                    println!(
+                        "[{}] {} (conversation {}): {}",
+                        rfc3339_secs(m.sent_at_ns),
+                        m.sender_inbox,
+                        m.conversation,
+                        m.text.as_deref().unwrap_or("(no text)")
+                    );
+                }
+            }
+            db.flush_async().await?;
+        }
+        AgentCommand::Consent { command } => {
+            use gatehouse_protocol::consent::{Entity, State};
+            let (db, mut client) = open(home, node, None).await?;
+            client.register().await?;
+            let allow = matches!(command, ConsentCommand::Allow { .. });
+            match command {
+                ConsentCommand::Allow { target } | ConsentCommand::Deny { target } => {
+                    let state = if allow { State::Allowed } else { State::Denied };
+                    // A conversation this home knows, else an inbox id or 0x address.
+                    let is_conversation = hex::decode(&target).is_ok_and(|gid| {
+                        client
+                            .conversations()
+                            .is_ok_and(|c| c.iter().any(|(g, _)| *g == gid))
+                    });
+                    let (kind, entity) = if is_conversation {
+                        (Entity::ConversationId, target.to_ascii_lowercase())
+                    } else {
+                        (Entity::InboxId, client.resolve(&target).await?)
+                    };
+                    client.set_consent(kind, &entity, state).await?;
+                    println!(
+                        "{} {entity}",
+                        if state == State::Allowed {
+                            "allowed"
+                        } else {
+                            "denied"
+                        }
+                    );
+                }
+                ConsentCommand::List { json } => {
+                    client.sync_all().await?;
+                    for r in client.consent_list()? {
+                        if json {
+                            println!("{}", serde_json::to_string(&r)?);
+                        } else {
+                            println!("{:?} {} {:?}", r.kind, r.entity, r.state);
+                        }
+                    }
+                }
+            }
+            db.flush_async().await?;
+        }
         AgentCommand::Whois { identifier, json } => {
             let (_db, mut client) = open(home, node, None).await?;
             let inbox = client.resolve(&identifier).await?;
@@ -625,6 +732,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                             "conversation": m.conversation,
                             "id": m.id,
                             "message_id": m.message_id,
+                            "request": m.request,
                             "sender_inbox": m.sender_inbox,
                             "sender_installation": m.sender_installation,
                             "content_type": m.content_type,
@@ -636,8 +744,9 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                         println!("{v}");
                     } else {
                         println!(
-                            "[{}] {}: {}",
+                            "[{}] {}{}: {}",
                             rfc3339_secs(m.sent_at_ns),
+                            if m.request { "(request) " } else { "" },
                             m.sender_inbox,
                             m.text.as_deref().unwrap_or("(no text)")
                         );

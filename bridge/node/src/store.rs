@@ -102,6 +102,21 @@ impl Store {
         })
     }
 
+    /// Every key and value the node holds, concatenated (for audits: tests search it for
+    /// plaintext that must never reach the node).
+    pub fn raw_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for name in self.db.tree_names() {
+            if let Ok(tree) = self.db.open_tree(&name) {
+                for (k, v) in tree.iter().flatten() {
+                    out.extend_from_slice(&k);
+                    out.extend_from_slice(&v);
+                }
+            }
+        }
+        out
+    }
+
     /// Flushes everything to disk.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_async().await?;

@@ -284,6 +284,8 @@ pub enum Kind<'a> {
         /// Its description.
         description: &'a str,
     },
+    /// XMTP's device-sync group: only the installations of one inbox (consent travels here).
+    Sync,
 }
 
 /// XMTP's group-context extensions for a new conversation, laid out as libxmtp lays them out
@@ -309,6 +311,13 @@ fn context_extensions(
             }),
             oneshot_message: None,
         },
+        Kind::Sync => mc::GroupMetadataV1 {
+            conversation_type: mc::ConversationType::Sync as i32,
+            creator_account_address: String::new(),
+            creator_inbox_id: creator.to_string(),
+            dm_members: None,
+            oneshot_message: None,
+        },
         Kind::Group { .. } => mc::GroupMetadataV1 {
             conversation_type: mc::ConversationType::Group as i32,
             creator_account_address: String::new(),
@@ -324,6 +333,7 @@ fn context_extensions(
     rng.fill_bytes(&mut signer_key);
     let (name, description, is_group) = match kind {
         Kind::Dm { .. } => ("", "", false),
+        Kind::Sync => ("", "", true),
         Kind::Group { name, description } => (name, description, true),
     };
     let mut attributes: Vec<(&str, String)> = vec![

@@ -12,6 +12,7 @@
 
 pub mod attestation;
 pub mod commit_log;
+pub mod consent;
 pub mod content;
 pub mod error;
 pub mod group;

@@ -71,6 +71,7 @@ pub mod xmtp {
     }
 }
 
+pub use xmtp::device_sync;
 pub use xmtp::identity::api::v1 as identity_api;
 pub use xmtp::identity::associations;
 pub use xmtp::mls::api::v1 as mls_api;
