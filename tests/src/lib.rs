@@ -243,7 +243,7 @@ impl Subscriber {
             .lines
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
         {
-            if !l.starts_with("Client ") {
+            if !l.starts_with("Client ") && !l.starts_with("Subscribed") {
                 out.push(l);
             }
         }
@@ -417,6 +417,17 @@ impl Daemon {
     /// `gatehouse status`.
     pub fn status(&self) -> serde_json::Value {
         self.admin_json(&["status"])
+    }
+
+    /// `gatehouse requests --json --endpoint DEVICE`: the held messages of that endpoint.
+    pub fn requests(&self, device: &str) -> Vec<serde_json::Value> {
+        let v = self.admin_json(&["requests", "--json", "--endpoint", device]);
+        v[0]["requests"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `gatehouse consent allow|deny --endpoint DEVICE TARGET`.
+    pub fn consent(&self, decision: &str, device: &str, target: &str) -> serde_json::Value {
+        self.admin_json(&["consent", decision, "--endpoint", device, target])
     }
 
     /// Stops the daemon with SIGTERM and waits for it to exit.

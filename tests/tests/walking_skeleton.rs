@@ -44,10 +44,21 @@ fn device_and_agent_talk_end_to_end() {
     );
 
     let down = s.broker.subscribe("devices/thermo-1/down");
-    // B is not allowed: its message is dropped (and logged without its text).
+    // B is not on the route: its message waits in the endpoint's request queue (listed
+    // without its text), and nothing reaches the device.
     b.send(&endpoint, "intruder-text");
-    let line = d.wait_log(&["dropped conversation message", "sender not allowed"]);
-    assert!(!line.contains("intruder-text"));
+    let inbox_b = b.inbox_id();
+    let held = wait_for("B's request", || {
+        let r = d.requests("thermo-1");
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(held[0]["sender_inbox"], inbox_b.as_str());
+    assert!(
+        !serde_json::to_string(&held)
+            .unwrap()
+            .contains("intruder-text")
+    );
+    assert!(!d.log_text().contains("intruder-text"));
     // A is allowed: its reply reaches the device, and it is the first thing that does.
     assert_eq!(
         a.send(&endpoint, "set 19.0"),
@@ -215,4 +226,80 @@ fn burst_arrives_complete_and_in_order() {
         .map(|m| m["text"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(texts, lines);
+}
+
+/// Consent at the bridge, both ways: an unknown agent's messages wait in `thermo-1`'s request
+/// queue (nothing reaches the device) and survive a restart; the operator's allow sends them
+/// to the device in order; a denied agent's messages never arrive and its client sees nothing.
+#[test]
+fn bridge_consent_gate() {
+    let s = Setup::new("consent");
+    let (a, c, dd) = (s.agent("agent-a"), s.agent("agent-c"), s.agent("agent-d"));
+    let inbox_a = a.inbox_id();
+    let config = s.write_config(&[&inbox_a]);
+    let mut d = s.start_daemon(&config);
+    a.init();
+    let inbox_c = c.init();
+    let inbox_d = dd.init();
+    s.broker.publish("devices/thermo-1/up", br#"{"t":20}"#);
+    a.listen(1);
+    let endpoint = endpoint_inbox(&d, "thermo-1");
+    let down = s.broker.subscribe("devices/thermo-1/down");
+
+    // C is unknown: held, in order, nothing on the down topic.
+    for t in ["c-one", "c-two", "c-three"] {
+        c.send(&endpoint, t);
+    }
+    wait_for("C's three requests", || {
+        (d.requests("thermo-1").len() == 3).then_some(())
+    });
+    let leaked = down.drain(Duration::from_millis(200));
+    assert!(leaked.is_empty(), "{leaked:?}");
+
+    // The queue survives a restart.
+    d.stop();
+    let d2 = s.start_daemon(&config);
+    d = d2;
+    wait_for("requests after restart", || {
+        (d.requests("thermo-1").len() == 3).then_some(())
+    });
+
+    // Allow: the held messages reach the device, in order.
+    let r = d.consent("allow", "thermo-1", &inbox_c);
+    assert_eq!(r["state"], "allowed");
+    let got: Vec<String> = (0..3).map(|_| down.next_message()).collect();
+    assert_eq!(got, ["c-one", "c-two", "c-three"]);
+    assert!(d.requests("thermo-1").is_empty());
+
+    // Deny D: its messages never arrive, and D's client shows nothing.
+    d.consent("deny", "thermo-1", &inbox_d);
+    dd.send(&endpoint, "d-secret");
+    d.wait_log(&["dropped a message from a denied sender", &inbox_d]);
+    c.send(&endpoint, "c-after");
+    assert_eq!(down.next_message(), "c-after", "nothing from D came first");
+    assert!(d.requests("thermo-1").is_empty());
+    let out = dd.run(&["listen", "--json", "--count", "1", "--timeout", "2"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(out.stdout.is_empty(), "D sees nothing");
+    assert!(!d.log_text().contains("d-secret"));
+
+    // After another restart the operator's decisions still stand over the config (which
+    // lists only A): C gets through, D stays dropped.
+    d.stop();
+    let d3 = s.start_daemon(&config);
+    d = d3;
+    dd.send(&endpoint, "d-again");
+    c.send(&endpoint, "c-final");
+    assert_eq!(down.next_message(), "c-final");
+    d.wait_log(&["dropped a message from a denied sender", &inbox_d]);
+    assert!(down.drain(Duration::from_millis(200)).is_empty());
+
+    // A bad decision is refused with a reason.
+    let out = std::process::Command::new(gatehouse_bin())
+        .args(["consent", "allow", "--endpoint", "nope", &inbox_c])
+        .args(["--admin", &format!("127.0.0.1:{}", s.admin_port)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no endpoint named"));
 }

@@ -84,6 +84,17 @@ impl Client {
         Ok(changed)
     }
 
+    /// The state recorded for an entity, if any.
+    pub fn consent_of(&self, kind: Entity, entity: &str) -> Result<Option<State>> {
+        Ok(self.consent_record(kind, entity)?.map(|r| r.state))
+    }
+
+    /// Applies policy records (configuration) locally; they reach other installations of this
+    /// inbox at the next read.
+    pub fn apply_policy(&self, records: Vec<Record>) -> Result<()> {
+        self.note_consent(records)
+    }
+
     /// Records a decision made here (now) and sends it to this inbox's other installations.
     pub async fn set_consent(&mut self, kind: Entity, entity: &str, state: State) -> Result<()> {
         self.set_consent_at(kind, entity, state, crate::now_ns() as i64)
@@ -190,7 +201,9 @@ impl Client {
                 .consent_record(Entity::InboxId, &r.sender_inbox)?
                 .is_some_and(|c| c.state == State::Denied);
             match (sender_denied, self.conversation_state(&gid)?) {
-                (true, _) | (false, State::Denied) => {}
+                (true, _) | (false, State::Denied) => {
+                    tracing::info!(conversation = %r.conversation, sender = %r.sender_inbox, "dropped a message from a denied sender");
+                }
                 (false, State::Allowed) => out.push(r),
                 (false, State::Unknown) if self.hold_unknown => {
                     self.hold(r.clone(), self.surface_requests)?;

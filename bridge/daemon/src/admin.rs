@@ -1,7 +1,9 @@
-//! The local admin API: plain HTTP/1.1 on a loopback address, read-only for now.
+//! The local admin API: plain HTTP/1.1 on a loopback address.
 //!
 //! `GET /endpoints` lists endpoint identities; `GET /status` gives version and counts;
-//! `GET /plugins` gives each plugin's limits, counters and quarantine state.
+//! `GET /plugins` gives each plugin's limits, counters and quarantine state;
+//! `GET /requests[?endpoint=E]` each endpoint's request queue; `POST /consent` with
+//! `{"endpoint","target","state":"allow"|"deny"}` records an operator's decision.
 //! There is no authentication: the listener must be loopback (config validation enforces it),
 //! so only local users can reach it.
 
@@ -40,16 +42,96 @@ pub async fn serve(
                     break;
                 }
             }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (status, body) = match path {
-                "/endpoints" => (
+            let head_end = buf[..n]
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|p| p + 4)
+                .unwrap_or(n);
+            let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+            let mut words = head.split_whitespace();
+            let method = words.next().unwrap_or("GET").to_string();
+            let target = words.next().unwrap_or("/").to_string();
+            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            };
+            let (status, body) = match (method.as_str(), path) {
+                ("GET", "/requests") => (
                     "200 OK",
-                    serde_json::to_string(&bridge.endpoints()).unwrap_or_default(),
+                    bridge
+                        .requests(param("endpoint").as_deref())
+                        .await
+                        .to_string(),
                 ),
-                "/status" => ("200 OK", bridge.status().to_string()),
-                "/plugins" => ("200 OK", bridge.plugins().to_string()),
-                _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
+                // Changes are POSTs with a JSON body: a web page cannot send those cross-origin
+                // without a CORS preflight, which this API never answers.
+                ("POST", "/consent") => {
+                    let json_body = head.lines().any(|l| {
+                        l.to_ascii_lowercase()
+                            .starts_with("content-type: application/json")
+                    });
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    let mut body = buf[head_end..n].to_vec();
+                    while body.len() < len.min(MAX_REQUEST) {
+                        let mut more = [0u8; 1024];
+                        match sock.read(&mut more).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => body.extend_from_slice(&more[..k]),
+                        }
+                    }
+                    match serde_json::from_slice::<serde_json::Value>(&body) {
+                        _ if !json_body => (
+                            "415 Unsupported Media Type",
+                            r#"{"error":"send content-type: application/json"}"#.to_string(),
+                        ),
+                        Ok(v) => {
+                            let device = v["endpoint"].as_str().unwrap_or_default();
+                            let target = v["target"].as_str().unwrap_or_default();
+                            let allow = match v["state"].as_str() {
+                                Some("allow" | "allowed") => Some(true),
+                                Some("deny" | "denied") => Some(false),
+                                _ => None,
+                            };
+                            match allow {
+                                None => (
+                                    "400 Bad Request",
+                                    r#"{"error":"state must be allow or deny"}"#.to_string(),
+                                ),
+                                Some(allow) => match bridge.decide(device, target, allow).await {
+                                    Ok(v) => ("200 OK", v.to_string()),
+                                    Err(e) => (
+                                        "400 Bad Request",
+                                        serde_json::json!({"error": format!("{e:#}")}).to_string(),
+                                    ),
+                                },
+                            }
+                        }
+                        Err(e) => (
+                            "400 Bad Request",
+                            serde_json::json!({"error": format!("bad JSON: {e}")}).to_string(),
+                        ),
+                    }
+                }
+                (_, p) => match p {
+                    "/endpoints" => (
+                        "200 OK",
+                        serde_json::to_string(&bridge.endpoints()).unwrap_or_default(),
+                    ),
+                    "/status" => ("200 OK", bridge.status().to_string()),
+                    "/plugins" => ("200 OK", bridge.plugins().to_string()),
+                    _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
+                },
             };
             let resp = format!(
                 "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -58,6 +140,41 @@ pub async fn serve(
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }
+}
+
+/// `POST path` with a JSON body against the admin API; returns the body (errors carry the
+/// API's message).
+pub async fn post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let body = body.to_string();
+    let mut sock = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach the daemon's admin API at {addr}: is `gatehouse run` running with this config?"))?;
+    sock.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut resp = String::new();
+    sock.read_to_string(&mut resp).await?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("malformed admin response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        let msg = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(String::from))
+            .unwrap_or_else(|| head.lines().next().unwrap_or("").to_string());
+        anyhow::bail!("{msg}");
+    }
+    Ok(body.to_string())
 }
 
 /// `GET path` against the admin API; returns the body.

@@ -5,7 +5,7 @@
 //! Outbound: each endpoint reads its conversations → sender must be allowed by the route →
 //! plugin → publish on the route's reply topic. Nothing is logged with message content.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,14 +155,6 @@ impl Bridge {
             .await
             .insert(who.to_string(), inbox.clone());
         Ok(inbox)
-    }
-
-    async fn allowed(&self, client: &mut Client, route: &Route) -> anyhow::Result<HashSet<String>> {
-        let mut out = HashSet::new();
-        for who in route.allow.as_ref().unwrap_or(&route.agents) {
-            out.insert(self.resolve(client, who).await?);
-        }
-        Ok(out)
     }
 
     /// Stores a batch of inbound messages durably with one flush, then acknowledges them to the
@@ -439,6 +431,16 @@ impl Bridge {
                             .resolve(&mut client, agent)
                             .await
                             .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
+                        // External messages go only to peers this endpoint allows.
+                        if client
+                            .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
+                            .ok()
+                            .flatten()
+                            == Some(gatehouse_protocol::consent::State::Denied)
+                        {
+                            tracing::info!(route = %route.name, device = %rec.device, agent = %inbox, "not delivered: the agent is denied for this endpoint");
+                            continue;
+                        }
                         let gid = client
                             .dm(&inbox)
                             .await
@@ -485,9 +487,127 @@ impl Bridge {
             client.register().await.map_err(|e| {
                 Failure::Transient(format!("registering endpoint {}: {e}", endpoint.device))
             })?;
+            self.apply_consent_policy(endpoint, client)
+                .await
+                .map_err(|e| {
+                    Failure::Transient(format!(
+                        "applying the consent policy of {}: {e:#}",
+                        endpoint.device
+                    ))
+                })?;
             *reg = true;
         }
         Ok(())
+    }
+
+    /// The route's consent policy as records on the endpoint (at the config file's time):
+    /// agents and `allow` allowed, `deny` denied; unknown senders held or dropped.
+    async fn apply_consent_policy(
+        &self,
+        endpoint: &Endpoint,
+        client: &mut Client,
+    ) -> anyhow::Result<()> {
+        use gatehouse_protocol::consent::{Entity, Record, State};
+        let route = &self.cfg.routes[endpoint.route];
+        let policy = &route.consent;
+        client.set_surface_requests(false);
+        client.set_request_policy(
+            policy.default == crate::config::UnknownSenders::Request,
+            policy.max_requests,
+        );
+        let mut records = Vec::new();
+        let allowed = route
+            .agents
+            .iter()
+            .chain(route.allow.iter().flatten())
+            .chain(&policy.allow);
+        for (who, state) in allowed
+            .map(|w| (w, State::Allowed))
+            .chain(policy.deny.iter().map(|w| (w, State::Denied)))
+        {
+            records.push(Record {
+                kind: Entity::InboxId,
+                entity: self.resolve(client, who).await?,
+                state,
+                at_ns: self.cfg.written_at_ns,
+            });
+        }
+        client.apply_policy(records)?;
+        Ok(())
+    }
+
+    /// The request queue of each endpoint (or of the one named `device`).
+    pub async fn requests(&self, device: Option<&str>) -> serde_json::Value {
+        let mut out = Vec::new();
+        for ep in self.all_endpoints() {
+            if device.is_some_and(|d| d != ep.device) {
+                continue;
+            }
+            let client = ep.client.lock().await;
+            let held = client.requests().unwrap_or_default();
+            out.push(serde_json::json!({
+                "endpoint": ep.device,
+                "route": self.cfg.routes[ep.route].name,
+                "inbox_id": client.inbox_id(),
+                "dropped": client.requests_dropped().unwrap_or(0),
+                "requests": held.iter().map(|m| serde_json::json!({
+                    "conversation": m.conversation,
+                    "sender_inbox": m.sender_inbox,
+                    "message_id": m.message_id,
+                    "content_type": m.content_type,
+                    "bytes": m.content.len(),
+                    "sent_at_ns": m.sent_at_ns,
+                })).collect::<Vec<_>>(),
+            }));
+        }
+        serde_json::Value::Array(out)
+    }
+
+    /// An operator's decision for one endpoint: `target` is an inbox id, 0x address or
+    /// conversation id. Held messages of an allowed sender go out at the next poll, in order.
+    pub async fn decide(
+        &self,
+        device: &str,
+        target: &str,
+        allow: bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        use gatehouse_protocol::consent::{Entity, State};
+        let ep = self
+            .all_endpoints()
+            .into_iter()
+            .find(|e| e.device == device)
+            .ok_or_else(|| {
+                anyhow::anyhow!("no endpoint named {device:?} (see `gatehouse endpoints`)")
+            })?;
+        let mut client = ep.client.lock().await;
+        self.ensure_registered(&ep, &mut client)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let is_conversation = hex::decode(target).is_ok_and(|gid| {
+            client
+                .conversations()
+                .is_ok_and(|c| c.iter().any(|(g, _)| *g == gid))
+        });
+        let (kind, entity) = if is_conversation {
+            (Entity::ConversationId, target.to_ascii_lowercase())
+        } else {
+            (Entity::InboxId, self.resolve(&mut client, target).await?)
+        };
+        let state = if allow { State::Allowed } else { State::Denied };
+        client.set_consent(kind, &entity, state).await?;
+        tracing::info!(endpoint = %device, %entity, ?state, "consent decided by the operator");
+        drop(client);
+        self.work.notify_one();
+        Ok(serde_json::json!({"endpoint": device, "entity": entity, "state": state}))
+    }
+
+    fn all_endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// One pass of the way back for every endpoint.
@@ -510,20 +630,20 @@ impl Bridge {
         let route = &self.cfg.routes[ep.route];
         let mut client = ep.client.lock().await;
         if !*ep.registered.lock().await {
-            return Ok(());
+            // Endpoints known from before a restart register (and get their policy) here.
+            if self.ensure_registered(ep, &mut client).await.is_err() {
+                return Ok(());
+            }
         }
+        // Consent gates what comes back: only allowed senders' messages are returned; unknown
+        // senders wait in the endpoint's request queue, denied ones are dropped.
         let received = client.sync_all().await?;
         if received.is_empty() {
             return Ok(());
         }
-        let allowed = self.allowed(&mut client, route).await?;
         drop(client);
         for r in received {
             if r.is_transcript() {
-                continue;
-            }
-            if !allowed.contains(&r.sender_inbox) {
-                tracing::info!(route = %route.name, device = %ep.device, sender = %r.sender_inbox, "dropped conversation message: sender not allowed by the route");
                 continue;
             }
             let msg = Message {
@@ -587,6 +707,7 @@ impl Bridge {
     }
 }
 
+#[derive(Debug)]
 enum Failure {
     Permanent(String),
     Transient(String),
@@ -715,8 +836,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     // Endpoints known from earlier runs resume reading their conversations at once.
     for info in bridge.endpoints() {
         if let Some(idx) = bridge.cfg.routes.iter().position(|r| r.name == info.route) {
-            let ep = bridge.endpoint(idx, &info.device)?;
-            *ep.registered.lock().await = true;
+            // Registered (and given its consent policy) by its first poll.
+            bridge.endpoint(idx, &info.device)?;
         }
     }
 

@@ -10,12 +10,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use gatehouse_channels::mqtt::MqttConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// When the config file was last written (ns since the epoch; 0 for text configs).
+    #[serde(skip)]
+    pub written_at_ns: i64,
     /// Directory for all state (sled databases, the bridge seed). Relative paths are resolved
     /// against the config file's directory.
     #[serde(default = "default_data_dir")]
@@ -233,13 +236,59 @@ pub struct Route {
     /// device goes to a DM with each of them.
     #[serde(default)]
     pub agents: Vec<String>,
-    /// Senders whose conversation messages may reach the device. Defaults to `agents`;
-    /// everything else is dropped and logged (without its content).
+    /// Older spelling of `consent.allow`: more senders allowed besides `agents`.
     #[serde(default)]
     pub allow: Option<Vec<String>>,
     /// Largest accepted payload, bytes; larger messages are rejected with a log line.
     #[serde(default = "default_max_payload")]
     pub max_payload: usize,
+    /// Consent policy of this route's endpoints (applied as consent records).
+    #[serde(default)]
+    pub consent: RouteConsent,
+}
+
+/// What an endpoint does with senders it has not decided about.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSenders {
+    /// Hold their messages in the endpoint's request queue for the operator.
+    #[default]
+    Request,
+    /// Drop them, as if denied.
+    Deny,
+}
+
+/// `routes[].consent`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConsent {
+    /// `request` (default) or `deny`.
+    #[serde(default)]
+    pub default: UnknownSenders,
+    /// Inbox ids or 0x addresses allowed (the route's `agents` always are).
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Inbox ids or 0x addresses denied.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Most messages an endpoint's request queue holds; the oldest is dropped beyond it.
+    #[serde(default = "default_max_requests")]
+    pub max_requests: usize,
+}
+
+impl Default for RouteConsent {
+    fn default() -> Self {
+        Self {
+            default: UnknownSenders::Request,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            max_requests: default_max_requests(),
+        }
+    }
+}
+
+fn default_max_requests() -> usize {
+    gatehouse_client::MAX_REQUESTS
 }
 
 fn default_reply() -> String {
@@ -330,6 +379,14 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
         let mut cfg = Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        // Consent records from the config carry the file's time: a later CLI decision wins over
+        // them, a later edit of the file wins over that.
+        cfg.written_at_ns = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
         if cfg.data_dir.is_relative() {
             let base = path
                 .parent()
@@ -385,7 +442,16 @@ impl Config {
                     self.plugins.keys().collect::<Vec<_>>()
                 );
             }
-            for a in r.agents.iter().chain(r.allow.iter().flatten()) {
+            if r.consent.max_requests == 0 {
+                bail!("{at}.consent.max_requests: must be at least 1");
+            }
+            for a in r
+                .agents
+                .iter()
+                .chain(r.allow.iter().flatten())
+                .chain(&r.consent.allow)
+                .chain(&r.consent.deny)
+            {
                 let ok = (a.starts_with("0x") && a.len() == 42)
                     || (a.len() == 64 && a.chars().all(|c| c.is_ascii_hexdigit()));
                 if !ok {
@@ -416,6 +482,34 @@ mod tests {
     fn repo_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config.yaml");
         Config::load(&path).unwrap();
+    }
+
+    /// A route's consent policy parses with defaults; bad entries and keys are named.
+    #[test]
+    fn route_consent_policy() {
+        let base = "plugins: {mqtt: {builtin: mqtt}}\nchannels: {mqtt: {}}\nroutes:\n  - {name: r, channel: mqtt, subscribe: \"d/{device}/up\", plugin: mqtt";
+        let cfg = Config::parse(&format!("{base}}}\n")).unwrap();
+        assert_eq!(cfg.routes[0].consent.default, UnknownSenders::Request);
+        assert_eq!(cfg.routes[0].consent.max_requests, 1000);
+        let inbox = "a".repeat(64);
+        let cfg = Config::parse(&format!(
+            "{base}, consent: {{default: deny, allow: [\"{inbox}\"], deny: [\"0x{}\"], max_requests: 5}}}}\n",
+            "b".repeat(40)
+        ))
+        .unwrap();
+        let c = &cfg.routes[0].consent;
+        assert_eq!(
+            (c.default, c.allow.len(), c.deny.len(), c.max_requests),
+            (UnknownSenders::Deny, 1, 1, 5)
+        );
+        let e = Config::parse(&format!("{base}, consent: {{deny: [\"bob\"]}}}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"bob\" is neither an inbox id"), "{e}");
+        let e = Config::parse(&format!("{base}, consent: {{defualt: deny}}}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("defualt"), "{e}");
     }
 
     /// Unknown keys are rejected with their line.

@@ -83,6 +83,39 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// Conversation messages waiting for a consent decision, per endpoint.
+    Requests {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only this endpoint (its device name).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
+    /// Allow or deny a sender (inbox id, 0x address or conversation id) for one endpoint.
+    /// Allowed senders' waiting messages go to the device in order; denied ones are dropped.
+    Consent {
+        /// `allow` or `deny`.
+        #[arg(value_parser = ["allow", "deny"])]
+        decision: String,
+        /// The endpoint (its device name, as `gatehouse endpoints` shows).
+        #[arg(long)]
+        endpoint: String,
+        /// Inbox id, 0x address or conversation id.
+        target: String,
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// List the daemon's endpoint identities.
     Endpoints {
         /// Print JSON.
@@ -198,6 +231,57 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 None => config::Config::load(&config)?.admin.listen,
             };
             println!("{}", admin::get(addr, "/plugins").await?);
+        }
+        Command::Requests {
+            json,
+            endpoint,
+            config,
+            admin,
+        } => {
+            let addr = match admin {
+                Some(a) => a,
+                None => config::Config::load(&config)?.admin.listen,
+            };
+            let path = match &endpoint {
+                Some(e) => format!("/requests?endpoint={e}"),
+                None => "/requests".into(),
+            };
+            let body = admin::get(addr, &path).await?;
+            if json {
+                println!("{body}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&body)?;
+                for ep in v.as_array().into_iter().flatten() {
+                    for r in ep["requests"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<20} {} {} ({} bytes)",
+                            ep["endpoint"].as_str().unwrap_or(""),
+                            r["sender_inbox"].as_str().unwrap_or(""),
+                            r["content_type"].as_str().unwrap_or(""),
+                            r["bytes"]
+                        );
+                    }
+                }
+            }
+        }
+        Command::Consent {
+            decision,
+            endpoint,
+            target,
+            config,
+            admin,
+        } => {
+            let addr = match admin {
+                Some(a) => a,
+                None => config::Config::load(&config)?.admin.listen,
+            };
+            let body = admin::post(
+                addr,
+                "/consent",
+                &serde_json::json!({"endpoint": endpoint, "target": target, "state": decision}),
+            )
+            .await?;
+            println!("{body}");
         }
         Command::Endpoints {
             json,
