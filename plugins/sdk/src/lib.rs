@@ -1,8 +1,80 @@
-//! Guest-side helpers for Gatehouse plugin authors. The bindings themselves come from
-//! `wit-bindgen` in each plugin (`wit_bindgen::generate!({ path: "../../wit", world: "mapper" })`);
-//! these helpers are plain functions over the WIT types' shapes.
+//! The Gatehouse plugin SDK: the `gatehouse:plugin@0.1.0` bindings, generated once here, and
+//! helpers. A plugin is a `cdylib` that implements [`Guest`] and calls [`export!`]:
+//!
+//! ```ignore
+//! use gatehouse_plugin_sdk::*;
+//!
+//! struct Upper;
+//! impl Guest for Upper {
+//!     fn init(_config: Vec<(String, String)>) -> Result<(), Error> { Ok(()) }
+//!     fn on_external(msg: Message) -> Result<Vec<Action>, Error> {
+//!         let text = String::from_utf8(msg.payload).map_err(|_| error("malformed", "not UTF-8"))?;
+//!         Ok(vec![send_text(&text.to_uppercase())])
+//!     }
+//!     fn on_conversation(_msg: Message) -> Result<Vec<Action>, Error> { Ok(vec![]) }
+//! }
+//! export!(Upper);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2` and point
+//! `plugins.NAME.path` in config.yaml at the `.wasm` file.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
+
+#[doc(hidden)]
+#[allow(unsafe_code, missing_docs)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "mapper",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "gatehouse_plugin_sdk::bindings",
+    });
+}
+
+pub use bindings::Guest;
+pub use bindings::gatehouse::plugin::host::{Level, log, now_ms};
+pub use bindings::gatehouse::plugin::types::{Action, Error, Message, Publish, Send};
+#[doc(hidden)]
+pub use bindings::*;
+
+/// An error with a short machine-readable `code` (`malformed`, `unsupported`, …).
+pub fn error(code: &str, message: impl Into<String>) -> Error {
+    Error {
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// Sends UTF-8 text into the conversation (`xmtp.org/text:1.0`).
+pub fn send_text(text: &str) -> Action {
+    Action::Send(Send {
+        content_type: "xmtp.org/text:1.0".into(),
+        payload: text.as_bytes().to_vec(),
+        fallback: None,
+    })
+}
+
+/// Sends a JSON document into the conversation (`gatehouse.dev/json:1.0`, the JSON text as
+/// the fallback XMTP clients show).
+pub fn send_json(json: &str) -> Action {
+    Action::Send(Send {
+        content_type: "gatehouse.dev/json:1.0".into(),
+        payload: json.as_bytes().to_vec(),
+        fallback: Some(json.to_string()),
+    })
+}
+
+/// Publishes `payload` to `address` on `channel` (within the plugin's grants).
+pub fn publish(channel: &str, address: &str, payload: Vec<u8>) -> Action {
+    Action::Publish(Publish {
+        channel: channel.into(),
+        address: address.into(),
+        payload,
+        metadata: vec![],
+    })
+}
 
 /// Looks a key up in a WIT metadata list.
 pub fn meta<'a>(metadata: &'a [(String, String)], key: &str) -> Option<&'a str> {
