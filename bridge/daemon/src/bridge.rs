@@ -758,7 +758,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         .with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
     tracing::info!(node = %node_url, "using XMTP node");
 
-    let host = Host::new()?;
+    // Compiled plugins are cached beside the other state, so restarts skip compilation.
+    let host = Host::new()?.with_cache(cfg.data_dir.join("plugin-cache"));
     let mut plugins = BTreeMap::new();
     for (name, p) in &cfg.plugins {
         let wasm = match (&p.builtin, &p.path) {

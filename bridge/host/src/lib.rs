@@ -7,7 +7,8 @@
 //! filesystem, sockets or environment: the WASI context is empty, and the only grants are the
 //! `host` interface (log, clock). This is the only crate that links wasmtime.
 
-#![forbid(unsafe_code)]
+// One exception, `Host::compile`: loading a cached compiled component is `unsafe` in wasmtime.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::sync::{Arc, Mutex};
@@ -124,6 +125,8 @@ impl bindings::gatehouse::plugin::types::Host for State {}
 #[derive(Clone)]
 pub struct Host {
     engine: Engine,
+    /// Where compiled components are kept (`<sha256 of the wasm>-<engine hash>.cwasm`).
+    cache: Option<std::path::PathBuf>,
 }
 
 impl Host {
@@ -145,7 +148,64 @@ impl Host {
                     std::thread::sleep(EPOCH_TICK);
                 }
             })?;
-        Ok(Self { engine })
+        Ok(Self {
+            engine,
+            cache: None,
+        })
+    }
+
+    /// Keeps compiled components in `dir`, keyed by the component's content hash and the
+    /// engine's compatibility hash, so a restart loads them without compiling again.
+    pub fn with_cache(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.cache = Some(dir.into());
+        self
+    }
+
+    /// Compiles `wasm`, or loads its compiled form from the cache (writing it on a miss).
+    #[allow(unsafe_code)]
+    fn compile(&self, wasm: &[u8]) -> Result<Component, PluginError> {
+        use sha2::Digest as _;
+        let compile =
+            || Component::new(&self.engine, wasm).map_err(|e| PluginError::Load(format!("{e:#}")));
+        let Some(dir) = &self.cache else {
+            return compile();
+        };
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(
+            &self.engine.precompile_compatibility_hash(),
+            &mut engine_hash,
+        );
+        let key = format!(
+            "{}-{:016x}.cwasm",
+            hex::encode(sha2::Sha256::digest(wasm)),
+            std::hash::Hasher::finish(&engine_hash)
+        );
+        let path = dir.join(key);
+        // Read into memory rather than mapped: a file changed in place under a mapping would
+        // crash the process.
+        if let Ok(bytes) = std::fs::read(&path) {
+            // SAFETY: the bytes are a file this host serialised into its own data directory,
+            // named by the hash of the component it came from and of the engine's settings;
+            // wasmtime still checks the header and refuses an incompatible artifact (then we
+            // compile again).
+            match unsafe { Component::deserialize(&self.engine, &bytes) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cached plugin artifact unusable; compiling again")
+                }
+            }
+        }
+        let component = compile()?;
+        if let Ok(bytes) = component.serialize() {
+            let tmp = path.with_extension("tmp");
+            let written = std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&tmp, bytes))
+                .and_then(|_| std::fs::rename(&tmp, &path));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "could not cache the compiled plugin");
+            }
+        }
+        Ok(component)
     }
 
     /// Compiles and validates a component, returning a plugin ready to instantiate.
@@ -156,8 +216,7 @@ impl Host {
         config: Vec<(String, String)>,
         limits: Limits,
     ) -> Result<Plugin, PluginError> {
-        let component =
-            Component::new(&self.engine, wasm).map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let component = self.compile(wasm)?;
         let mut linker: Linker<State> = Linker::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| PluginError::Load(format!("{e:#}")))?;
@@ -284,6 +343,12 @@ impl Plugin {
         }
     }
 
+    /// Discards the current instance: the next call instantiates afresh (benchmarks use this
+    /// to measure instantiation).
+    pub fn reset(&self) {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Maps an external message. Blocking: call from a blocking thread.
     pub fn on_external(&self, msg: &Message) -> Result<Vec<Action>, PluginError> {
         self.with_instance(|live, p| {
@@ -400,6 +465,37 @@ mod tests {
     }
 
     /// A bad config is refused at load with the plugin's reason.
+    /// A compiled plugin is cached by content hash and loaded from the cache next time; a
+    /// corrupt cache file is replaced by compiling again.
+    #[test]
+    fn compiled_plugins_are_cached() {
+        let dir = std::env::temp_dir().join(format!("gh-plugin-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let host = Host::new().unwrap().with_cache(&dir);
+        let load = || {
+            host.load("mqtt", MQTT_PLUGIN, vec![], Limits::default())
+                .unwrap()
+        };
+        load();
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(files.len(), 1);
+        let path = files[0].path();
+        assert!(path.to_string_lossy().ends_with(".cwasm"));
+        let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let p = load();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            modified,
+            "reused"
+        );
+        assert!(!p.on_external(&msg(br#"{"t":1}"#)).unwrap().is_empty());
+        std::fs::write(&path, b"garbage").unwrap();
+        let p = load();
+        assert!(!p.on_external(&msg(br#"{"t":1}"#)).unwrap().is_empty());
+        assert_ne!(std::fs::read(&path).unwrap(), b"garbage", "rewritten");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn bad_config_fails_at_load() {
         let host = Host::new().unwrap();
