@@ -64,7 +64,16 @@ fn sensor_frame_plugin_end_to_end() {
     let v: serde_json::Value = serde_json::from_str(got[0]["text"].as_str().unwrap()).unwrap();
     assert_eq!(
         v,
-        serde_json::json!({"sensor": 258, "temperature_c": 21.5, "battery_pct": 87})
+        serde_json::json!({"sensor": 258, "temperature_c": 21.5, "battery_pct": 87, "frame": 1})
+    );
+    // The plugin's key-value store counts frames per device: -3.25 °C, 5 %, second frame.
+    s.broker
+        .publish("sensors/boiler/up", &[1, 0x01, 0x02, 0xfe, 0xbb, 5]);
+    let v: serde_json::Value =
+        serde_json::from_str(a.listen(1)[0]["text"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"sensor": 258, "temperature_c": -3.25, "battery_pct": 5, "frame": 2})
     );
 
     s.broker.publish("sensors/boiler/up", b"\x02short");

@@ -758,6 +758,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         .with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
     tracing::info!(node = %node_url, "using XMTP node");
 
+    let db = sled::Config::new()
+        .path(cfg.data_dir.join("bridge"))
+        .flush_every_ms(Some(200))
+        .open()
+        .context("opening the bridge store")?;
     // Compiled plugins are cached beside the other state, so restarts skip compilation.
     let host = Host::new()?.with_cache(cfg.data_dir.join("plugin-cache"));
     let mut plugins = BTreeMap::new();
@@ -780,18 +785,17 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             memory_bytes: p.memory_mb << 20,
             fuel: p.fuel,
         };
+        let kv = std::sync::Arc::new(gatehouse_host::Kv::new(
+            db.open_tree(format!("plugin-kv/{name}"))?,
+            p.kv_quota_bytes,
+        ));
         let plugin = host
-            .load(name, &wasm, config, limits)
+            .load_with_kv(name, &wasm, config, limits, Some(kv))
             .with_context(|| format!("loading plugin {name}"))?;
         tracing::info!(plugin = %name, "plugin loaded");
         plugins.insert(name.clone(), plugin);
     }
 
-    let db = sled::Config::new()
-        .path(cfg.data_dir.join("bridge"))
-        .flush_every_ms(Some(200))
-        .open()
-        .context("opening the bridge store")?;
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let mqtt = match &cfg.channels.mqtt {
         Some(m) if !cfg.routes.is_empty() => {

@@ -145,6 +145,9 @@ pub struct PluginConfig {
     /// quarantine the plugin: its routes stop taking messages (they stay queued) until restart.
     #[serde(default = "default_quarantine_after")]
     pub quarantine_after: usize,
+    /// Bytes (keys + values) the plugin's key-value store may hold.
+    #[serde(default = "default_kv_quota")]
+    pub kv_quota_bytes: u64,
     /// The window for `quarantine_after`, seconds.
     #[serde(default = "default_fault_window")]
     pub fault_window_secs: u64,
@@ -188,6 +191,10 @@ fn default_max_actions() -> usize {
 fn default_max_bytes() -> usize {
     1 << 20
 }
+fn default_kv_quota() -> u64 {
+    1 << 20
+}
+
 fn default_quarantine_after() -> usize {
     5
 }

@@ -88,6 +88,83 @@ struct State {
     table: ResourceTable,
     limits: StoreLimits,
     plugin: String,
+    kv: Option<Arc<Kv>>,
+}
+
+/// A plugin's key-value store: a sled tree and a byte quota (keys + values).
+pub struct Kv {
+    tree: sled::Tree,
+    quota: u64,
+    used: std::sync::atomic::AtomicU64,
+}
+
+impl Kv {
+    /// Wraps `tree` (counting what it already holds) with a quota in bytes.
+    pub fn new(tree: sled::Tree, quota: u64) -> Self {
+        let used: u64 = tree
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum();
+        Self {
+            tree,
+            quota,
+            used: used.into(),
+        }
+    }
+
+    /// Bytes in use (keys + values).
+    pub fn used(&self) -> u64 {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl bindings::gatehouse::plugin::kv::Host for State {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        let kv = self.kv.as_ref()?;
+        kv.tree
+            .get(key.as_bytes())
+            .ok()
+            .flatten()
+            .map(|v| v.to_vec())
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        use std::sync::atomic::Ordering;
+        let Some(kv) = self.kv.as_ref() else {
+            return Err("this plugin has no key-value store".into());
+        };
+        let old = kv
+            .tree
+            .get(key.as_bytes())
+            .ok()
+            .flatten()
+            .map_or(0, |v| (key.len() + v.len()) as u64);
+        let new = (key.len() + value.len()) as u64;
+        let after = kv.used() - old + new;
+        if after > kv.quota {
+            return Err(format!(
+                "quota: {after} bytes would exceed the plugin's {} byte key-value quota",
+                kv.quota
+            ));
+        }
+        kv.tree
+            .insert(key.as_bytes(), value)
+            .map_err(|e| format!("store: {e}"))?;
+        kv.used.store(after, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn delete(&mut self, key: String) {
+        if let Some(kv) = self.kv.as_ref()
+            && let Ok(Some(old)) = kv.tree.remove(key.as_bytes())
+        {
+            kv.used.fetch_sub(
+                (key.len() + old.len()) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 impl WasiView for State {
@@ -216,6 +293,18 @@ impl Host {
         config: Vec<(String, String)>,
         limits: Limits,
     ) -> Result<Plugin, PluginError> {
+        self.load_with_kv(name, wasm, config, limits, None)
+    }
+
+    /// [`Self::load`], with a key-value store for the plugin's `kv` import.
+    pub fn load_with_kv(
+        &self,
+        name: &str,
+        wasm: &[u8],
+        config: Vec<(String, String)>,
+        limits: Limits,
+        kv: Option<Arc<Kv>>,
+    ) -> Result<Plugin, PluginError> {
         let component = self.compile(wasm)?;
         let mut linker: Linker<State> = Linker::new(&self.engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
@@ -233,6 +322,7 @@ impl Host {
             config,
             limits,
             live: Arc::new(Mutex::new(None)),
+            kv,
         };
         // Instantiate once now so that a plugin that cannot start fails at load, not per message.
         plugin.with_instance(|_, _| Ok(()))?;
@@ -254,6 +344,7 @@ pub struct Plugin {
     config: Vec<(String, String)>,
     limits: Limits,
     live: Arc<Mutex<Option<Live>>>,
+    kv: Option<Arc<Kv>>,
 }
 
 fn classify(e: wasmtime::Error, limits: &Limits) -> PluginError {
@@ -281,6 +372,7 @@ impl Plugin {
                 .trap_on_grow_failure(true)
                 .build(),
             plugin: self.name.clone(),
+            kv: self.kv.clone(),
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
@@ -446,6 +538,58 @@ mod tests {
             Err(PluginError::Trap(_))
         ));
         echo(&p);
+    }
+
+    /// The key-value store is durable across instances and loads, private to its tree, and
+    /// refuses writes past the quota; without a store, writes fail and reads find nothing.
+    #[test]
+    fn key_value_store_is_durable_and_capped() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let host = Host::new().unwrap();
+        let text = |a: Vec<Action>| match a.as_slice() {
+            [Action::Send(s)] => String::from_utf8(s.payload.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let load = |quota| {
+            let kv = Arc::new(Kv::new(db.open_tree("kv/bad").unwrap(), quota));
+            host.load_with_kv("bad", MISBEHAVE_PLUGIN, vec![], Limits::default(), Some(kv))
+                .unwrap()
+        };
+        let p = load(1024);
+        assert_eq!(text(p.on_external(&msg(b"count")).unwrap()), "1");
+        assert_eq!(text(p.on_external(&msg(b"count")).unwrap()), "2");
+        p.reset();
+        assert_eq!(
+            text(p.on_external(&msg(b"count")).unwrap()),
+            "3",
+            "fresh instance"
+        );
+        let p = load(1024);
+        assert_eq!(
+            text(p.on_external(&msg(b"count")).unwrap()),
+            "4",
+            "reloaded"
+        );
+        match p.on_external(&msg(b"kvfill")) {
+            Err(PluginError::Refused { code, message }) => {
+                assert_eq!(code, "quota");
+                assert!(message.contains("1024 byte"), "{message}");
+            }
+            other => panic!("expected the quota to refuse, got {other:?}"),
+        }
+        let used = Kv::new(db.open_tree("kv/bad").unwrap(), 1024).used();
+        assert!(used <= 1024 && used > 900, "{used}");
+        // No store configured: the write is refused with a reason.
+        let bare = host
+            .load("bare", MISBEHAVE_PLUGIN, vec![], Limits::default())
+            .unwrap();
+        match bare.on_external(&msg(b"count")) {
+            Err(PluginError::Refused { code, message }) => {
+                assert_eq!(code, "kv");
+                assert!(message.contains("no key-value store"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// With fuel metering on, a loop runs out of fuel before its deadline.

@@ -1,6 +1,7 @@
 //! A deliberately bad plugin for the host's fault-isolation tests. Its payload says what to do:
-//! `loop` spins forever, `alloc` grows memory without bound, `trap` panics, anything else is
-//! echoed back as a send. Never shipped in the binary outside tests.
+//! `loop` spins forever, `alloc` grows memory without bound, `trap` panics, `count` increments a
+//! counter in the key-value store and sends it, `kvfill` writes until the quota refuses;
+//! anything else is echoed back as a send. Never shipped in the binary outside tests.
 
 wit_bindgen::generate!({ path: "../../wit", world: "mapper" });
 
@@ -29,6 +30,35 @@ impl Guest for Misbehave {
                 }
             }
             b"trap" => panic!("asked to trap"),
+            b"count" => {
+                use gatehouse::plugin::kv;
+                let n = kv::get("count")
+                    .and_then(|v| String::from_utf8(v).ok())
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    + 1;
+                kv::set("count", n.to_string().as_bytes()).map_err(|e| Error {
+                    code: "kv".into(),
+                    message: e,
+                })?;
+                Ok(vec![Action::Send(Send {
+                    content_type: "xmtp.org/text:1.0".into(),
+                    payload: n.to_string().into_bytes(),
+                    fallback: None,
+                })])
+            }
+            b"kvfill" => {
+                use gatehouse::plugin::kv;
+                for i in 0.. {
+                    if let Err(e) = kv::set(&format!("fill{i}"), &[0u8; 100]) {
+                        return Err(Error {
+                            code: "quota".into(),
+                            message: e,
+                        });
+                    }
+                }
+                unreachable!()
+            }
             other => Ok(vec![Action::Send(Send {
                 content_type: "xmtp.org/text:1.0".into(),
                 payload: other.to_vec(),

@@ -35,6 +35,9 @@ pub mod bindings {
 
 pub use bindings::Guest;
 pub use bindings::gatehouse::plugin::host::{Level, log, now_ms};
+/// The plugin's durable key-value store (`kv::get`, `kv::set`, `kv::delete`), capped by its
+/// `kv_quota_bytes`.
+pub use bindings::gatehouse::plugin::kv;
 pub use bindings::gatehouse::plugin::types::{Action, Error, Message, Publish, Send};
 #[doc(hidden)]
 pub use bindings::*;
