@@ -204,8 +204,13 @@ pub enum GroupCommand {
         /// The group's id (hex).
         #[arg(long)]
         conversation: String,
-        /// Make this member an admin.
-        #[arg(long, conflicts_with = "remove", required_unless_present = "remove")]
+        /// Make this member an admin (`--member` is accepted too).
+        #[arg(
+            long,
+            alias = "member",
+            conflicts_with = "remove",
+            required_unless_present = "remove"
+        )]
         add: Option<String>,
         /// Take admin away from this member.
         #[arg(long)]
