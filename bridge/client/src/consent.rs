@@ -195,12 +195,22 @@ impl Client {
     /// conversation released from the queue), unknown ones are queued, denied ones vanish.
     pub(crate) fn gate(&mut self, received: Vec<Received>) -> Result<Vec<Received>> {
         let mut out = self.release_requests()?;
+        // One state per conversation per read (it loads the group).
+        let mut states: BTreeMap<String, State> = BTreeMap::new();
         for r in received {
-            let gid = hex::decode(&r.conversation).unwrap_or_default();
             let sender_denied = self
                 .consent_record(Entity::InboxId, &r.sender_inbox)?
                 .is_some_and(|c| c.state == State::Denied);
-            match (sender_denied, self.conversation_state(&gid)?) {
+            let state = match states.get(&r.conversation) {
+                Some(s) => *s,
+                None => {
+                    let gid = hex::decode(&r.conversation).unwrap_or_default();
+                    let s = self.conversation_state(&gid)?;
+                    states.insert(r.conversation.clone(), s);
+                    s
+                }
+            };
+            match (sender_denied, state) {
                 (true, _) | (false, State::Denied) => {
                     tracing::info!(conversation = %r.conversation, sender = %r.sender_inbox, "dropped a message from a denied sender");
                 }

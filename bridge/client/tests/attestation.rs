@@ -1,35 +1,18 @@
 //! Attestations as a receiving client checks them, against an in-process node.
 
-use gatehouse_client::{Client, connect};
+mod common;
+use common::node;
+
+use gatehouse_client::Client;
 use gatehouse_protocol::attestation::{EndpointAttestation, PARAMETER};
 use gatehouse_protocol::content;
-use gatehouse_protocol::identity::{InstallationKey, Wallet};
-
-async fn node() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let node = gatehouse_node::Node::new(gatehouse_node::Store::temporary().unwrap());
-    tokio::spawn(gatehouse_node::serve(
-        listener,
-        node,
-        None,
-        std::future::pending(),
-    ));
-    url
-}
+use gatehouse_protocol::identity::InstallationKey;
 
 async fn client(url: &str, n: u8) -> (Client, InstallationKey) {
-    let db = sled::Config::new().temporary(true).open().unwrap();
-    let key = InstallationKey::from_seed(&[n; 32]);
-    let mut c = Client::open(
-        db.open_tree("c").unwrap(),
-        connect(url).await.unwrap(),
-        Some(Wallet::from_bytes(&[n; 32]).unwrap()),
-        Some(key.clone()),
+    (
+        common::client(url, n).await,
+        InstallationKey::from_seed(&[n; 32]),
     )
-    .unwrap();
-    c.register().await.unwrap();
-    (c, key)
 }
 
 /// Only an attestation signed by a live installation of the named bridge, about the actual

@@ -1,37 +1,16 @@
 //! Consent against an in-process node: the request queue, allow / deny, the bound, and the
 //! private sync across one inbox's installations.
 
-use gatehouse_client::{Client, connect};
+mod common;
+use common::node_with_store as node;
+
+use gatehouse_client::Client;
 use gatehouse_protocol::consent::{Entity, State};
 use gatehouse_protocol::content;
-use gatehouse_protocol::identity::{InstallationKey, Wallet};
-
-async fn node() -> (String, gatehouse_node::Store) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let store = gatehouse_node::Store::temporary().unwrap();
-    let node = gatehouse_node::Node::new(store.clone());
-    tokio::spawn(gatehouse_node::serve(
-        listener,
-        node,
-        None,
-        std::future::pending(),
-    ));
-    (url, store)
-}
 
 /// Installation `inst` of the inbox owned by wallet `owner`.
 async fn client(url: &str, owner: u8, inst: u8) -> Client {
-    let db = sled::Config::new().temporary(true).open().unwrap();
-    let mut c = Client::open(
-        db.open_tree("c").unwrap(),
-        connect(url).await.unwrap(),
-        Some(Wallet::from_bytes(&[owner; 32]).unwrap()),
-        Some(InstallationKey::from_seed(&[inst; 32])),
-    )
-    .unwrap();
-    c.register().await.unwrap();
-    c
+    common::open(url, &common::tree(), owner, inst).await
 }
 
 fn texts(r: &[gatehouse_client::Received]) -> Vec<String> {

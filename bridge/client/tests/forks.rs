@@ -1,38 +1,14 @@
 //! Forks and crashes around commits, against an in-process node.
 
-use gatehouse_client::{Client, connect};
+mod common;
+use common::{node, tree};
+
+use gatehouse_client::Client;
 use gatehouse_protocol::content;
 use gatehouse_protocol::group::MetadataUpdate;
-use gatehouse_protocol::identity::{InstallationKey, Wallet};
-
-async fn node() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let node = gatehouse_node::Node::new(gatehouse_node::Store::temporary().unwrap());
-    tokio::spawn(gatehouse_node::serve(
-        listener,
-        node,
-        None,
-        std::future::pending(),
-    ));
-    url
-}
 
 async fn open(url: &str, tree: &sled::Tree, n: u8) -> Client {
-    let mut c = Client::open(
-        tree.clone(),
-        connect(url).await.unwrap(),
-        Some(Wallet::from_bytes(&[n; 32]).unwrap()),
-        Some(InstallationKey::from_seed(&[n; 32])),
-    )
-    .unwrap();
-    c.register().await.unwrap();
-    c
-}
-
-fn tree() -> sled::Tree {
-    let db = sled::Config::new().temporary(true).open().unwrap();
-    db.open_tree("c").unwrap()
+    common::open(url, tree, n, n).await
 }
 
 fn texts(r: &[gatehouse_client::Received]) -> Vec<String> {

@@ -1,33 +1,7 @@
 //! Key-package rotation, against an in-process node.
 
-use gatehouse_client::{Client, connect};
-use gatehouse_protocol::identity::{InstallationKey, Wallet};
-
-async fn node() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let node = gatehouse_node::Node::new(gatehouse_node::Store::temporary().unwrap());
-    tokio::spawn(gatehouse_node::serve(
-        listener,
-        node,
-        None,
-        std::future::pending(),
-    ));
-    url
-}
-
-async fn client(url: &str, n: u8) -> Client {
-    let db = sled::Config::new().temporary(true).open().unwrap();
-    let mut c = Client::open(
-        db.open_tree("c").unwrap(),
-        connect(url).await.unwrap(),
-        Some(Wallet::from_bytes(&[n; 32]).unwrap()),
-        Some(InstallationKey::from_seed(&[n; 32])),
-    )
-    .unwrap();
-    c.register().await.unwrap();
-    c
-}
+mod common;
+use common::{client, node};
 
 /// A welcome that used our key package rotates it; the old one stays for the grace period and
 /// its private keys are deleted after it; new conversations use the new package.

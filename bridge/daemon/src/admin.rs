@@ -149,19 +149,33 @@ pub async fn post(
     path: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<String> {
-    use anyhow::Context;
     let body = body.to_string();
+    request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
+}
+
+/// `GET path` against the admin API; returns the body.
+pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"),
+    )
+    .await
+}
+
+/// Sends one request; returns the body of a 200 answer, else the API's error message.
+async fn request(addr: std::net::SocketAddr, raw: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
     let mut sock = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("cannot reach the daemon's admin API at {addr}: is `gatehouse run` running with this config?"))?;
-    sock.write_all(
-        format!(
-            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await?;
+    sock.write_all(raw.as_bytes()).await?;
     let mut resp = String::new();
     sock.read_to_string(&mut resp).await?;
     let (head, body) = resp
@@ -171,29 +185,8 @@ pub async fn post(
         let msg = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["error"].as_str().map(String::from))
-            .unwrap_or_else(|| head.lines().next().unwrap_or("").to_string());
+            .unwrap_or_else(|| format!("admin API: {}", head.lines().next().unwrap_or("")));
         anyhow::bail!("{msg}");
-    }
-    Ok(body.to_string())
-}
-
-/// `GET path` against the admin API; returns the body.
-pub async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    use anyhow::Context;
-    let mut sock = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("cannot reach the daemon's admin API at {addr}: is `gatehouse run` running with this config?"))?;
-    sock.write_all(
-        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut resp = String::new();
-    sock.read_to_string(&mut resp).await?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .context("malformed admin response")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        anyhow::bail!("admin API: {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_string())
 }

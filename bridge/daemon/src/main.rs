@@ -130,6 +130,14 @@ enum Command {
     },
 }
 
+/// The admin API address: given, or the config file's `admin.listen`.
+fn admin_addr(admin: Option<SocketAddr>, config: &std::path::Path) -> anyhow::Result<SocketAddr> {
+    Ok(match admin {
+        Some(a) => a,
+        None => config::Config::load(config)?.admin.listen,
+    })
+}
+
 fn init_logging(default: &str) {
     // openmls logs routine conditions (a stale epoch from a lost race) at error level; Gatehouse
     // reports what they mean itself. GATEHOUSE_LOG replaces the whole filter.
@@ -219,17 +227,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             return agent::run(&home, &node, command).await;
         }
         Command::Status { config, admin } => {
-            let addr = match admin {
-                Some(a) => a,
-                None => config::Config::load(&config)?.admin.listen,
-            };
+            let addr = admin_addr(admin, &config)?;
             println!("{}", admin::get(addr, "/status").await?);
         }
         Command::Plugins { config, admin } => {
-            let addr = match admin {
-                Some(a) => a,
-                None => config::Config::load(&config)?.admin.listen,
-            };
+            let addr = admin_addr(admin, &config)?;
             println!("{}", admin::get(addr, "/plugins").await?);
         }
         Command::Requests {
@@ -238,10 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             config,
             admin,
         } => {
-            let addr = match admin {
-                Some(a) => a,
-                None => config::Config::load(&config)?.admin.listen,
-            };
+            let addr = admin_addr(admin, &config)?;
             let path = match &endpoint {
                 Some(e) => format!("/requests?endpoint={e}"),
                 None => "/requests".into(),
@@ -271,10 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             config,
             admin,
         } => {
-            let addr = match admin {
-                Some(a) => a,
-                None => config::Config::load(&config)?.admin.listen,
-            };
+            let addr = admin_addr(admin, &config)?;
             let body = admin::post(
                 addr,
                 "/consent",
@@ -288,10 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             config,
             admin,
         } => {
-            let addr = match admin {
-                Some(a) => a,
-                None => config::Config::load(&config)?.admin.listen,
-            };
+            let addr = admin_addr(admin, &config)?;
             let body = admin::get(addr, "/endpoints").await?;
             if json {
                 println!("{body}");

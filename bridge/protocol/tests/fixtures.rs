@@ -444,3 +444,60 @@ fn our_dm_context_matches_libxmtp() {
         );
     }
 }
+
+/// libxmtp's recorded commit-log uploads and query answers: every entry's signature verifies
+/// as our `commit_log::verify` checks it (Ed25519 over the serialised `PlaintextCommitLogEntry`,
+/// no context), names its own group, and re-encodes byte for byte (our field layout is libxmtp's).
+#[test]
+fn commit_log_entries_verify() {
+    use gatehouse_protocol::commit_log;
+    use gatehouse_wire::Message as _;
+    use gatehouse_wire::message_contents::{CommitLogEntry, CommitResult, PlaintextCommitLogEntry};
+    use gatehouse_wire::mls_api as mpb;
+    let check = |e: &CommitLogEntry, group: &[u8]| {
+        let sig = e.signature.as_ref().expect("signed");
+        let key =
+            ed25519_dalek::VerifyingKey::from_bytes(sig.public_key.as_slice().try_into().unwrap())
+                .unwrap();
+        let plain = commit_log::verify(e, &key).expect("libxmtp's signature verifies");
+        assert_eq!(plain.group_id, group);
+        assert_eq!(plain.encode_to_vec(), e.serialized_commit_log_entry);
+        plain
+    };
+    let mut published = 0;
+    for name in [
+        "047-MlsApi-BatchPublishCommitLog.req.bin",
+        "063-MlsApi-BatchPublishCommitLog.req.bin",
+    ] {
+        let req = mpb::BatchPublishCommitLogRequest::decode(common::read(name).as_slice()).unwrap();
+        for r in &req.requests {
+            let e = CommitLogEntry {
+                sequence_id: 0,
+                serialized_commit_log_entry: r.serialized_commit_log_entry.clone(),
+                signature: r.signature.clone(),
+            };
+            let plain: PlaintextCommitLogEntry = check(&e, &r.group_id);
+            if plain.commit_result == CommitResult::Applied as i32 {
+                assert!(!plain.applied_epoch_authenticator.is_empty());
+            }
+            published += 1;
+        }
+    }
+    assert!(published > 0, "the recording holds uploads");
+    let mut queried = 0;
+    for call in [
+        "044", "061", "069", "075", "083", "084", "085", "279", "305",
+    ] {
+        let name = format!("{call}-MlsApi-BatchQueryCommitLog.resp.bin");
+        let resp =
+            mpb::BatchQueryCommitLogResponse::decode(common::read(&name).as_slice()).unwrap();
+        for r in &resp.responses {
+            for e in &r.commit_log_entries {
+                check(e, &r.group_id);
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried > 0, "the recording holds published entries");
+    eprintln!("{published} uploaded and {queried} queried entries verified");
+}
