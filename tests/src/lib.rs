@@ -42,6 +42,52 @@ pub fn gatehouse_bin() -> PathBuf {
     bin
 }
 
+/// Builds a plugin crate for `wasm32-wasip2` (release) into `target/test-plugins` and returns
+/// the component. `manifest` is relative to the repository root (a workspace or a crate);
+/// `package` picks a member; `artifact` is the file name cargo writes (`name.wasm`).
+pub fn build_plugin(manifest: &str, package: Option<&str>, artifact: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = root.join("target/test-plugins");
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "--manifest-path",
+    ])
+    .arg(root.join(manifest))
+    .env("CARGO_TARGET_DIR", &target);
+    if let Some(p) = package {
+        cmd.args(["-p", p]);
+    }
+    let out = cmd.output().expect("running cargo");
+    assert!(
+        out.status.success(),
+        "building plugin {artifact} failed (needs `rustup target add wasm32-wasip2`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target.join("wasm32-wasip2/release").join(artifact)
+}
+
+/// The test plugin `plugins/misbehave` (loops, allocates, traps… on request).
+pub fn misbehave_plugin() -> PathBuf {
+    build_plugin(
+        "plugins/Cargo.toml",
+        Some("gatehouse-plugin-misbehave"),
+        "gatehouse_plugin_misbehave.wasm",
+    )
+}
+
+/// The first-party MQTT plugin as a file (the daemon also embeds it as `builtin: mqtt`).
+pub fn mqtt_plugin() -> PathBuf {
+    build_plugin(
+        "plugins/Cargo.toml",
+        Some("gatehouse-plugin-mqtt"),
+        "gatehouse_plugin_mqtt.wasm",
+    )
+}
+
 /// Requires a tool on PATH, naming the package that provides it.
 pub fn require(tool: &str, package: &str) {
     let found = std::env::var_os("PATH")
@@ -411,7 +457,39 @@ impl Daemon {
 
     /// `gatehouse plugins`.
     pub fn plugins(&self) -> serde_json::Value {
-        self.admin_json(&["plugins"])
+        self.admin_json(&["plugins", "--json"])
+    }
+
+    /// One plugin's entry in `gatehouse plugins --json`.
+    pub fn plugin(&self, name: &str) -> serde_json::Value {
+        self.plugins()
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no plugin {name} in `gatehouse plugins`"))
+    }
+
+    /// `gatehouse dead-letters --json`.
+    pub fn dead_letters(&self) -> Vec<serde_json::Value> {
+        serde_json::from_value(self.admin_json(&["dead-letters", "--json"])).unwrap()
+    }
+
+    /// Waits for a dead letter that `f` accepts and returns it.
+    pub fn wait_dead_letter(
+        &self,
+        what: &str,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_for(&format!("a dead letter: {what}"), || {
+            self.dead_letters().into_iter().find(|d| f(d))
+        })
+    }
+
+    /// `gatehouse plugins reload NAME`: its output, succeeded or not.
+    pub fn reload(&self, name: &str) -> Output {
+        Command::new(gatehouse_bin())
+            .args(["plugins", "reload", name, "--json", "--admin", &self.admin])
+            .output()
+            .unwrap()
     }
 
     /// `gatehouse status`.

@@ -1,40 +1,17 @@
 //! The custom plugin in `examples/plugins/sensor-frame`, built with the SDK for
 //! wasm32-wasip2, loaded by the real daemon from its file, end to end with a real mosquitto.
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use gatehouse_e2e::*;
-
-/// Builds the example plugin (its own workspace; its own target directory under the repo's).
-fn build_example() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = root.join("target/example-plugins");
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--manifest-path",
-        ])
-        .arg(root.join("examples/plugins/sensor-frame/Cargo.toml"))
-        .env("CARGO_TARGET_DIR", &target)
-        .output()
-        .expect("running cargo");
-    assert!(
-        out.status.success(),
-        "building the example plugin failed (needs `rustup target add wasm32-wasip2`): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    target.join("wasm32-wasip2/release/sensor_frame.wasm")
-}
 
 /// A 6-byte frame becomes JSON in the agent's conversation; a malformed frame is refused with
 /// the plugin's reason; the agent's reply is published to the device's down topic.
 #[test]
 fn sensor_frame_plugin_end_to_end() {
-    let wasm = build_example();
+    let wasm = build_plugin(
+        "examples/plugins/sensor-frame/Cargo.toml",
+        None,
+        "sensor_frame.wasm",
+    );
     let s = Setup::new("example-plugin");
     let a = s.agent("agent");
     let inbox = a.inbox_id();

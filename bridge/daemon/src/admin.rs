@@ -2,8 +2,10 @@
 //!
 //! `GET /endpoints` lists endpoint identities; `GET /status` gives version and counts;
 //! `GET /plugins` gives each plugin's limits, counters and quarantine state;
-//! `GET /requests[?endpoint=E]` each endpoint's request queue; `POST /consent` with
-//! `{"endpoint","target","state":"allow"|"deny"}` records an operator's decision.
+//! `GET /requests[?endpoint=E]` each endpoint's request queue; `GET /dead-letters[?route=R]
+//! [&payloads=1]` the newest dead letters with their reasons; `POST /consent` with
+//! `{"endpoint","target","state":"allow"|"deny"}` records an operator's decision;
+//! `POST /plugins/reload` with `{"plugin": NAME}` loads a plugin's new version.
 //! There is no authentication: the listener must be loopback (config validation enforces it),
 //! so only local users can reach it.
 
@@ -14,6 +16,39 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::bridge::Bridge;
+
+/// Answers a POST: `/consent` and `/plugins/reload`.
+async fn answer_post(bridge: &Bridge, path: &str, v: &serde_json::Value) -> (&'static str, String) {
+    let answer = |r: anyhow::Result<serde_json::Value>| match r {
+        Ok(v) => ("200 OK", v.to_string()),
+        Err(e) => (
+            "400 Bad Request",
+            serde_json::json!({"error": format!("{e:#}")}).to_string(),
+        ),
+    };
+    match path {
+        "/consent" => {
+            let device = v["endpoint"].as_str().unwrap_or_default();
+            let target = v["target"].as_str().unwrap_or_default();
+            match v["state"].as_str() {
+                Some("allow" | "allowed") => answer(bridge.decide(device, target, true).await),
+                Some("deny" | "denied") => answer(bridge.decide(device, target, false).await),
+                _ => (
+                    "400 Bad Request",
+                    r#"{"error":"state must be allow or deny"}"#.to_string(),
+                ),
+            }
+        }
+        "/plugins/reload" => match v["plugin"].as_str() {
+            Some(name) => answer(bridge.reload(name).await),
+            None => (
+                "400 Bad Request",
+                serde_json::json!({"error": "name the plugin: {\"plugin\": NAME}"}).to_string(),
+            ),
+        },
+        _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
+    }
+}
 
 /// Largest request head read; longer requests are refused.
 const MAX_REQUEST: usize = 8192;
@@ -69,7 +104,7 @@ pub async fn serve(
                 ),
                 // Changes are POSTs with a JSON body: a web page cannot send those cross-origin
                 // without a CORS preflight, which this API never answers.
-                ("POST", "/consent") => {
+                ("POST", path) => {
                     let json_body = head.lines().any(|l| {
                         l.to_ascii_lowercase()
                             .starts_with("content-type: application/json")
@@ -95,34 +130,22 @@ pub async fn serve(
                             "415 Unsupported Media Type",
                             r#"{"error":"send content-type: application/json"}"#.to_string(),
                         ),
-                        Ok(v) => {
-                            let device = v["endpoint"].as_str().unwrap_or_default();
-                            let target = v["target"].as_str().unwrap_or_default();
-                            let allow = match v["state"].as_str() {
-                                Some("allow" | "allowed") => Some(true),
-                                Some("deny" | "denied") => Some(false),
-                                _ => None,
-                            };
-                            match allow {
-                                None => (
-                                    "400 Bad Request",
-                                    r#"{"error":"state must be allow or deny"}"#.to_string(),
-                                ),
-                                Some(allow) => match bridge.decide(device, target, allow).await {
-                                    Ok(v) => ("200 OK", v.to_string()),
-                                    Err(e) => (
-                                        "400 Bad Request",
-                                        serde_json::json!({"error": format!("{e:#}")}).to_string(),
-                                    ),
-                                },
-                            }
-                        }
+                        Ok(v) => answer_post(&bridge, path, &v).await,
                         Err(e) => (
                             "400 Bad Request",
                             serde_json::json!({"error": format!("bad JSON: {e}")}).to_string(),
                         ),
                     }
                 }
+                ("GET", "/dead-letters") => (
+                    "200 OK",
+                    bridge
+                        .dead_letters(
+                            param("route").as_deref(),
+                            param("payloads").is_some_and(|v| v == "1" || v == "true"),
+                        )
+                        .to_string(),
+                ),
                 (_, p) => match p {
                     "/endpoints" => (
                         "200 OK",

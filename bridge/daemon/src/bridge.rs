@@ -1,9 +1,13 @@
 //! The bridge runtime: routes, the durable inbound queue, endpoint identities and the way back.
 //!
-//! Inbound: MQTT publish → route match and size check → durable inbox (sled, flushed) →
-//! acknowledge the broker → plugin → endpoint's DM with each agent → remove from the inbox.
+//! Inbound: MQTT publish → route match and size check → durable inbox (sled, flushed, one
+//! queue per route) → acknowledge the broker → plugin → endpoint's DM with each agent → remove
+//! from the inbox. Each route drains its own queue in order, concurrently with the others, so a
+//! slow or quarantined plugin holds only its own routes.
 //! Outbound: each endpoint reads its conversations → sender must be allowed by the route →
 //! plugin → publish on the route's reply topic. Nothing is logged with message content.
+//! Whatever cannot be carried goes to the dead-letter store with its reason
+//! (`gatehouse dead-letters`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -28,6 +32,110 @@ const INBOUND_CAPACITY: usize = 1024;
 const ACCEPT_BATCH: usize = 256;
 /// Wait before retrying queued work after a transient failure (node unreachable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Endpoints whose conversations are read at the same time.
+const OUTBOUND_PARALLEL: usize = 8;
+/// How often plugin files are checked for changes (`plugins.NAME.watch`).
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// Most dead letters one `GET /dead-letters` returns (the newest).
+const DEAD_LETTER_PAGE: usize = 1000;
+
+/// A loaded plugin and where it came from.
+struct Loaded {
+    plugin: Plugin,
+    /// sha256 of the component, hex (shown as the plugin's version).
+    sha256: String,
+    /// The file's modification time and length when it was read (path plugins).
+    stamp: Option<(std::time::SystemTime, u64)>,
+}
+
+/// Reads, compiles, validates and instantiates plugin `name` as config.yaml describes it.
+/// Blocking (compilation): call from a blocking thread.
+fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::Result<Loaded> {
+    use sha2::Digest as _;
+    let p = cfg
+        .plugins
+        .get(name)
+        .with_context(|| format!("no plugin named {name:?} in config.yaml"))?;
+    let (wasm, stamp) = match (&p.builtin, &p.path) {
+        (Some(_), _) => (gatehouse_host::MQTT_PLUGIN.to_vec(), None),
+        (None, Some(path)) => {
+            let meta = std::fs::metadata(path)
+                .with_context(|| format!("plugins.{name}.path: reading {}", path.display()))?;
+            let wasm = std::fs::read(path)
+                .with_context(|| format!("plugins.{name}.path: reading {}", path.display()))?;
+            (wasm, meta.modified().ok().map(|m| (m, meta.len())))
+        }
+        (None, None) => anyhow::bail!("plugins.{name}: no builtin or path"),
+    };
+    let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
+    // The route's reply template is the plugin's down topic.
+    if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
+        && !p.config.contains_key("down_topic")
+    {
+        config.push(("down_topic".into(), r.reply.clone()));
+    }
+    let limits = Limits {
+        deadline: Duration::from_millis(p.deadline_ms),
+        memory_bytes: p.memory_mb << 20,
+        fuel: p.fuel,
+    };
+    let kv = Arc::new(gatehouse_host::Kv::new(
+        db.open_tree(format!("plugin-kv/{name}"))?,
+        p.kv_quota_bytes,
+    ));
+    let plugin = host
+        .load_with_kv(name, &wasm, config, limits, Some(kv))
+        .with_context(|| format!("loading plugin {name}"))?;
+    Ok(Loaded {
+        plugin,
+        sha256: hex::encode(sha2::Sha256::digest(&wasm)),
+        stamp,
+    })
+}
+
+/// Why a message could not be carried, as its dead-letter record says.
+#[derive(Debug)]
+struct Fault {
+    /// `refused`, `timeout`, `fuel`, `trap`, `memory`, `denied`, `limits`, `grants`,
+    /// `quarantined`, `content`, `config`, `corrupt`.
+    kind: &'static str,
+    reason: String,
+    /// How long the plugin call took, when a call was made.
+    call: Option<Duration>,
+}
+
+impl Fault {
+    fn new(kind: &'static str, reason: impl Into<String>) -> Self {
+        Fault {
+            kind,
+            reason: reason.into(),
+            call: None,
+        }
+    }
+}
+
+/// Inbox keys: the route's name, a zero byte, then the queue id (big-endian), so each route's
+/// messages sit together and in arrival order.
+fn inbox_key(route: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(route.len() + 9);
+    k.extend_from_slice(route.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn inbox_prefix(route: &str) -> Vec<u8> {
+    let mut k = route.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// A durable inbound record.
 #[derive(Serialize, Deserialize)]
@@ -73,7 +181,9 @@ pub struct Bridge {
     dead: sled::Tree,
     endpoint_index: sled::Tree,
     channel: Channel,
-    plugins: BTreeMap<String, Plugin>,
+    host: Host,
+    /// Loaded plugins; a reload swaps an entry (calls in flight finish on the old one).
+    plugins: std::sync::RwLock<BTreeMap<String, Arc<Loaded>>>,
     /// Per-plugin counters and quarantine state (`gatehouse plugins`).
     plugin_stats: std::sync::Mutex<BTreeMap<String, crate::grants::PluginStats>>,
     mqtt: Option<MqttHandle>,
@@ -84,7 +194,8 @@ pub struct Bridge {
     bridge_key: gatehouse_protocol::identity::InstallationKey,
     bridge_inbox: String,
     bridge_registered: Mutex<bool>,
-    work: Notify,
+    /// One per route: wakes that route's queue worker.
+    work: Vec<Notify>,
     started: std::time::Instant,
 }
 
@@ -110,6 +221,7 @@ impl Bridge {
             "bridge_inbox": self.bridge_inbox,
             "endpoints": self.endpoint_index.len(),
             "inbox_depth": self.inbox.len(),
+            "inbox_by_route": self.cfg.routes.iter().map(|r| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "dead_letters": self.dead.len(),
             "mqtt": self.mqtt.as_ref().map(|m| format!("{:?}", m.state())),
         })
@@ -161,6 +273,7 @@ impl Bridge {
     /// broker (DESIGN §9: no per-message fsync; nothing acknowledged before it is on disk).
     async fn accept(&self, batch: Vec<Inbound>) -> anyhow::Result<()> {
         let mut stored = Vec::with_capacity(batch.len());
+        let mut routes = std::collections::BTreeSet::new();
         for msg in batch {
             let Some((idx, route, device)) = self
                 .cfg
@@ -188,7 +301,8 @@ impl Bridge {
                 qos: msg.qos,
             };
             self.inbox
-                .insert(id.to_be_bytes(), serde_json::to_vec(&rec)?)?;
+                .insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?)?;
+            routes.insert(idx);
             stored.push(msg);
         }
         if stored.is_empty() {
@@ -199,7 +313,9 @@ impl Bridge {
         for msg in &stored {
             self.ack(msg).await?;
         }
-        self.work.notify_one();
+        for idx in routes {
+            self.work[idx].notify_one();
+        }
         Ok(())
     }
 
@@ -218,15 +334,20 @@ impl Bridge {
         external: bool,
     ) -> Result<Vec<Action>, PluginOutcome> {
         let name = route.plugin.clone();
-        let plugin = self
-            .plugins
-            .get(&name)
-            .cloned()
-            .ok_or_else(|| PluginOutcome::Fault(format!("plugin {name} not loaded")))?;
         if self.stats(&name, |s| s.quarantined) {
             return Err(PluginOutcome::Quarantined(name));
         }
+        let plugin = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+            .map(|l| l.plugin.clone())
+            .ok_or_else(|| {
+                PluginOutcome::Failed(Fault::new("config", format!("plugin {name} not loaded")))
+            })?;
         self.stats(&name, |s| s.calls += 1);
+        let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             if external {
                 plugin.on_external(&msg)
@@ -236,22 +357,29 @@ impl Bridge {
         })
         .await
         .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))));
+        let call = started.elapsed();
+        let fault = |kind, reason: String| Fault {
+            kind,
+            reason,
+            call: Some(call),
+        };
         match result {
             Ok(actions) => match crate::grants::check_limits(&self.cfg.plugins[&name], &actions) {
                 Ok(()) => Ok(actions),
                 Err(reason) => {
                     self.fault(&name, &reason, actions.len() as u64);
-                    Err(PluginOutcome::Fault(reason))
+                    Err(PluginOutcome::Failed(fault("limits", reason)))
                 }
             },
             // The plugin refused the input (e.g. malformed): the message is bad, not the plugin.
-            Err(PluginError::Refused { code, message }) => Err(PluginOutcome::Refused(format!(
-                "plugin refused: {code}: {message}"
-            ))),
+            Err(e @ PluginError::Refused { .. }) => {
+                Err(PluginOutcome::Failed(fault("refused", e.to_string())))
+            }
             Err(e) => {
                 let reason = e.to_string();
+                tracing::warn!(plugin = %name, route = %route.name, kind = e.kind(), call_ms = call.as_millis() as u64, error = %reason, "plugin fault");
                 self.fault(&name, &reason, 0);
-                Err(PluginOutcome::Fault(reason))
+                Err(PluginOutcome::Failed(fault(e.kind(), reason)))
             }
         }
     }
@@ -270,12 +398,19 @@ impl Bridge {
             s.fault(reason, cfg, std::time::Instant::now())
         });
         if quarantined {
-            tracing::error!(plugin = %name, %reason, "plugin quarantined after repeated faults: its routes hold their messages until restart");
+            tracing::error!(plugin = %name, %reason, "plugin quarantined after repeated faults: its routes hold their messages (or pass them unmapped where fail_open) until `gatehouse plugins reload {name}`");
         }
     }
 
     /// Plugin states for the admin API.
     pub fn plugins(&self) -> serde_json::Value {
+        let versions: BTreeMap<String, String> = self
+            .plugins
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, l)| (k.clone(), l.sha256.clone()))
+            .collect();
         let all = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
         let list: Vec<serde_json::Value> = self
             .cfg
@@ -287,6 +422,17 @@ impl Bridge {
                         .unwrap_or_default();
                 if let Some(o) = v.as_object_mut() {
                     o.insert("name".into(), name.clone().into());
+                    o.insert(
+                        "source".into(),
+                        match (&p.builtin, &p.path) {
+                            (Some(b), _) => format!("builtin:{b}"),
+                            (None, Some(path)) => path.display().to_string(),
+                            (None, None) => String::new(),
+                        }
+                        .into(),
+                    );
+                    o.insert("watch".into(), (p.watch && p.path.is_some()).into());
+                    o.insert("sha256".into(), versions.get(name).cloned().into());
                     o.insert("deadline_ms".into(), p.deadline_ms.into());
                     o.insert("memory_mb".into(), p.memory_mb.into());
                     o.insert("max_actions".into(), p.max_actions.into());
@@ -301,28 +447,42 @@ impl Bridge {
         serde_json::Value::Array(list)
     }
 
-    /// Processes queued inbound messages in order. Returns false when it should retry later.
-    async fn drain(&self) -> bool {
-        while let Some(Ok((key, value))) = self.inbox.first().transpose() {
-            let id = u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]));
+    /// Processes route `idx`'s queued inbound messages in order. Returns false when it
+    /// should retry later.
+    async fn drain(&self, idx: usize) -> bool {
+        let route = &self.cfg.routes[idx];
+        let prefix = inbox_prefix(&route.name);
+        while let Some(Ok((key, value))) = self.inbox.scan_prefix(&prefix).next() {
+            let id = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| key[at..].try_into().ok())
+                .map_or(0, u64::from_be_bytes);
             let rec: Queued = match serde_json::from_slice(&value) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.dead_letter(&key, &value, &format!("corrupt queue record: {e}"));
+                    self.dead_letter_inbound(
+                        &key,
+                        route,
+                        None,
+                        Fault::new("corrupt", format!("corrupt queue record: {e}")),
+                    );
                     continue;
                 }
             };
-            match self.deliver(id, &rec).await {
+            match self.deliver(idx, id, &rec).await {
                 Ok(()) => {
                     let _ = self.inbox.remove(&key);
                 }
-                Err(Failure::Permanent(reason)) => self.dead_letter(&key, &value, &reason),
+                Err(Failure::Permanent(fault)) => {
+                    self.dead_letter_inbound(&key, route, Some(&rec), fault)
+                }
                 Err(Failure::Transient(reason)) => {
-                    tracing::warn!(queue_id = id, %reason, "delivery failed; will retry");
+                    tracing::warn!(route = %route.name, queue_id = id, %reason, "delivery failed; will retry");
                     return false;
                 }
                 Err(Failure::Held(reason)) => {
-                    tracing::debug!(queue_id = id, %reason, "held in the queue");
+                    tracing::debug!(route = %route.name, queue_id = id, %reason, "held in the queue");
                     return false;
                 }
             }
@@ -330,41 +490,94 @@ impl Bridge {
         true
     }
 
-    /// Keeps a conversation message that could not go out, with the reason (local store only;
-    /// nothing of its content is logged).
-    fn dead_letter_outbound(&self, r: &gatehouse_client::Received, device: &str, reason: &str) {
-        let rec = serde_json::json!({
-            "reason": reason,
+    /// Stores a dead-letter record (local store only; nothing of its content is logged).
+    fn put_dead_letter(&self, mut rec: serde_json::Value) {
+        let Ok(id) = self.db.generate_id() else {
+            return;
+        };
+        rec["id"] = id.into();
+        rec["at_ms"] = now_ms().into();
+        tracing::warn!(
+            dead_letter = id,
+            direction = rec["direction"].as_str().unwrap_or(""),
+            route = rec["route"].as_str().unwrap_or(""),
+            kind = rec["kind"].as_str().unwrap_or(""),
+            reason = rec["reason"].as_str().unwrap_or(""),
+            "message dead-lettered"
+        );
+        let _ = self.dead.insert(
+            id.to_be_bytes(),
+            serde_json::to_vec(&rec).unwrap_or_default(),
+        );
+    }
+
+    /// Keeps a conversation message that could not go out, with the reason.
+    fn dead_letter_outbound(
+        &self,
+        r: &gatehouse_client::Received,
+        route: &Route,
+        device: &str,
+        fault: Fault,
+    ) {
+        self.put_dead_letter(serde_json::json!({
             "direction": "outbound",
+            "route": route.name,
+            "plugin": route.plugin,
             "device": device,
+            "kind": fault.kind,
+            "reason": fault.reason,
+            "call_ms": fault.call.map(|c| c.as_millis() as u64),
             "conversation": r.conversation,
             "message_id": r.id,
             "sender_inbox": r.sender_inbox,
             "content_type": r.content_type,
+            "bytes": r.content.len(),
             "content": hex::encode(&r.content),
-        });
-        if let Ok(id) = self.db.generate_id() {
-            let _ = self.dead.insert(
-                id.to_be_bytes(),
-                serde_json::to_vec(&rec).unwrap_or_default(),
-            );
-        }
+        }));
     }
 
-    fn dead_letter(&self, key: &[u8], value: &[u8], reason: &str) {
-        let rec = serde_json::json!({ "reason": reason, "record": String::from_utf8_lossy(value) });
-        let _ = self
-            .dead
-            .insert(key, serde_json::to_vec(&rec).unwrap_or_default());
+    /// Moves a queued inbound message to the dead-letter store, with the reason.
+    fn dead_letter_inbound(&self, key: &[u8], route: &Route, rec: Option<&Queued>, fault: Fault) {
+        self.put_dead_letter(serde_json::json!({
+            "direction": "inbound",
+            "route": route.name,
+            "plugin": route.plugin,
+            "device": rec.map(|r| r.device.as_str()),
+            "kind": fault.kind,
+            "reason": fault.reason,
+            "call_ms": fault.call.map(|c| c.as_millis() as u64),
+            "topic": rec.map(|r| r.topic.as_str()),
+            "bytes": rec.map(|r| r.payload.len()),
+            "payload": rec.map(|r| hex::encode(&r.payload)),
+        }));
         let _ = self.inbox.remove(key);
     }
 
-    async fn deliver(&self, id: u64, rec: &Queued) -> Result<(), Failure> {
-        let route = self
-            .cfg
-            .routes
-            .get(rec.route)
-            .ok_or_else(|| Failure::Permanent("route no longer exists".into()))?;
+    /// The newest dead letters (at most [`DEAD_LETTER_PAGE`]), oldest first; payloads only
+    /// when `payloads` is set. `route` filters by route name.
+    pub fn dead_letters(&self, route: Option<&str>, payloads: bool) -> serde_json::Value {
+        let mut out: Vec<serde_json::Value> = self
+            .dead
+            .iter()
+            .rev()
+            .filter_map(|r| r.ok())
+            .filter_map(|(_, v)| serde_json::from_slice::<serde_json::Value>(&v).ok())
+            .filter(|v| route.is_none_or(|r| v["route"] == r))
+            .take(DEAD_LETTER_PAGE)
+            .map(|mut v| {
+                if !payloads && let Some(o) = v.as_object_mut() {
+                    o.remove("payload");
+                    o.remove("content");
+                }
+                v
+            })
+            .collect();
+        out.reverse();
+        serde_json::Value::Array(out)
+    }
+
+    async fn deliver(&self, idx: usize, id: u64, rec: &Queued) -> Result<(), Failure> {
+        let route = &self.cfg.routes[idx];
         let idempotency_key = format!("gatehouse-in-{id}");
         let msg = Message {
             payload: rec.payload.clone(),
@@ -382,29 +595,62 @@ impl Bridge {
         };
         let actions = match self.run_plugin(route, msg, true).await {
             Ok(a) => a,
+            Err(PluginOutcome::Quarantined(name)) if route.fail_open => {
+                vec![passthrough_inbound(&rec.payload).map_err(|reason| {
+                    Failure::Permanent(Fault::new(
+                        "quarantined",
+                        format!(
+                            "plugin {name} is quarantined and the route fails open, but {reason}"
+                        ),
+                    ))
+                })?]
+            }
             Err(PluginOutcome::Quarantined(name)) => {
                 return Err(Failure::Held(format!("plugin {name} is quarantined")));
             }
-            Err(PluginOutcome::Refused(reason) | PluginOutcome::Fault(reason)) => {
-                tracing::warn!(route = %route.name, device = %rec.device, topic = %rec.topic, error = %reason, "rejected by plugin");
-                return Err(Failure::Permanent(reason));
+            Err(PluginOutcome::Failed(fault)) => {
+                tracing::warn!(route = %route.name, device = %rec.device, topic = %rec.topic, kind = fault.kind, error = %fault.reason, "rejected by plugin");
+                return Err(Failure::Permanent(fault));
             }
         };
+        // Every action is checked against the grants before any is carried out, so a message
+        // is delivered whole or dead-lettered whole.
+        for action in &actions {
+            if let Action::Publish(p) = action
+                && let Err(reason) = crate::grants::check_publish(
+                    &self.cfg.plugins[&route.plugin],
+                    route,
+                    &rec.device,
+                    &p.channel,
+                    &p.address,
+                )
+            {
+                tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
+                self.fault(&route.plugin, &reason, 1);
+                return Err(Failure::Permanent(Fault::new("grants", reason)));
+            }
+            if let Action::Send(s) = action {
+                if let Err(reason) =
+                    crate::grants::check_send(&self.cfg.plugins[&route.plugin], &s.content_type)
+                {
+                    tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
+                    self.fault(&route.plugin, &reason, 1);
+                    return Err(Failure::Permanent(Fault::new("grants", reason)));
+                }
+                content::parse_type(&s.content_type).map_err(|e| {
+                    Failure::Permanent(Fault::new("content", format!("plugin sent {e}")))
+                })?;
+            }
+        }
         let endpoint = self
-            .endpoint(rec.route, &rec.device)
+            .endpoint(idx, &rec.device)
             .map_err(|e| Failure::Transient(format!("{e:#}")))?;
-        for action in actions {
+        for (n, action) in actions.into_iter().enumerate() {
             match action {
                 Action::Send(s) => {
-                    if let Err(reason) =
-                        crate::grants::check_send(&self.cfg.plugins[&route.plugin], &s.content_type)
-                    {
-                        tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
-                        self.fault(&route.plugin, &reason, 1);
-                        return Err(Failure::Permanent(reason));
-                    }
-                    let t = content::parse_type(&s.content_type)
-                        .map_err(|e| Failure::Permanent(format!("plugin sent {e}")))?;
+                    let t = content::parse_type(&s.content_type).map_err(|e| {
+                        Failure::Permanent(Fault::new("content", format!("plugin sent {e}")))
+                    })?;
                     let mut c = if s.content_type.starts_with("xmtp.org/text:") {
                         content::text(&String::from_utf8_lossy(&s.payload))
                     } else {
@@ -446,14 +692,21 @@ impl Bridge {
                             .await
                             .map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
                         client
-                            .send(&gid, &c, Some(format!("{idempotency_key}-{inbox}")))
+                            .send(&gid, &c, Some(format!("{idempotency_key}-{n}-{inbox}")))
                             .await
                             .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
                         tracing::info!(route = %route.name, device = %rec.device, conversation = %hex::encode(&gid), "delivered to conversation");
                     }
                 }
+                // Within the grants (checked above): for example an acknowledgement to the
+                // device on its reply topic.
                 Action::Publish(p) => {
-                    tracing::warn!(route = %route.name, address = %p.address, "refused: a publish action in the inbound direction")
+                    if let Some(m) = &self.mqtt {
+                        m.publish(&p.address, p.payload).await.map_err(|e| {
+                            Failure::Transient(format!("publishing to {}: {e:#}", p.address))
+                        })?;
+                        tracing::info!(route = %route.name, device = %rec.device, topic = %p.address, "published by plugin");
+                    }
                 }
                 Action::Drop(reason) => {
                     tracing::info!(route = %route.name, device = %rec.device, %reason, "dropped by plugin")
@@ -597,7 +850,6 @@ impl Bridge {
         client.set_consent(kind, &entity, state).await?;
         tracing::info!(endpoint = %device, %entity, ?state, "consent decided by the operator");
         drop(client);
-        self.work.notify_one();
         Ok(serde_json::json!({"endpoint": device, "entity": entity, "state": state}))
     }
 
@@ -610,24 +862,68 @@ impl Bridge {
             .collect()
     }
 
-    /// One pass of the way back for every endpoint.
-    async fn poll_outbound(&self) {
-        let endpoints: Vec<Arc<Endpoint>> = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for ep in endpoints {
-            if let Err(e) = self.poll_endpoint(&ep).await {
-                tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
+    /// Files queued records under their route's name: records from before per-route queues
+    /// (keyed by id alone) move to their route's queue; records of a route that is no longer
+    /// in config.yaml are dead-lettered, not dropped.
+    fn adopt_queued(&self) {
+        let names: std::collections::HashSet<&str> =
+            self.cfg.routes.iter().map(|r| r.name.as_str()).collect();
+        for (key, value) in self.inbox.iter().flatten() {
+            let route_name = match key.len() {
+                8 => None,
+                n if n > 9 && key[n - 9] == 0 => std::str::from_utf8(&key[..n - 9]).ok(),
+                _ => None,
+            };
+            if route_name.is_some_and(|n| names.contains(n)) {
+                continue;
+            }
+            let rec: Option<Queued> = serde_json::from_slice(&value).ok();
+            let legacy_route = (key.len() == 8)
+                .then(|| rec.as_ref().and_then(|r| self.cfg.routes.get(r.route)))
+                .flatten();
+            match legacy_route {
+                Some(route) => {
+                    let id = u64::from_be_bytes(key.as_ref().try_into().unwrap_or([0; 8]));
+                    let _ = self.inbox.insert(inbox_key(&route.name, id), value);
+                    let _ = self.inbox.remove(&key);
+                }
+                None => {
+                    let name = route_name.unwrap_or("?");
+                    self.put_dead_letter(serde_json::json!({
+                        "direction": "inbound",
+                        "route": name,
+                        "kind": "config",
+                        "reason": format!("queued for route {name:?}, which config.yaml no longer has"),
+                        "device": rec.as_ref().map(|r| r.device.as_str()),
+                        "topic": rec.as_ref().map(|r| r.topic.as_str()),
+                        "payload": rec.as_ref().map(|r| hex::encode(&r.payload)),
+                    }));
+                    let _ = self.inbox.remove(&key);
+                }
             }
         }
     }
 
+    /// One pass of the way back for every endpoint, [`OUTBOUND_PARALLEL`] at a time (one
+    /// endpoint's conversations stay in order; a slow plugin delays only its own endpoints).
+    async fn poll_outbound(&self) {
+        use futures::StreamExt as _;
+        futures::stream::iter(self.all_endpoints())
+            .for_each_concurrent(OUTBOUND_PARALLEL, |ep| async move {
+                if let Err(e) = self.poll_endpoint(&ep).await {
+                    tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
+                }
+            })
+            .await;
+    }
+
     async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<()> {
         let route = &self.cfg.routes[ep.route];
+        if !route.fail_open && self.stats(&route.plugin, |s| s.quarantined) {
+            // Fail closed: the conversations are not read, so their messages wait on the node
+            // (the cursors do not move) until the plugin is reloaded.
+            return Ok(());
+        }
         let mut client = ep.client.lock().await;
         if !*ep.registered.lock().await {
             // Endpoints known from before a restart register (and get their policy) here.
@@ -646,70 +942,162 @@ impl Bridge {
             if r.is_transcript() {
                 continue;
             }
-            let msg = Message {
-                payload: r.content.clone(),
-                content_type: r.content_type.clone(),
-                metadata: vec![],
-                endpoint: ep.device.clone(),
-                conversation: Some(r.conversation.clone()),
-                sender: Some(r.sender_inbox.clone()),
-                verified: true,
-                idempotency_key: r.idempotency_key.clone(),
-            };
-            let actions = match self.run_plugin(route, msg, false).await {
-                Ok(a) => a,
-                Err(PluginOutcome::Quarantined(name)) => {
-                    self.dead_letter_outbound(
-                        &r,
-                        &ep.device,
-                        &format!("plugin {name} is quarantined"),
-                    );
-                    continue;
+            if let Err(fault) = self.carry_outbound(route, ep, &r).await {
+                self.dead_letter_outbound(&r, route, &ep.device, fault);
+            }
+        }
+        Ok(())
+    }
+
+    /// One conversation message through the plugin to the channel.
+    async fn carry_outbound(
+        &self,
+        route: &Route,
+        ep: &Endpoint,
+        r: &gatehouse_client::Received,
+    ) -> Result<(), Fault> {
+        let msg = Message {
+            payload: r.content.clone(),
+            content_type: r.content_type.clone(),
+            metadata: vec![],
+            endpoint: ep.device.clone(),
+            conversation: Some(r.conversation.clone()),
+            sender: Some(r.sender_inbox.clone()),
+            verified: true,
+            idempotency_key: r.idempotency_key.clone(),
+        };
+        let actions = match self.run_plugin(route, msg, false).await {
+            Ok(a) => a,
+            Err(PluginOutcome::Quarantined(name)) => {
+                let passable = r.content_type.starts_with("xmtp.org/text:")
+                    || r.content_type.starts_with("gatehouse.dev/json:");
+                if !(route.fail_open && passable) {
+                    return Err(Fault::new(
+                        "quarantined",
+                        format!("plugin {name} is quarantined"),
+                    ));
                 }
-                Err(PluginOutcome::Refused(reason) | PluginOutcome::Fault(reason)) => {
-                    tracing::warn!(route = %route.name, device = %ep.device, error = %reason, "plugin refused a conversation message");
-                    self.dead_letter_outbound(&r, &ep.device, &reason);
-                    continue;
+                vec![Action::Publish(gatehouse_host::Publish {
+                    channel: route.channel.clone(),
+                    address: route.reply_topic(&ep.device),
+                    payload: r.content.clone(),
+                    metadata: vec![],
+                })]
+            }
+            Err(PluginOutcome::Failed(fault)) => {
+                tracing::warn!(route = %route.name, device = %ep.device, kind = fault.kind, error = %fault.reason, "plugin refused a conversation message");
+                return Err(fault);
+            }
+        };
+        // All publishes are checked before any goes out.
+        for action in &actions {
+            if let Action::Publish(p) = action
+                && let Err(reason) = crate::grants::check_publish(
+                    &self.cfg.plugins[&route.plugin],
+                    route,
+                    &ep.device,
+                    &p.channel,
+                    &p.address,
+                )
+            {
+                tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
+                self.fault(&route.plugin, &reason, 1);
+                return Err(Fault::new("grants", reason));
+            }
+        }
+        for action in actions {
+            match action {
+                Action::Publish(p) => {
+                    if let Some(m) = &self.mqtt {
+                        m.publish(&p.address, p.payload).await.map_err(|e| {
+                            Fault::new("publish", format!("publishing to {}: {e:#}", p.address))
+                        })?;
+                        tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
+                    }
                 }
-            };
-            for action in actions {
-                match action {
-                    Action::Publish(p) => {
-                        if let Err(reason) = crate::grants::check_publish(
-                            &self.cfg.plugins[&route.plugin],
-                            route,
-                            &ep.device,
-                            &p.channel,
-                            &p.address,
-                        ) {
-                            tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
-                            self.fault(&route.plugin, &reason, 1);
-                            self.dead_letter_outbound(&r, &ep.device, &reason);
-                            continue;
-                        }
-                        if let Some(m) = &self.mqtt {
-                            m.publish(&p.address, p.payload)
-                                .await
-                                .context("publishing to MQTT")?;
-                            tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
-                        }
-                    }
-                    Action::Send(_) => {
-                        tracing::warn!(route = %route.name, "refused: a send action in the outbound direction")
-                    }
-                    Action::Drop(reason) => {
-                        tracing::info!(route = %route.name, device = %ep.device, %reason, "dropped by plugin")
-                    }
+                Action::Send(_) => {
+                    tracing::warn!(route = %route.name, "refused: a send action in the outbound direction")
+                }
+                Action::Drop(reason) => {
+                    tracing::info!(route = %route.name, device = %ep.device, %reason, "dropped by plugin")
                 }
             }
         }
         Ok(())
     }
+
+    /// Compiles, validates and swaps in a new version of plugin `name` (from its file, or the
+    /// builtin again). Calls in flight finish on the old version; a version that fails to load
+    /// leaves the old one serving, and the error says why. A successful reload lifts a
+    /// quarantine.
+    pub async fn reload(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        if !self.cfg.plugins.contains_key(name) {
+            anyhow::bail!(
+                "no plugin named {name:?} (configured: {:?})",
+                self.cfg.plugins.keys().collect::<Vec<_>>()
+            );
+        }
+        let (host, db, cfg_name) = (self.host.clone(), self.db.clone(), name.to_string());
+        let cfg = &self.cfg;
+        let loaded = tokio::task::block_in_place(|| load_plugin(&host, cfg, &db, &cfg_name));
+        let loaded = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                self.stats(name, |s| s.last_reload_error = Some(reason.clone()));
+                tracing::error!(plugin = %name, error = %reason, "plugin reload rejected; the previous version keeps serving");
+                anyhow::bail!(
+                    "reload of {name} rejected, the previous version keeps serving: {reason}"
+                );
+            }
+        };
+        let sha256 = loaded.sha256.clone();
+        let previous = self
+            .plugins
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::new(loaded))
+            .map(|l| l.sha256.clone());
+        self.stats(name, |s| s.reloaded());
+        tracing::info!(plugin = %name, sha256 = %sha256, previous = previous.as_deref().unwrap_or(""), "plugin reloaded");
+        for w in &self.work {
+            w.notify_one();
+        }
+        Ok(serde_json::json!({"plugin": name, "sha256": sha256, "previous": previous}))
+    }
+
+    /// Reloads path plugins whose file changed (`watch`, the default).
+    async fn watch_plugins(&self) {
+        for (name, p) in &self.cfg.plugins {
+            let Some(path) = p.path.as_ref().filter(|_| p.watch) else {
+                continue;
+            };
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let stamp = meta.modified().ok().map(|m| (m, meta.len()));
+            let known = self
+                .plugins
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .and_then(|l| l.stamp);
+            let tried = self.stats(name, |s| s.tried_stamp);
+            if stamp.is_none() || stamp == known || stamp == tried {
+                continue;
+            }
+            // A rejected file is not tried again until it changes again.
+            self.stats(name, |s| s.tried_stamp = stamp);
+            tracing::info!(plugin = %name, path = %path.display(), "plugin file changed; reloading");
+            let _ = self.reload(name).await;
+        }
+    }
 }
 
 #[derive(Debug)]
 enum Failure {
-    Permanent(String),
+    /// Cannot ever be carried: dead-lettered.
+    Permanent(Fault),
     Transient(String),
     /// Held back on purpose (a quarantined plugin): stays queued, retried later, no alarm.
     Held(String),
@@ -717,12 +1105,28 @@ enum Failure {
 
 /// Why a plugin call produced no actions.
 enum PluginOutcome {
-    /// The plugin is quarantined; the message stays queued.
+    /// The plugin (named) is quarantined.
     Quarantined(String),
-    /// The plugin refused the input (its own error result).
-    Refused(String),
-    /// A fault: trap, timeout, fuel or memory exhausted, limits broken.
-    Fault(String),
+    /// It refused the input (its own error result), faulted (trap, timeout, fuel or memory
+    /// exhausted, a capability it lacks) or broke its limits.
+    Failed(Fault),
+}
+
+/// A device's payload carried without its (quarantined) plugin, on a `fail_open` route:
+/// JSON as JSON, other UTF-8 as text.
+fn passthrough_inbound(payload: &[u8]) -> Result<Action, String> {
+    let content_type = if serde_json::from_slice::<serde_json::Value>(payload).is_ok() {
+        "gatehouse.dev/json:1.0"
+    } else if std::str::from_utf8(payload).is_ok() {
+        "xmtp.org/text:1.0"
+    } else {
+        return Err("the payload is neither JSON nor UTF-8 text".into());
+    };
+    Ok(Action::Send(gatehouse_host::Send {
+        content_type: content_type.into(),
+        payload: payload.to_vec(),
+        fallback: None,
+    }))
 }
 
 /// Starts everything and runs until `shutdown` turns true.
@@ -764,36 +1168,18 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         .open()
         .context("opening the bridge store")?;
     // Compiled plugins are cached beside the other state, so restarts skip compilation.
-    let host = Host::new()?.with_cache(cfg.data_dir.join("plugin-cache"));
+    // Fuel metering slows every call a little, so the engine meters only if a plugin asks.
+    let host = if cfg.plugins.values().any(|p| p.fuel.is_some()) {
+        Host::metered()?
+    } else {
+        Host::new()?
+    }
+    .with_cache(cfg.data_dir.join("plugin-cache"));
     let mut plugins = BTreeMap::new();
-    for (name, p) in &cfg.plugins {
-        let wasm = match (&p.builtin, &p.path) {
-            (Some(_), _) => gatehouse_host::MQTT_PLUGIN.to_vec(),
-            (None, Some(path)) => std::fs::read(path)
-                .with_context(|| format!("plugins.{name}.path: reading {}", path.display()))?,
-            (None, None) => anyhow::bail!("plugins.{name}: no builtin or path"),
-        };
-        let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
-        // The route's reply template is the plugin's down topic.
-        if let Some(r) = cfg.routes.iter().find(|r| &r.plugin == name)
-            && !p.config.contains_key("down_topic")
-        {
-            config.push(("down_topic".into(), r.reply.clone()));
-        }
-        let limits = Limits {
-            deadline: Duration::from_millis(p.deadline_ms),
-            memory_bytes: p.memory_mb << 20,
-            fuel: p.fuel,
-        };
-        let kv = std::sync::Arc::new(gatehouse_host::Kv::new(
-            db.open_tree(format!("plugin-kv/{name}"))?,
-            p.kv_quota_bytes,
-        ));
-        let plugin = host
-            .load_with_kv(name, &wasm, config, limits, Some(kv))
-            .with_context(|| format!("loading plugin {name}"))?;
-        tracing::info!(plugin = %name, "plugin loaded");
-        plugins.insert(name.clone(), plugin);
+    for name in cfg.plugins.keys() {
+        let loaded = load_plugin(&host, &cfg, &db, name)?;
+        tracing::info!(plugin = %name, sha256 = %loaded.sha256, "plugin loaded");
+        plugins.insert(name.clone(), Arc::new(loaded));
     }
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
@@ -830,11 +1216,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 .map(|k| (k.clone(), Default::default()))
                 .collect(),
         ),
-        plugins,
+        host,
+        plugins: std::sync::RwLock::new(plugins),
         mqtt,
         endpoints: Default::default(),
         resolved: Default::default(),
-        work: Notify::new(),
+        work: cfg.routes.iter().map(|_| Notify::new()).collect(),
         started: std::time::Instant::now(),
         cfg,
     });
@@ -870,17 +1257,30 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             }
         }
     });
+    bridge.adopt_queued();
+    // One worker per route: each drains its own queue in order.
+    let mut workers = Vec::new();
+    for idx in 0..bridge.cfg.routes.len() {
+        let b = bridge.clone();
+        let mut stop = shutdown.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let done = b.drain(idx).await;
+                let wait = if done {
+                    Duration::from_secs(3600)
+                } else {
+                    RETRY_DELAY
+                };
+                tokio::select! { _ = stop.changed() => return, _ = b.work[idx].notified() => {}, _ = tokio::time::sleep(wait) => {} }
+            }
+        }));
+    }
     let b = bridge.clone();
     let mut stop = shutdown.clone();
-    let worker = tokio::spawn(async move {
+    let watcher = tokio::spawn(async move {
         loop {
-            let done = b.drain().await;
-            let wait = if done {
-                Duration::from_secs(3600)
-            } else {
-                RETRY_DELAY
-            };
-            tokio::select! { _ = stop.changed() => return, _ = b.work.notified() => {}, _ = tokio::time::sleep(wait) => {} }
+            tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(WATCH_INTERVAL) => {} }
+            b.watch_plugins().await;
         }
     });
     let b = bridge.clone();
@@ -894,7 +1294,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     });
     tracing::info!(admin = %bridge.cfg.admin.listen, routes = bridge.cfg.routes.len(), "gatehouse running");
     let _ = shutdown.changed().await;
-    let _ = tokio::join!(accept, worker, outbound);
+    let _ = tokio::join!(
+        accept,
+        outbound,
+        watcher,
+        futures::future::join_all(workers)
+    );
     bridge.db.flush_async().await?;
     tracing::info!("gatehouse stopped");
     Ok(())

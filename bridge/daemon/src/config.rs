@@ -154,6 +154,10 @@ pub struct PluginConfig {
     /// What the plugin's actions may do.
     #[serde(default)]
     pub grants: Grants,
+    /// Reload the plugin when its `path` file changes (checked every second; the new component
+    /// is validated first and a broken one leaves the old one serving).
+    #[serde(default = "yes")]
+    pub watch: bool,
 }
 
 /// A plugin's grants: anything outside them is refused, counted and dead-lettered.
@@ -252,6 +256,13 @@ pub struct Route {
     /// Consent policy of this route's endpoints (applied as consent records).
     #[serde(default)]
     pub consent: RouteConsent,
+    /// What the route does while its plugin is quarantined. `false` (default, fail closed):
+    /// messages wait — inbound in the durable queue, outbound unread on the node — until the
+    /// plugin is reloaded. `true` (fail open): they pass unmapped — a device's JSON or UTF-8
+    /// payload goes to the conversation as JSON or text, a conversation's text or JSON is
+    /// published as-is on the `reply` topic; anything else is dead-lettered.
+    #[serde(default)]
+    pub fail_open: bool,
 }
 
 /// What an endpoint does with senders it has not decided about.
@@ -427,6 +438,12 @@ impl Config {
         }
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}] ({})", r.name);
+            if self.routes[..i].iter().any(|o| o.name == r.name) {
+                bail!(
+                    "{at}.name: another route is also named {:?}; route names must be unique (queued messages are kept per route name)",
+                    r.name
+                );
+            }
             if r.channel != "mqtt" {
                 bail!(
                     "{at}.channel: unknown channel {:?} (available: mqtt)",

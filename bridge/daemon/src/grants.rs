@@ -5,7 +5,7 @@
 //! message goes to the dead-letter store with the reason. Faults (traps, timeouts, running out
 //! of fuel or memory, broken limits or grants) are counted; `quarantine_after` of them within
 //! `fault_window_secs` quarantine the plugin: its routes stop taking messages, which stay
-//! queued (fail closed) until the daemon restarts.
+//! queued (fail closed) or pass unmapped (a route's `fail_open`), until the plugin is reloaded.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -99,11 +99,26 @@ pub struct PluginStats {
     pub quarantined: bool,
     /// The last fault's reason.
     pub last_fault: Option<String>,
+    /// Successful reloads since start.
+    pub reloads: u64,
+    /// Why the last reload was rejected (cleared by a successful one).
+    pub last_reload_error: Option<String>,
     #[serde(skip)]
     recent: VecDeque<Instant>,
+    /// The plugin file's (mtime, length) last tried by the watcher.
+    #[serde(skip)]
+    pub tried_stamp: Option<(std::time::SystemTime, u64)>,
 }
 
 impl PluginStats {
+    /// A new version was loaded: the quarantine and the fault window start over.
+    pub fn reloaded(&mut self) {
+        self.quarantined = false;
+        self.recent.clear();
+        self.reloads += 1;
+        self.last_reload_error = None;
+    }
+
     /// Records a fault; returns true when it tips the plugin into quarantine.
     pub fn fault(&mut self, reason: &str, cfg: &PluginConfig, now: Instant) -> bool {
         self.faults += 1;

@@ -74,8 +74,38 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
-    /// The running daemon's plugins: limits, calls, faults, refused actions, quarantine (JSON).
+    /// The running daemon's plugins: version, limits, calls, faults, refused actions,
+    /// quarantine. `gatehouse plugins reload NAME` loads a plugin's new version.
     Plugins {
+        #[command(subcommand)]
+        action: Option<PluginsAction>,
+        /// Print JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(
+            long,
+            default_value = "config.yaml",
+            conflicts_with = "admin",
+            global = true
+        )]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long, global = true)]
+        admin: Option<SocketAddr>,
+    },
+    /// Messages that could not be carried, newest last, with the reason (kind, plugin call
+    /// time); payloads only with --payloads.
+    DeadLetters {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only this route.
+        #[arg(long)]
+        route: Option<String>,
+        /// Include the payloads (hex).
+        #[arg(long)]
+        payloads: bool,
         /// The daemon's config file (its admin.listen is used).
         #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
         config: PathBuf,
@@ -131,6 +161,16 @@ enum Command {
 }
 
 /// The admin API address: given, or the config file's `admin.listen`.
+#[derive(Subcommand, Debug)]
+enum PluginsAction {
+    /// Compile and validate the plugin's file (or builtin) again and swap it in; a version
+    /// that fails leaves the old one serving. Lifts a quarantine.
+    Reload {
+        /// The plugin's name in config.yaml.
+        name: String,
+    },
+}
+
 fn admin_addr(admin: Option<SocketAddr>, config: &std::path::Path) -> anyhow::Result<SocketAddr> {
     Ok(match admin {
         Some(a) => a,
@@ -143,9 +183,12 @@ fn init_logging(default: &str) {
     // reports what they mean itself. GATEHOUSE_LOG replaces the whole filter.
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},openmls=off")));
+    // Colours only on a terminal: a log file or journal gets plain text.
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -230,9 +273,90 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let addr = admin_addr(admin, &config)?;
             println!("{}", admin::get(addr, "/status").await?);
         }
-        Command::Plugins { config, admin } => {
+        Command::Plugins {
+            action,
+            json,
+            config,
+            admin,
+        } => {
             let addr = admin_addr(admin, &config)?;
-            println!("{}", admin::get(addr, "/plugins").await?);
+            match action {
+                Some(PluginsAction::Reload { name }) => {
+                    let body = admin::post(
+                        addr,
+                        "/plugins/reload",
+                        &serde_json::json!({"plugin": name}),
+                    )
+                    .await?;
+                    if json {
+                        println!("{body}");
+                    } else {
+                        let v: serde_json::Value = serde_json::from_str(&body)?;
+                        println!(
+                            "{name} reloaded: sha256 {}",
+                            v["sha256"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                None => {
+                    let body = admin::get(addr, "/plugins").await?;
+                    if json {
+                        println!("{body}");
+                    } else {
+                        let v: serde_json::Value = serde_json::from_str(&body)?;
+                        println!(
+                            "{:<16} {:<12} {:>8} {:>6} {:>8} {:<11} SOURCE",
+                            "NAME", "VERSION", "CALLS", "FAULTS", "DEAD", "STATE"
+                        );
+                        for p in v.as_array().into_iter().flatten() {
+                            let sha = p["sha256"].as_str().unwrap_or("");
+                            println!(
+                                "{:<16} {:<12} {:>8} {:>6} {:>8} {:<11} {}",
+                                p["name"].as_str().unwrap_or(""),
+                                &sha[..sha.len().min(12)],
+                                p["calls"],
+                                p["faults"],
+                                p["dead_letters"],
+                                if p["quarantined"] == true {
+                                    "quarantined"
+                                } else {
+                                    "serving"
+                                },
+                                p["source"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        Command::DeadLetters {
+            json,
+            route,
+            payloads,
+            config,
+            admin,
+        } => {
+            let addr = admin_addr(admin, &config)?;
+            let mut path = format!("/dead-letters?payloads={payloads}");
+            if let Some(r) = &route {
+                path.push_str(&format!("&route={r}"));
+            }
+            let body = admin::get(addr, &path).await?;
+            if json {
+                println!("{body}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&body)?;
+                for d in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:>6} {:<8} {:<16} {:<12} {}",
+                        d["id"],
+                        d["direction"].as_str().unwrap_or(""),
+                        d["route"].as_str().unwrap_or(""),
+                        d["kind"].as_str().unwrap_or(""),
+                        d["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
         }
         Command::Requests {
             json,

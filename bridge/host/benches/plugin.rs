@@ -1,9 +1,12 @@
-//! Plugin costs: one `on-external` call of the first-party MQTT mapper (JSON passthrough),
-//! instantiating a fresh instance, and loading a component compiled vs from the cache.
+//! Plugin costs: one `on-external` call of a trivial plugin (echo) and of the first-party MQTT
+//! mapper (JSON parse and re-encode), instantiating a fresh instance, loading a component
+//! compiled vs from the cache, and how far past its deadline a looping call is stopped.
 //! `cargo bench -p gatehouse-host --bench plugin`.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use gatehouse_host::{Host, Limits, MQTT_PLUGIN, Message};
+use std::time::Duration;
+
+use gatehouse_host::{Host, Limits, MISBEHAVE_PLUGIN, MQTT_PLUGIN, Message, PluginError};
 
 fn message() -> Message {
     Message {
@@ -24,6 +27,12 @@ fn plugin(c: &mut Criterion) {
         .load("mqtt", MQTT_PLUGIN, vec![], Limits::default())
         .unwrap();
     let msg = message();
+    let echo = host
+        .load("echo", MISBEHAVE_PLUGIN, vec![], Limits::default())
+        .unwrap();
+    c.bench_function("plugin/on-external-call-trivial", |b| {
+        b.iter(|| echo.on_external(&msg).unwrap())
+    });
     c.bench_function("plugin/on-external-call", |b| {
         b.iter(|| p.on_external(&msg).unwrap())
     });
@@ -55,6 +64,26 @@ fn plugin(c: &mut Criterion) {
     });
     g.finish();
     let _ = std::fs::remove_dir_all(&dir);
+
+    // A 50 ms deadline: the reported time minus 50 ms is the overshoot.
+    let mut g = c.benchmark_group("plugin-deadline");
+    g.sample_size(10);
+    let limits = Limits {
+        deadline: Duration::from_millis(50),
+        ..Limits::default()
+    };
+    let looping = host.load("loop", MISBEHAVE_PLUGIN, vec![], limits).unwrap();
+    let mut spin = message();
+    spin.payload = b"loop".to_vec();
+    g.bench_function("deadline_overshoot-50ms", |b| {
+        b.iter(|| {
+            assert!(matches!(
+                looping.on_external(&spin),
+                Err(PluginError::Timeout(_))
+            ))
+        })
+    });
+    g.finish();
 }
 
 criterion_group!(benches, plugin);

@@ -2,10 +2,11 @@
 //!
 //! Contract: loads plugins that implement `gatehouse:plugin/mapper@0.1.0` (see `wit/`), runs
 //! every call under an epoch deadline (wall time), a memory cap and optional fuel, and
-//! contains every failure: a trap, timeout or out-of-memory becomes a [`PluginError`], the
-//! trapped instance is thrown away and the next call gets a fresh one. Plugins get no WASI
-//! filesystem, sockets or environment: the WASI context is empty, and the only grants are the
-//! `host` interface (log, clock). This is the only crate that links wasmtime.
+//! contains every failure: a trap, timeout, out-of-memory or a reach for the filesystem or
+//! network becomes a [`PluginError`], the trapped instance is thrown away and the next call
+//! gets a fresh one. Plugins get no WASI filesystem, network or environment: the WASI context
+//! is empty, its preopens and network handle are denied, and the only grants are the `host`
+//! (log, clock) and `kv` interfaces. This is the only crate that links wasmtime.
 
 // One exception, `Host::compile`: loading a cached compiled component is `unsafe` in wasmtime.
 #![deny(unsafe_code)]
@@ -29,9 +30,10 @@ pub use bindings::gatehouse::plugin::types::{Action, Message, Publish, Send};
 pub const MQTT_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
 
-/// A deliberately bad plugin (loops, allocates, traps on request) for the isolation tests.
-#[cfg(test)]
-const MISBEHAVE_PLUGIN: &[u8] =
+/// A deliberately bad plugin (loops, allocates, traps on request; echoes anything else) for
+/// the isolation tests and benchmarks. Not part of the daemon: nothing there refers to it.
+#[doc(hidden)]
+pub const MISBEHAVE_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_misbehave.wasm"));
 
 /// How often the epoch ticks; deadlines are whole ticks.
@@ -78,9 +80,36 @@ pub enum PluginError {
     /// The plugin trapped (including a failed memory grow past the cap).
     #[error("plugin trapped: {0}")]
     Trap(String),
+    /// The plugin tried to grow its memory past the cap.
+    #[error("plugin exceeded its memory cap of {cap} bytes (asked for {asked})")]
+    OutOfMemory {
+        /// The cap, bytes.
+        cap: usize,
+        /// What the failed grow asked for, as wasmtime reported it.
+        asked: String,
+    },
+    /// The plugin called an import it is not granted (the WASI filesystem, sockets…).
+    #[error("plugin used a capability it is not granted: {0}")]
+    Denied(String),
     /// Loading or instantiating failed.
     #[error("plugin could not be loaded: {0}")]
     Load(String),
+}
+
+impl PluginError {
+    /// A short name for the failure (`refused`, `timeout`, `fuel`, `trap`, `memory`,
+    /// `denied`, `load`), as dead-letter records and counters use it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Refused { .. } => "refused",
+            PluginError::Timeout(_) => "timeout",
+            PluginError::OutOfFuel => "fuel",
+            PluginError::Trap(_) => "trap",
+            PluginError::OutOfMemory { .. } => "memory",
+            PluginError::Denied(_) => "denied",
+            PluginError::Load(_) => "load",
+        }
+    }
 }
 
 struct State {
@@ -202,17 +231,29 @@ impl bindings::gatehouse::plugin::types::Host for State {}
 #[derive(Clone)]
 pub struct Host {
     engine: Engine,
+    /// Whether the engine counts fuel (instrumentation that slows every plugin a little).
+    metered: bool,
     /// Where compiled components are kept (`<sha256 of the wasm>-<engine hash>.cwasm`).
     cache: Option<std::path::PathBuf>,
 }
 
 impl Host {
     /// Creates the engine and starts the epoch ticker thread (it stops when the process does).
+    /// No fuel metering: plugins with `Limits::fuel` need [`Host::metered`].
     pub fn new() -> anyhow::Result<Self> {
+        Self::build(false)
+    }
+
+    /// A host whose engine meters fuel, for plugins with an instruction budget.
+    pub fn metered() -> anyhow::Result<Self> {
+        Self::build(true)
+    }
+
+    fn build(metered: bool) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config
             .epoch_interruption(true)
-            .consume_fuel(true)
+            .consume_fuel(metered)
             .wasm_component_model(true);
         let engine = Engine::new(&config)?;
         let weak = engine.weak();
@@ -227,6 +268,7 @@ impl Host {
             })?;
         Ok(Self {
             engine,
+            metered,
             cache: None,
         })
     }
@@ -305,12 +347,17 @@ impl Host {
         limits: Limits,
         kv: Option<Arc<Kv>>,
     ) -> Result<Plugin, PluginError> {
+        if limits.fuel.is_some() && !self.metered {
+            return Err(PluginError::Load(
+                "a fuel limit needs a metered host (Host::metered)".into(),
+            ));
+        }
         let component = self.compile(wasm)?;
         let mut linker: Linker<State> = Linker::new(&self.engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
-            .map_err(|e| PluginError::Load(format!("{e:#}")))?;
+        let load = |e: wasmtime::Error| PluginError::Load(format!("{e:#}"));
+        link_wasi(&mut linker).map_err(load)?;
         bindings::Mapper::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
-            .map_err(|e| PluginError::Load(format!("{e:#}")))?;
+            .map_err(load)?;
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::Load(format!("{e:#}")))?;
@@ -318,6 +365,7 @@ impl Host {
         let plugin = Plugin {
             name: name.to_string(),
             engine: self.engine.clone(),
+            metered: self.metered,
             pre,
             config,
             limits,
@@ -330,6 +378,65 @@ impl Host {
     }
 }
 
+/// A call to an import the plugin is not granted.
+#[derive(Debug)]
+struct DeniedCall(&'static str);
+
+impl std::fmt::Display for DeniedCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} is not granted to plugins", self.0)
+    }
+}
+
+impl std::error::Error for DeniedCall {}
+
+/// Stands in for the two doors to the outside world: the filesystem's preopened directories
+/// and the sockets' network handle. Every file or socket operation needs one of them, so
+/// denying these denies all, and the attempt surfaces as `PluginError::Denied` (a fault).
+struct Denied;
+
+impl wasmtime::component::HasData for Denied {
+    type Data<'a> = Denied;
+}
+
+impl wasmtime_wasi::p2::bindings::filesystem::preopens::Host for Denied {
+    fn get_directories(
+        &mut self,
+    ) -> wasmtime::Result<
+        Vec<(
+            wasmtime::component::Resource<wasmtime_wasi::filesystem::Descriptor>,
+            String,
+        )>,
+    > {
+        Err(wasmtime::Error::new(DeniedCall(
+            "wasi:filesystem/preopens#get-directories",
+        )))
+    }
+}
+
+impl wasmtime_wasi::p2::bindings::sockets::instance_network::Host for Denied {
+    fn instance_network(
+        &mut self,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::Network>> {
+        Err(wasmtime::Error::new(DeniedCall(
+            "wasi:sockets/instance-network#instance-network",
+        )))
+    }
+}
+
+/// WASI for plugins: everything a std-built component imports, over an empty context (no
+/// environment, stdio that goes nowhere), with the filesystem's and sockets' entry points
+/// replaced by [`Denied`].
+fn link_wasi(l: &mut Linker<State>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::p2::bindings::{filesystem, sockets};
+    wasmtime_wasi::p2::add_to_linker_sync(l)?;
+    l.allow_shadowing(true);
+    filesystem::preopens::add_to_linker::<State, Denied>(l, |_| Denied)?;
+    sockets::instance_network::add_to_linker::<State, Denied>(l, |_| Denied)?;
+    l.allow_shadowing(false);
+    Ok(())
+}
+
 struct Live {
     store: Store<State>,
     mapper: bindings::Mapper,
@@ -340,6 +447,7 @@ struct Live {
 pub struct Plugin {
     name: String,
     engine: Engine,
+    metered: bool,
     pre: bindings::MapperPre<State>,
     config: Vec<(String, String)>,
     limits: Limits,
@@ -348,11 +456,25 @@ pub struct Plugin {
 }
 
 fn classify(e: wasmtime::Error, limits: &Limits) -> PluginError {
+    if let Some(d) = e.downcast_ref::<DeniedCall>() {
+        return PluginError::Denied(d.0.to_string());
+    }
+    let text = format!("{e:#}");
+    if let Some((_, rest)) = text.split_once("forcing trap when growing memory to ") {
+        return PluginError::OutOfMemory {
+            cap: limits.memory_bytes,
+            asked: rest
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" "),
+        };
+    }
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => PluginError::Timeout(limits.deadline),
         Some(wasmtime::Trap::OutOfFuel) => PluginError::OutOfFuel,
         Some(t) => PluginError::Trap(t.to_string()),
-        None => PluginError::Trap(format!("{e:#}")),
+        None => PluginError::Trap(text),
     }
 }
 
@@ -395,6 +517,9 @@ impl Plugin {
     fn arm(&self, store: &mut Store<State>) -> Result<(), PluginError> {
         let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
+        if !self.metered {
+            return Ok(());
+        }
         store
             .set_fuel(self.limits.fuel.unwrap_or(u64::MAX))
             .map_err(|e| PluginError::Load(e.to_string()))
@@ -413,7 +538,11 @@ impl Plugin {
         let r = f(live, self);
         if matches!(
             r,
-            Err(PluginError::Timeout(_) | PluginError::OutOfFuel | PluginError::Trap(_))
+            Err(PluginError::Timeout(_)
+                | PluginError::OutOfFuel
+                | PluginError::Trap(_)
+                | PluginError::OutOfMemory { .. }
+                | PluginError::Denied(_))
         ) {
             // A trapped instance cannot be re-entered: the next call gets a fresh one.
             *guard = None;
@@ -529,15 +658,25 @@ mod tests {
         ));
         echo(&p);
         match p.on_external(&msg(b"alloc")) {
-            Err(PluginError::Trap(_)) => {}
+            Err(PluginError::OutOfMemory { cap, .. }) => assert_eq!(cap, 16 << 20),
             other => panic!("expected a trap at the memory cap, got {other:?}"),
         }
         echo(&p);
-        assert!(matches!(
-            p.on_external(&msg(b"trap")),
-            Err(PluginError::Trap(_))
-        ));
+        match p.on_external(&msg(b"trap")) {
+            Err(PluginError::Trap(_)) => {}
+            other => panic!("expected a trap, got {other:?}"),
+        }
         echo(&p);
+        // Reaching for the host's files calls an import the plugin is not granted.
+        match p.on_external(&msg(b"open")) {
+            Err(PluginError::Denied(what)) => {
+                assert!(what.starts_with("wasi:filesystem/"), "{what}")
+            }
+            other => panic!("expected the filesystem to be denied, got {other:?}"),
+        }
+        echo(&p);
+        // The host returns what the plugin asked for; limiting it is the daemon's job.
+        assert_eq!(p.on_external(&msg(b"many")).unwrap().len(), 10_000);
     }
 
     /// The key-value store is durable across instances and loads, private to its tree, and
@@ -595,7 +734,7 @@ mod tests {
     /// With fuel metering on, a loop runs out of fuel before its deadline.
     #[test]
     fn fuel_limit() {
-        let host = Host::new().unwrap();
+        let host = Host::metered().unwrap();
         let limits = Limits {
             deadline: Duration::from_secs(30),
             memory_bytes: 16 << 20,
@@ -605,6 +744,16 @@ mod tests {
         assert!(matches!(
             p.on_external(&msg(b"loop")),
             Err(PluginError::OutOfFuel)
+        ));
+        // An unmetered host refuses a fuel limit at load rather than ignoring it.
+        let unmetered = Host::new().unwrap();
+        let limits = Limits {
+            fuel: Some(1),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            unmetered.load("bad", MISBEHAVE_PLUGIN, vec![], limits),
+            Err(PluginError::Load(m)) if m.contains("metered")
         ));
     }
 
