@@ -373,6 +373,7 @@ impl Bridge {
             },
             // The plugin refused the input (e.g. malformed): the message is bad, not the plugin.
             Err(e @ PluginError::Refused { .. }) => {
+                self.stats(&name, |s| s.dead_letters += 1);
                 Err(PluginOutcome::Failed(fault("refused", e.to_string())))
             }
             Err(e) => {

@@ -314,9 +314,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                                 "{:<16} {:<12} {:>8} {:>6} {:>8} {:<11} {}",
                                 p["name"].as_str().unwrap_or(""),
                                 &sha[..sha.len().min(12)],
-                                p["calls"],
-                                p["faults"],
-                                p["dead_letters"],
+                                p["calls"].to_string(),
+                                p["faults"].to_string(),
+                                p["dead_letters"].to_string(),
                                 if p["quarantined"] == true {
                                     "quarantined"
                                 } else {
@@ -346,10 +346,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{body}");
             } else {
                 let v: serde_json::Value = serde_json::from_str(&body)?;
+                println!(
+                    "{:>6} {:<8} {:<16} {:<12} REASON",
+                    "ID", "DIR", "ROUTE", "KIND"
+                );
                 for d in v.as_array().into_iter().flatten() {
                     println!(
                         "{:>6} {:<8} {:<16} {:<12} {}",
-                        d["id"],
+                        d["id"].to_string(),
                         d["direction"].as_str().unwrap_or(""),
                         d["route"].as_str().unwrap_or(""),
                         d["kind"].as_str().unwrap_or(""),
