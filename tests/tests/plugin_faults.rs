@@ -119,6 +119,13 @@ fn faulty_plugins_are_contained_and_quarantined() {
         expect_good(n);
     }
 
+    // Five faults: still serving.
+    let p = d.plugin("bad");
+    assert_eq!(
+        (p["faults"].as_u64(), &p["quarantined"]),
+        (Some(5), &false.into())
+    );
+
     // 6. A publish outside the grants, from a conversation message: refused, nothing reaches
     // the broker, dead-lettered as outbound.
     let outside = s.broker.subscribe("outside/#");
