@@ -384,10 +384,16 @@ impl Setup {
 
     /// Starts the daemon without waiting for anything.
     pub fn spawn_daemon(&self, config: &Path) -> Daemon {
+        self.spawn_daemon_env(config, &[])
+    }
+
+    /// The same, with extra environment variables (fault injection).
+    pub fn spawn_daemon_env(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let log = self.dir.join(format!("daemon-{}.log", rand_suffix()));
         let child = Command::new(gatehouse_bin())
             .args(["run", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("GATEHOUSE_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -506,6 +512,13 @@ impl Daemon {
     /// `gatehouse consent allow|deny --endpoint DEVICE TARGET`.
     pub fn consent(&self, decision: &str, device: &str, target: &str) -> serde_json::Value {
         self.admin_json(&["consent", decision, "--endpoint", device, target])
+    }
+
+    /// Waits for the daemon to exit on its own (a crash); returns whether it failed.
+    pub fn wait_exit(&mut self) -> bool {
+        let mut p = self.proc.take().expect("daemon running");
+        let status = wait_for("the daemon to exit", || p.0.try_wait().unwrap());
+        !status.success()
     }
 
     /// Stops the daemon with SIGTERM and waits for it to exit.

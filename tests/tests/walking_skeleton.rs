@@ -110,8 +110,7 @@ fn restart_keeps_the_conversation() {
     let endpoint = endpoint_inbox(&d, "pump-7");
 
     d.stop();
-    // Published while the daemon is down: the broker does not hold it for a clean session,
-    // so the second message is sent after the restart.
+    // (Messages published while the daemon is down are covered by durability.rs.)
     let d = s.start_daemon(&config);
     assert_eq!(
         endpoint_inbox(&d, "pump-7"),

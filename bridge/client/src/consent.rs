@@ -35,7 +35,7 @@ fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
 
 impl Client {
     /// A counter kept in the tree (ordering keys of the queues).
-    fn next_seq(&self, name: &str) -> Result<u64> {
+    pub(crate) fn next_seq(&self, name: &str) -> Result<u64> {
         let v = self
             .tree
             .update_and_fetch(format!("seq/{name}"), |old| {

@@ -196,6 +196,9 @@ const K_WALLET: &[u8] = b"id/wallet";
 const K_INSTALLATION: &[u8] = b"id/installation";
 const K_MLS: &[u8] = b"mls";
 const K_WELCOME_CURSOR: &[u8] = b"cursor/welcome";
+/// How many received message ids each installation remembers to drop duplicates (a retried
+/// publish arrives within moments; this covers far more than any retry window).
+pub const SEEN_WINDOW: u64 = 100_000;
 
 impl Client {
     /// Opens the installation stored in `tree`, creating keys on first use (the wallet from
@@ -1091,6 +1094,28 @@ impl Client {
         Ok(out)
     }
 
+    /// Records `message_id` as seen; false when it already was. The last [`SEEN_WINDOW`] ids
+    /// are kept (`seen/ID` → sequence, `seenq/SEQ` → id), older ones are forgotten.
+    fn first_sight(&self, message_id: &str) -> Result<bool> {
+        let key = [b"seen/".as_slice(), message_id.as_bytes()].concat();
+        if self.tree.contains_key(&key)? {
+            return Ok(false);
+        }
+        let seq = self.next_seq("seen")?;
+        self.tree.insert(&key, &seq.to_be_bytes())?;
+        self.tree.insert(
+            [b"seenq/".as_slice(), &seq.to_be_bytes()].concat(),
+            message_id.as_bytes(),
+        )?;
+        if seq > SEEN_WINDOW {
+            let old = [b"seenq/".as_slice(), &(seq - SEEN_WINDOW).to_be_bytes()].concat();
+            if let Some(id) = self.tree.remove(&old)? {
+                self.tree.remove([b"seen/".as_slice(), &id].concat())?;
+            }
+        }
+        Ok(true)
+    }
+
     async fn live(
         &mut self,
         states: &mut BTreeMap<String, identity::InboxState>,
@@ -1168,6 +1193,12 @@ impl Client {
                         ),
                         _ => return Ok(None),
                     };
+                // The same content under the same idempotency key is the same message (XMTP's
+                // message id covers both): a sender's retry after an ambiguous publish shows once.
+                if !idempotency_key.is_empty() && !self.first_sight(&message_id)? {
+                    tracing::debug!(%conversation, id = v.id, "duplicate message dropped (same idempotency key and content)");
+                    return Ok(None);
+                }
                 // Consent records from our own installations (device-sync group).
                 if content.r#type.as_ref().is_some_and(|t| {
                     t.authority_id == "xmtp.org" && t.type_id == "application/x-protobuf"

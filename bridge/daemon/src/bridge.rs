@@ -114,6 +114,16 @@ impl Fault {
     }
 }
 
+/// What identifies an MQTT message across a redelivery besides its packet id.
+fn inflight_digest(msg: &Inbound) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(msg.topic.as_bytes());
+    h.update([0]);
+    h.update(&msg.payload);
+    h.finalize().into()
+}
+
 /// Inbox keys: the route's name, a zero byte, then the queue id (big-endian), so each route's
 /// messages sit together and in arrival order.
 fn inbox_key(route: &str, id: u64) -> Vec<u8> {
@@ -178,6 +188,8 @@ pub struct Bridge {
     seed: [u8; 32],
     db: sled::Db,
     inbox: sled::Tree,
+    /// QoS 1 messages stored but not yet acknowledged to the broker: packet id → digest.
+    inflight: sled::Tree,
     dead: sled::Tree,
     endpoint_index: sled::Tree,
     channel: Channel,
@@ -273,6 +285,7 @@ impl Bridge {
     /// broker (DESIGN §9: no per-message fsync; nothing acknowledged before it is on disk).
     async fn accept(&self, batch: Vec<Inbound>) -> anyhow::Result<()> {
         let mut stored = Vec::with_capacity(batch.len());
+        let mut already = Vec::new();
         let mut routes = std::collections::BTreeSet::new();
         for msg in batch {
             let Some((idx, route, device)) = self
@@ -291,6 +304,17 @@ impl Bridge {
                 self.ack(&msg).await?;
                 continue;
             }
+            // A QoS 1 message we stored but could not acknowledge (a crash) comes back marked
+            // DUP under the same packet id after the reconnect: acknowledge it, store it once.
+            let mark = (msg.qos > 0).then(|| (msg.pkid.to_be_bytes(), inflight_digest(&msg)));
+            if msg.dup
+                && let Some((pkid, digest)) = &mark
+                && self.inflight.get(pkid)?.is_some_and(|v| v == digest[..])
+            {
+                tracing::info!(route = %route.name, topic = %msg.topic, pkid = msg.pkid, "redelivered message already stored; acknowledging it once more");
+                already.push(msg);
+                continue;
+            }
             let id = self.db.generate_id()?;
             let rec = Queued {
                 route: idx,
@@ -302,16 +326,30 @@ impl Bridge {
             };
             self.inbox
                 .insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?)?;
+            if let Some((pkid, digest)) = &mark {
+                self.inflight.insert(pkid, &digest[..])?;
+            }
             routes.insert(idx);
             stored.push(msg);
+        }
+        for msg in &already {
+            self.ack(msg).await?;
         }
         if stored.is_empty() {
             return Ok(());
         }
         // Acknowledge only after the durable write.
         self.inbox.flush_async().await?;
+        if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_ACK").is_some() {
+            // Fault injection for the crash tests: die between the durable write and the ack.
+            tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_ACK: aborting after the durable write");
+            std::process::abort();
+        }
         for msg in &stored {
             self.ack(msg).await?;
+            if msg.qos > 0 {
+                self.inflight.remove(msg.pkid.to_be_bytes())?;
+            }
         }
         for idx in routes {
             self.work[idx].notify_one();
@@ -1207,6 +1245,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         bridge_registered: Mutex::new(false),
         seed,
         inbox: db.open_tree("inbox")?,
+        inflight: db.open_tree("mqtt-inflight")?,
         dead: db.open_tree("dead_letters")?,
         endpoint_index: db.open_tree("endpoints")?,
         db,

@@ -27,6 +27,11 @@ pub struct MqttConfig {
     /// Largest packet accepted from the broker, bytes.
     #[serde(default = "default_max_packet")]
     pub max_packet_bytes: usize,
+    /// Start a fresh session at every connect. `false` (default): the broker keeps the
+    /// daemon's subscriptions and queues QoS 1 messages while it is down (a persistent
+    /// session under `client_id`), and redelivers what was not acknowledged.
+    #[serde(default)]
+    pub clean_session: bool,
 }
 
 fn default_host() -> String {
@@ -55,6 +60,7 @@ impl Default for MqttConfig {
             password: None,
             keep_alive_secs: default_keep_alive(),
             max_packet_bytes: default_max_packet(),
+            clean_session: false,
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct Inbound {
     pub retain: bool,
     /// Packet id (0 for QoS 0): with the client session, the source's idempotency key.
     pub pkid: u16,
+    /// Set when the broker redelivers a message it sent before without getting our
+    /// acknowledgement (after a reconnect).
+    pub dup: bool,
     publish: rumqttc::Publish,
 }
 
@@ -86,7 +89,7 @@ pub fn start(
     let mut opts = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
     opts.set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)));
     opts.set_manual_acks(true);
-    opts.set_clean_session(true);
+    opts.set_clean_session(config.clean_session);
     opts.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
     if let (Some(u), Some(p)) = (&config.username, &config.password) {
         opts.set_credentials(u.clone(), p.clone());
@@ -127,6 +130,7 @@ pub fn start(
                         qos: p.qos as u8,
                         retain: p.retain,
                         pkid: p.pkid,
+                        dup: p.dup,
                         publish: p,
                     };
                     if inbound.send(msg).await.is_err() {
