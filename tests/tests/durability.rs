@@ -56,3 +56,51 @@ fn crash_before_ack_and_downtime_lose_nothing_and_duplicate_nothing() {
     assert_eq!(seq(&a.listen(1)[0]), 51);
     assert_eq!(d.status()["inbox_depth"], 0);
 }
+
+/// A crash after the daemon read an agent's messages from the conversation but before it
+/// published them to the device: after the restart they are published, in order, and the
+/// conversation's cursor did not skip them.
+#[test]
+fn crash_before_publish_loses_no_agent_message() {
+    let s = Setup::new("durability-out");
+    // The node runs on its own, so the agent can write while the daemon is down.
+    let node = StandaloneNode::start(&s.dir);
+    let a = Agent::at(s.dir.join("agent"), node.url.clone());
+    let inbox = a.inbox_id();
+    let config = s.dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: data\nnode: {{embedded: false, url: \"{}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
+             channels: {{mqtt: {{port: {}, client_id: gatehouse-out}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n",
+            node.url, s.admin_port, s.broker.port
+        ),
+    )
+    .unwrap();
+    let mut d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    let endpoint = a.listen(1)[0]["sender_inbox"].as_str().unwrap().to_string();
+    d.stop();
+
+    let down = s.broker.subscribe("devices/d1/down");
+    for text in ["one", "two", "three"] {
+        a.send(&endpoint, text);
+    }
+    // Reads the three messages, then dies before publishing any.
+    let mut crashing =
+        s.spawn_daemon_env(&config, &[("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH", "1")]);
+    assert!(crashing.wait_exit(), "the fault hook aborts the daemon");
+    crashing.wait_log(&["aborting before publishing"]);
+    assert!(
+        down.drain(std::time::Duration::from_millis(200)).is_empty(),
+        "nothing was published before the crash"
+    );
+
+    let _d = s.start_daemon(&config);
+    let got: Vec<String> = (0..3).map(|_| down.next_message()).collect();
+    assert_eq!(got, ["one", "two", "three"]);
+    a.send(&endpoint, "four");
+    assert_eq!(down.next_message(), "four", "nothing owed twice");
+}

@@ -21,15 +21,15 @@ use crate::{Client, ClientError, Received, Result};
 pub const MAX_REQUESTS: usize = 1000;
 
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Held {
-    received: Received,
-    content: String,
+pub(crate) struct Held {
+    pub(crate) received: Received,
+    pub(crate) content: String,
     /// Already shown once as a request: allowing does not show it again.
     #[serde(default)]
-    surfaced: bool,
+    pub(crate) surfaced: bool,
 }
 
-fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
+pub(crate) fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
     [prefix, &n.to_be_bytes()].concat()
 }
 
@@ -195,6 +195,13 @@ impl Client {
     /// conversation released from the queue), unknown ones are queued, denied ones vanish.
     pub(crate) fn gate(&mut self, received: Vec<Received>) -> Result<Vec<Received>> {
         let mut out = self.release_requests()?;
+        out.extend(self.gate_only(received)?);
+        Ok(out)
+    }
+
+    /// The consent decision for each message (without releasing held requests).
+    pub(crate) fn gate_only(&mut self, received: Vec<Received>) -> Result<Vec<Received>> {
+        let mut out = Vec::new();
         // One state per conversation per read (it loads the group).
         let mut states: BTreeMap<String, State> = BTreeMap::new();
         for r in received {
@@ -213,15 +220,29 @@ impl Client {
             match (sender_denied, state) {
                 (true, _) | (false, State::Denied) => {
                     tracing::info!(conversation = %r.conversation, sender = %r.sender_inbox, "dropped a message from a denied sender");
+                    self.forget_delivery(&r)?;
                 }
                 (false, State::Allowed) => out.push(r),
                 (false, State::Unknown) if self.hold_unknown => {
-                    self.hold(r.clone(), self.surface_requests)?;
+                    // Held first, then no longer retained: a crash in between holds it twice
+                    // at worst, never loses it.
+                    self.hold(
+                        Received {
+                            delivery: None,
+                            ..r.clone()
+                        },
+                        self.surface_requests,
+                    )?;
+                    self.forget_delivery(&r)?;
                     if self.surface_requests {
-                        out.push(Received { request: true, ..r });
+                        out.push(Received {
+                            request: true,
+                            delivery: None,
+                            ..r
+                        });
                     }
                 }
-                (false, State::Unknown) => {}
+                (false, State::Unknown) => self.forget_delivery(&r)?,
             }
         }
         Ok(out)
@@ -306,6 +327,8 @@ impl Client {
                 (State::Allowed, false) if !h.surfaced => {
                     let mut r = h.received;
                     r.content = hex::decode(h.content).unwrap_or_default();
+                    // Retained before it leaves the request queue.
+                    self.retain_delivery(&mut r)?;
                     out.push(r);
                     self.tree.remove(k)?;
                 }

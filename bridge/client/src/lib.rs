@@ -94,6 +94,9 @@ pub struct Received {
     pub request: bool,
     /// What a Gatehouse bridge attests about the sender, if the message carries an attestation.
     pub sender_endpoint: Option<SenderEndpoint>,
+    /// With [`Client::set_retain_deliveries`]: the number to pass to [`Client::delivered`].
+    #[serde(default)]
+    pub delivery: Option<u64>,
 }
 
 /// What [`Client::send`] published.
@@ -152,6 +155,8 @@ pub struct Client {
     crash_after_commit_publish: bool,
     /// Whether messages from `unknown` conversations are held (else dropped).
     hold_unknown: bool,
+    /// Whether returned messages are also kept (`deliv/`) until [`Client::delivered`].
+    retain: bool,
     /// Whether a newly held message is also returned once, marked as a request.
     surface_requests: bool,
     /// Bound of the request queue.
@@ -295,6 +300,7 @@ impl Client {
             key_package_grace: KEY_PACKAGE_GRACE,
             crash_after_commit_publish: false,
             hold_unknown: true,
+            retain: false,
             surface_requests: true,
             max_requests: consent::MAX_REQUESTS,
             last_sync_group_check: None,
@@ -1069,7 +1075,10 @@ impl Client {
                     continue;
                 };
                 saw_commit |= v.is_commit;
-                if let Some(r) = self.handle_message(g, &gid, &v, &mut states).await? {
+                if let Some(mut r) = self.handle_message(g, &gid, &v, &mut states).await? {
+                    // Kept before the cursor moves past it (one tree: a crash that keeps the
+                    // cursor keeps this too).
+                    self.retain_delivery(&mut r)?;
                     out.push(r);
                 }
                 self.tree.insert(&ckey, &v.id.to_be_bytes())?;
@@ -1256,6 +1265,7 @@ impl Client {
                     idempotency_key,
                     message_id,
                     request: false,
+                    delivery: None,
                 }))
             }
             Ok(group::Processed::PendingCommit {
@@ -1329,6 +1339,7 @@ impl Client {
                     sent_at_ns: v.created_ns,
                     idempotency_key: String::new(),
                     request: false,
+                    delivery: None,
                 }))
             }
             // Our own commit, still pending: we stopped (crashed) between publishing it and
@@ -1858,6 +1869,7 @@ impl Client {
 }
 
 mod consent;
+mod deliveries;
 mod forks;
 
 pub use consent::MAX_REQUESTS;

@@ -32,6 +32,9 @@ const INBOUND_CAPACITY: usize = 1024;
 const ACCEPT_BATCH: usize = 256;
 /// Wait before retrying queued work after a transient failure (node unreachable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// First and longest wait before an endpoint retries publishing a conversation message.
+const OUTBOUND_RETRY_BASE: Duration = Duration::from_millis(200);
+const OUTBOUND_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Endpoints whose conversations are read at the same time.
 const OUTBOUND_PARALLEL: usize = 8;
 /// How often plugin files are checked for changes (`plugins.NAME.watch`).
@@ -180,6 +183,8 @@ struct Endpoint {
     device: String,
     client: Mutex<Client>,
     registered: Mutex<bool>,
+    /// Outbound retry state: failures in a row, and not before when to try again.
+    retry: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
 
 /// Shared bridge state.
@@ -248,7 +253,9 @@ impl Bridge {
         }
         let (wallet, key) = identity::endpoint_keys(&self.seed, &name);
         let tree = self.db.open_tree(format!("ep/{name}"))?;
-        let client = Client::open(tree, self.channel.clone(), Some(wallet), Some(key))?;
+        let mut client = Client::open(tree, self.channel.clone(), Some(wallet), Some(key))?;
+        // What an endpoint reads stays owed until it is published (or dead-lettered).
+        client.set_retain_deliveries(true);
         let info = EndpointInfo {
             route: route.name.clone(),
             channel: route.channel.clone(),
@@ -264,6 +271,7 @@ impl Bridge {
             device: device.to_string(),
             client: Mutex::new(client),
             registered: Mutex::new(false),
+            retry: Default::default(),
         });
         map.insert(name, e.clone());
         Ok(e)
@@ -963,6 +971,15 @@ impl Bridge {
             // (the cursors do not move) until the plugin is reloaded.
             return Ok(());
         }
+        if ep
+            .retry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return Ok(());
+        }
         let mut client = ep.client.lock().await;
         if !*ep.registered.lock().await {
             // Endpoints known from before a restart register (and get their policy) here.
@@ -971,19 +988,51 @@ impl Bridge {
             }
         }
         // Consent gates what comes back: only allowed senders' messages are returned; unknown
-        // senders wait in the endpoint's request queue, denied ones are dropped.
-        let received = client.sync_all().await?;
-        if received.is_empty() {
+        // senders wait in the endpoint's request queue, denied ones are dropped. What is
+        // returned stays owed (retained in the client's store) until published here, so a
+        // crash between reading and publishing loses nothing.
+        client.sync_all().await?;
+        let pending = client.undelivered()?;
+        drop(client);
+        if pending.is_empty() {
             return Ok(());
         }
-        drop(client);
-        for r in received {
-            if r.is_transcript() {
-                continue;
+        if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH").is_some() {
+            // Fault injection for the crash tests: die between reading and publishing.
+            tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH: aborting before publishing");
+            std::process::abort();
+        }
+        let mut done = 0usize;
+        for r in pending {
+            if !r.is_transcript() {
+                match self.carry_outbound(route, ep, &r).await {
+                    Ok(()) => {}
+                    Err(Carry::Dead(fault)) => {
+                        self.dead_letter_outbound(&r, route, &ep.device, fault)
+                    }
+                    Err(Carry::Later(reason)) => {
+                        // Stays owed; this endpoint waits (in order) with a growing delay.
+                        let mut retry = ep.retry.lock().unwrap_or_else(|p| p.into_inner());
+                        let wait = gatehouse_channels::backoff(
+                            retry.0,
+                            OUTBOUND_RETRY_BASE,
+                            OUTBOUND_RETRY_MAX,
+                        );
+                        retry.0 = retry.0.saturating_add(1);
+                        retry.1 = Some(std::time::Instant::now() + wait);
+                        tracing::warn!(route = %route.name, device = %ep.device, %reason, retry_in_ms = wait.as_millis() as u64, "conversation message not published yet; will retry");
+                        break;
+                    }
+                }
             }
-            if let Err(fault) = self.carry_outbound(route, ep, &r).await {
-                self.dead_letter_outbound(&r, route, &ep.device, fault);
+            if let Some(seq) = r.delivery {
+                ep.client.lock().await.delivered(seq)?;
             }
+            done += 1;
+        }
+        if done > 0 {
+            *ep.retry.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+            ep.client.lock().await.flush().await?;
         }
         Ok(())
     }
@@ -994,7 +1043,7 @@ impl Bridge {
         route: &Route,
         ep: &Endpoint,
         r: &gatehouse_client::Received,
-    ) -> Result<(), Fault> {
+    ) -> Result<(), Carry> {
         let msg = Message {
             payload: r.content.clone(),
             content_type: r.content_type.clone(),
@@ -1010,11 +1059,18 @@ impl Bridge {
             Err(PluginOutcome::Quarantined(name)) => {
                 let passable = r.content_type.starts_with("xmtp.org/text:")
                     || r.content_type.starts_with("gatehouse.dev/json:");
-                if !(route.fail_open && passable) {
-                    return Err(Fault::new(
+                if !route.fail_open {
+                    // Quarantined in the middle of a batch: the rest wait for the reload.
+                    return Err(Carry::Later(format!("plugin {name} is quarantined")));
+                }
+                if !passable {
+                    return Err(Carry::Dead(Fault::new(
                         "quarantined",
-                        format!("plugin {name} is quarantined"),
-                    ));
+                        format!(
+                            "plugin {name} is quarantined and the route fails open, but {} is neither text nor JSON",
+                            r.content_type
+                        ),
+                    )));
                 }
                 vec![Action::Publish(gatehouse_host::Publish {
                     channel: route.channel.clone(),
@@ -1025,7 +1081,7 @@ impl Bridge {
             }
             Err(PluginOutcome::Failed(fault)) => {
                 tracing::warn!(route = %route.name, device = %ep.device, kind = fault.kind, error = %fault.reason, "plugin refused a conversation message");
-                return Err(fault);
+                return Err(Carry::Dead(fault));
             }
         };
         // All publishes are checked before any goes out.
@@ -1041,7 +1097,7 @@ impl Bridge {
             {
                 tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
                 self.fault(&route.plugin, &reason, 1);
-                return Err(Fault::new("grants", reason));
+                return Err(Carry::Dead(Fault::new("grants", reason)));
             }
         }
         for action in actions {
@@ -1049,7 +1105,7 @@ impl Bridge {
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
                         m.publish(&p.address, p.payload).await.map_err(|e| {
-                            Fault::new("publish", format!("publishing to {}: {e:#}", p.address))
+                            Carry::Later(format!("publishing to {}: {e:#}", p.address))
                         })?;
                         tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
                     }
@@ -1140,6 +1196,14 @@ enum Failure {
     Transient(String),
     /// Held back on purpose (a quarantined plugin): stays queued, retried later, no alarm.
     Held(String),
+}
+
+/// Why a conversation message was not carried.
+enum Carry {
+    /// Never will be: dead-lettered.
+    Dead(Fault),
+    /// Not now: stays owed and is retried, in order.
+    Later(String),
 }
 
 /// Why a plugin call produced no actions.

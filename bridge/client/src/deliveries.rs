@@ -1,0 +1,74 @@
+//! Retained deliveries: for a consumer that must not lose a message between reading it and
+//! acting on it (the bridge publishing to a device). With [`Client::set_retain_deliveries`],
+//! every message a read returns is also kept in the tree (`deliv/SEQ`, written before the
+//! conversation's cursor moves past it) until the consumer calls [`Client::delivered`];
+//! [`Client::undelivered`] lists what is still owed, re-checked against consent.
+
+use crate::consent::{Held, seq_key};
+use crate::{Client, Received, Result};
+
+impl Client {
+    /// Keep every returned message until [`Client::delivered`] (off by default).
+    pub fn set_retain_deliveries(&mut self, on: bool) {
+        self.retain = on;
+    }
+
+    /// Retains `r` (when retention is on) and numbers it.
+    pub(crate) fn retain_delivery(&mut self, r: &mut Received) -> Result<()> {
+        if !self.retain {
+            return Ok(());
+        }
+        let seq = self.next_seq("deliv")?;
+        r.delivery = Some(seq);
+        let held = Held {
+            content: hex::encode(&r.content),
+            received: r.clone(),
+            surfaced: false,
+        };
+        self.tree.insert(
+            seq_key(b"deliv/", seq),
+            serde_json::to_vec(&held).unwrap_or_default(),
+        )?;
+        Ok(())
+    }
+
+    /// Drops the retained copy of a message the gate did not deliver.
+    pub(crate) fn forget_delivery(&mut self, r: &Received) -> Result<()> {
+        if let Some(seq) = r.delivery {
+            self.tree.remove(seq_key(b"deliv/", seq))?;
+        }
+        Ok(())
+    }
+
+    /// Retained messages not yet marked delivered, oldest first, each checked against consent
+    /// again (a decision taken since may hold or drop it).
+    pub fn undelivered(&mut self) -> Result<Vec<Received>> {
+        let mut pending = Vec::new();
+        for item in self.tree.scan_prefix(b"deliv/") {
+            let (k, v) = item?;
+            match serde_json::from_slice::<Held>(&v) {
+                Ok(h) => {
+                    let mut r = h.received;
+                    r.content = hex::decode(h.content).unwrap_or_default();
+                    pending.push(r);
+                }
+                Err(_) => {
+                    self.tree.remove(k)?;
+                }
+            }
+        }
+        self.gate_only(pending)
+    }
+
+    /// Marks a retained message delivered (its `delivery` number): it is no longer owed.
+    pub fn delivered(&mut self, delivery: u64) -> Result<()> {
+        self.tree.remove(seq_key(b"deliv/", delivery))?;
+        Ok(())
+    }
+
+    /// Writes retained state to disk (call after marking a batch delivered).
+    pub async fn flush(&self) -> Result<()> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+}
