@@ -104,3 +104,62 @@ fn crash_before_publish_loses_no_agent_message() {
     a.send(&endpoint, "four");
     assert_eq!(down.next_message(), "four", "nothing owed twice");
 }
+
+/// A route whose reply topic is also its subscribe topic: the bridge's own publishes are not
+/// taken back in as device messages, so the counts stay exact.
+#[test]
+fn own_publishes_do_not_echo() {
+    let s = Setup::new("echo");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: data\nnode: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
+             channels: {{mqtt: {{port: {}, client_id: gatehouse-echo}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: loop, channel: mqtt, subscribe: \"loop/{{device}}/io\", reply: \"loop/{{device}}/io\", plugin: mqtt, agents: [\"{inbox}\"]}}\n",
+            s.node_port, s.admin_port, s.broker.port
+        ),
+    )
+    .unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    let topic = s.broker.subscribe("loop/d1/io");
+    s.broker.publish("loop/d1/io", br#"{"n":1}"#);
+    let got = a.listen(1);
+    assert_eq!(seq(&got[0]), 1);
+    let endpoint = got[0]["sender_inbox"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        a.send(&endpoint, &format!("{{\"cmd\":{i}}}"));
+    }
+    let mut on_topic: Vec<String> = (0..6).map(|_| topic.next_message()).collect();
+    s.broker.publish("loop/d1/io", br#"{"n":2}"#);
+    assert_eq!(
+        seq(&a.listen(1)[0]),
+        2,
+        "the next message is the device's, not an echo"
+    );
+    on_topic.push(topic.next_message());
+    assert_eq!(
+        on_topic,
+        [
+            r#"{"n":1}"#,
+            r#"{"cmd":0}"#,
+            r#"{"cmd":1}"#,
+            r#"{"cmd":2}"#,
+            r#"{"cmd":3}"#,
+            r#"{"cmd":4}"#,
+            r#"{"n":2}"#
+        ]
+    );
+    // Nothing more arrives on either side (an echo would loop back to the agent).
+    let extra = a.ok(&["listen", "--json", "--timeout", "3"]);
+    assert!(extra.trim().is_empty(), "echoed: {extra}");
+    assert!(
+        topic
+            .drain(std::time::Duration::from_millis(300))
+            .is_empty()
+    );
+    assert!(d.dead_letters().is_empty(), "{:?}", d.dead_letters());
+}

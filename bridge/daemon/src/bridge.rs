@@ -37,6 +37,8 @@ const OUTBOUND_RETRY_BASE: Duration = Duration::from_millis(200);
 const OUTBOUND_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Endpoints whose conversations are read at the same time.
 const OUTBOUND_PARALLEL: usize = 8;
+/// How long the bridge remembers a publish to a topic its own routes subscribe to.
+const ECHO_WINDOW: Duration = Duration::from_secs(60);
 /// How often plugin files are checked for changes (`plugins.NAME.watch`).
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Most dead letters one `GET /dead-letters` returns (the newest).
@@ -119,11 +121,16 @@ impl Fault {
 
 /// What identifies an MQTT message across a redelivery besides its packet id.
 fn inflight_digest(msg: &Inbound) -> [u8; 32] {
+    echo_digest(&msg.topic, &msg.payload)
+}
+
+/// Topic and payload, hashed.
+fn echo_digest(topic: &str, payload: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
-    h.update(msg.topic.as_bytes());
+    h.update(topic.as_bytes());
     h.update([0]);
-    h.update(&msg.payload);
+    h.update(payload);
     h.finalize().into()
 }
 
@@ -195,6 +202,8 @@ pub struct Bridge {
     inbox: sled::Tree,
     /// QoS 1 messages stored but not yet acknowledged to the broker: packet id → digest.
     inflight: sled::Tree,
+    /// Our recent publishes to topics a route subscribes to (echo prevention).
+    own_publishes: std::sync::Mutex<std::collections::VecDeque<([u8; 32], std::time::Instant)>>,
     dead: sled::Tree,
     endpoint_index: sled::Tree,
     channel: Channel,
@@ -307,6 +316,11 @@ impl Bridge {
                 self.ack(&msg).await?;
                 continue;
             };
+            if self.is_own_echo(&msg) {
+                tracing::debug!(route = %route.name, topic = %msg.topic, "our own publish came back; not taken in");
+                self.ack(&msg).await?;
+                continue;
+            }
             if msg.payload.len() > route.max_payload {
                 tracing::warn!(route = %route.name, topic = %msg.topic, bytes = msg.payload.len(), limit = route.max_payload, "rejected: payload over the route's max_payload");
                 self.ack(&msg).await?;
@@ -363,6 +377,40 @@ impl Bridge {
             self.work[idx].notify_one();
         }
         Ok(())
+    }
+
+    /// Publishes to the broker and remembers it for [`ECHO_WINDOW`], so that the bridge does
+    /// not take its own publish back in as a device message when a route's `subscribe`
+    /// pattern also matches where it publishes (MQTT 3.1.1 has no way to tag a message).
+    async fn publish_out(
+        &self,
+        m: &MqttHandle,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        if self.cfg.routes.iter().any(|r| r.device_of(topic).is_some()) {
+            let digest = echo_digest(topic, &payload);
+            let mut own = self.own_publishes.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            own.retain(|(_, at)| now.duration_since(*at) < ECHO_WINDOW);
+            own.push_back((digest, now));
+        }
+        Ok(m.publish(topic, payload).await?)
+    }
+
+    /// Whether an inbound message is one of our own recent publishes (consumed if so).
+    fn is_own_echo(&self, msg: &Inbound) -> bool {
+        let digest = echo_digest(&msg.topic, &msg.payload);
+        let mut own = self.own_publishes.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        own.retain(|(_, at)| now.duration_since(*at) < ECHO_WINDOW);
+        match own.iter().position(|(d, _)| *d == digest) {
+            Some(i) => {
+                own.remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     async fn ack(&self, msg: &Inbound) -> anyhow::Result<()> {
@@ -749,9 +797,11 @@ impl Bridge {
                 // device on its reply topic.
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
-                        m.publish(&p.address, p.payload).await.map_err(|e| {
-                            Failure::Transient(format!("publishing to {}: {e:#}", p.address))
-                        })?;
+                        self.publish_out(m, &p.address, p.payload)
+                            .await
+                            .map_err(|e| {
+                                Failure::Transient(format!("publishing to {}: {e:#}", p.address))
+                            })?;
                         tracing::info!(route = %route.name, device = %rec.device, topic = %p.address, "published by plugin");
                     }
                 }
@@ -1104,9 +1154,11 @@ impl Bridge {
             match action {
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
-                        m.publish(&p.address, p.payload).await.map_err(|e| {
-                            Carry::Later(format!("publishing to {}: {e:#}", p.address))
-                        })?;
+                        self.publish_out(m, &p.address, p.payload)
+                            .await
+                            .map_err(|e| {
+                                Carry::Later(format!("publishing to {}: {e:#}", p.address))
+                            })?;
                         tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
                     }
                 }
@@ -1310,6 +1362,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         seed,
         inbox: db.open_tree("inbox")?,
         inflight: db.open_tree("mqtt-inflight")?,
+        own_publishes: Default::default(),
         dead: db.open_tree("dead_letters")?,
         endpoint_index: db.open_tree("endpoints")?,
         db,
