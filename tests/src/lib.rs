@@ -474,9 +474,19 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no plugin {name} in `gatehouse plugins`"))
     }
 
-    /// `gatehouse dead-letters --json`.
+    /// `gatehouse dlq --json`.
     pub fn dead_letters(&self) -> Vec<serde_json::Value> {
-        serde_json::from_value(self.admin_json(&["dead-letters", "--json"])).unwrap()
+        serde_json::from_value(self.admin_json(&["dlq", "--json"])).unwrap()
+    }
+
+    /// `gatehouse dlq ARGS --json` (retry, drop): its output, succeeded or not.
+    pub fn dlq(&self, args: &[&str]) -> Output {
+        Command::new(gatehouse_bin())
+            .arg("dlq")
+            .args(args)
+            .args(["--json", "--admin", &self.admin])
+            .output()
+            .unwrap()
     }
 
     /// Waits for a dead letter that `f` accepts and returns it.

@@ -189,4 +189,14 @@ fn faulty_plugins_are_contained_and_quarantined() {
         kinds,
         ["timeout", "memory", "trap", "limits", "denied", "grants"]
     );
+    // The operator drops one; the others stay.
+    let timeout_id = d.dead_letters()[0]["id"].to_string();
+    let out = d.dlq(&["drop", &timeout_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.dead_letters().len(), 5);
+    assert_eq!(d.dead_letters()[0]["kind"], "memory");
 }

@@ -118,4 +118,29 @@ fn plugins_reload_while_messages_flow() {
     let order: Vec<u64> = all.iter().map(|(s, _)| *s).collect();
     assert_eq!(order, (0..65).collect::<Vec<_>>());
     assert!(d.dead_letters().is_empty(), "{:?}", d.dead_letters());
+
+    // The operator's loop: version 2 refuses plain text (dead-lettered); putting version 1
+    // back and retrying the dead letters delivers it, once.
+    s.broker.publish("devices/d1/up", b"plain words");
+    let dl = d.wait_dead_letter("the refusal", |d| d["kind"] == "refused");
+    assert_eq!(dl["bytes"], 11);
+    replace(&plugin, &std::fs::read(&v1).unwrap());
+    wait_for("the second reload", || {
+        (d.plugin("mapper")["reloads"] == 2).then_some(())
+    });
+    let out = d.dlq(&["retry", "--all"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["retried"], serde_json::json!([dl["id"]]));
+    let got = a.listen(1);
+    assert_eq!(got[0]["text"], "plain words");
+    assert!(d.dead_letters().is_empty());
+    // Nothing left to retry or drop: a clear error.
+    let out = d.dlq(&["drop", &dl["id"].to_string()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dead letter"));
 }

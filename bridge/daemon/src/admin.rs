@@ -5,7 +5,8 @@
 //! `GET /requests[?endpoint=E]` each endpoint's request queue; `GET /dead-letters[?route=R]
 //! [&payloads=1]` the newest dead letters with their reasons; `POST /consent` with
 //! `{"endpoint","target","state":"allow"|"deny"}` records an operator's decision;
-//! `POST /plugins/reload` with `{"plugin": NAME}` loads a plugin's new version.
+//! `POST /plugins/reload` with `{"plugin": NAME}` loads a plugin's new version;
+//! `POST /dead-letters/retry` and `/dead-letters/drop` with `{"ids": [..]}` or `{"all": true}`.
 //! There is no authentication: the listener must be loopback (config validation enforces it),
 //! so only local users can reach it.
 
@@ -46,6 +47,27 @@ async fn answer_post(bridge: &Bridge, path: &str, v: &serde_json::Value) -> (&'s
                 serde_json::json!({"error": "name the plugin: {\"plugin\": NAME}"}).to_string(),
             ),
         },
+        "/dead-letters/retry" | "/dead-letters/drop" => {
+            let all = v["all"].as_bool().unwrap_or(false);
+            let ids: Vec<u64> = v["ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.as_u64())
+                .collect();
+            if ids.is_empty() && !all {
+                return (
+                    "400 Bad Request",
+                    r#"{"error":"name dead letters: {\"ids\": [ID, ...]} or {\"all\": true}"}"#
+                        .to_string(),
+                );
+            }
+            if path.ends_with("retry") {
+                answer(bridge.retry_dead_letters(&ids, all).await)
+            } else {
+                answer(bridge.drop_dead_letters(&ids, all))
+            }
+        }
         _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
     }
 }

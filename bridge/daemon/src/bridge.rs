@@ -623,7 +623,9 @@ impl Bridge {
             "reason": fault.reason,
             "call_ms": fault.call.map(|c| c.as_millis() as u64),
             "conversation": r.conversation,
-            "message_id": r.id,
+            "node_id": r.id,
+            "message_id": r.message_id,
+            "idempotency_key": r.idempotency_key,
             "sender_inbox": r.sender_inbox,
             "content_type": r.content_type,
             "bytes": r.content.len(),
@@ -1169,6 +1171,144 @@ impl Bridge {
                     tracing::info!(route = %route.name, device = %ep.device, %reason, "dropped by plugin")
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Dead letters by id (`ids`), or all of them.
+    fn dead_letter_ids(&self, ids: &[u64], all: bool) -> Vec<u64> {
+        if all {
+            self.dead
+                .iter()
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter_map(|k| k.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .collect()
+        } else {
+            ids.to_vec()
+        }
+    }
+
+    /// Removes dead letters: `ids`, or all.
+    pub fn drop_dead_letters(&self, ids: &[u64], all: bool) -> anyhow::Result<serde_json::Value> {
+        let mut dropped = Vec::new();
+        let mut missing = Vec::new();
+        for id in self.dead_letter_ids(ids, all) {
+            match self.dead.remove(id.to_be_bytes())? {
+                Some(_) => dropped.push(id),
+                None => missing.push(id),
+            }
+        }
+        self.dead.flush()?;
+        if !missing.is_empty() && dropped.is_empty() {
+            anyhow::bail!("no dead letter with id {missing:?} (see `gatehouse dlq list`)");
+        }
+        tracing::info!(
+            count = dropped.len(),
+            "dead letters dropped by the operator"
+        );
+        Ok(serde_json::json!({"dropped": dropped, "missing": missing}))
+    }
+
+    /// Carries dead letters again (`ids`, or all): a device message goes back to its route's
+    /// queue (behind what is waiting there); a conversation message goes through the plugin to
+    /// the channel at once. A retry that fails again is dead-lettered again, under a new id.
+    pub async fn retry_dead_letters(
+        &self,
+        ids: &[u64],
+        all: bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut retried = Vec::new();
+        let mut failed = Vec::new();
+        for id in self.dead_letter_ids(ids, all) {
+            match self.retry_dead_letter(id).await {
+                Ok(()) => retried.push(id),
+                Err(e) => failed.push(serde_json::json!({"id": id, "error": format!("{e:#}")})),
+            }
+        }
+        if retried.is_empty() && !failed.is_empty() && !all {
+            anyhow::bail!(
+                "{}",
+                failed
+                    .iter()
+                    .map(|f| format!("{}: {}", f["id"], f["error"].as_str().unwrap_or("")))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+        }
+        tracing::info!(
+            retried = retried.len(),
+            failed = failed.len(),
+            "dead letters retried by the operator"
+        );
+        Ok(serde_json::json!({"retried": retried, "failed": failed}))
+    }
+
+    async fn retry_dead_letter(&self, id: u64) -> anyhow::Result<()> {
+        let key = id.to_be_bytes();
+        let v: serde_json::Value = match self.dead.get(key)? {
+            Some(raw) => serde_json::from_slice(&raw)?,
+            None => anyhow::bail!("no dead letter with id {id}"),
+        };
+        let route_name = v["route"].as_str().unwrap_or_default();
+        let idx = self
+            .cfg
+            .routes
+            .iter()
+            .position(|r| r.name == route_name)
+            .with_context(|| format!("route {route_name:?} is no longer in config.yaml"))?;
+        let route = &self.cfg.routes[idx];
+        let device = v["device"]
+            .as_str()
+            .context("the record names no device")?
+            .to_string();
+        match v["direction"].as_str() {
+            Some("inbound") => {
+                let payload = hex::decode(v["payload"].as_str().context("no payload kept")?)?;
+                let rec = Queued {
+                    route: idx,
+                    topic: v["topic"]
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| route.subscribe.replace("{device}", &device)),
+                    device,
+                    payload,
+                    retain: false,
+                    qos: 1,
+                };
+                let qid = self.db.generate_id()?;
+                self.inbox
+                    .insert(inbox_key(&route.name, qid), serde_json::to_vec(&rec)?)?;
+                self.dead.remove(key)?;
+                self.inbox.flush_async().await?;
+                self.work[idx].notify_one();
+            }
+            Some("outbound") => {
+                let ep = self.endpoint(idx, &device)?;
+                let r = gatehouse_client::Received {
+                    conversation: v["conversation"].as_str().unwrap_or_default().into(),
+                    id: v["node_id"].as_u64().unwrap_or(0),
+                    sender_inbox: v["sender_inbox"].as_str().unwrap_or_default().into(),
+                    sender_installation: String::new(),
+                    content_type: v["content_type"].as_str().unwrap_or_default().into(),
+                    text: None,
+                    content: hex::decode(v["content"].as_str().context("no content kept")?)?,
+                    sent_at_ns: 0,
+                    idempotency_key: v["idempotency_key"].as_str().unwrap_or_default().into(),
+                    message_id: v["message_id"].as_str().unwrap_or_default().into(),
+                    request: false,
+                    sender_endpoint: None,
+                    delivery: None,
+                };
+                match self.carry_outbound(route, &ep, &r).await {
+                    Ok(()) => {}
+                    Err(Carry::Dead(fault)) => self.dead_letter_outbound(&r, route, &device, fault),
+                    Err(Carry::Later(reason)) => anyhow::bail!("not published: {reason}"),
+                }
+                self.dead.remove(key)?;
+                self.dead.flush_async().await?;
+            }
+            _ => anyhow::bail!("this record cannot be retried (no direction)"),
         }
         Ok(())
     }

@@ -94,23 +94,32 @@ enum Command {
         #[arg(long, global = true)]
         admin: Option<SocketAddr>,
     },
-    /// Messages that could not be carried, newest last, with the reason (kind, plugin call
-    /// time); payloads only with --payloads.
-    DeadLetters {
+    /// The dead-letter store: messages that could not be carried, with the reason (kind,
+    /// plugin call time). `gatehouse dlq` lists them (payloads only with --payloads);
+    /// `dlq retry ID…|--all` carries them again, `dlq drop ID…|--all` deletes them.
+    #[command(alias = "dead-letters")]
+    Dlq {
+        #[command(subcommand)]
+        action: Option<DlqAction>,
         /// Print JSON.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: bool,
-        /// Only this route.
-        #[arg(long)]
+        /// Only this route (listing).
+        #[arg(long, global = true)]
         route: Option<String>,
-        /// Include the payloads (hex).
-        #[arg(long)]
+        /// Include the payloads, hex (listing).
+        #[arg(long, global = true)]
         payloads: bool,
         /// The daemon's config file (its admin.listen is used).
-        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        #[arg(
+            long,
+            default_value = "config.yaml",
+            conflicts_with = "admin",
+            global = true
+        )]
         config: PathBuf,
         /// The admin API address, instead of reading it from the config.
-        #[arg(long)]
+        #[arg(long, global = true)]
         admin: Option<SocketAddr>,
     },
     /// Conversation messages waiting for a consent decision, per endpoint.
@@ -161,6 +170,29 @@ enum Command {
 }
 
 /// The admin API address: given, or the config file's `admin.listen`.
+#[derive(Subcommand, Debug)]
+enum DlqAction {
+    /// List them (the default).
+    List,
+    /// Carry them again: a device message goes back to its route's queue, a conversation
+    /// message through the plugin to the channel. One that fails again gets a new id.
+    Retry {
+        /// Dead-letter ids (as `gatehouse dlq` shows).
+        ids: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Delete them.
+    Drop {
+        /// Dead-letter ids.
+        ids: Vec<u64>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum PluginsAction {
     /// Compile and validate the plugin's file (or builtin) again and swap it in; a version
@@ -329,7 +361,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 }
             }
         }
-        Command::DeadLetters {
+        Command::Dlq {
+            action,
             json,
             route,
             payloads,
@@ -337,28 +370,62 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             admin,
         } => {
             let addr = admin_addr(admin, &config)?;
-            let mut path = format!("/dead-letters?payloads={payloads}");
-            if let Some(r) = &route {
-                path.push_str(&format!("&route={r}"));
-            }
-            let body = admin::get(addr, &path).await?;
-            if json {
-                println!("{body}");
-            } else {
-                let v: serde_json::Value = serde_json::from_str(&body)?;
-                println!(
-                    "{:>6} {:<8} {:<16} {:<12} REASON",
-                    "ID", "DIR", "ROUTE", "KIND"
-                );
-                for d in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:>6} {:<8} {:<16} {:<12} {}",
-                        d["id"].to_string(),
-                        d["direction"].as_str().unwrap_or(""),
-                        d["route"].as_str().unwrap_or(""),
-                        d["kind"].as_str().unwrap_or(""),
-                        d["reason"].as_str().unwrap_or("")
-                    );
+            let change = |path: &'static str, ids: Vec<u64>, all: bool| async move {
+                if ids.is_empty() && !all {
+                    anyhow::bail!("name dead-letter ids, or --all");
+                }
+                admin::post(addr, path, &serde_json::json!({"ids": ids, "all": all})).await
+            };
+            match action {
+                Some(DlqAction::Retry { ids, all }) => {
+                    let body = change("/dead-letters/retry", ids, all).await?;
+                    let v: serde_json::Value = serde_json::from_str(&body)?;
+                    if json {
+                        println!("{body}");
+                    } else {
+                        println!("retried {}", v["retried"].as_array().map_or(0, |a| a.len()));
+                        for f in v["failed"].as_array().into_iter().flatten() {
+                            println!("{}: {}", f["id"], f["error"].as_str().unwrap_or(""));
+                        }
+                    }
+                    if v["failed"].as_array().is_some_and(|a| !a.is_empty()) {
+                        return Ok(1);
+                    }
+                }
+                Some(DlqAction::Drop { ids, all }) => {
+                    let body = change("/dead-letters/drop", ids, all).await?;
+                    if json {
+                        println!("{body}");
+                    } else {
+                        let v: serde_json::Value = serde_json::from_str(&body)?;
+                        println!("dropped {}", v["dropped"].as_array().map_or(0, |a| a.len()));
+                    }
+                }
+                None | Some(DlqAction::List) => {
+                    let mut path = format!("/dead-letters?payloads={payloads}");
+                    if let Some(r) = &route {
+                        path.push_str(&format!("&route={r}"));
+                    }
+                    let body = admin::get(addr, &path).await?;
+                    if json {
+                        println!("{body}");
+                    } else {
+                        let v: serde_json::Value = serde_json::from_str(&body)?;
+                        println!(
+                            "{:>8} {:<8} {:<16} {:<12} REASON",
+                            "ID", "DIR", "ROUTE", "KIND"
+                        );
+                        for d in v.as_array().into_iter().flatten() {
+                            println!(
+                                "{:>8} {:<8} {:<16} {:<12} {}",
+                                d["id"].to_string(),
+                                d["direction"].as_str().unwrap_or(""),
+                                d["route"].as_str().unwrap_or(""),
+                                d["kind"].as_str().unwrap_or(""),
+                                d["reason"].as_str().unwrap_or("")
+                            );
+                        }
+                    }
                 }
             }
         }
