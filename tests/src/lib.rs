@@ -625,7 +625,11 @@ pub struct StandaloneNode {
 impl StandaloneNode {
     /// Starts one with its data in `dir` and waits until it accepts connections.
     pub fn start(dir: &Path) -> Self {
-        let port = free_port();
+        Self::start_on(dir, free_port())
+    }
+
+    /// The same on a given port (a restart keeps the port and the data).
+    pub fn start_on(dir: &Path, port: u16) -> Self {
         let child = Command::new(gatehouse_bin())
             .args(["node", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(dir.join("node-data"))

@@ -163,3 +163,49 @@ fn own_publishes_do_not_echo() {
     );
     assert!(d.dead_letters().is_empty(), "{:?}", d.dead_letters());
 }
+
+/// The XMTP node restarts in the middle of a stream of device messages: the daemon retries
+/// (the queue waits, in order), and once the node is back every message arrives exactly once.
+#[test]
+fn node_restart_mid_stream_loses_and_duplicates_nothing() {
+    let s = Setup::new("node-restart");
+    let node_port = free_port();
+    let node = StandaloneNode::start_on(&s.dir, node_port);
+    let a = Agent::at(s.dir.join("agent"), node.url.clone());
+    let inbox = a.inbox_id();
+    let config = s.dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: data\nnode: {{embedded: false, url: \"{}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
+             channels: {{mqtt: {{port: {}, client_id: gatehouse-node-restart}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n",
+            node.url, s.admin_port, s.broker.port
+        ),
+    )
+    .unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    let line = |n: u64| format!("{{\"n\":{n}}}");
+    s.broker
+        .publish_lines("devices/d1/up", &(0..20).map(line).collect::<Vec<_>>());
+    let mut got: Vec<u64> = a.listen(20).iter().map(seq).collect();
+
+    // The node goes away; devices keep publishing.
+    drop(node);
+    s.broker
+        .publish_lines("devices/d1/up", &(20..60).map(line).collect::<Vec<_>>());
+    d.wait_log(&["delivery failed; will retry"]);
+    assert!(
+        d.status()["inbox_depth"].as_u64().unwrap() > 0,
+        "held in the queue"
+    );
+    let _node = StandaloneNode::start_on(&s.dir, node_port);
+    s.broker
+        .publish_lines("devices/d1/up", &(60..80).map(line).collect::<Vec<_>>());
+    got.extend(a.listen(60).iter().map(seq));
+    assert_eq!(got, (0..80).collect::<Vec<_>>());
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(extra.trim().is_empty(), "duplicates: {extra}");
+    assert_eq!(d.status()["inbox_depth"], 0);
+}
