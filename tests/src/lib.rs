@@ -125,7 +125,8 @@ impl Drop for Proc {
 pub struct Mosquitto {
     /// Its port.
     pub port: u16,
-    _proc: Proc,
+    conf: PathBuf,
+    proc: Proc,
 }
 
 impl Mosquitto {
@@ -136,16 +137,42 @@ impl Mosquitto {
 
     /// Starts one on a given port.
     pub fn start_on(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, false)
+    }
+
+    /// Starts one that saves its sessions and queued messages in `dir` when it stops (as a
+    /// production broker does), so [`Mosquitto::restart`] keeps them.
+    pub fn start_persistent(dir: &Path) -> Self {
+        Self::start_with(dir, free_port(), true)
+    }
+
+    fn start_with(dir: &Path, port: u16, persistent: bool) -> Self {
         require("mosquitto", "mosquitto");
-        let conf = dir.join("mosquitto.conf");
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        let persistence = if persistent {
+            format!(
+                "persistence true\npersistence_location {}/\n",
+                dir.display()
+            )
+        } else {
+            "persistence false\n".to_string()
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}"),
         )
         .unwrap();
+        Mosquitto {
+            port,
+            proc: Self::spawn(&conf, port),
+            conf,
+        }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Proc {
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -154,7 +181,16 @@ impl Mosquitto {
         wait_for("mosquitto to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).ok()
         });
-        Mosquitto { port, _proc: proc }
+        proc
+    }
+
+    /// Stops the broker with SIGTERM (it saves its state if persistent), waits for it to exit,
+    /// and starts it again on the same port and configuration.
+    pub fn restart(&mut self) {
+        let pid = self.proc.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        wait_for("mosquitto to exit", || self.proc.0.try_wait().unwrap());
+        self.proc = Self::spawn(&self.conf, self.port);
     }
 
     /// Publishes with QoS 1 through `mosquitto_pub`.
