@@ -430,7 +430,11 @@ impl Setup {
             .args(["run", "--config"])
             .arg(config)
             .envs(env.iter().copied())
-            .env("GATEHOUSE_LOG", "info")
+            // GATEHOUSE_E2E_LOG sets the daemons' log filter when debugging a test.
+            .env(
+                "GATEHOUSE_LOG",
+                std::env::var("GATEHOUSE_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

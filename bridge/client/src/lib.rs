@@ -1028,6 +1028,65 @@ impl Client {
         self.encrypt_and_publish(&mut g, c, idempotency_key).await
     }
 
+    /// Sends several messages into one conversation, in order, with one read first, one write
+    /// of the MLS state and one publish (the bridge's hot path). Each item is content and its
+    /// idempotency key.
+    pub async fn send_batch(
+        &mut self,
+        gid: &[u8],
+        items: &[(mc::EncodedContent, String)],
+    ) -> Result<Vec<Sent>> {
+        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
+            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
+        })?;
+        self.sync_group_inner(&mut g).await?;
+        self.maintain_membership(&mut g).await?;
+        if !group::is_active(&g) {
+            return Err(ClientError::Peer(format!(
+                "this installation is no longer a member of conversation {} (revoked or removed)",
+                hex::encode(gid)
+            )));
+        }
+        if self.conversation_state(gid)? != gatehouse_protocol::consent::State::Allowed {
+            self.allow_conversation(gid)?;
+        }
+        if self.fork_state(gid)?.is_some() {
+            return Err(ClientError::Peer(format!(
+                "conversation {} forked (this installation's state differs from the group's); a re-add has been requested, try again once it is back",
+                hex::encode(gid)
+            )));
+        }
+        let mut inputs = Vec::with_capacity(items.len());
+        let mut sent = Vec::with_capacity(items.len());
+        for (c, key) in items {
+            let data = group::encrypt(
+                &self.provider,
+                &self.key,
+                &mut g,
+                &content::seal_envelope(c, key),
+            )?;
+            inputs.push(mpb::GroupMessageInput {
+                version: Some(mpb::group_message_input::Version::V1(
+                    mpb::group_message_input::V1 {
+                        data,
+                        sender_hmac: vec![],
+                        should_push: true,
+                    },
+                )),
+            });
+            sent.push(Sent {
+                message_id: content::message_id(gid, &c.encode_to_vec(), key),
+                idempotency_key: key.clone(),
+            });
+        }
+        // Written before publishing: a crash after the publish never reuses a ratchet step.
+        self.persist_mls()?;
+        self.mls
+            .send_group_messages(mpb::SendGroupMessagesRequest { messages: inputs })
+            .await?;
+        Ok(sent)
+    }
+
     /// Encrypts content on the group's current epoch and publishes it (no read first).
     async fn encrypt_and_publish(
         &mut self,

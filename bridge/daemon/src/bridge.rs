@@ -30,6 +30,9 @@ use crate::identity;
 const INBOUND_CAPACITY: usize = 1024;
 /// Inbound messages stored with one flush at most; more wait for the next flush.
 const ACCEPT_BATCH: usize = 256;
+/// Queued device messages mapped and sent together (one MLS write and one publish per
+/// endpoint and agent).
+const DELIVER_BATCH: usize = 64;
 /// Wait before retrying queued work after a transient failure (node unreachable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// First and longest wait before an endpoint retries publishing a conversation message.
@@ -547,42 +550,77 @@ impl Bridge {
     async fn drain(&self, idx: usize) -> bool {
         let route = &self.cfg.routes[idx];
         let prefix = inbox_prefix(&route.name);
-        while let Some(Ok((key, value))) = self.inbox.scan_prefix(&prefix).next() {
-            let id = key
-                .len()
-                .checked_sub(8)
-                .and_then(|at| key[at..].try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            let rec: Queued = match serde_json::from_slice(&value) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.dead_letter_inbound(
-                        &key,
-                        route,
-                        None,
-                        Fault::new("corrupt", format!("corrupt queue record: {e}")),
-                    );
-                    continue;
+        loop {
+            let batch: Vec<(sled::IVec, sled::IVec)> = self
+                .inbox
+                .scan_prefix(&prefix)
+                .take(DELIVER_BATCH)
+                .filter_map(|r| r.ok())
+                .collect();
+            if batch.is_empty() {
+                return true;
+            }
+            // Map each record (in order) until one has to wait; then carry what was mapped.
+            let mut ready: Vec<(sled::IVec, String, Vec<Outgoing>)> = Vec::new();
+            let mut stop = None;
+            for (key, value) in batch {
+                let id = key
+                    .len()
+                    .checked_sub(8)
+                    .and_then(|at| key[at..].try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                let rec: Queued = match serde_json::from_slice(&value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.dead_letter_inbound(
+                            &key,
+                            route,
+                            None,
+                            Fault::new("corrupt", format!("corrupt queue record: {e}")),
+                        );
+                        continue;
+                    }
+                };
+                match self.prepare(idx, id, &rec).await {
+                    Ok(out) => ready.push((key, rec.device, out)),
+                    Err(Failure::Permanent(fault)) => {
+                        self.dead_letter_inbound(&key, route, Some(&rec), fault)
+                    }
+                    Err(other) => {
+                        stop = Some((id, other));
+                        break;
+                    }
                 }
-            };
-            match self.deliver(idx, id, &rec).await {
-                Ok(()) => {
-                    let _ = self.inbox.remove(&key);
+            }
+            if let Err(f) = self.send_prepared(idx, &ready).await {
+                stop = Some((0, f));
+            } else {
+                // Delivered: off the queue in one write.
+                let mut done = sled::Batch::default();
+                for (key, _, _) in &ready {
+                    done.remove(key);
                 }
-                Err(Failure::Permanent(fault)) => {
-                    self.dead_letter_inbound(&key, route, Some(&rec), fault)
+                if let Err(e) = self.inbox.apply_batch(done) {
+                    tracing::error!(route = %route.name, error = %e, "could not mark messages delivered; they will be sent again (receivers drop the duplicates)");
                 }
-                Err(Failure::Transient(reason)) => {
+            }
+            match stop {
+                None => {}
+                Some((id, Failure::Transient(reason))) => {
                     tracing::warn!(route = %route.name, queue_id = id, %reason, "delivery failed; will retry");
                     return false;
                 }
-                Err(Failure::Held(reason)) => {
+                Some((id, Failure::Held(reason))) => {
                     tracing::debug!(route = %route.name, queue_id = id, %reason, "held in the queue");
+                    return false;
+                }
+                Some((id, Failure::Permanent(fault))) => {
+                    // Only from sending (a peer refused): retried like a transient failure.
+                    tracing::warn!(route = %route.name, queue_id = id, error = %fault.reason, "delivery failed; will retry");
                     return false;
                 }
             }
         }
-        true
     }
 
     /// Stores a dead-letter record (local store only; nothing of its content is logged).
@@ -673,7 +711,10 @@ impl Bridge {
         serde_json::Value::Array(out)
     }
 
-    async fn deliver(&self, idx: usize, id: u64, rec: &Queued) -> Result<(), Failure> {
+    /// Runs a queued device message through its plugin: checks the actions against the grants,
+    /// carries out its publishes, and returns the conversation messages to send (with their
+    /// idempotency keys, stable across retries: the queue id and the action's position).
+    async fn prepare(&self, idx: usize, id: u64, rec: &Queued) -> Result<Vec<Outgoing>, Failure> {
         let route = &self.cfg.routes[idx];
         let idempotency_key = format!("gatehouse-in-{id}");
         let msg = Message {
@@ -742,6 +783,7 @@ impl Bridge {
         let endpoint = self
             .endpoint(idx, &rec.device)
             .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+        let mut out = Vec::new();
         for (n, action) in actions.into_iter().enumerate() {
             match action {
                 Action::Send(s) => {
@@ -764,36 +806,10 @@ impl Bridge {
                         gatehouse_protocol::attestation::PARAMETER.into(),
                         attestation.sign(&self.bridge_key),
                     );
-                    let mut client = endpoint.client.lock().await;
-                    self.ensure_registered(&endpoint, &mut client).await?;
-                    if route.agents.is_empty() {
-                        tracing::warn!(route = %route.name, "route has no agents: message not delivered to anyone");
-                    }
-                    for agent in &route.agents {
-                        let inbox = self
-                            .resolve(&mut client, agent)
-                            .await
-                            .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
-                        // External messages go only to peers this endpoint allows.
-                        if client
-                            .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
-                            .ok()
-                            .flatten()
-                            == Some(gatehouse_protocol::consent::State::Denied)
-                        {
-                            tracing::info!(route = %route.name, device = %rec.device, agent = %inbox, "not delivered: the agent is denied for this endpoint");
-                            continue;
-                        }
-                        let gid = client
-                            .dm(&inbox)
-                            .await
-                            .map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
-                        client
-                            .send(&gid, &c, Some(format!("{idempotency_key}-{n}-{inbox}")))
-                            .await
-                            .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
-                        tracing::info!(route = %route.name, device = %rec.device, conversation = %hex::encode(&gid), "delivered to conversation");
-                    }
+                    out.push(Outgoing {
+                        content: c,
+                        key: format!("{idempotency_key}-{n}"),
+                    });
                 }
                 // Within the grants (checked above): for example an acknowledgement to the
                 // device on its reply topic.
@@ -810,6 +826,67 @@ impl Bridge {
                 Action::Drop(reason) => {
                     tracing::info!(route = %route.name, device = %rec.device, %reason, "dropped by plugin")
                 }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends mapped device messages to each agent's DM with their endpoints: per endpoint and
+    /// agent one batch (in queue order), one MLS write and one publish.
+    async fn send_prepared(
+        &self,
+        idx: usize,
+        ready: &[(sled::IVec, String, Vec<Outgoing>)],
+    ) -> Result<(), Failure> {
+        let route = &self.cfg.routes[idx];
+        // Devices in order of first appearance; each device's messages in queue order.
+        let mut devices: Vec<(&str, Vec<&Outgoing>)> = Vec::new();
+        for (_, device, out) in ready {
+            if out.is_empty() {
+                continue;
+            }
+            match devices.iter_mut().find(|(d, _)| d == device) {
+                Some((_, list)) => list.extend(out.iter()),
+                None => devices.push((device, out.iter().collect())),
+            }
+        }
+        if !devices.is_empty() && route.agents.is_empty() {
+            tracing::warn!(route = %route.name, "route has no agents: message not delivered to anyone");
+        }
+        for (device, items) in devices {
+            let endpoint = self
+                .endpoint(idx, device)
+                .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+            let mut client = endpoint.client.lock().await;
+            self.ensure_registered(&endpoint, &mut client).await?;
+            for agent in &route.agents {
+                let inbox = self
+                    .resolve(&mut client, agent)
+                    .await
+                    .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
+                // External messages go only to peers this endpoint allows.
+                if client
+                    .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
+                    .ok()
+                    .flatten()
+                    == Some(gatehouse_protocol::consent::State::Denied)
+                {
+                    tracing::info!(route = %route.name, %device, agent = %inbox, "not delivered: the agent is denied for this endpoint");
+                    continue;
+                }
+                let gid = client
+                    .dm(&inbox)
+                    .await
+                    .map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
+                let batch: Vec<_> = items
+                    .iter()
+                    .map(|o| (o.content.clone(), format!("{}-{inbox}", o.key)))
+                    .collect();
+                client
+                    .send_batch(&gid, &batch)
+                    .await
+                    .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
+                tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
             }
         }
         Ok(())
@@ -1388,6 +1465,13 @@ enum Failure {
     Transient(String),
     /// Held back on purpose (a quarantined plugin): stays queued, retried later, no alarm.
     Held(String),
+}
+
+/// A conversation message mapped from a device message, waiting to be sent.
+struct Outgoing {
+    content: gatehouse_wire::message_contents::EncodedContent,
+    /// Idempotency key without the agent (`gatehouse-in-QUEUEID-ACTION`).
+    key: String,
 }
 
 /// Why a conversation message was not carried.
