@@ -571,6 +571,14 @@ impl Daemon {
         !status.success()
     }
 
+    /// Kills the daemon with SIGKILL (no chance to flush or say goodbye) and waits for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
     /// Stops the daemon with SIGTERM and waits for it to exit.
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -641,13 +649,18 @@ impl Agent {
 
     /// Waits for `count` messages; returns them as JSON.
     pub fn listen(&self, count: usize) -> Vec<serde_json::Value> {
+        self.listen_within(count, EVENT_TIMEOUT)
+    }
+
+    /// Waits up to `timeout` for `count` messages; returns them as JSON.
+    pub fn listen_within(&self, count: usize, timeout: Duration) -> Vec<serde_json::Value> {
         let out = self.ok(&[
             "listen",
             "--json",
             "--count",
             &count.to_string(),
             "--timeout",
-            &EVENT_TIMEOUT.as_secs().to_string(),
+            &timeout.as_secs().to_string(),
         ]);
         out.lines()
             .map(|l| serde_json::from_str(l).unwrap())
