@@ -146,6 +146,7 @@ impl mpb::mls_api_server::MlsApi for MlsService {
                 .map_err(|e| Status::invalid_argument(format!("message {i}: {e}")))?;
             parsed.push((h, v1));
         }
+        let mut groups = Vec::with_capacity(parsed.len());
         for (h, v1) in parsed {
             let id = node.store.next_message_id().map_err(internal)?;
             let msg = mpb::GroupMessage {
@@ -162,7 +163,13 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             node.store
                 .put_group_message(&h.group_id, id, &msg.encode_to_vec())
                 .map_err(internal)?;
-            let _ = node.events.send(Event::Group(h.group_id));
+            groups.push(h.group_id);
+        }
+        // On disk before it is acknowledged or announced: a sender that got an answer never
+        // loses the message to a crash of the node.
+        node.store.flush().await.map_err(internal)?;
+        for g in groups {
+            let _ = node.events.send(Event::Group(g));
         }
         Ok(Response::new(()))
     }
@@ -172,6 +179,7 @@ impl mpb::mls_api_server::MlsApi for MlsService {
         req: Request<mpb::SendWelcomeMessagesRequest>,
     ) -> Result<Response<()>, Status> {
         let node = &self.0;
+        let mut keys = Vec::new();
         for (i, m) in req.into_inner().messages.into_iter().enumerate() {
             let id = node.store.next_welcome_id().map_err(internal)?;
             let (key, msg) = match m.version {
@@ -218,6 +226,10 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             node.store
                 .put_welcome(&key, id, &msg.encode_to_vec())
                 .map_err(internal)?;
+            keys.push(key);
+        }
+        node.store.flush().await.map_err(internal)?;
+        for key in keys {
             let _ = node.events.send(Event::Welcome(key));
         }
         Ok(Response::new(()))
@@ -251,6 +263,7 @@ impl mpb::mls_api_server::MlsApi for MlsService {
         node.store
             .put_key_package(&kp.installation_key, &tls)
             .map_err(internal)?;
+        node.store.flush().await.map_err(internal)?;
         Ok(Response::new(()))
     }
 
@@ -397,6 +410,7 @@ impl mpb::mls_api_server::MlsApi for MlsService {
                 })
                 .map_err(internal)?;
         }
+        self.0.store.flush().await.map_err(internal)?;
         Ok(Response::new(()))
     }
 
@@ -604,6 +618,7 @@ impl ipb::identity_api_server::IdentityApi for IdentityService {
             .store
             .append_update(&update, now_ns(), &added, &removed)
             .map_err(internal)?;
+        node.store.flush().await.map_err(internal)?;
         tracing::debug!(inbox = %update.inbox_id, seq, "identity update stored");
         Ok(Response::new(ipb::PublishIdentityUpdateResponse {}))
     }
