@@ -1003,10 +1003,17 @@ impl Client {
         c: &mc::EncodedContent,
         idempotency_key: Option<String>,
     ) -> Result<Sent> {
+        let mut g = self.ready_to_send(gid).await?;
+        self.encrypt_and_publish(&mut g, c, idempotency_key).await
+    }
+
+    /// Loads a conversation for sending: applies whatever arrived first (so we send on the
+    /// current epoch, to the current members), refuses when this installation is no longer a
+    /// member or the conversation forked, and records the reply as consent.
+    async fn ready_to_send(&mut self, gid: &[u8]) -> Result<openmls_group::MlsGroup> {
         let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
             ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
         })?;
-        // Apply whatever arrived first so we send on the current epoch, to the current members.
         self.sync_group_inner(&mut g).await?;
         self.maintain_membership(&mut g).await?;
         if !group::is_active(&g) {
@@ -1025,7 +1032,7 @@ impl Client {
                 hex::encode(gid)
             )));
         }
-        self.encrypt_and_publish(&mut g, c, idempotency_key).await
+        Ok(g)
     }
 
     /// Sends several messages into one conversation, in order, with one read first, one write
@@ -1036,26 +1043,7 @@ impl Client {
         gid: &[u8],
         items: &[(mc::EncodedContent, String)],
     ) -> Result<Vec<Sent>> {
-        let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
-            ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
-        })?;
-        self.sync_group_inner(&mut g).await?;
-        self.maintain_membership(&mut g).await?;
-        if !group::is_active(&g) {
-            return Err(ClientError::Peer(format!(
-                "this installation is no longer a member of conversation {} (revoked or removed)",
-                hex::encode(gid)
-            )));
-        }
-        if self.conversation_state(gid)? != gatehouse_protocol::consent::State::Allowed {
-            self.allow_conversation(gid)?;
-        }
-        if self.fork_state(gid)?.is_some() {
-            return Err(ClientError::Peer(format!(
-                "conversation {} forked (this installation's state differs from the group's); a re-add has been requested, try again once it is back",
-                hex::encode(gid)
-            )));
-        }
+        let mut g = self.ready_to_send(gid).await?;
         let mut inputs = Vec::with_capacity(items.len());
         let mut sent = Vec::with_capacity(items.len());
         for (c, key) in items {
