@@ -157,9 +157,23 @@ impl Mosquitto {
         } else {
             "persistence false\n".to_string()
         };
+        // Started as root, mosquitto switches to the `mosquitto` user, which cannot write its
+        // persistence file into this test's directory (it would then lose every session at a
+        // restart); it stays the user that owns the directory.
+        use std::os::unix::fs::MetadataExt as _;
+        let persistence = if std::fs::metadata(dir).unwrap().uid() == 0 {
+            format!("{persistence}user root\n")
+        } else {
+            persistence
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{persistence}"),
+            // The default queue of 1,000 messages per offline session drops the rest of a
+            // backlog (the daemon's session is persistent; production brokers bridging bursts
+            // raise it too, see README "MQTT").
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n{persistence}"
+            ),
         )
         .unwrap();
         Mosquitto {
@@ -170,11 +184,18 @@ impl Mosquitto {
     }
 
     fn spawn(conf: &Path, port: u16) -> Proc {
+        // Its log (connections, subscriptions, errors) beside its config, for a failed test.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(conf.with_extension("log"))
+            .unwrap();
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(conf)
+            .arg("-v")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let proc = Proc(child);
@@ -409,6 +430,25 @@ impl Setup {
         path
     }
 
+    /// Writes a config for one MQTT route (`devices/{device}/up` → `devices/{device}/down`)
+    /// that uses an external node at `node_url` (so agents can write while the daemon is down).
+    pub fn write_config_external(&self, node_url: &str, agents: &[&str]) -> PathBuf {
+        let agents = agents
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let text = format!(
+            "data_dir: data\nnode: {{embedded: false, url: \"{node_url}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
+             channels: {{mqtt: {{port: {}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}]}}\n",
+            self.admin_port, self.broker.port
+        );
+        let path = self.dir.join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
     /// Starts the daemon and waits until MQTT is connected.
     pub fn start_daemon(&self, config: &Path) -> Daemon {
         let d = self.spawn_daemon(config);
@@ -439,6 +479,85 @@ impl Setup {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        Daemon {
+            proc: Some(Proc(child)),
+            config: config.to_path_buf(),
+            log,
+            node_url: self.node_url(),
+            admin: format!("127.0.0.1:{}", self.admin_port),
+        }
+    }
+
+    /// Starts the daemon with its `data_dir` (`DIR/data`) on a tmpfs of `size_mb` MiB of its
+    /// own (a user and mount namespace, so no root is needed; the tmpfs and its state go
+    /// away with the daemon). Creating `DIR/fill` fills the tmpfs up to `leave_mb` MiB of free
+    /// space (`DIR/filled` appears once done); removing it frees the space again.
+    pub fn spawn_daemon_on_tmpfs(&self, config: &Path, size_mb: u64, leave_mb: u64) -> Daemon {
+        require("unshare", "util-linux");
+        let data = self.dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let log = self.dir.join(format!("daemon-{}.log", rand_suffix()));
+        // PID 1 of a new PID namespace: when the test kills it, the kernel kills the daemon too.
+        let script = format!(
+            r#"set -e
+mount -t tmpfs -o size={size_mb}m gatehouse-test "$DATA"
+"$BIN" run --config "$CONFIG" 2>"$LOG" &
+pid=$!
+while kill -0 "$pid" 2>/dev/null; do
+  if [ -e "$DIR/fill" ] && [ ! -e "$DATA/filler" ]; then
+    avail=$(df --output=avail -B1 "$DATA" | tail -1)
+    size=$((avail - {leave_mb} * 1048576))
+    if [ "$size" -gt 0 ]; then head -c "$size" /dev/zero > "$DATA/filler"; else : > "$DATA/filler"; fi
+    touch "$DIR/filled"
+  elif [ ! -e "$DIR/fill" ] && [ -e "$DATA/filler" ]; then
+    rm -f "$DATA/filler" "$DIR/filled"
+  fi
+  sleep 0.05
+done
+wait "$pid""#
+        );
+        let child = Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .env("DATA", &data)
+            .env("DIR", &self.dir)
+            .env("BIN", gatehouse_bin())
+            .env("CONFIG", config)
+            .env("LOG", &log)
+            .env(
+                "GATEHOUSE_LOG",
+                std::env::var("GATEHOUSE_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut child = child;
+        wait_for("the daemon on its tmpfs to connect to MQTT", || {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+                panic!(
+                    "the tmpfs wrapper exited ({status}): {err}\n(it needs `unshare` from util-linux \
+                     and unprivileged user namespaces, or root); daemon log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("MQTT connected")
+                .then_some(())
+        });
         Daemon {
             proc: Some(Proc(child)),
             config: config.to_path_buf(),
@@ -559,6 +678,29 @@ impl Daemon {
         v[0]["requests"].as_array().cloned().unwrap_or_default()
     }
 
+    /// `GET path` on the admin API: the HTTP status code and the body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut sock = std::net::TcpStream::connect(&self.admin).expect("admin API reachable");
+        write!(
+            sock,
+            "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        sock.read_to_string(&mut resp).unwrap();
+        let code = resp
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
+    }
+
     /// `gatehouse consent allow|deny --endpoint DEVICE TARGET`.
     pub fn consent(&self, decision: &str, device: &str, target: &str) -> serde_json::Value {
         self.admin_json(&["consent", decision, "--endpoint", device, target])
@@ -676,28 +818,48 @@ pub struct StandaloneNode {
 }
 
 impl StandaloneNode {
-    /// Starts one with its data in `dir` and waits until it accepts connections.
+    /// Starts one with its data in `dir` and waits until it listens. A port picked here can be
+    /// taken by someone else before the node binds it; then another port is tried.
     pub fn start(dir: &Path) -> Self {
-        Self::start_on(dir, free_port())
+        for _ in 0..5 {
+            if let Some(node) = Self::try_start(dir, free_port()) {
+                return node;
+            }
+        }
+        panic!("the node could not bind any of 5 free ports");
     }
 
     /// The same on a given port (a restart keeps the port and the data).
     pub fn start_on(dir: &Path, port: u16) -> Self {
-        let child = Command::new(gatehouse_bin())
+        Self::try_start(dir, port)
+            .unwrap_or_else(|| panic!("the node could not listen on 127.0.0.1:{port}"))
+    }
+
+    /// Starts one; `None` when it exited (the port was taken).
+    fn try_start(dir: &Path, port: u16) -> Option<Self> {
+        let log = dir.join(format!("node-{port}-{}.log", rand_suffix()));
+        let mut child = Command::new(gatehouse_bin())
             .args(["node", "--listen", &format!("127.0.0.1:{port}"), "--data"])
             .arg(dir.join("node-data"))
+            .env("GATEHOUSE_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let proc = Proc(child);
-        wait_for("the node to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        // Its own log line, not a TCP connect: a connect can reach whoever else holds the port.
+        let up = wait_for("the node to listen", || {
+            if child.try_wait().unwrap().is_some() {
+                return Some(false);
+            }
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("XMTP node listening")
+                .then_some(true)
         });
-        StandaloneNode {
+        up.then(|| StandaloneNode {
             url: format!("http://127.0.0.1:{port}"),
-            _proc: proc,
-        }
+            _proc: Proc(child),
+        })
     }
 }
 
@@ -720,4 +882,68 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
         }
     }
     hits
+}
+
+/// Crash loop: publishes `per_device` numbered QoS 1 messages from each of `devices` devices
+/// through a real mosquitto while the daemon (with its embedded node) is SIGKILLed `kills`
+/// times at pseudo-random moments and restarted; then checks that the agent received every
+/// message exactly once, in per-device order.
+pub fn crash_loop(name: &str, devices: u64, per_device: u64, kills: usize, listen: Duration) {
+    let s = Setup::new(name);
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let mut d = s.start_daemon(&config);
+    a.init();
+
+    std::thread::scope(|scope| {
+        for dev in 0..devices {
+            let broker = &s.broker;
+            scope.spawn(move || {
+                let lines: Vec<String> = (0..per_device)
+                    .map(|n| format!("{{\"d\":{dev},\"n\":{n}}}"))
+                    .collect();
+                broker.publish_lines(&format!("devices/dev{dev}/up"), &lines);
+            });
+        }
+        // The fault schedule: kill at pseudo-random moments (fixed seed, so a failure can be
+        // replayed), 100 ms to 1.5 s after each start.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..kills {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(Duration::from_millis(100 + seed % 1400));
+            d.kill9();
+            d = s.start_daemon(&config);
+        }
+    });
+
+    let total = (devices * per_device) as usize;
+    let got = a.listen_within(total, listen);
+    let mut per_device_seen: std::collections::BTreeMap<u64, Vec<u64>> =
+        std::collections::BTreeMap::new();
+    for m in &got {
+        let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
+        per_device_seen
+            .entry(v["d"].as_u64().unwrap())
+            .or_default()
+            .push(v["n"].as_u64().unwrap());
+    }
+    assert_eq!(
+        got.len(),
+        total,
+        "received {} of {total} messages",
+        got.len()
+    );
+    assert_eq!(per_device_seen.len() as u64, devices);
+    for (dev, seqs) in &per_device_seen {
+        assert_eq!(
+            seqs,
+            &(0..per_device).collect::<Vec<_>>(),
+            "device {dev}: every message once, in order"
+        );
+    }
+    let extra = a.ok(&["listen", "--json", "--timeout", "3"]);
+    assert!(extra.trim().is_empty(), "duplicates after the run: {extra}");
 }

@@ -67,17 +67,7 @@ fn crash_before_publish_loses_no_agent_message() {
     let node = StandaloneNode::start(&s.dir);
     let a = Agent::at(s.dir.join("agent"), node.url.clone());
     let inbox = a.inbox_id();
-    let config = s.dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir: data\nnode: {{embedded: false, url: \"{}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
-             channels: {{mqtt: {{port: {}, client_id: gatehouse-out}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
-             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n",
-            node.url, s.admin_port, s.broker.port
-        ),
-    )
-    .unwrap();
+    let config = s.write_config_external(&node.url, &[&inbox]);
     let mut d = s.start_daemon(&config);
     a.init();
     s.broker.publish("devices/d1/up", br#"{"n":0}"#);
@@ -173,17 +163,7 @@ fn node_restart_mid_stream_loses_and_duplicates_nothing() {
     let node = StandaloneNode::start_on(&s.dir, node_port);
     let a = Agent::at(s.dir.join("agent"), node.url.clone());
     let inbox = a.inbox_id();
-    let config = s.dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir: data\nnode: {{embedded: false, url: \"{}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
-             channels: {{mqtt: {{port: {}, client_id: gatehouse-node-restart}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
-             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n",
-            node.url, s.admin_port, s.broker.port
-        ),
-    )
-    .unwrap();
+    let config = s.write_config_external(&node.url, &[&inbox]);
     let d = s.start_daemon(&config);
     a.init();
     let line = |n: u64| format!("{{\"n\":{n}}}");
@@ -208,4 +188,123 @@ fn node_restart_mid_stream_loses_and_duplicates_nothing() {
     let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
     assert!(extra.trim().is_empty(), "duplicates: {extra}");
     assert_eq!(d.status()["inbox_depth"], 0);
+}
+
+/// Issue 7, acceptance 4: the daemon is down while 10 devices publish 1,000 messages (its MQTT
+/// session is persistent, so the broker keeps them) and the agent sends 100 (the node keeps
+/// them); once it starts, everything arrives, each once, in order per device.
+#[test]
+fn downtime_catch_up_1000_up_and_100_down_in_order() {
+    const DEVICES: u64 = 10;
+    let s = Setup::new("downtime");
+    let node = StandaloneNode::start(&s.dir);
+    let a = Agent::at(s.dir.join("agent"), node.url.clone());
+    let inbox = a.inbox_id();
+    let config = s.write_config_external(&node.url, &[&inbox]);
+    let mut d = s.start_daemon(&config);
+    a.init();
+    // Each device says hello first, so the agent knows its endpoint.
+    for dev in 0..DEVICES {
+        s.broker.publish(
+            &format!("devices/dev{dev}/up"),
+            format!("{{\"hello\":{dev}}}").as_bytes(),
+        );
+    }
+    let mut endpoint = std::collections::BTreeMap::new();
+    for m in a.listen(DEVICES as usize) {
+        let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
+        endpoint.insert(
+            v["hello"].as_u64().unwrap(),
+            m["sender_inbox"].as_str().unwrap().to_string(),
+        );
+    }
+    assert_eq!(endpoint.len() as u64, DEVICES);
+    let down = s.broker.subscribe("devices/+/down");
+    d.stop();
+
+    // Down: devices publish 1,000 (100 each, in parallel) and the agent sends 100 (10 each).
+    std::thread::scope(|scope| {
+        for dev in 0..DEVICES {
+            let broker = &s.broker;
+            scope.spawn(move || {
+                let lines: Vec<String> = (0..100)
+                    .map(|n| format!("{{\"d\":{dev},\"n\":{n}}}"))
+                    .collect();
+                broker.publish_lines(&format!("devices/dev{dev}/up"), &lines);
+            });
+        }
+        for k in 0..10 {
+            for dev in 0..DEVICES {
+                a.send(&endpoint[&dev], &format!("{{\"to\":{dev},\"k\":{k}}}"));
+            }
+        }
+    });
+
+    let _d = s.start_daemon(&config);
+    let mut up: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for m in a.listen_within(1000, std::time::Duration::from_secs(300)) {
+        let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
+        up.entry(v["d"].as_u64().unwrap())
+            .or_default()
+            .push(v["n"].as_u64().unwrap());
+    }
+    let mut downs: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for _ in 0..100 {
+        let v: serde_json::Value = serde_json::from_str(&down.next_message()).unwrap();
+        downs
+            .entry(v["to"].as_u64().unwrap())
+            .or_default()
+            .push(v["k"].as_u64().unwrap());
+    }
+    for dev in 0..DEVICES {
+        assert_eq!(
+            up[&dev],
+            (0..100).collect::<Vec<_>>(),
+            "device {dev} → agent"
+        );
+        assert_eq!(
+            downs[&dev],
+            (0..10).collect::<Vec<_>>(),
+            "agent → device {dev}"
+        );
+    }
+    // Nothing more on either side.
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(extra.trim().is_empty(), "duplicates: {extra}");
+    assert!(
+        down.drain(std::time::Duration::from_millis(500)).is_empty(),
+        "duplicates towards the devices"
+    );
+}
+
+/// Issue 7, acceptance 2: mosquitto is stopped and restarted (it keeps its sessions on disk)
+/// in the middle of a stream; messages published before the restart, to the restarted broker
+/// before the daemon is back, and after, all arrive once, in order.
+#[test]
+fn broker_restart_mid_stream_loses_and_duplicates_nothing() {
+    let mut s = Setup::new("broker-restart");
+    s.broker = Mosquitto::start_persistent(&s.dir);
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let d = s.start_daemon(&config);
+    a.init();
+    let line = |n: u64| format!("{{\"n\":{n}}}");
+    s.broker
+        .publish_lines("devices/d1/up", &(0..50).map(line).collect::<Vec<_>>());
+    let mut got: Vec<u64> = a.listen(50).iter().map(seq).collect();
+
+    s.broker.restart();
+    // Straight away: the daemon has not reconnected yet (its retry waits at least 200 ms).
+    s.broker
+        .publish_lines("devices/d1/up", &(50..100).map(line).collect::<Vec<_>>());
+    wait_for("the daemon to reconnect", || {
+        (d.log_text().matches("MQTT connected").count() >= 2).then_some(())
+    });
+    s.broker
+        .publish_lines("devices/d1/up", &(100..150).map(line).collect::<Vec<_>>());
+    got.extend(a.listen(100).iter().map(seq));
+    assert_eq!(got, (0..150).collect::<Vec<_>>());
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(extra.trim().is_empty(), "duplicates: {extra}");
 }

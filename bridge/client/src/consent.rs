@@ -81,6 +81,10 @@ impl Client {
                 changed.push(r);
             }
         }
+        if !changed.is_empty() {
+            self.consent_version
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(changed)
     }
 
@@ -121,7 +125,7 @@ impl Client {
             at_ns,
         }])?;
         self.flush_consent().await?;
-        self.tree.flush_async().await?;
+        crate::flush_tree(&self.tree).await?;
         Ok(())
     }
 
@@ -252,27 +256,36 @@ impl Client {
         let n = self.next_seq("req")?;
         let held = Held {
             content: hex::encode(&r.content),
-            received: r,
+            // The content is kept once, as hex (a byte array in JSON is slow to read back).
+            received: Received {
+                content: Vec::new(),
+                ..r
+            },
             surfaced,
         };
         self.tree.insert(
             seq_key(b"req/", n),
             serde_json::to_vec(&held).unwrap_or_default(),
         )?;
+        let mut len = match self.held_len {
+            Some(l) => l + 1,
+            None => self.tree.scan_prefix(b"req/").count(),
+        };
         // Bounded: the oldest request goes first, and is counted.
-        let mut len = self.tree.scan_prefix(b"req/").count();
         while len > self.max_requests {
-            if let Some((k, _)) = self.tree.scan_prefix(b"req/").next().transpose()? {
-                self.tree.remove(k)?;
-                let dropped = self.requests_dropped()? + 1;
-                self.tree.insert("req_dropped", &dropped.to_be_bytes())?;
-                tracing::warn!(
-                    max = self.max_requests,
-                    "request queue full: dropped the oldest held message"
-                );
-            }
+            let Some((k, _)) = self.tree.scan_prefix(b"req/").next().transpose()? else {
+                break;
+            };
+            self.tree.remove(k)?;
+            let dropped = self.requests_dropped()? + 1;
+            self.tree.insert("req_dropped", &dropped.to_be_bytes())?;
+            tracing::warn!(
+                max = self.max_requests,
+                "request queue full: dropped the oldest held message"
+            );
             len -= 1;
         }
+        self.held_len = Some(len);
         Ok(())
     }
 
@@ -302,6 +315,13 @@ impl Client {
     /// Held messages whose conversation is now allowed, in order (removed from the queue);
     /// those now denied are discarded.
     fn release_requests(&mut self) -> Result<Vec<Received>> {
+        let version = self
+            .consent_version
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if version == self.released_version {
+            // Nothing decided since the last look: every held message is still waiting.
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
         let mut states: BTreeMap<String, State> = BTreeMap::new();
         for item in self.tree.scan_prefix(b"req/") {
@@ -337,6 +357,8 @@ impl Client {
                 }
             }
         }
+        self.held_len = None;
+        self.released_version = version;
         Ok(out)
     }
 

@@ -22,7 +22,10 @@ impl Client {
         r.delivery = Some(seq);
         let held = Held {
             content: hex::encode(&r.content),
-            received: r.clone(),
+            received: Received {
+                content: Vec::new(),
+                ..r.clone()
+            },
             surfaced: false,
         };
         self.tree.insert(
@@ -68,7 +71,7 @@ impl Client {
 
     /// Writes retained state to disk (call after marking a batch delivered).
     pub async fn flush(&self) -> Result<()> {
-        self.tree.flush_async().await?;
+        crate::flush_tree(&self.tree).await?;
         Ok(())
     }
 }

@@ -130,6 +130,22 @@ pub struct SenderEndpoint {
     pub verified: bool,
 }
 
+/// Writes a sled tree's pending changes to disk without blocking the async runtime.
+///
+/// sled 0.34's own `flush_async` deadlocks when several run at once (spacejam/sled#1308: every
+/// thread of sled's pool waits for a log write that needs a thread of that pool); it stopped
+/// the daemon in a crash-loop test. The synchronous flush runs on tokio's blocking pool instead.
+pub async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
+    let tree = tree.clone();
+    tokio::task::spawn_blocking(move || tree.flush())
+        .await
+        .unwrap_or_else(|e| {
+            Err(sled::Error::ReportableBug(format!(
+                "flush task failed: {e}"
+            )))
+        })
+}
+
 /// A gRPC channel to a node URL (`http://` or `https://`). It connects lazily: the first call
 /// that needs the node reports an unreachable node, so purely local commands work offline.
 pub async fn connect(url: &str) -> Result<Channel> {
@@ -161,9 +177,23 @@ pub struct Client {
     surface_requests: bool,
     /// Bound of the request queue.
     max_requests: usize,
+    /// Messages in the request queue, once counted (kept up to date by `hold` and
+    /// `release_requests`, so holding a message does not scan the queue).
+    held_len: Option<usize>,
+    /// Bumped whenever the consent list changes; held requests are looked at again only
+    /// then (a read does not deserialize the whole queue each time).
+    consent_version: std::sync::atomic::AtomicU64,
+    /// The `consent_version` the request queue was last released at.
+    released_version: u64,
     /// When this installation last looked for siblings to sync consent with.
     last_sync_group_check: Option<std::time::Instant>,
+    /// When each conversation's membership was last brought up to date (in this process).
+    membership_checked: std::collections::HashMap<Vec<u8>, std::time::Instant>,
 }
+
+/// How often a read brings a quiet conversation's membership up to date (new or revoked
+/// installations, leave and re-add requests); a conversation with new messages always is.
+const MEMBERSHIP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Who owns (and recovers) the inbox: a wallet or a passkey.
 #[derive(Clone, Debug)]
@@ -303,7 +333,11 @@ impl Client {
             retain: false,
             surface_requests: true,
             max_requests: consent::MAX_REQUESTS,
+            held_len: None,
+            consent_version: std::sync::atomic::AtomicU64::new(1),
+            released_version: 0,
             last_sync_group_check: None,
+            membership_checked: Default::default(),
         })
     }
 
@@ -431,7 +465,7 @@ impl Client {
             pk.as_slice(),
         )?;
         self.tree.insert(b"kp/created", &now_ns().to_be_bytes())?;
-        self.tree.flush_async().await?;
+        flush_tree(&self.tree).await?;
         Ok(())
     }
 
@@ -648,9 +682,9 @@ impl Client {
             &mut rand::rngs::OsRng,
         )?;
         let gid = created.group.group_id().as_slice().to_vec();
-        self.tree.insert(format!("dm/{peer}"), gid.clone())?;
         self.announce_created(created, peer.as_bytes(), wrappers)
             .await?;
+        self.tree.insert(format!("dm/{peer}"), gid.clone())?;
         self.allow_conversation(&gid)?;
         tracing::info!(peer = %peer, conversation = %hex::encode(&gid), "DM created");
         Ok(gid)
@@ -665,6 +699,11 @@ impl Client {
         wrappers: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<Vec<u8>> {
         let gid = created.group.group_id().as_slice().to_vec();
+        // Owed before the group exists on disk: a crash before the welcomes went out sends
+        // them before the first message into the conversation (`ready_to_send`), instead of
+        // writing into a conversation the peer never joined.
+        let owed = [b"created_welcome/".as_slice(), &gid].concat();
+        self.store_welcomes_at(&owed, &created.welcome, &wrappers)?;
         self.record_epoch(&created.group)?;
         self.persist_mls()?;
         self.tree
@@ -678,7 +717,8 @@ impl Client {
         )?;
         self.send_welcomes(&created.welcome, newest, wrappers)
             .await?;
-        self.tree.flush_async().await?;
+        self.tree.remove(&owed)?;
+        flush_tree(&self.tree).await?;
         Ok(gid)
     }
 
@@ -870,7 +910,7 @@ impl Client {
             self.upload_key_package().await?;
         }
         self.expire_key_packages().await?;
-        self.tree.flush_async().await?;
+        flush_tree(&self.tree).await?;
         Ok(joined)
     }
 
@@ -900,7 +940,9 @@ impl Client {
             }
             None => return Ok(None),
         };
-        let mut g = group::join(&self.provider, &unwrapped.mls_message)?;
+        let mut g = group::join_replacing(&self.provider, &unwrapped.mls_message, |gid| {
+            self.fork_state(gid).ok().flatten().is_some()
+        })?;
         let gid = g.group_id().as_slice().to_vec();
         // Fail closed: every leaf must be a live installation of the inbox its credential names.
         for (inbox, inst) in group::leaves(&g) {
@@ -1014,6 +1056,9 @@ impl Client {
         let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
             ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
         })?;
+        // Created, but the process stopped before the welcomes went out.
+        self.send_welcomes_at(&[b"created_welcome/".as_slice(), gid].concat(), gid)
+            .await?;
         self.sync_group_inner(&mut g).await?;
         self.maintain_membership(&mut g).await?;
         if !group::is_active(&g) {
@@ -1575,7 +1620,7 @@ impl Client {
             tracing::info!(conversation = %hex::encode(&gid), removed = remove.len(), readded = readds.len(), "membership updated");
             self.clear_readd_requests(&gid, &readds)?;
         }
-        self.tree.flush_async().await?;
+        flush_tree(&self.tree).await?;
         Ok(())
     }
 
@@ -1597,7 +1642,7 @@ impl Client {
         if let Some(w) = &staged.welcome {
             self.store_pending_welcomes(&gid, w, &wrappers)?;
         }
-        self.tree.flush_async().await?;
+        flush_tree(&self.tree).await?;
         self.publish_group_message(staged.commit.clone(), false)
             .await?;
         if self.crash_after_commit_publish {
@@ -1636,7 +1681,7 @@ impl Client {
                 tracing::warn!(conversation = %hex::encode(&gid), error = %e, "publishing the commit log failed; will retry");
             }
         }
-        self.tree.flush_async().await?;
+        flush_tree(&self.tree).await?;
         Ok(ours_won)
     }
 
@@ -1668,21 +1713,37 @@ impl Client {
         welcome: &[u8],
         wrappers: &[(Vec<u8>, Vec<u8>)],
     ) -> Result<()> {
+        self.store_welcomes_at(
+            &[b"pending_welcome/".as_slice(), gid].concat(),
+            welcome,
+            wrappers,
+        )
+    }
+
+    /// Keeps a welcome and its wrapper keys under `key` until it has been sent.
+    fn store_welcomes_at(
+        &self,
+        key: &[u8],
+        welcome: &[u8],
+        wrappers: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<()> {
         let v = serde_json::json!({
             "welcome": hex::encode(welcome),
             "wrappers": wrappers.iter().map(|(a, b)| [hex::encode(a), hex::encode(b)]).collect::<Vec<_>>(),
         });
-        self.tree.insert(
-            [b"pending_welcome/".as_slice(), gid].concat(),
-            v.to_string().as_bytes(),
-        )?;
+        self.tree.insert(key, v.to_string().as_bytes())?;
         Ok(())
     }
 
     /// Sends the welcomes of our last merged commit, if any are owed.
     async fn send_pending_welcomes(&mut self, gid: &[u8]) -> Result<()> {
-        let k = [b"pending_welcome/".as_slice(), gid].concat();
-        let Some(raw) = self.tree.get(&k)? else {
+        self.send_welcomes_at(&[b"pending_welcome/".as_slice(), gid].concat(), gid)
+            .await
+    }
+
+    /// Sends the welcome kept under `key` for conversation `gid`, if any, then forgets it.
+    async fn send_welcomes_at(&mut self, k: &[u8], gid: &[u8]) -> Result<()> {
+        let Some(raw) = self.tree.get(k)? else {
             return Ok(());
         };
         let v: serde_json::Value = serde_json::from_slice(&raw)
@@ -1889,6 +1950,18 @@ impl Client {
         self.sync_welcomes().await?;
         let mut out = Vec::new();
         for (gid, _) in self.conversations()? {
+            // A conversation with nothing new whose membership was looked at lately is skipped
+            // without loading its MLS state (the costly part of a read that finds nothing).
+            let recent = self
+                .membership_checked
+                .get(&gid)
+                .is_some_and(|t| t.elapsed() < MEMBERSHIP_CHECK_INTERVAL);
+            if recent {
+                let cursor = self.read_cursor(&gid)?;
+                if self.messages_after(&gid, cursor, 1).await?.is_empty() {
+                    continue;
+                }
+            }
             let Some(mut g) = group::load(&self.provider, &gid)? else {
                 continue;
             };
@@ -1896,12 +1969,14 @@ impl Client {
             if let Err(e) = self.maintain_membership(&mut g).await {
                 tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
             }
+            self.membership_checked
+                .insert(gid, std::time::Instant::now());
         }
         if let Err(e) = self.sync_consent().await {
             tracing::warn!(error = %e, "consent sync failed; will retry");
         }
         let out = self.gate(out)?;
-        self.tree.flush_async().await?;
+        flush_tree(&self.tree).await?;
         Ok(out)
     }
 

@@ -1,6 +1,8 @@
 //! The local admin API: plain HTTP/1.1 on a loopback address.
 //!
 //! `GET /endpoints` lists endpoint identities; `GET /status` gives version and counts;
+//! `GET /ready` answers 200 while the daemon takes in messages and 503 with the reason when
+//! it does not (short of disk space, store failed);
 //! `GET /plugins` gives each plugin's limits, counters and quarantine state;
 //! `GET /requests[?endpoint=E]` each endpoint's request queue; `GET /dead-letters[?route=R]
 //! [&payloads=1]` the newest dead letters with their reasons; `POST /consent` with
@@ -174,6 +176,14 @@ pub async fn serve(
                         serde_json::to_string(&bridge.endpoints()).unwrap_or_default(),
                     ),
                     "/status" => ("200 OK", bridge.status().to_string()),
+                    // For probes: 200 when taking in messages, 503 (with the reason) when not.
+                    "/ready" => match bridge.not_ready() {
+                        None => ("200 OK", r#"{"ready":true}"#.to_string()),
+                        Some(reason) => (
+                            "503 Service Unavailable",
+                            serde_json::json!({"ready": false, "reason": reason}).to_string(),
+                        ),
+                    },
                     "/plugins" => ("200 OK", bridge.plugins().to_string()),
                     _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
                 },

@@ -337,7 +337,10 @@ async fn open(home: &Path, node: &str, owner: Option<Owner>) -> anyhow::Result<(
     let channel = gatehouse_client::connect(node)
         .await
         .with_context(|| format!("connecting to the XMTP node at {node}"))?;
-    let client = Client::open_owned(db.open_tree("agent")?, channel, owner, None)?;
+    let mut client = Client::open_owned(db.open_tree("agent")?, channel, owner, None)?;
+    // Every command that reads conversations (`group info`, `requests`, `consent list`, …)
+    // keeps what it read until `listen` has printed it: no command swallows a message.
+    client.set_retain_deliveries(true);
     Ok((db, client))
 }
 
@@ -368,7 +371,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             };
             let (db, mut client) = open(home, node, owner).await?;
             client.register().await?;
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
             if json {
                 println!(
                     "{}",
@@ -461,7 +464,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 (None, None) => anyhow::bail!("give --to or --conversation"),
             };
             let sent = client.send(&gid, &body, None).await?;
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
             if json {
                 println!(
                     "{}",
@@ -502,7 +505,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 format!("inbox {inbox} does not exist yet; use `init` to create it")
             })?;
             client.register().await?;
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
             println!("{}", hex::encode(client.installation_key()));
         }
         AgentCommand::Identity { command } => {
@@ -524,7 +527,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     println!("recovery is now {}", address.to_lowercase());
                 }
             }
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
         }
         AgentCommand::Group { command, json } => {
             let (db, mut client) = open(home, node, None).await?;
@@ -629,7 +632,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             if json && let Some(gid) = touched {
                 println!("{}", client.conversation_info(&gid)?);
             }
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
         }
         AgentCommand::Conversations { json: _ } => {
             let (_db, mut client) = open(home, node, None).await?;
@@ -667,7 +670,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     );
                 }
             }
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
         }
         AgentCommand::Consent { command } => {
             use gatehouse_protocol::consent::{Entity, State};
@@ -709,7 +712,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     }
                 }
             }
-            db.flush_async().await?;
+            gatehouse_client::flush_tree(&db).await?;
         }
         AgentCommand::Whois { identifier, json } => {
             let (_db, mut client) = open(home, node, None).await?;
@@ -725,11 +728,22 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
         } => {
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
+            // A message read but not yet printed (by another command, or a `--count` reached
+            // mid-batch, or a kill) stays owed and is printed by the next listen, first.
             let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t));
             let mut seen = 0usize;
+            let mut owed = client.undelivered()?;
             loop {
-                for m in client.sync_all().await? {
+                let batch = if owed.is_empty() {
+                    client.sync_all().await?
+                } else {
+                    std::mem::take(&mut owed)
+                };
+                for m in batch {
                     if m.is_transcript() && !transcripts {
+                        if let Some(d) = m.delivery {
+                            client.delivered(d)?;
+                        }
                         continue;
                     }
                     if json {
@@ -756,14 +770,17 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                             m.text.as_deref().unwrap_or("(no text)")
                         );
                     }
+                    if let Some(d) = m.delivery {
+                        client.delivered(d)?;
+                    }
                     seen += 1;
                     if count.is_some_and(|c| seen >= c) {
-                        db.flush_async().await?;
+                        gatehouse_client::flush_tree(&db).await?;
                         return Ok(0);
                     }
                 }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
-                    db.flush_async().await?;
+                    gatehouse_client::flush_tree(&db).await?;
                     if count.is_some() {
                         eprintln!("timed out after {seen} message(s)");
                         return Ok(3);

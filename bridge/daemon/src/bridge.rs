@@ -28,6 +28,8 @@ use crate::identity;
 /// Inbound messages buffered between the MQTT driver and the durable write; the driver (and
 /// so the broker) waits when it is full.
 const INBOUND_CAPACITY: usize = 1024;
+/// How often a daemon that is short of space looks again.
+const STORAGE_RECHECK: Duration = Duration::from_secs(1);
 /// Inbound messages stored with one flush at most; more wait for the next flush.
 const ACCEPT_BATCH: usize = 256;
 /// Queued device messages mapped and sent together (one MLS write and one publish per
@@ -203,8 +205,14 @@ pub struct Bridge {
     seed: [u8; 32],
     db: sled::Db,
     inbox: sled::Tree,
-    /// QoS 1 messages stored but not yet acknowledged to the broker: packet id → digest.
+    /// The last QoS 1 message stored under each packet id: packet id → digest. Entries are
+    /// overwritten when the broker reuses the id, never removed at the ack: the ack is only
+    /// queued to the connection when it returns, so a crash can still lose it after the
+    /// removal reached disk, and the redelivery would then be stored twice (bounded by the
+    /// 65,535 packet ids).
     inflight: sled::Tree,
+    /// Why the daemon is not ready (not taking in messages), if it is not.
+    not_ready: std::sync::Mutex<Option<String>>,
     /// Our recent publishes to topics a route subscribes to (echo prevention).
     own_publishes: std::sync::Mutex<std::collections::VecDeque<([u8; 32], std::time::Instant)>>,
     dead: sled::Tree,
@@ -253,7 +261,50 @@ impl Bridge {
             "inbox_by_route": self.cfg.routes.iter().map(|r| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "dead_letters": self.dead.len(),
             "mqtt": self.mqtt.as_ref().map(|m| format!("{:?}", m.state())),
+            "ready": self.not_ready().is_none(),
+            "not_ready_reason": self.not_ready(),
         })
+    }
+
+    /// Why the daemon is not taking in messages, if it is not (admin `GET /ready`).
+    pub fn not_ready(&self) -> Option<String> {
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records readiness; logs each change once.
+    fn set_not_ready(&self, reason: Option<String>) {
+        let mut cur = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur == reason {
+            return;
+        }
+        match &reason {
+            Some(r) => {
+                tracing::error!(reason = %r, "not ready: taking in no messages (sources keep them until this clears)")
+            }
+            None => tracing::info!("ready: taking in messages again"),
+        }
+        *cur = reason;
+    }
+
+    /// Whether `data_dir` has room for more (at least `storage.min_free_mb` free).
+    fn storage_room(&self) -> Result<(), String> {
+        let min = self.cfg.storage.min_free_mb.saturating_mul(1 << 20);
+        match fs2::available_space(&self.cfg.data_dir) {
+            Ok(free) if free >= min => Ok(()),
+            Ok(free) => Err(format!(
+                "data_dir {} has {} MiB free, below storage.min_free_mb ({} MiB)",
+                self.cfg.data_dir.display(),
+                free >> 20,
+                self.cfg.storage.min_free_mb
+            )),
+            Err(e) => Err(format!(
+                "cannot read the free space of data_dir {}: {e}",
+                self.cfg.data_dir.display()
+            )),
+        }
     }
 
     fn endpoint(&self, route_idx: usize, device: &str) -> anyhow::Result<Arc<Endpoint>> {
@@ -364,7 +415,7 @@ impl Bridge {
             return Ok(());
         }
         // Acknowledge only after the durable write.
-        self.inbox.flush_async().await?;
+        gatehouse_client::flush_tree(&self.inbox).await?;
         if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_ACK").is_some() {
             // Fault injection for the crash tests: die between the durable write and the ack.
             tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_ACK: aborting after the durable write");
@@ -372,9 +423,6 @@ impl Bridge {
         }
         for msg in &stored {
             self.ack(msg).await?;
-            if msg.qos > 0 {
-                self.inflight.remove(msg.pkid.to_be_bytes())?;
-            }
         }
         for idx in routes {
             self.work[idx].notify_one();
@@ -390,7 +438,7 @@ impl Bridge {
         m: &MqttHandle,
         topic: &str,
         payload: Vec<u8>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<gatehouse_channels::mqtt::PublishAck> {
         if self.cfg.routes.iter().any(|r| r.device_of(topic).is_some()) {
             let digest = echo_digest(topic, &payload);
             let mut own = self.own_publishes.lock().unwrap_or_else(|p| p.into_inner());
@@ -815,11 +863,17 @@ impl Bridge {
                 // device on its reply topic.
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
-                        self.publish_out(m, &p.address, p.payload)
-                            .await
-                            .map_err(|e| {
-                                Failure::Transient(format!("publishing to {}: {e:#}", p.address))
-                            })?;
+                        // Not awaited: the record stays queued until its sends are done, and
+                        // is mapped (and this published) again after a crash before that.
+                        let _ack =
+                            self.publish_out(m, &p.address, p.payload)
+                                .await
+                                .map_err(|e| {
+                                    Failure::Transient(format!(
+                                        "publishing to {}: {e:#}",
+                                        p.address
+                                    ))
+                                })?;
                         tracing::info!(route = %route.name, device = %rec.device, topic = %p.address, "published by plugin");
                     }
                 }
@@ -1131,11 +1185,14 @@ impl Bridge {
             tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH: aborting before publishing");
             std::process::abort();
         }
-        let mut done = 0usize;
+        // Published in order, then marked done in order once the broker acknowledged each
+        // (a crash before the PUBACK publishes it again: at-least-once towards the device).
+        let mut carried: Vec<(Option<u64>, Vec<gatehouse_channels::mqtt::PublishAck>)> = Vec::new();
         for r in pending {
+            let mut acks = Vec::new();
             if !r.is_transcript() {
                 match self.carry_outbound(route, ep, &r).await {
-                    Ok(()) => {}
+                    Ok(a) => acks = a,
                     Err(Carry::Dead(fault)) => {
                         self.dead_letter_outbound(&r, route, &ep.device, fault)
                     }
@@ -1154,7 +1211,17 @@ impl Bridge {
                     }
                 }
             }
-            if let Some(seq) = r.delivery {
+            carried.push((r.delivery, acks));
+        }
+        let mut done = 0usize;
+        'marking: for (delivery, acks) in carried {
+            for ack in acks {
+                if ack.await.is_err() {
+                    // The driver stopped (shutdown): the rest stay owed.
+                    break 'marking;
+                }
+            }
+            if let Some(seq) = delivery {
                 ep.client.lock().await.delivered(seq)?;
             }
             done += 1;
@@ -1166,13 +1233,14 @@ impl Bridge {
         Ok(())
     }
 
-    /// One conversation message through the plugin to the channel.
+    /// One conversation message through the plugin to the channel; returns what resolves
+    /// when the broker has acknowledged each of its publishes.
     async fn carry_outbound(
         &self,
         route: &Route,
         ep: &Endpoint,
         r: &gatehouse_client::Received,
-    ) -> Result<(), Carry> {
+    ) -> Result<Vec<gatehouse_channels::mqtt::PublishAck>, Carry> {
         let msg = Message {
             payload: r.content.clone(),
             content_type: r.content_type.clone(),
@@ -1229,15 +1297,14 @@ impl Bridge {
                 return Err(Carry::Dead(Fault::new("grants", reason)));
             }
         }
+        let mut acks = Vec::new();
         for action in actions {
             match action {
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
-                        self.publish_out(m, &p.address, p.payload)
-                            .await
-                            .map_err(|e| {
-                                Carry::Later(format!("publishing to {}: {e:#}", p.address))
-                            })?;
+                        acks.push(self.publish_out(m, &p.address, p.payload).await.map_err(
+                            |e| Carry::Later(format!("publishing to {}: {e:#}", p.address)),
+                        )?);
                         tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
                     }
                 }
@@ -1249,7 +1316,7 @@ impl Bridge {
                 }
             }
         }
-        Ok(())
+        Ok(acks)
     }
 
     /// Dead letters by id (`ids`), or all of them.
@@ -1357,7 +1424,7 @@ impl Bridge {
                 self.inbox
                     .insert(inbox_key(&route.name, qid), serde_json::to_vec(&rec)?)?;
                 self.dead.remove(key)?;
-                self.inbox.flush_async().await?;
+                gatehouse_client::flush_tree(&self.inbox).await?;
                 self.work[idx].notify_one();
             }
             Some("outbound") => {
@@ -1378,12 +1445,20 @@ impl Bridge {
                     delivery: None,
                 };
                 match self.carry_outbound(route, &ep, &r).await {
-                    Ok(()) => {}
+                    Ok(acks) => {
+                        // Kept as a dead letter until the broker has it.
+                        for ack in acks {
+                            tokio::time::timeout(Duration::from_secs(30), ack)
+                                .await
+                                .map_err(|_| anyhow::anyhow!("published, but the broker has not acknowledged it within 30 s; the dead letter is kept"))?
+                                .map_err(|_| anyhow::anyhow!("the MQTT driver stopped"))?;
+                        }
+                    }
                     Err(Carry::Dead(fault)) => self.dead_letter_outbound(&r, route, &device, fault),
                     Err(Carry::Later(reason)) => anyhow::bail!("not published: {reason}"),
                 }
                 self.dead.remove(key)?;
-                self.dead.flush_async().await?;
+                gatehouse_client::flush_tree(&self.dead).await?;
             }
             _ => anyhow::bail!("this record cannot be retried (no direction)"),
         }
@@ -1508,6 +1583,17 @@ fn passthrough_inbound(payload: &[u8]) -> Result<Action, String> {
     }))
 }
 
+/// What to say when a store does not open (corrupt, or written by an incompatible version).
+fn unreadable_store(what: &str, path: &std::path::Path) -> String {
+    format!(
+        "{what} at {} cannot be opened: it is corrupt or was written by an incompatible version, \
+         and the daemon does not start on it. Restore data_dir from a backup, or move {} aside \
+         to start empty (what it held is then lost)",
+        path.display(),
+        path.display()
+    )
+}
+
 /// Starts everything and runs until `shutdown` turns true.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
@@ -1515,8 +1601,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let seed = identity::load_or_create_seed(&cfg.data_dir.join("seed"))?;
 
     let node_url = if cfg.node.embedded {
-        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node"))
-            .context("opening the embedded node's store")?;
+        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node")).with_context(|| {
+            unreadable_store("the embedded node's store", &cfg.data_dir.join("node"))
+        })?;
         let listener = tokio::net::TcpListener::bind(cfg.node.listen)
             .await
             .with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
@@ -1545,7 +1632,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         .path(cfg.data_dir.join("bridge"))
         .flush_every_ms(Some(200))
         .open()
-        .context("opening the bridge store")?;
+        .with_context(|| unreadable_store("the bridge store", &cfg.data_dir.join("bridge")))?;
     // Compiled plugins are cached beside the other state, so restarts skip compilation.
     // Fuel metering slows every call a little, so the engine meters only if a plugin asks.
     let host = if cfg.plugins.values().any(|p| p.fuel.is_some()) {
@@ -1587,6 +1674,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         inbox: db.open_tree("inbox")?,
         inflight: db.open_tree("mqtt-inflight")?,
         own_publishes: Default::default(),
+        not_ready: Default::default(),
         dead: db.open_tree("dead_letters")?,
         endpoint_index: db.open_tree("endpoints")?,
         db,
@@ -1621,9 +1709,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
 
     let b = bridge.clone();
     let mut stop = shutdown.clone();
-    let accept = tokio::spawn(async move {
+    let mut accept = tokio::spawn(async move {
         loop {
-            let first = tokio::select! { _ = stop.changed() => return, m = in_rx.recv() => match m { Some(m) => m, None => return } };
+            let first = tokio::select! { _ = stop.changed() => return Ok(()), m = in_rx.recv() => match m { Some(m) => m, None => return Ok(()) } };
             // Whatever else is already waiting joins the same flush.
             let mut batch = vec![first];
             while batch.len() < ACCEPT_BATCH {
@@ -1632,9 +1720,22 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                     Err(_) => break,
                 }
             }
+            // No room: hold the batch unacknowledged (the broker keeps it, and sends no more
+            // than its in-flight window meanwhile) until space returns.
+            while let Err(reason) = b.storage_room() {
+                b.set_not_ready(Some(reason));
+                tokio::select! { _ = stop.changed() => return Ok(()), _ = tokio::time::sleep(STORAGE_RECHECK) => {} }
+            }
+            b.set_not_ready(None);
             if let Err(e) = b.accept(batch).await {
-                // Not acknowledged: the broker redelivers after reconnecting.
-                tracing::error!(error = %format!("{e:#}"), "could not store an inbound message");
+                // Nothing of the batch was acknowledged, so the broker still has it and sends
+                // it again after a restart. The store cannot continue after a failed write
+                // (sled refuses every later one), so the daemon stops and says why.
+                let reason = format!("the bridge store failed: {e:#}");
+                b.set_not_ready(Some(reason.clone()));
+                return Err(anyhow::anyhow!(
+                    "{reason}; stopping without acknowledging the messages it could not store (the broker delivers them again after a restart; check the disk of data_dir)"
+                ));
             }
         }
     });
@@ -1662,6 +1763,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         loop {
             tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(WATCH_INTERVAL) => {} }
             b.watch_plugins().await;
+            // Readiness follows the disk even while no message arrives.
+            b.set_not_ready(b.storage_room().err());
         }
     });
     let b = bridge.clone();
@@ -1674,14 +1777,27 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
     });
     tracing::info!(admin = %bridge.cfg.admin.listen, routes = bridge.cfg.routes.len(), "gatehouse running");
-    let _ = shutdown.changed().await;
+    // The intake ends on its own only without a channel (fine: wait for the signal) or on a
+    // store failure (stop, with the error).
+    let intake_done = tokio::select! {
+        _ = shutdown.changed() => false,
+        r = &mut accept => {
+            r??;
+            let _ = shutdown.changed().await;
+            true
+        }
+    };
     let _ = tokio::join!(
-        accept,
+        async {
+            if !intake_done {
+                let _ = accept.await;
+            }
+        },
         outbound,
         watcher,
         futures::future::join_all(workers)
     );
-    bridge.db.flush_async().await?;
+    gatehouse_client::flush_tree(&bridge.db).await?;
     tracing::info!("gatehouse stopped");
     Ok(())
 }

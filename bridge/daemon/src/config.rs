@@ -41,6 +41,33 @@ pub struct Config {
     /// How often endpoints read their conversations, milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// Limits of the local store.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Limits of the local store (`data_dir`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Below this much free space (MiB) on `data_dir`'s file system the daemon stops taking
+    /// in messages (none is acknowledged to its source, so the source keeps them) and reports
+    /// not-ready; it resumes by itself once space returns. Kept well above zero because the
+    /// store cannot continue after a write that failed for lack of space.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
+}
+
+fn default_min_free_mb() -> u64 {
+    256
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            min_free_mb: default_min_free_mb(),
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {

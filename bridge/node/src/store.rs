@@ -117,9 +117,17 @@ impl Store {
         out
     }
 
-    /// Flushes everything to disk.
+    /// Flushes everything to disk, on tokio's blocking pool: sled 0.34's `flush_async`
+    /// deadlocks when several run at once (spacejam/sled#1308).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .unwrap_or_else(|e| {
+                Err(sled::Error::ReportableBug(format!(
+                    "flush task failed: {e}"
+                )))
+            })?;
         Ok(())
     }
 

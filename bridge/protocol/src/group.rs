@@ -1009,6 +1009,16 @@ pub fn create(
 
 /// Joins a group from an unwrapped welcome (`MlsMessage` bytes).
 pub fn join(provider: &Provider, welcome_mls: &[u8]) -> Result<MlsGroup> {
+    join_replacing(provider, welcome_mls, |_| false)
+}
+
+/// [`join`], where `replace_current(group_id)` says whether a welcome may replace a group we
+/// are still active in at its epoch or a later one (a forked member being re-added).
+pub fn join_replacing(
+    provider: &Provider,
+    welcome_mls: &[u8],
+    replace_current: impl Fn(&[u8]) -> bool,
+) -> Result<MlsGroup> {
     let msg = MlsMessageIn::tls_deserialize(&mut &welcome_mls[..])
         .map_err(|e| ProtocolError::malformed("Welcome", e))?;
     let MlsMessageBodyIn::Welcome(welcome) = msg.extract() else {
@@ -1020,6 +1030,20 @@ pub fn join(provider: &Provider, welcome_mls: &[u8]) -> Result<MlsGroup> {
         .replace_old_group()
         .build()
         .map_err(mls_err)?;
+    // But a welcome sent again (its sender crashed before it knew the first one had gone
+    // out) to a group we are still in, at its epoch or an older one, must not roll it back.
+    let context = staged.group_context();
+    if !replace_current(context.group_id().as_slice())
+        && let Some(held) = load(provider, context.group_id().as_slice())?
+        && held.is_active()
+        && held.epoch().as_u64() >= context.epoch().as_u64()
+    {
+        return Err(ProtocolError::Unsupported(format!(
+            "a welcome to a conversation this installation is already in (epoch {}, welcome for {})",
+            held.epoch().as_u64(),
+            context.epoch().as_u64()
+        )));
+    }
     staged.into_group(provider).map_err(mls_err)
 }
 

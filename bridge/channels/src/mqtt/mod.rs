@@ -5,7 +5,7 @@ mod config;
 mod driver;
 
 pub use config::MqttConfig;
-pub use driver::{ConnectionState, Inbound, MqttHandle, start};
+pub use driver::{ConnectionState, DriverStopped, Inbound, MqttHandle, PublishAck, start};
 
 #[cfg(test)]
 mod tests;
