@@ -68,6 +68,10 @@ pub enum AgentCommand {
         /// Print `{"conversation":…,"message_id":…}` instead of the conversation id.
         #[arg(long)]
         json: bool,
+        /// Send each line of standard input as its own message (`--type text` or `json`), in
+        /// order, up to 64 per publish; TEXT is not used.
+        #[arg(long)]
+        lines: bool,
         /// The text (JSON document, reply text or emoji); not used by read receipts and
         /// attachments.
         #[arg(default_value = "")]
@@ -344,6 +348,65 @@ async fn open(home: &Path, node: &str, owner: Option<Owner>) -> anyhow::Result<(
     Ok((db, client))
 }
 
+/// `agent send --lines`: each line of standard input is a message, sent in order, up to 64
+/// per publish.
+async fn send_lines(
+    home: &Path,
+    node: &str,
+    to: Option<String>,
+    conversation: Option<String>,
+    kind: &str,
+    json: bool,
+) -> anyhow::Result<i32> {
+    use std::io::BufRead as _;
+    anyhow::ensure!(
+        kind == "text" || kind == "json",
+        "--lines sends `--type text` or `json` messages"
+    );
+    let mut bodies = Vec::new();
+    for (n, line) in std::io::stdin().lock().lines().enumerate() {
+        let line = line.context("reading standard input")?;
+        let body = if kind == "json" {
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("line {}: not valid JSON", n + 1))?;
+            let canonical = v.to_string();
+            content::with_fallback(
+                content::json_type(),
+                canonical.clone().into_bytes(),
+                Some(canonical),
+            )
+        } else {
+            content::text(&line)
+        };
+        bodies.push((body, hex::encode(rand::random::<[u8; 16]>())));
+    }
+    let (db, mut client) = open(home, node, None).await?;
+    client.register().await?;
+    let gid = match (to, conversation) {
+        (Some(to), _) => {
+            let inbox = client.resolve(&to).await?;
+            client.dm(&inbox).await?
+        }
+        (None, Some(c)) => hex::decode(&c).context("--conversation must be hex")?,
+        (None, None) => anyhow::bail!("give --to or --conversation"),
+    };
+    for chunk in bodies.chunks(64) {
+        for sent in client.send_batch(&gid, chunk).await? {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"conversation": hex::encode(&gid), "message_id": sent.message_id})
+                );
+            }
+        }
+    }
+    gatehouse_client::flush_tree(&db).await?;
+    if !json {
+        println!("{}", hex::encode(&gid));
+    }
+    Ok(0)
+}
+
 /// Runs one agent command.
 pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i32> {
     match cmd {
@@ -406,6 +469,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             file,
             mime,
             json,
+            lines,
             text,
         } => {
             let reference = || -> anyhow::Result<String> {
@@ -418,6 +482,9 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                 );
                 Ok(r)
             };
+            if lines {
+                return send_lines(home, node, to, conversation, &kind, json).await;
+            }
             let body = match kind.as_str() {
                 "json" => {
                     let v: serde_json::Value = serde_json::from_str(&text)
