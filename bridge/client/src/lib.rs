@@ -1956,7 +1956,18 @@ impl Client {
                 .membership_checked
                 .get(&gid)
                 .is_some_and(|t| t.elapsed() < MEMBERSHIP_CHECK_INTERVAL);
-            if recent {
+            // Re-add (after a fork) and leave requests are membership work due now.
+            let requested = self
+                .tree
+                .scan_prefix([b"readd/".as_slice(), &gid, b"/"].concat())
+                .next()
+                .is_some()
+                || self
+                    .tree
+                    .scan_prefix([b"leave/".as_slice(), &gid, b"/"].concat())
+                    .next()
+                    .is_some();
+            if recent && !requested {
                 let cursor = self.read_cursor(&gid)?;
                 if self.messages_after(&gid, cursor, 1).await?.is_empty() {
                     continue;
