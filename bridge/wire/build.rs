@@ -17,7 +17,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (dir, stubs) in [("plain", false), ("grpc", true)] {
         let dir = out.join(dir);
         std::fs::create_dir_all(&dir)?;
+        // Maps as BTreeMap: encoded in key order, so the same message encodes to the same
+        // bytes in every process. XMTP's message id covers the encoded content, so a sender's
+        // retry after a restart must be byte-identical for receivers to drop it as a duplicate
+        // (a HashMap's order changes per process).
         tonic_build::configure()
+            .btree_map(["."])
             .build_client(stubs)
             .build_server(stubs)
             .build_transport(stubs)

@@ -169,7 +169,7 @@ pub fn reply(
         .as_ref()
         .filter(|t| !t.authority_id.is_empty() && !t.type_id.is_empty())
         .ok_or_else(|| ProtocolError::malformed("reply", "the nested content has no type"))?;
-    let mut parameters = std::collections::HashMap::from([
+    let mut parameters = std::collections::BTreeMap::from([
         ("reference".to_string(), reference.to_ascii_lowercase()),
         ("contentType".to_string(), type_string(inner_type)),
     ]);
@@ -480,6 +480,23 @@ pub fn display_text(c: &EncodedContent) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same content encodes to the same bytes however its parameters were inserted (so a
+    /// retry after a restart has the same XMTP message id and receivers drop it).
+    #[test]
+    fn parameters_encode_in_key_order() {
+        use prost::Message as _;
+        let keys: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+        let mut forward = text("hello");
+        let mut backward = text("hello");
+        for k in &keys {
+            forward.parameters.insert(k.clone(), k.to_uppercase());
+        }
+        for k in keys.iter().rev() {
+            backward.parameters.insert(k.clone(), k.to_uppercase());
+        }
+        assert_eq!(forward.encode_to_vec(), backward.encode_to_vec());
+    }
 
     /// A text message survives the envelope, and type ids render and parse back.
     #[test]
