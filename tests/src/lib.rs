@@ -416,37 +416,58 @@ impl Setup {
 
     /// The same, for a broker on `mqtt_port`.
     pub fn write_config_for(&self, mqtt_port: u16, agents: &[&str]) -> PathBuf {
+        let node = format!("{{listen: 127.0.0.1:{}}}", self.node_port);
+        self.write_route_config(&node, mqtt_port, agents)
+    }
+
+    /// Writes a config for one MQTT route (`devices/{device}/up` → `devices/{device}/down`)
+    /// that uses an external node at `node_url` (so agents can write while the daemon is down).
+    pub fn write_config_external(&self, node_url: &str, agents: &[&str]) -> PathBuf {
+        let node = format!("{{embedded: false, url: \"{node_url}\"}}");
+        self.write_route_config(&node, self.broker.port, agents)
+    }
+
+    /// `config.yaml` with the given `node:` section and the one `devices` route.
+    fn write_route_config(&self, node: &str, mqtt_port: u16, agents: &[&str]) -> PathBuf {
         let agents = agents
             .iter()
             .map(|a| format!("\"{a}\""))
             .collect::<Vec<_>>()
             .join(", ");
         let text = format!(
-            "data_dir: data\nnode: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\nchannels: {{mqtt: {{port: {}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\nroutes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}], max_payload: 65536}}\n",
-            self.node_port, self.admin_port, mqtt_port
+            "data_dir: data\nnode: {node}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
+             channels: {{mqtt: {{port: {mqtt_port}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}], max_payload: 65536}}\n",
+            self.admin_port
         );
         let path = self.dir.join("config.yaml");
         std::fs::write(&path, text).unwrap();
         path
     }
 
-    /// Writes a config for one MQTT route (`devices/{device}/up` → `devices/{device}/down`)
-    /// that uses an external node at `node_url` (so agents can write while the daemon is down).
-    pub fn write_config_external(&self, node_url: &str, agents: &[&str]) -> PathBuf {
-        let agents = agents
-            .iter()
-            .map(|a| format!("\"{a}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let text = format!(
-            "data_dir: data\nnode: {{embedded: false, url: \"{node_url}\"}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
-             channels: {{mqtt: {{port: {}, client_id: gatehouse-e2e}}}}\nplugins: {{mqtt: {{builtin: mqtt}}}}\n\
-             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [{agents}]}}\n",
-            self.admin_port, self.broker.port
-        );
-        let path = self.dir.join("config.yaml");
-        std::fs::write(&path, text).unwrap();
-        path
+    /// Devices `dev0..devN` each publish `{"hello":N}`; returns each one's endpoint inbox as
+    /// the agent sees it (so the agent can write to them).
+    pub fn hello_endpoints(
+        &self,
+        a: &Agent,
+        devices: u64,
+    ) -> std::collections::BTreeMap<u64, String> {
+        for dev in 0..devices {
+            self.broker.publish(
+                &format!("devices/dev{dev}/up"),
+                format!("{{\"hello\":{dev}}}").as_bytes(),
+            );
+        }
+        let mut endpoint = std::collections::BTreeMap::new();
+        for m in a.listen(devices as usize) {
+            let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
+            endpoint.insert(
+                v["hello"].as_u64().unwrap(),
+                m["sender_inbox"].as_str().unwrap().to_string(),
+            );
+        }
+        assert_eq!(endpoint.len() as u64, devices, "every device said hello");
+        endpoint
     }
 
     /// Starts the daemon and waits until MQTT is connected.
@@ -787,6 +808,26 @@ impl Agent {
     /// Sends text to an inbox; returns the conversation id.
     pub fn send(&self, to: &str, text: &str) -> String {
         self.ok(&["send", "--to", to, text]).trim().to_string()
+    }
+
+    /// `send --lines --to INBOX`: each line a message, in order.
+    pub fn send_lines(&self, to: &str, lines: &str) {
+        use std::io::Write as _;
+        let mut child = Command::new(gatehouse_bin())
+            .args(["agent", "--home"])
+            .arg(&self.home)
+            .args(["--node", &self.node, "send", "--lines", "--to", to])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "agent send --lines failed");
     }
 
     /// Waits for `count` messages; returns them as JSON.

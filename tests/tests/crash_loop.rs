@@ -27,20 +27,7 @@ fn reverse_crash_loop_loses_nothing_and_keeps_order() {
     let config = s.write_config_external(&node.url, &[&inbox]);
     let mut d = s.start_daemon(&config);
     a.init();
-    for dev in 0..DEVICES {
-        s.broker.publish(
-            &format!("devices/dev{dev}/up"),
-            format!("{{\"hello\":{dev}}}").as_bytes(),
-        );
-    }
-    let mut endpoint = std::collections::BTreeMap::new();
-    for m in a.listen(DEVICES as usize) {
-        let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
-        endpoint.insert(
-            v["hello"].as_u64().unwrap(),
-            m["sender_inbox"].as_str().unwrap().to_string(),
-        );
-    }
+    let endpoint = s.hello_endpoints(&a, DEVICES);
     let down = s.broker.subscribe("devices/+/down");
 
     std::thread::scope(|scope| {
@@ -50,29 +37,7 @@ fn reverse_crash_loop_loses_nothing_and_keeps_order() {
                 let lines: String = (0..PER_DEVICE)
                     .map(|k| format!("{{\"to\":{dev},\"k\":{k}}}\n"))
                     .collect();
-                let mut child = std::process::Command::new(gatehouse_bin())
-                    .args(["agent", "--home"])
-                    .arg(&a.home)
-                    .args([
-                        "--node",
-                        &node.url,
-                        "send",
-                        "--lines",
-                        "--to",
-                        &endpoint[&dev],
-                    ])
-                    .stdin(std::process::Stdio::piped())
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap();
-                use std::io::Write as _;
-                child
-                    .stdin
-                    .take()
-                    .unwrap()
-                    .write_all(lines.as_bytes())
-                    .unwrap();
-                assert!(child.wait().unwrap().success(), "agent send --lines failed");
+                a.send_lines(&endpoint[&dev], &lines);
             }
         });
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;

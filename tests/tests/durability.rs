@@ -204,21 +204,7 @@ fn downtime_catch_up_1000_up_and_100_down_in_order() {
     let mut d = s.start_daemon(&config);
     a.init();
     // Each device says hello first, so the agent knows its endpoint.
-    for dev in 0..DEVICES {
-        s.broker.publish(
-            &format!("devices/dev{dev}/up"),
-            format!("{{\"hello\":{dev}}}").as_bytes(),
-        );
-    }
-    let mut endpoint = std::collections::BTreeMap::new();
-    for m in a.listen(DEVICES as usize) {
-        let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
-        endpoint.insert(
-            v["hello"].as_u64().unwrap(),
-            m["sender_inbox"].as_str().unwrap().to_string(),
-        );
-    }
-    assert_eq!(endpoint.len() as u64, DEVICES);
+    let endpoint = s.hello_endpoints(&a, DEVICES);
     let down = s.broker.subscribe("devices/+/down");
     d.stop();
 

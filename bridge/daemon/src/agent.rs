@@ -348,6 +348,23 @@ async fn open(home: &Path, node: &str, owner: Option<Owner>) -> anyhow::Result<(
     Ok((db, client))
 }
 
+/// The conversation `send` writes to: the DM with `--to` (created if needed) or
+/// `--conversation`.
+async fn target(
+    client: &mut Client,
+    to: Option<String>,
+    conversation: Option<String>,
+) -> anyhow::Result<Vec<u8>> {
+    Ok(match (to, conversation) {
+        (Some(to), _) => {
+            let inbox = client.resolve(&to).await?;
+            client.dm(&inbox).await?
+        }
+        (None, Some(c)) => hex::decode(&c).context("--conversation must be hex")?,
+        (None, None) => anyhow::bail!("give --to or --conversation"),
+    })
+}
+
 /// `agent send --lines`: each line of standard input is a message, sent in order, up to 64
 /// per publish.
 async fn send_lines(
@@ -382,14 +399,7 @@ async fn send_lines(
     }
     let (db, mut client) = open(home, node, None).await?;
     client.register().await?;
-    let gid = match (to, conversation) {
-        (Some(to), _) => {
-            let inbox = client.resolve(&to).await?;
-            client.dm(&inbox).await?
-        }
-        (None, Some(c)) => hex::decode(&c).context("--conversation must be hex")?,
-        (None, None) => anyhow::bail!("give --to or --conversation"),
-    };
+    let gid = target(&mut client, to, conversation).await?;
     for chunk in bodies.chunks(64) {
         for sent in client.send_batch(&gid, chunk).await? {
             if json {
@@ -522,14 +532,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             };
             let (db, mut client) = open(home, node, None).await?;
             client.register().await?;
-            let gid = match (to, conversation) {
-                (Some(to), _) => {
-                    let inbox = client.resolve(&to).await?;
-                    client.dm(&inbox).await?
-                }
-                (None, Some(c)) => hex::decode(&c).context("--conversation must be hex")?,
-                (None, None) => anyhow::bail!("give --to or --conversation"),
-            };
+            let gid = target(&mut client, to, conversation).await?;
             let sent = client.send(&gid, &body, None).await?;
             gatehouse_client::flush_tree(&db).await?;
             if json {
