@@ -270,9 +270,14 @@ impl Mosquitto {
         assert!(child.wait().unwrap().success(), "mosquitto_pub -l failed");
     }
 
-    /// Subscribes with `mosquitto_sub` and returns once the broker has acknowledged the
-    /// subscription; the process collects messages until it is finished with `collect`.
+    /// Subscribes with `mosquitto_sub` (QoS 1) and returns once the broker has acknowledged
+    /// the subscription; the process collects messages until it is finished with `collect`.
     pub fn subscribe(&self, topic: &str) -> Subscriber {
+        self.subscribe_qos(topic, 1)
+    }
+
+    /// [`Mosquitto::subscribe`] with the given QoS (2: the broker delivers each message once).
+    pub fn subscribe_qos(&self, topic: &str, qos: u8) -> Subscriber {
         require("mosquitto_sub", "mosquitto-clients");
         // stdbuf makes mosquitto_sub flush each line into the pipe as it happens.
         let mut child = Command::new("stdbuf")
@@ -284,7 +289,7 @@ impl Mosquitto {
                 "-p",
                 &self.port.to_string(),
                 "-q",
-                "1",
+                &qos.to_string(),
                 "-d",
                 "-t",
                 topic,

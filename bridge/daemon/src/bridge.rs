@@ -130,6 +130,17 @@ fn inflight_digest(msg: &Inbound) -> [u8; 32] {
 }
 
 /// Topic and payload, hashed.
+/// The idempotency key of the `n`th publish made for one conversation message.
+fn publish_key(message_id: &str, n: usize, topic: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"gatehouse/mqtt-publish\0");
+    h.update(message_id.as_bytes());
+    h.update((n as u64).to_be_bytes());
+    h.update(topic.as_bytes());
+    h.finalize().into()
+}
+
 fn echo_digest(topic: &str, payload: &[u8]) -> [u8; 32] {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
@@ -438,6 +449,7 @@ impl Bridge {
         m: &MqttHandle,
         topic: &str,
         payload: Vec<u8>,
+        key: gatehouse_channels::mqtt::PublishKey,
     ) -> anyhow::Result<gatehouse_channels::mqtt::PublishAck> {
         if self.cfg.routes.iter().any(|r| r.device_of(topic).is_some()) {
             let digest = echo_digest(topic, &payload);
@@ -446,7 +458,7 @@ impl Bridge {
             own.retain(|(_, at)| now.duration_since(*at) < ECHO_WINDOW);
             own.push_back((digest, now));
         }
-        Ok(m.publish(topic, payload).await?)
+        Ok(m.publish(topic, payload, Some(key)).await?)
     }
 
     /// Whether an inbound message is one of our own recent publishes (consumed if so).
@@ -865,15 +877,13 @@ impl Bridge {
                     if let Some(m) = &self.mqtt {
                         // Not awaited: the record stays queued until its sends are done, and
                         // is mapped (and this published) again after a crash before that.
-                        let _ack =
-                            self.publish_out(m, &p.address, p.payload)
-                                .await
-                                .map_err(|e| {
-                                    Failure::Transient(format!(
-                                        "publishing to {}: {e:#}",
-                                        p.address
-                                    ))
-                                })?;
+                        let key = publish_key(&idempotency_key, n, &p.address);
+                        let _ack = self
+                            .publish_out(m, &p.address, p.payload, key)
+                            .await
+                            .map_err(|e| {
+                                Failure::Transient(format!("publishing to {}: {e:#}", p.address))
+                            })?;
                         tracing::info!(route = %route.name, device = %rec.device, topic = %p.address, "published by plugin");
                     }
                 }
@@ -1298,13 +1308,20 @@ impl Bridge {
             }
         }
         let mut acks = Vec::new();
-        for action in actions {
+        for (n, action) in actions.into_iter().enumerate() {
             match action {
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
-                        acks.push(self.publish_out(m, &p.address, p.payload).await.map_err(
-                            |e| Carry::Later(format!("publishing to {}: {e:#}", p.address)),
-                        )?);
+                        // The same conversation message maps to the same publishes after a
+                        // restart: with QoS 2 the driver delivers each key once.
+                        let key = publish_key(&r.message_id, n, &p.address);
+                        acks.push(
+                            self.publish_out(m, &p.address, p.payload, key)
+                                .await
+                                .map_err(|e| {
+                                    Carry::Later(format!("publishing to {}: {e:#}", p.address))
+                                })?,
+                        );
                         tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
                     }
                 }
@@ -1652,7 +1669,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let mqtt = match &cfg.channels.mqtt {
         Some(m) if !cfg.routes.is_empty() => {
             let filters = cfg.routes.iter().map(Route::filter).collect();
-            Some(mqtt::start(m, filters, in_tx, shutdown.clone()))
+            // QoS 2 publishes are journalled (exactly-once across restarts).
+            let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?, &cfg.data_dir)
+                .context("opening the MQTT QoS 2 journal")?;
+            Some(
+                mqtt::start(m, filters, in_tx, shutdown.clone(), Some(outbox))
+                    .context("starting the MQTT relay for QoS 2 publishes")?,
+            )
         }
         _ => None,
     };

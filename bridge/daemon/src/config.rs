@@ -463,6 +463,19 @@ impl Config {
         if !self.node.embedded && self.node.url.is_none() {
             bail!("node: embedded is false, so node.url must name an XMTP node");
         }
+        if let Some(m) = &self.channels.mqtt {
+            if m.publish_qos > 2 {
+                bail!(
+                    "channels.mqtt.publish_qos: {} is not an MQTT QoS (0, 1 or 2)",
+                    m.publish_qos
+                );
+            }
+            if m.publish_qos == 2 && m.clean_session {
+                bail!(
+                    "channels.mqtt.publish_qos: 2 needs the broker to keep the session across reconnects and restarts; set clean_session: false (the default)"
+                );
+            }
+        }
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}] ({})", r.name);
             if self.routes[..i].iter().any(|o| o.name == r.name) {
@@ -533,6 +546,31 @@ mod tests {
     fn repo_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config.yaml");
         Config::load(&path).unwrap();
+    }
+
+    /// publish_qos is 0..=2, and 2 needs the persistent session.
+    #[test]
+    fn mqtt_publish_qos() {
+        let cfg = |m: &str| Config::parse(&format!("channels: {{mqtt: {{{m}}}}}\n"));
+        assert_eq!(cfg("").unwrap().channels.mqtt.unwrap().publish_qos, 1);
+        assert_eq!(
+            cfg("publish_qos: 2")
+                .unwrap()
+                .channels
+                .mqtt
+                .unwrap()
+                .publish_qos,
+            2
+        );
+        let e = cfg("publish_qos: 3").unwrap_err().to_string();
+        assert!(
+            e.contains("channels.mqtt.publish_qos: 3 is not an MQTT QoS"),
+            "{e}"
+        );
+        let e = cfg("publish_qos: 2, clean_session: true")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set clean_session: false"), "{e}");
     }
 
     /// A route's consent policy parses with defaults; bad entries and keys are named.

@@ -32,6 +32,15 @@ pub struct MqttConfig {
     /// session under `client_id`), and redelivers what was not acknowledged.
     #[serde(default)]
     pub clean_session: bool,
+    /// QoS of the bridge's own publishes (replies towards devices): 0, 1 (default:
+    /// at-least-once) or 2 (exactly-once, also across a crash of the daemon: needs the
+    /// persistent session, `clean_session: false`).
+    #[serde(default = "default_publish_qos")]
+    pub publish_qos: u8,
+}
+
+fn default_publish_qos() -> u8 {
+    1
 }
 
 fn default_host() -> String {
@@ -61,6 +70,7 @@ impl Default for MqttConfig {
             keep_alive_secs: default_keep_alive(),
             max_packet_bytes: default_max_packet(),
             clean_session: false,
+            publish_qos: default_publish_qos(),
         }
     }
 }

@@ -8,6 +8,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Request};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::MqttConfig;
+use super::outbox::{self, Entry, Outbox, PublishKey};
 
 /// Requests queued towards the broker; publishers wait when it is full.
 const REQUEST_CAPACITY: usize = 1024;
@@ -59,15 +60,35 @@ pub struct MqttHandle {
     publishes: mpsc::Sender<Outgoing>,
 }
 
-/// A publish handed to the driver, and who waits for its PUBACK.
+/// A publish handed to the driver, and who waits for its acknowledgement.
 struct Outgoing {
     topic: String,
     payload: Vec<u8>,
+    key: Option<PublishKey>,
     acked: oneshot::Sender<()>,
 }
 
-/// Resolves when the broker has acknowledged a publish (PUBACK): from then on the broker owns
-/// it. Fails if the driver stopped first.
+/// One of our publishes the broker has not finished acknowledging.
+struct InFlight {
+    /// Order of first sending (kept across restarts for journalled publishes).
+    seq: u64,
+    publish: rumqttc::Publish,
+    /// QoS 2: the broker sent PUBREC, so only PUBREL may follow.
+    released: bool,
+    key: Option<PublishKey>,
+    acked: Vec<oneshot::Sender<()>>,
+}
+
+impl InFlight {
+    fn done(self) {
+        for a in self.acked {
+            let _ = a.send(());
+        }
+    }
+}
+
+/// Resolves when the broker has taken over a publish (PUBACK for QoS 1, PUBCOMP for QoS 2, at
+/// once for QoS 0). Fails if the driver stopped first, or could not journal a QoS 2 publish.
 pub type PublishAck = oneshot::Receiver<()>;
 
 /// The driver stopped (shutdown).
@@ -76,18 +97,22 @@ pub type PublishAck = oneshot::Receiver<()>;
 pub struct DriverStopped;
 
 impl MqttHandle {
-    /// Publishes with QoS 1 and returns what resolves at the broker's PUBACK. Kept (in order)
-    /// while disconnected and sent again after reconnecting, until acknowledged.
+    /// Publishes with the configured QoS and returns what resolves when the broker has it.
+    /// Kept (in order) while disconnected and sent again after reconnecting, until
+    /// acknowledged. With QoS 2 and a journal, `key` identifies the message across restarts:
+    /// publishing a key again that is in flight or done does not deliver it twice.
     pub async fn publish(
         &self,
         topic: &str,
         payload: Vec<u8>,
+        key: Option<PublishKey>,
     ) -> Result<PublishAck, DriverStopped> {
         let (acked, ack) = oneshot::channel();
         self.publishes
             .send(Outgoing {
                 topic: topic.to_string(),
                 payload,
+                key,
                 acked,
             })
             .await
@@ -112,15 +137,37 @@ impl MqttHandle {
 }
 
 /// Starts the driver: connects, subscribes to `filters` with QoS 1, and forwards every publish
-/// to `inbound` (the driver waits when that channel is full, which holds back the broker).
-/// Stops when `shutdown` changes to true.
+/// to `inbound` (held back, and so the broker, while the consumer is behind). With
+/// `publish_qos: 2` and an `outbox`, our publishes are exactly-once across crashes (see
+/// [`Outbox`]). Stops when `shutdown` changes to true. Fails only if the relay that QoS 2
+/// needs cannot listen.
 pub fn start(
     config: &MqttConfig,
     filters: Vec<String>,
     inbound: mpsc::Sender<Inbound>,
     mut shutdown: watch::Receiver<bool>,
-) -> MqttHandle {
-    let mut opts = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    outbox: Option<Outbox>,
+) -> std::io::Result<MqttHandle> {
+    let broker = format!("{}:{}", config.host, config.port);
+    let qos = match config.publish_qos {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    };
+    let outbox = outbox.filter(|_| qos == QoS::ExactlyOnce);
+    let (mut opts, relay_errors) = match &outbox {
+        Some(ob) => {
+            let errors = outbox::start_relay(ob.clone(), broker.clone(), shutdown.clone())?;
+            let mut opts =
+                MqttOptions::new(config.client_id.clone(), ob.socket().to_string_lossy(), 0);
+            opts.set_transport(rumqttc::Transport::Unix);
+            (opts, Some(errors))
+        }
+        None => (
+            MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port),
+            None,
+        ),
+    };
     opts.set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)));
     opts.set_manual_acks(true);
     opts.set_clean_session(config.clean_session);
@@ -137,7 +184,41 @@ pub fn start(
         state: state_rx,
         publishes: publish_tx,
     };
-    let broker = format!("{}:{}", config.host, config.port);
+    // Journalled publishes a crash interrupted go first, in their order, under their ids.
+    let mut unacked: HashMap<u16, InFlight> = HashMap::new();
+    let mut sent: u64 = 0;
+    if let Some(ob) = &outbox {
+        sent = ob.last_seq();
+        for e in ob.pending() {
+            let mut publish = rumqttc::Publish::new(e.topic, QoS::ExactlyOnce, e.payload);
+            publish.pkid = e.pkid;
+            publish.dup = true;
+            unacked.insert(
+                e.pkid,
+                InFlight {
+                    seq: e.seq,
+                    publish,
+                    released: e.released,
+                    key: Some(e.key),
+                    acked: Vec::new(),
+                },
+            );
+        }
+        if !unacked.is_empty() {
+            tracing::info!(%broker, publishes = unacked.len(), "resuming QoS 2 publishes a restart interrupted");
+        }
+        // Queued before anything new (if the broker lost the session, rumqttc drops these at
+        // CONNACK and they are queued again below, as publishes).
+        let mut resumed: Vec<&InFlight> = unacked.values().collect();
+        resumed.sort_by_key(|f| f.seq);
+        for f in resumed {
+            eventloop.pending.push_back(if f.released {
+                Request::PubRel(rumqttc::PubRel::new(f.publish.pkid))
+            } else {
+                Request::Publish(f.publish.clone())
+            });
+        }
+    }
     tokio::spawn(async move {
         let mut failures = 0u32;
         // Publishes read from the broker but not yet taken by the consumer. The event loop is
@@ -146,12 +227,9 @@ pub fn start(
         // request queue). The broker's in-flight window bounds it: it sends no more until
         // these are acknowledged, and they are acknowledged only after the consumer stored them.
         let mut pending: std::collections::VecDeque<Inbound> = std::collections::VecDeque::new();
-        // Our publishes awaiting their PUBACK, by the packet id we gave them (rumqttc keeps
-        // an id it is given, so the ack can be matched to its publish).
-        let mut unacked: HashMap<u16, (u64, rumqttc::Publish, oneshot::Sender<()>)> =
-            HashMap::new();
+        // `unacked`: our publishes awaiting their acknowledgement, by the packet id we gave
+        // them (rumqttc keeps an id it is given, so the ack can be matched to its publish).
         let mut last_pkid: u16 = 0;
-        let mut sent: u64 = 0;
         loop {
             let event = tokio::select! {
                 _ = shutdown.changed() => {
@@ -161,17 +239,66 @@ pub fn start(
                 }
                 out = publish_rx.recv(), if unacked.len() < PUBLISH_WINDOW as usize => {
                     let Some(out) = out else { continue };
-                    let pkid = loop {
-                        last_pkid = last_pkid % PUBLISH_WINDOW + 1;
-                        if !unacked.contains_key(&last_pkid) {
-                            break last_pkid;
+                    let mut batch = vec![out];
+                    while unacked.len() + batch.len() < PUBLISH_WINDOW as usize {
+                        match publish_rx.try_recv() {
+                            Ok(o) => batch.push(o),
+                            Err(_) => break,
                         }
-                    };
-                    let mut publish = rumqttc::Publish::new(out.topic, QoS::AtLeastOnce, out.payload);
-                    publish.pkid = pkid;
-                    eventloop.pending.push_back(Request::Publish(publish.clone()));
-                    sent += 1;
-                    unacked.insert(pkid, (sent, publish, out.acked));
+                    }
+                    let mut ready = Vec::new();
+                    let mut journalled = Vec::new();
+                    for out in batch {
+                        if qos == QoS::AtMostOnce {
+                            eventloop.pending.push_back(Request::Publish(rumqttc::Publish::new(out.topic, qos, out.payload)));
+                            let _ = out.acked.send(());
+                            continue;
+                        }
+                        let journal = outbox.as_ref().zip(out.key);
+                        if let Some((ob, key)) = journal {
+                            if ob.is_done(&key) {
+                                let _ = out.acked.send(());
+                                continue;
+                            }
+                            if let Some(f) = unacked.values_mut().find(|f| f.key == Some(key)) {
+                                // Sent before a restart: its acknowledgement answers this too.
+                                f.acked.push(out.acked);
+                                continue;
+                            }
+                        }
+                        let pkid = loop {
+                            last_pkid = last_pkid % PUBLISH_WINDOW + 1;
+                            if !unacked.contains_key(&last_pkid) {
+                                break last_pkid;
+                            }
+                        };
+                        sent += 1;
+                        if let Some((ob, key)) = journal {
+                            let entry = Entry { seq: sent, pkid, released: false, key, topic: out.topic.clone(), payload: out.payload.clone() };
+                            if let Err(e) = ob.record(&entry) {
+                                tracing::error!(%broker, error = %e, "could not journal a QoS 2 publish; it stays with the caller");
+                                continue;
+                            }
+                            journalled.push(pkid);
+                        }
+                        let mut publish = rumqttc::Publish::new(out.topic, qos, out.payload);
+                        publish.pkid = pkid;
+                        ready.push(publish.clone());
+                        unacked.insert(pkid, InFlight { seq: sent, publish, released: false, key: out.key, acked: vec![out.acked] });
+                    }
+                    if let (Some(ob), false) = (&outbox, journalled.is_empty())
+                        && let Err(e) = ob.flush().await
+                    {
+                        // Not on disk, so not sent: the callers see the failure and keep them.
+                        tracing::error!(%broker, error = %e, "could not flush the QoS 2 journal; those publishes stay with the caller");
+                        for pkid in journalled {
+                            unacked.remove(&pkid);
+                        }
+                        ready.retain(|p| unacked.contains_key(&p.pkid));
+                    }
+                    for p in ready {
+                        eventloop.pending.push_back(Request::Publish(p));
+                    }
                     continue;
                 }
                 permit = inbound.reserve(), if !pending.is_empty() => {
@@ -184,7 +311,7 @@ pub fn start(
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                     failures = 0;
                     // What the last connection delivered is delivered again after a reconnect
                     // (unacknowledged, marked DUP); copies from before it would only be
@@ -192,22 +319,36 @@ pub fn start(
                     pending.clear();
                     // rumqttc sends again what the last connection left unacknowledged when the
                     // broker kept the session; a new session starts empty, so those go again.
+                    // Journalled QoS 2 publishes from before a restart go the same way: a PUBLISH
+                    // again under its id, or only the PUBREL once the broker had sent PUBREC.
                     let queued: std::collections::HashSet<u16> = eventloop
                         .pending
                         .iter()
                         .filter_map(|r| match r {
                             Request::Publish(p) => Some(p.pkid),
+                            Request::PubRel(r) => Some(r.pkid),
                             _ => None,
                         })
                         .collect();
-                    let mut again: Vec<&(u64, rumqttc::Publish, oneshot::Sender<()>)> = unacked
+                    let mut again: Vec<&InFlight> = unacked
                         .values()
-                        .filter(|(_, p, _)| !queued.contains(&p.pkid))
+                        .filter(|f| !queued.contains(&f.publish.pkid))
                         .collect();
                     // In the order they were first sent.
-                    again.sort_by_key(|(n, _, _)| *n);
-                    for (_, p, _) in again {
-                        eventloop.pending.push_back(Request::Publish(p.clone()));
+                    again.sort_by_key(|f| f.seq);
+                    for f in again {
+                        if f.released && connack.session_present {
+                            eventloop
+                                .pending
+                                .push_back(Request::PubRel(rumqttc::PubRel::new(f.publish.pkid)));
+                        } else {
+                            if f.released {
+                                tracing::warn!(%broker, "the broker lost the session during a QoS 2 exchange; publishing again (the device may get this message twice)");
+                            }
+                            eventloop
+                                .pending
+                                .push_back(Request::Publish(f.publish.clone()));
+                        }
                     }
                     // Queued from a task of its own: this loop must keep polling, or a full
                     // request queue would never drain.
@@ -223,8 +364,31 @@ pub fn start(
                     let _ = state_tx.send(ConnectionState::Connected);
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some((_, _, acked)) = unacked.remove(&ack.pkid) {
-                        let _ = acked.send(());
+                    if let Some(f) = unacked.remove(&ack.pkid) {
+                        f.done();
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubRec(rec))) => {
+                    if let Some(f) = unacked.get_mut(&rec.pkid) {
+                        f.released = true;
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubComp(comp))) => {
+                    if let Some(f) = unacked.remove(&comp.pkid) {
+                        if let (Some(ob), Some(key)) = (&outbox, f.key) {
+                            let entry = Entry {
+                                seq: f.seq,
+                                pkid: comp.pkid,
+                                released: true,
+                                key,
+                                topic: String::new(),
+                                payload: Vec::new(),
+                            };
+                            if let Err(e) = ob.complete(&entry) {
+                                tracing::error!(%broker, error = %e, "could not record a finished QoS 2 publish");
+                            }
+                        }
+                        f.done();
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -240,6 +404,12 @@ pub fn start(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // Through the relay rumqttc only sees its connection closed; the relay
+                    // knows why.
+                    let e = relay_errors
+                        .as_ref()
+                        .and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take())
+                        .unwrap_or_else(|| e.to_string());
                     let wait = crate::backoff(failures, BASE_BACKOFF, MAX_BACKOFF);
                     // Say so at once, then once per ten attempts, so a long outage stays visible
                     // without flooding the log.
@@ -259,5 +429,5 @@ pub fn start(
             }
         }
     });
-    handle
+    Ok(handle)
 }

@@ -1,0 +1,361 @@
+//! Exactly-once publishing (QoS 2) that survives a crash of the daemon.
+//!
+//! QoS 2 is exactly-once only if both ends remember where each exchange stands. The broker
+//! keeps its half in the persistent session; this is ours:
+//!
+//! - a publish is journalled (with the packet id it will carry) and flushed before it leaves,
+//!   and sent again with that id after a restart: the broker, still holding the id, answers
+//!   PUBREC instead of delivering it twice;
+//! - once the broker's PUBREC arrives the exchange may only continue with PUBREL (a PUBLISH
+//!   under the same id after the broker released it would be a new message). rumqttc answers
+//!   PUBREC with PUBREL on its own, before the event reaches us, so the connection runs
+//!   through a small in-process relay that journals each PUBREC (flushed) before rumqttc sees
+//!   it. After a restart those entries are finished with PUBREL alone;
+//! - PUBCOMP ends the exchange: the entry is removed and the message's key is remembered as
+//!   done, so a caller that publishes it again after a crash (it had not yet recorded the
+//!   acknowledgement) is answered at once instead of delivering it twice.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+
+/// Done markers kept (keys of completed publishes); the oldest half goes beyond twice this.
+const DONE_KEPT: usize = 100_000;
+/// Longest Unix socket path (sun_path is 108 bytes with its terminating NUL).
+const MAX_SOCKET_PATH: usize = 100;
+
+/// The idempotency key of one outbound publish (the caller derives it from the message).
+pub type PublishKey = [u8; 32];
+
+/// One journalled publish.
+#[derive(Clone, Debug)]
+pub(crate) struct Entry {
+    pub seq: u64,
+    pub pkid: u16,
+    pub released: bool,
+    pub key: PublishKey,
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+fn entry_key(pkid: u16) -> [u8; 3] {
+    let b = pkid.to_be_bytes();
+    [b'p', b[0], b[1]]
+}
+
+fn done_key(key: &PublishKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(b'd');
+    k.extend_from_slice(key);
+    k
+}
+
+impl Entry {
+    fn encode(&self) -> Vec<u8> {
+        let topic = self.topic.as_bytes();
+        let mut v = Vec::with_capacity(8 + 1 + 32 + 2 + topic.len() + self.payload.len());
+        v.extend_from_slice(&self.seq.to_be_bytes());
+        v.push(self.released as u8);
+        v.extend_from_slice(&self.key);
+        v.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        v.extend_from_slice(topic);
+        v.extend_from_slice(&self.payload);
+        v
+    }
+
+    fn decode(pkid: u16, v: &[u8]) -> Option<Entry> {
+        let seq = u64::from_be_bytes(v.get(0..8)?.try_into().ok()?);
+        let released = *v.get(8)? != 0;
+        let key: PublishKey = v.get(9..41)?.try_into().ok()?;
+        let tlen = u16::from_be_bytes(v.get(41..43)?.try_into().ok()?) as usize;
+        let topic = String::from_utf8(v.get(43..43 + tlen)?.to_vec()).ok()?;
+        let payload = v.get(43 + tlen..)?.to_vec();
+        Some(Entry {
+            seq,
+            pkid,
+            released,
+            key,
+            topic,
+            payload,
+        })
+    }
+}
+
+/// The QoS 2 journal in its sled tree, and where the relay listens.
+#[derive(Clone)]
+pub struct Outbox {
+    tree: sled::Tree,
+    socket: PathBuf,
+    done: Arc<Mutex<VecDeque<PublishKey>>>,
+}
+
+impl Outbox {
+    /// Opens the journal kept in `tree`; the relay's socket goes into `dir` (the daemon's data
+    /// directory, which only its owner can enter), or a private temporary directory when that
+    /// path is too long for a Unix socket.
+    pub fn open(tree: sled::Tree, dir: &Path) -> std::io::Result<Outbox> {
+        let mut socket = dir.join("mqtt-relay.sock");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            let private = std::env::temp_dir().join(format!(
+                "gatehouse-{}-{:016x}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir(&private)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+            socket = private.join("mqtt-relay.sock");
+        }
+        let mut done: Vec<(u64, PublishKey)> = tree
+            .scan_prefix(b"d")
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| {
+                let key: PublishKey = k.get(1..33)?.try_into().ok()?;
+                Some((u64::from_be_bytes(v.as_ref().try_into().ok()?), key))
+            })
+            .collect();
+        done.sort();
+        Ok(Outbox {
+            tree,
+            socket,
+            done: Arc::new(Mutex::new(done.into_iter().map(|(_, k)| k).collect())),
+        })
+    }
+
+    /// The highest sequence number given out so far (new publishes continue after it).
+    pub(crate) fn last_seq(&self) -> u64 {
+        let pending = self.pending().last().map_or(0, |e| e.seq);
+        let done = self
+            .done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .back()
+            .and_then(|k| self.tree.get(done_key(k)).ok().flatten())
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0);
+        pending.max(done)
+    }
+
+    /// Journalled publishes not yet completed, oldest first.
+    pub(crate) fn pending(&self) -> Vec<Entry> {
+        let mut out: Vec<Entry> = self
+            .tree
+            .scan_prefix(b"p")
+            .filter_map(|kv| kv.ok())
+            .filter_map(|(k, v)| {
+                let pkid = u16::from_be_bytes(k.get(1..3)?.try_into().ok()?);
+                Entry::decode(pkid, &v)
+            })
+            .collect();
+        out.sort_by_key(|e| e.seq);
+        out
+    }
+
+    pub(crate) fn is_done(&self, key: &PublishKey) -> bool {
+        matches!(self.tree.contains_key(done_key(key)), Ok(true))
+    }
+
+    /// Records a publish about to be sent (durable after [`Outbox::flush`]).
+    pub(crate) fn record(&self, e: &Entry) -> sled::Result<()> {
+        self.tree.insert(entry_key(e.pkid), e.encode())?;
+        Ok(())
+    }
+
+    /// PUBCOMP: the exchange is over and the key is done.
+    pub(crate) fn complete(&self, e: &Entry) -> sled::Result<()> {
+        self.tree.remove(entry_key(e.pkid))?;
+        self.tree.insert(done_key(&e.key), &e.seq.to_be_bytes())?;
+        let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+        done.push_back(e.key);
+        if done.len() > 2 * DONE_KEPT {
+            for old in done.drain(..DONE_KEPT) {
+                self.tree.remove(done_key(&old))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until everything recorded so far is on disk.
+    pub(crate) async fn flush(&self) -> sled::Result<()> {
+        let tree = self.tree.clone();
+        tokio::task::spawn_blocking(move || tree.flush().map(|_| ()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(sled::Error::ReportableBug(format!(
+                    "flush task failed: {e}"
+                )))
+            })
+    }
+
+    /// Marks the publish with this packet id as received by the broker (PUBREC).
+    fn mark_released(&self, pkid: u16) -> sled::Result<()> {
+        if let Some(v) = self.tree.get(entry_key(pkid))?
+            && v.len() > 8
+            && v[8] == 0
+        {
+            let mut v = v.to_vec();
+            v[8] = 1;
+            self.tree.insert(entry_key(pkid), v)?;
+        }
+        Ok(())
+    }
+
+    /// Where rumqttc connects.
+    pub(crate) fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+/// The last error the relay met dialling the broker (reported instead of rumqttc's view of
+/// the relay, which only sees its connection closed).
+pub(crate) type LastError = Arc<Mutex<Option<String>>>;
+
+/// Starts the relay: every connection rumqttc opens to the socket is carried to the broker,
+/// with each PUBREC journalled before it is passed on.
+pub(crate) fn start_relay(
+    outbox: Outbox,
+    broker: String,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<LastError> {
+    let _ = std::fs::remove_file(outbox.socket());
+    let listener = UnixListener::bind(outbox.socket())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(outbox.socket(), std::fs::Permissions::from_mode(0o600))?;
+    }
+    let last_error: LastError = Default::default();
+    let errors = last_error.clone();
+    tokio::spawn(async move {
+        loop {
+            let conn = tokio::select! {
+                _ = shutdown.changed() => break,
+                c = listener.accept() => c,
+            };
+            let Ok((conn, _)) = conn else { continue };
+            match TcpStream::connect(&broker).await {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    *errors.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    tokio::spawn(carry(conn, tcp, outbox.clone()));
+                }
+                Err(e) => {
+                    *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                }
+            }
+        }
+        let _ = std::fs::remove_file(outbox.socket());
+    });
+    Ok(last_error)
+}
+
+/// Carries one connection until either side closes it.
+async fn carry(client: UnixStream, broker: TcpStream, outbox: Outbox) {
+    let (mut cr, mut cw) = client.into_split();
+    let (mut br, mut bw) = broker.into_split();
+    let up = tokio::io::copy(&mut cr, &mut bw);
+    let down = async {
+        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            let n = br.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let (complete, pubrecs) = scan_frames(&buf);
+            if !pubrecs.is_empty() {
+                for pkid in pubrecs {
+                    outbox.mark_released(pkid).map_err(std::io::Error::other)?;
+                }
+                outbox.flush().await.map_err(std::io::Error::other)?;
+            }
+            cw.write_all(&buf[..complete]).await?;
+            buf.drain(..complete);
+        }
+    };
+    tokio::select! {
+        r = up => { if let Err(e) = r { tracing::debug!(error = %e, "MQTT relay: client side closed"); } }
+        r = down => { if let Err(e) = r { tracing::warn!(error = %e, "MQTT relay: broker side closed"); } }
+    }
+}
+
+/// How many leading bytes of `buf` are complete MQTT packets, and the packet ids of the
+/// PUBRECs among them.
+pub(crate) fn scan_frames(buf: &[u8]) -> (usize, Vec<u16>) {
+    let mut at = 0;
+    let mut pubrecs = Vec::new();
+    while let Some(&header) = buf.get(at) {
+        // Remaining length: up to four 7-bit groups, least significant first.
+        let mut len = 0usize;
+        let mut shift = 0;
+        let mut i = at + 1;
+        let body = loop {
+            let Some(&b) = buf.get(i) else {
+                return (at, pubrecs);
+            };
+            len |= ((b & 0x7f) as usize) << shift;
+            i += 1;
+            if b & 0x80 == 0 {
+                break i;
+            }
+            shift += 7;
+            if shift > 21 {
+                // Malformed; pass everything on and let the client report it.
+                return (buf.len(), pubrecs);
+            }
+        };
+        if buf.len() < body + len {
+            break;
+        }
+        if header >> 4 == 5 && len >= 2 {
+            pubrecs.push(u16::from_be_bytes([buf[body], buf[body + 1]]));
+        }
+        at = body + len;
+    }
+    (at, pubrecs)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn frames_are_cut_at_packet_boundaries_and_pubrecs_found() {
+        // PUBACK 7, PUBREC 9, PUBREC 300, then half a PUBLISH.
+        let mut b = vec![0x40, 2, 0, 7, 0x50, 2, 0, 9, 0x50, 2, 1, 44];
+        let whole = b.len();
+        b.extend_from_slice(&[0x32, 10, 0, 3]);
+        assert_eq!(scan_frames(&b), (whole, vec![9, 300]));
+        // A two-byte remaining length (200 bytes of PUBLISH).
+        let mut long = vec![0x30, 0xc8, 0x01];
+        long.extend(std::iter::repeat_n(0u8, 200));
+        assert_eq!(scan_frames(&long), (203, vec![]));
+        assert_eq!(scan_frames(&long[..150]), (0, vec![]));
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        let e = Entry {
+            seq: 42,
+            pkid: 7,
+            released: true,
+            key: [3; 32],
+            topic: "devices/a/down".into(),
+            payload: b"hello".to_vec(),
+        };
+        let d = Entry::decode(7, &e.encode()).unwrap();
+        assert_eq!(
+            (
+                d.seq,
+                d.released,
+                d.key,
+                d.topic.as_str(),
+                d.payload.as_slice()
+            ),
+            (42, true, [3; 32], "devices/a/down", &b"hello"[..])
+        );
+    }
+}
