@@ -1,7 +1,7 @@
 //! Storage faults: a disk that runs out of room stops the daemon taking in messages (it
 //! reports not-ready, says why, and acknowledges nothing it did not store, so the broker keeps
-//! them) and it resumes by itself when space returns; a store that cannot be read is refused
-//! at start with an error naming it.
+//! them) and it resumes by itself when space returns; a store that cannot be read, or that
+//! lost writes it had made durable, is refused at start with an error naming it.
 
 use gatehouse_e2e::*;
 
@@ -79,8 +79,71 @@ fn unreadable_store_is_refused_at_start_with_a_clear_error() {
     assert!(d.wait_exit(), "the daemon refuses to start");
     let log = d.log_text();
     assert!(
-        log.contains("the bridge store at") && log.contains("data/bridge cannot be opened"),
+        log.contains("the bridge store at") && log.contains("data/bridge is damaged"),
         "{log}"
     );
-    assert!(log.contains("Restore data_dir from a backup"), "{log}");
+    assert!(log.contains("Restore it from a backup"), "{log}");
+}
+
+/// sled recovers a damaged log by dropping everything after the damage, silently; the seal
+/// (`gatehouse.seal`, written after each flush) finds it. Rolling the log back to an older
+/// copy is that loss made exact.
+#[test]
+fn store_that_lost_durable_writes_is_refused_until_the_operator_decides() {
+    let s = Setup::new("rolled-back-store");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let line = |n: u64| format!("{{\"n\":{n}}}");
+    let bridge = s.dir.join("data/bridge");
+    let old = s.dir.join("bridge-before");
+
+    let mut d = s.start_daemon(&config);
+    a.init();
+    s.broker
+        .publish_lines("devices/d1/up", &(1..=5).map(line).collect::<Vec<_>>());
+    assert_eq!(
+        a.listen(5).iter().map(seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    d.stop();
+    std::fs::create_dir_all(&old).unwrap();
+    for f in std::fs::read_dir(&bridge).unwrap() {
+        let f = f.unwrap();
+        if f.file_type().unwrap().is_file() {
+            std::fs::copy(f.path(), old.join(f.file_name())).unwrap();
+        }
+    }
+
+    let mut d = s.start_daemon(&config);
+    s.broker
+        .publish_lines("devices/d1/up", &(6..=10).map(line).collect::<Vec<_>>());
+    assert_eq!(
+        a.listen(5).iter().map(seq).collect::<Vec<_>>(),
+        [6, 7, 8, 9, 10]
+    );
+    d.stop();
+    // The log goes back to what it held after message 5; the seal stays as it is.
+    for f in std::fs::read_dir(&old).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() != "gatehouse.seal" {
+            std::fs::copy(f.path(), bridge.join(f.file_name())).unwrap();
+        }
+    }
+
+    let mut d = s.spawn_daemon(&config);
+    assert!(d.wait_exit(), "the daemon refuses to start");
+    let log = d.log_text();
+    assert!(log.contains("data/bridge is damaged"), "{log}");
+    assert!(log.contains("writes it had made durable are gone"), "{log}");
+    assert!(log.contains("data/bridge/gatehouse.seal"), "{log}");
+    assert!(!log.contains("gatehouse running"), "{log}");
+
+    // The operator accepts the loss: the daemon starts on what is left, and seals it anew.
+    std::fs::remove_file(bridge.join("gatehouse.seal")).unwrap();
+    let d = s.start_daemon(&config);
+    wait_for("the daemon to be ready", || {
+        (d.get("/ready").0 == 200).then_some(())
+    });
+    assert!(bridge.join("gatehouse.seal").exists());
 }

@@ -347,10 +347,12 @@ impl Client {
                 (State::Allowed, false) if !h.surfaced => {
                     let mut r = h.received;
                     r.content = hex::decode(h.content).unwrap_or_default();
-                    // Retained before it leaves the request queue.
-                    self.retain_delivery(&mut r)?;
+                    // Retained as it leaves the request queue (one atomic write).
+                    let mut batch = sled::Batch::default();
+                    self.retain_delivery(&mut r, &mut batch)?;
+                    batch.remove(k);
+                    self.tree.apply_batch(batch)?;
                     out.push(r);
-                    self.tree.remove(k)?;
                 }
                 _ => {
                     self.tree.remove(k)?;

@@ -13,8 +13,14 @@ impl Client {
         self.retain = on;
     }
 
-    /// Retains `r` (when retention is on) and numbers it.
-    pub(crate) fn retain_delivery(&mut self, r: &mut Received) -> Result<()> {
+    /// Retains `r` (when retention is on) and numbers it; the record goes into `batch`, which
+    /// the caller applies together with what makes the message leave its source (a cursor
+    /// move, a removal from the request queue), so a crash keeps both or neither.
+    pub(crate) fn retain_delivery(
+        &mut self,
+        r: &mut Received,
+        batch: &mut sled::Batch,
+    ) -> Result<()> {
         if !self.retain {
             return Ok(());
         }
@@ -28,10 +34,10 @@ impl Client {
             },
             surfaced: false,
         };
-        self.tree.insert(
+        batch.insert(
             seq_key(b"deliv/", seq),
             serde_json::to_vec(&held).unwrap_or_default(),
-        )?;
+        );
         Ok(())
     }
 

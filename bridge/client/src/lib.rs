@@ -130,21 +130,7 @@ pub struct SenderEndpoint {
     pub verified: bool,
 }
 
-/// Writes a sled tree's pending changes to disk without blocking the async runtime.
-///
-/// sled 0.34's own `flush_async` deadlocks when several run at once (spacejam/sled#1308: every
-/// thread of sled's pool waits for a log write that needs a thread of that pool); it stopped
-/// the daemon in a crash-loop test. The synchronous flush runs on tokio's blocking pool instead.
-pub async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
-    let tree = tree.clone();
-    tokio::task::spawn_blocking(move || tree.flush())
-        .await
-        .unwrap_or_else(|e| {
-            Err(sled::Error::ReportableBug(format!(
-                "flush task failed: {e}"
-            )))
-        })
-}
+pub use gatehouse_store::flush_tree;
 
 /// A gRPC channel to a node URL (`http://` or `https://`). It connects lazily: the first call
 /// that needs the node reports an unreachable node, so purely local commands work offline.
@@ -159,6 +145,8 @@ pub async fn connect(url: &str) -> Result<Channel> {
 /// One installation of one inbox.
 pub struct Client {
     tree: sled::Tree,
+    /// Message ids seen in the read under way, written with its cursor.
+    unsaved_seen: Vec<String>,
     mls: MlsApiClient<Channel>,
     ids: IdentityApiClient<Channel>,
     provider: Provider,
@@ -338,6 +326,7 @@ impl Client {
             released_version: 0,
             last_sync_group_check: None,
             membership_checked: Default::default(),
+            unsaved_seen: Vec::new(),
         })
     }
 
@@ -1167,13 +1156,18 @@ impl Client {
                     continue;
                 };
                 saw_commit |= v.is_commit;
+                let mut batch = sled::Batch::default();
                 if let Some(mut r) = self.handle_message(g, &gid, &v, &mut states).await? {
-                    // Kept before the cursor moves past it (one tree: a crash that keeps the
-                    // cursor keeps this too).
-                    self.retain_delivery(&mut r)?;
+                    // Kept as the cursor moves past it: the retained copy, the "seen" mark
+                    // and the cursor are one atomic write, so a crash keeps all or none (a
+                    // durable "seen" without the copy would drop the message when it is read
+                    // again).
+                    self.retain_delivery(&mut r, &mut batch)?;
                     out.push(r);
                 }
-                self.tree.insert(&ckey, &v.id.to_be_bytes())?;
+                self.save_seen(&mut batch)?;
+                batch.insert(ckey.as_slice(), &v.id.to_be_bytes());
+                self.tree.apply_batch(batch)?;
             }
             // The MLS store is written back only when messages were processed (the read loop
             // runs every poll interval for every conversation).
@@ -1195,26 +1189,39 @@ impl Client {
         Ok(out)
     }
 
-    /// Records `message_id` as seen; false when it already was. The last [`SEEN_WINDOW`] ids
-    /// are kept (`seen/ID` → sequence, `seenq/SEQ` → id), older ones are forgotten.
-    fn first_sight(&self, message_id: &str) -> Result<bool> {
+    /// Whether `message_id` is seen for the first time (recorded as seen if so, in memory
+    /// until [`Client::save_seen`] writes it with the message's cursor).
+    fn first_sight(&mut self, message_id: &str) -> Result<bool> {
         let key = [b"seen/".as_slice(), message_id.as_bytes()].concat();
-        if self.tree.contains_key(&key)? {
+        if self.tree.contains_key(&key)? || self.unsaved_seen.iter().any(|m| m == message_id) {
             return Ok(false);
         }
-        let seq = self.next_seq("seen")?;
-        self.tree.insert(&key, &seq.to_be_bytes())?;
-        self.tree.insert(
-            [b"seenq/".as_slice(), &seq.to_be_bytes()].concat(),
-            message_id.as_bytes(),
-        )?;
-        if seq > SEEN_WINDOW {
-            let old = [b"seenq/".as_slice(), &(seq - SEEN_WINDOW).to_be_bytes()].concat();
-            if let Some(id) = self.tree.remove(&old)? {
-                self.tree.remove([b"seen/".as_slice(), &id].concat())?;
+        self.unsaved_seen.push(message_id.to_string());
+        Ok(true)
+    }
+
+    /// Puts the ids [`Client::first_sight`] saw into `batch`. The last [`SEEN_WINDOW`] ids are
+    /// kept (`seen/ID` → sequence, `seenq/SEQ` → id), older ones are forgotten.
+    fn save_seen(&mut self, batch: &mut sled::Batch) -> Result<()> {
+        for message_id in std::mem::take(&mut self.unsaved_seen) {
+            let seq = self.next_seq("seen")?;
+            batch.insert(
+                [b"seen/".as_slice(), message_id.as_bytes()].concat(),
+                &seq.to_be_bytes(),
+            );
+            batch.insert(
+                [b"seenq/".as_slice(), &seq.to_be_bytes()].concat(),
+                message_id.as_bytes(),
+            );
+            if seq > SEEN_WINDOW {
+                let old = [b"seenq/".as_slice(), &(seq - SEEN_WINDOW).to_be_bytes()].concat();
+                if let Some(id) = self.tree.get(&old)? {
+                    batch.remove(old);
+                    batch.remove([b"seen/".as_slice(), &id].concat());
+                }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     async fn live(

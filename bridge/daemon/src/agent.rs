@@ -1,6 +1,7 @@
 //! `gatehouse agent`: the client a person or an agent runs (identity, send, listen).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -330,14 +331,14 @@ async fn resolve_all(client: &mut Client, members: &[String]) -> anyhow::Result<
 /// How often `listen` asks the node for news.
 const LISTEN_POLL: Duration = Duration::from_millis(200);
 
-async fn open(home: &Path, node: &str, owner: Option<Owner>) -> anyhow::Result<(sled::Db, Client)> {
+async fn open(
+    home: &Path,
+    node: &str,
+    owner: Option<Owner>,
+) -> anyhow::Result<(Arc<gatehouse_store::Sealed>, Client)> {
     std::fs::create_dir_all(home).with_context(|| format!("creating {}", home.display()))?;
-    let db = sled::open(home.join("db")).with_context(|| {
-        format!(
-            "opening {} (is another `gatehouse agent` using this home?)",
-            home.display()
-        )
-    })?;
+    let dir = home.join("db");
+    let db = gatehouse_store::open(sled::Config::new().path(&dir), &dir, "the agent's store")?;
     let channel = gatehouse_client::connect(node)
         .await
         .with_context(|| format!("connecting to the XMTP node at {node}"))?;

@@ -214,7 +214,8 @@ struct Endpoint {
 pub struct Bridge {
     cfg: Config,
     seed: [u8; 32],
-    db: sled::Db,
+    /// The bridge store (sealed: damage is found at the next start).
+    db: Arc<gatehouse_store::Sealed>,
     inbox: sled::Tree,
     /// The last QoS 1 message stored under each packet id: packet id → digest. Entries are
     /// overwritten when the broker reuses the id, never removed at the ack: the ack is only
@@ -1361,6 +1362,7 @@ impl Bridge {
             }
         }
         self.dead.flush()?;
+        gatehouse_store::note_flush();
         if !missing.is_empty() && dropped.is_empty() {
             anyhow::bail!("no dead letter with id {missing:?} (see `gatehouse dlq list`)");
         }
@@ -1600,27 +1602,16 @@ fn passthrough_inbound(payload: &[u8]) -> Result<Action, String> {
     }))
 }
 
-/// What to say when a store does not open (corrupt, or written by an incompatible version).
-fn unreadable_store(what: &str, path: &std::path::Path) -> String {
-    format!(
-        "{what} at {} cannot be opened: it is corrupt or was written by an incompatible version, \
-         and the daemon does not start on it. Restore data_dir from a backup, or move {} aside \
-         to start empty (what it held is then lost)",
-        path.display(),
-        path.display()
-    )
-}
-
 /// Starts everything and runs until `shutdown` turns true.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let seed = identity::load_or_create_seed(&cfg.data_dir.join("seed"))?;
 
+    let mut node_store = None;
     let node_url = if cfg.node.embedded {
-        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node")).with_context(|| {
-            unreadable_store("the embedded node's store", &cfg.data_dir.join("node"))
-        })?;
+        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node"))?;
+        node_store = Some(store.clone());
         let listener = tokio::net::TcpListener::bind(cfg.node.listen)
             .await
             .with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
@@ -1645,11 +1636,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         .with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
     tracing::info!(node = %node_url, "using XMTP node");
 
-    let db = sled::Config::new()
-        .path(cfg.data_dir.join("bridge"))
-        .flush_every_ms(Some(200))
-        .open()
-        .with_context(|| unreadable_store("the bridge store", &cfg.data_dir.join("bridge")))?;
+    let db = gatehouse_store::open(
+        sled::Config::new()
+            .path(cfg.data_dir.join("bridge"))
+            .flush_every_ms(Some(200)),
+        &cfg.data_dir.join("bridge"),
+        "the bridge store",
+    )?;
     // Compiled plugins are cached beside the other state, so restarts skip compilation.
     // Fuel metering slows every call a little, so the engine meters only if a plugin asks.
     let host = if cfg.plugins.values().any(|p| p.fuel.is_some()) {
@@ -1820,7 +1813,18 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         watcher,
         futures::future::join_all(workers)
     );
-    gatehouse_client::flush_tree(&bridge.db).await?;
+    // Seal the bridge store (and the embedded node's, once its server has let go of it):
+    // damage to what is durable now is found at the next start.
+    let sealed = bridge.db.clone();
+    tokio::task::spawn_blocking(move || sealed.seal())
+        .await?
+        .context("sealing the bridge store")?;
+    if let Some(store) = node_store {
+        store
+            .seal()
+            .await
+            .context("sealing the embedded node's store")?;
+    }
     tracing::info!("gatehouse stopped");
     Ok(())
 }

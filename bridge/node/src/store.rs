@@ -26,12 +26,17 @@ pub enum StoreError {
     /// Stored bytes did not decode: the store is corrupt.
     #[error("corrupt record in {0}")]
     Corrupt(&'static str),
+    /// The store is damaged or unreadable (found at open).
+    #[error(transparent)]
+    Integrity(#[from] gatehouse_store::IntegrityError),
 }
 
 /// The node's persistent state.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The seal of an on-disk store (`None` for a temporary one).
+    sealed: Option<std::sync::Arc<gatehouse_store::Sealed>>,
     identity: sled::Tree,
     inbox_log: sled::Tree,
     identifiers: sled::Tree,
@@ -76,11 +81,23 @@ pub struct LoggedUpdate {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(200))
-            .open()?;
-        Self::from_db(db)
+        let config = sled::Config::new().path(dir).flush_every_ms(Some(200));
+        let sealed = gatehouse_store::open(config, dir, "the node's store")?;
+        let mut store = Self::from_db(sealed.db().clone())?;
+        store.sealed = Some(sealed);
+        Ok(store)
+    }
+
+    /// Makes everything durable and seals the store (clean shutdown).
+    pub async fn seal(&self) -> Result<(), StoreError> {
+        if let Some(sealed) = self.sealed.clone() {
+            tokio::task::spawn_blocking(move || sealed.seal())
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(sled::Error::Io)?;
+        }
+        Ok(())
     }
 
     /// A throwaway in-memory store (tests).
@@ -99,6 +116,7 @@ impl Store {
             commit_log: db.open_tree("commit_log")?,
             meta: db.open_tree("meta")?,
             db,
+            sealed: None,
         })
     }
 
@@ -128,6 +146,7 @@ impl Store {
                     "flush task failed: {e}"
                 )))
             })?;
+        gatehouse_store::note_flush();
         Ok(())
     }
 

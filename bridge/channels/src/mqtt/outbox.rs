@@ -180,14 +180,7 @@ impl Outbox {
 
     /// Waits until everything recorded so far is on disk.
     pub(crate) async fn flush(&self) -> sled::Result<()> {
-        let tree = self.tree.clone();
-        tokio::task::spawn_blocking(move || tree.flush().map(|_| ()))
-            .await
-            .unwrap_or_else(|e| {
-                Err(sled::Error::ReportableBug(format!(
-                    "flush task failed: {e}"
-                )))
-            })
+        gatehouse_store::flush_tree(&self.tree).await.map(|_| ())
     }
 
     /// Marks the publish with this packet id as received by the broker (PUBREC).
