@@ -10,6 +10,7 @@ fn main() {
     let plugins = manifest.join("../../plugins");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", plugins.join("mqtt").display());
+    println!("cargo:rerun-if-changed={}", plugins.join("email").display());
     println!("cargo:rerun-if-changed={}", plugins.join("sdk").display());
     println!(
         "cargo:rerun-if-changed={}",
@@ -73,7 +74,11 @@ fn main() {
         "building plugins/ for wasm32-wasip2 failed (see the output above)"
     );
     // One entry per first-party plugin crate in plugins/.
-    const PLUGINS: &[&str] = &["gatehouse_plugin_mqtt", "gatehouse_plugin_misbehave"];
+    const PLUGINS: &[&str] = &[
+        "gatehouse_plugin_mqtt",
+        "gatehouse_plugin_email",
+        "gatehouse_plugin_misbehave",
+    ];
     for name in PLUGINS {
         let wasm = target_dir
             .join("wasm32-wasip2/release")

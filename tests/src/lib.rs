@@ -1097,3 +1097,119 @@ pub fn reverse_crash_loop(name: &str, devices: u64, per_device: u64, kills: usiz
         devices * per_device
     );
 }
+
+/// A Python interpreter that has `aiosmtpd` (the Debian package installs it for
+/// `/usr/bin/python3`, which may not be the first `python3` on PATH).
+fn python_with_aiosmtpd() -> PathBuf {
+    for py in ["python3", "/usr/bin/python3"] {
+        let ok = Command::new(py)
+            .args(["-c", "import aiosmtpd"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return PathBuf::from(py);
+        }
+    }
+    panic!(
+        "python3 with aiosmtpd is not installed: install the Debian package `python3-aiosmtpd` (.ci/run does)"
+    );
+}
+
+/// A real SMTP server (`python3 -m aiosmtpd`) that stores what it receives in a Maildir.
+pub struct SmtpSink {
+    _proc: Proc,
+    /// Its port.
+    pub port: u16,
+    /// The Maildir it writes (`new/` holds one file per message).
+    pub maildir: PathBuf,
+}
+
+impl SmtpSink {
+    /// Starts the sink on a free port under `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let py = python_with_aiosmtpd();
+        let port = free_port();
+        let maildir = dir.join(format!("sink-{port}"));
+        let log = std::fs::File::create(dir.join(format!("sink-{port}.log"))).unwrap();
+        let child = Command::new(py)
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting python3 -m aiosmtpd");
+        let proc = Proc(child);
+        wait_for("the SMTP sink to listen", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        SmtpSink {
+            _proc: proc,
+            port,
+            maildir,
+        }
+    }
+
+    /// The messages received so far, oldest first.
+    pub fn messages(&self) -> Vec<String> {
+        let mut files: Vec<_> = std::fs::read_dir(self.maildir.join("new"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        files
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .collect()
+    }
+
+    /// Waits until `n` messages arrived; returns them.
+    pub fn wait_messages(&self, n: usize) -> Vec<String> {
+        wait_for(&format!("{n} mails at the SMTP sink"), || {
+            let m = self.messages();
+            (m.len() >= n).then_some(m)
+        })
+    }
+}
+
+/// One header's value in a raw mail (the first occurrence, unfolded).
+pub fn mail_header(raw: &str, name: &str) -> Option<String> {
+    let mut lines = raw.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.is_empty() {
+            return None;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case(name)
+        {
+            let mut value = v.trim().to_string();
+            while let Some(next) = lines.peek().filter(|l| l.starts_with([' ', '\t'])) {
+                value.push(' ');
+                value.push_str(next.trim());
+                lines.next();
+            }
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// Runs `swaks` against `127.0.0.1:port` with `args`; returns (exit code, transcript).
+pub fn swaks(port: u16, args: &[&str]) -> (i32, String) {
+    require("swaks", "swaks");
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{port}"), "--timeout", "60"])
+        .args(args)
+        .output()
+        .expect("running swaks");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

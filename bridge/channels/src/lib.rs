@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod email;
 pub mod mqtt;
 
 /// Exponential backoff with full jitter: `base · 2^attempt`, capped, then a uniform draw.

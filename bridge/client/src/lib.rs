@@ -128,6 +128,10 @@ pub struct SenderEndpoint {
     /// True only if the signature verifies, the signing key is a live installation of the
     /// bridge inbox, and the attested endpoint is the sender.
     pub verified: bool,
+    /// How the bridge authenticated the sender (email: DKIM/SPF/DMARC and whether the address
+    /// is verified), as the bridge signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_auth: Option<gatehouse_protocol::attestation::SenderAuth>,
 }
 
 pub use gatehouse_store::flush_tree;
@@ -1488,15 +1492,7 @@ impl Client {
             }
             Err(_) => match EndpointAttestation::parse_unverified(value) {
                 Some(claim) => (claim, false),
-                None => (
-                    EndpointAttestation {
-                        bridge: String::new(),
-                        endpoint: String::new(),
-                        channel: String::new(),
-                        address: String::new(),
-                    },
-                    false,
-                ),
+                None => (EndpointAttestation::default(), false),
             },
         };
         Ok(SenderEndpoint {
@@ -1504,6 +1500,7 @@ impl Client {
             channel: claim.channel,
             address: claim.address,
             verified,
+            sender_auth: claim.sender_auth,
         })
     }
 

@@ -29,6 +29,7 @@ async fn only_the_bridges_attestation_verifies() {
         endpoint: endpoint_inbox.to_string(),
         channel: "mqtt".into(),
         address: "devices/t1/up".into(),
+        sender_auth: None,
     };
     let gid = endpoint.dm(agent.inbox_id()).await.unwrap();
     let me = endpoint.inbox_id().to_string();

@@ -2,7 +2,8 @@
 //!
 //! Inbound: MQTT publish → route match and size check → durable inbox (sled, flushed, one
 //! queue per route) → acknowledge the broker → plugin → endpoint's DM with each agent → remove
-//! from the inbox. Each route drains its own queue in order, concurrently with the others, so a
+//! from the inbox. Mail takes the same path: SMTP DATA → sender authentication and policy →
+//! durable inbox → 250; each sender's address is an endpoint. Each route drains its own queue in order, concurrently with the others, so a
 //! slow or quarantined plugin holds only its own routes.
 //! Outbound: each endpoint reads its conversations → sender must be allowed by the route →
 //! plugin → publish on the route's reply topic. Nothing is logged with message content.
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use gatehouse_channels::email;
 use gatehouse_channels::mqtt::{self, Inbound, MqttHandle};
 use gatehouse_client::Channel;
 use gatehouse_client::Client;
@@ -48,6 +50,8 @@ const ECHO_WINDOW: Duration = Duration::from_secs(60);
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// Most dead letters one `GET /dead-letters` returns (the newest).
 const DEAD_LETTER_PAGE: usize = 1000;
+/// Thread ids an outbound mail's References carries at most.
+const MAIL_REFERENCES: usize = 20;
 
 /// A loaded plugin and where it came from.
 struct Loaded {
@@ -67,6 +71,7 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
         .get(name)
         .with_context(|| format!("no plugin named {name:?} in config.yaml"))?;
     let (wasm, stamp) = match (&p.builtin, &p.path) {
+        (Some(b), _) if b == "email" => (gatehouse_host::EMAIL_PLUGIN.to_vec(), None),
         (Some(_), _) => (gatehouse_host::MQTT_PLUGIN.to_vec(), None),
         (None, Some(path)) => {
             let meta = std::fs::metadata(path)
@@ -78,8 +83,9 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
         (None, None) => anyhow::bail!("plugins.{name}: no builtin or path"),
     };
     let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
-    // The route's reply template is the plugin's down topic.
+    // The route's reply template is an MQTT plugin's down topic.
     if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
+        && !r.is_email()
         && !p.config.contains_key("down_topic")
     {
         config.push(("down_topic".into(), r.reply.clone()));
@@ -182,6 +188,34 @@ struct Queued {
     payload: Vec<u8>,
     retain: bool,
     qos: u8,
+    /// For mail: the envelope and what sender authentication found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mail: Option<MailMeta>,
+}
+
+/// What the SMTP session knew about a mail, kept with it.
+#[derive(Clone, Serialize, Deserialize)]
+struct MailMeta {
+    /// The mailbox it was sent to.
+    rcpt: String,
+    /// Envelope sender.
+    mail_from: String,
+    /// DKIM/SPF/DMARC.
+    auth: email::AuthResult,
+}
+
+/// The thread an email endpoint is in: what its replies answer.
+#[derive(Default, Serialize, Deserialize)]
+struct MailThread {
+    subject: String,
+    /// The mailbox the sender wrote to (replies come from it).
+    mailbox: String,
+    /// The last message's id, and the thread before it (oldest first, at most
+    /// [`MAIL_REFERENCES`]).
+    last_id: Option<String>,
+    references: Vec<String>,
+    /// Bridge hops of the last message.
+    hops: u32,
 }
 
 /// What the admin API shows for an endpoint.
@@ -236,6 +270,12 @@ pub struct Bridge {
     /// Per-plugin counters and quarantine state (`gatehouse plugins`).
     plugin_stats: std::sync::Mutex<BTreeMap<String, crate::grants::PluginStats>>,
     mqtt: Option<MqttHandle>,
+    /// The outbound mail relay (when `channels.email.relay` is set).
+    relay: Option<email::Relay>,
+    /// Mail already stored, by sender and Message-ID (a client retrying after a lost 250).
+    mail_seen: sled::Tree,
+    /// Per email endpoint: the thread its replies answer.
+    mail_threads: sled::Tree,
     endpoints: std::sync::Mutex<HashMap<String, Arc<Endpoint>>>,
     resolved: Mutex<HashMap<String, String>>,
     /// The bridge's own XMTP identity: it signs endpoint attestations.
@@ -335,7 +375,7 @@ impl Bridge {
             route: route.name.clone(),
             channel: route.channel.clone(),
             device: device.to_string(),
-            address: route.subscribe.replace("{device}", device),
+            address: route.endpoint_address(device),
             wallet_address: client.address(),
             inbox_id: client.inbox_id().to_string(),
         };
@@ -411,6 +451,7 @@ impl Bridge {
                 payload: msg.payload.clone(),
                 retain: msg.retain,
                 qos: msg.qos,
+                mail: None,
             };
             self.inbox
                 .insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?)?;
@@ -482,6 +523,288 @@ impl Bridge {
             m.ack(msg).await.context("acknowledging to the broker")?;
         }
         Ok(())
+    }
+
+    /// Takes in one received mail: loops, automatic mail and our own mail are answered 250
+    /// and dropped (with a log line); unverified senders meet the configured policy; the rest
+    /// is stored durably, once per sender and Message-ID, before the client hears 250.
+    async fn accept_mail(&self, mail: email::MailIn) -> anyhow::Result<()> {
+        let Some(ecfg) = &self.cfg.channels.email else {
+            mail.answer(email::Verdict::TryLater("email is not configured".into()));
+            return Ok(());
+        };
+        let peer = mail.peer;
+        let Some(parsed) = email::parse(&mail.raw, mail.mail_from.is_empty()) else {
+            tracing::warn!(%peer, bytes = mail.raw.len(), "mail refused: not a parseable message");
+            mail.answer(email::Verdict::Reject(
+                550,
+                "5.6.0 Not a parseable message".into(),
+            ));
+            return Ok(());
+        };
+        if let Some(why) = &parsed.automatic {
+            // Accepted (so nobody bounces a bounce), not a chat message.
+            tracing::info!(%why, "automatic mail (auto-reply, bounce, list) not turned into a chat message");
+            mail.answer(email::Verdict::Stored);
+            return Ok(());
+        }
+        let Some(from) = parsed.from.clone().filter(|f| f.contains('@')) else {
+            tracing::warn!(%peer, "mail refused: no From address");
+            mail.answer(email::Verdict::Reject(
+                550,
+                "5.1.7 The message has no From address".into(),
+            ));
+            return Ok(());
+        };
+        let found = self.cfg.routes.iter().enumerate().find_map(|(i, r)| {
+            let rcpt = mail
+                .rcpt
+                .iter()
+                .find(|t| r.is_email() && email::mailbox_matches(&r.subscribe, t))?;
+            Some((i, r, rcpt.clone()))
+        });
+        let Some((idx, route, rcpt)) = found else {
+            mail.answer(email::Verdict::Reject(
+                550,
+                "5.1.1 No such mailbox here".into(),
+            ));
+            return Ok(());
+        };
+        if self
+            .cfg
+            .routes
+            .iter()
+            .any(|r| r.is_email() && email::mailbox_matches(&r.subscribe, &from))
+        {
+            tracing::info!(route = %route.name, "mail from one of our own mailboxes not taken in (a loop)");
+            mail.answer(email::Verdict::Stored);
+            return Ok(());
+        }
+        if parsed.hops >= email::MAX_HOPS {
+            tracing::warn!(route = %route.name, hops = parsed.hops, "mail dropped: it went through {} bridges already (a loop)", parsed.hops);
+            mail.answer(email::Verdict::Stored);
+            return Ok(());
+        }
+        let meta = MailMeta {
+            rcpt: rcpt.clone(),
+            mail_from: mail.mail_from.clone(),
+            auth: mail.auth.clone(),
+        };
+        let rec = Queued {
+            route: idx,
+            device: from.clone(),
+            topic: rcpt,
+            payload: mail.raw.clone(),
+            retain: false,
+            qos: 1,
+            mail: Some(meta),
+        };
+        if !mail.auth.verified {
+            match ecfg.unverified {
+                email::Unverified::Accept => {}
+                email::Unverified::Reject => {
+                    tracing::info!(route = %route.name, results = %mail.auth.summary(), "mail refused: sender not verified (channels.email.unverified: reject)");
+                    let summary = mail.auth.summary();
+                    mail.answer(email::Verdict::Reject(
+                        550,
+                        format!("5.7.1 Sender not verified ({summary})"),
+                    ));
+                    return Ok(());
+                }
+                email::Unverified::Quarantine => {
+                    self.put_dead_letter(serde_json::json!({
+                        "direction": "inbound",
+                        "route": route.name,
+                        "plugin": route.plugin,
+                        "device": from,
+                        "kind": "unverified",
+                        "reason": format!("quarantined: sender not verified ({}); `gatehouse dlq retry` delivers it", mail.auth.summary()),
+                        "topic": rec.topic,
+                        "bytes": rec.payload.len(),
+                        "payload": hex::encode(&rec.payload),
+                        "mail": serde_json::to_value(rec.mail.as_ref()).ok(),
+                    }));
+                    gatehouse_client::flush_tree(&self.dead).await?;
+                    mail.answer(email::Verdict::Stored);
+                    return Ok(());
+                }
+            }
+        }
+        // The same mail again (a client that missed our 250): acknowledged, stored once.
+        let seen = {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            h.update(b"gatehouse/mail\0");
+            h.update(from.as_bytes());
+            h.update([0]);
+            match &parsed.message_id {
+                Some(id) => h.update(id.as_bytes()),
+                None => h.update(sha2::Sha256::digest(&mail.raw)),
+            }
+            h.finalize()
+        };
+        if self.mail_seen.contains_key(seen)? {
+            tracing::info!(route = %route.name, "mail already stored (the client sent it again); acknowledged once more");
+            mail.answer(email::Verdict::Stored);
+            return Ok(());
+        }
+        if let Err(reason) = self.storage_room() {
+            self.set_not_ready(Some(reason.clone()));
+            mail.answer(email::Verdict::TryLater(reason));
+            return Ok(());
+        }
+        let id = self.db.generate_id()?;
+        let mut batch = sled::Batch::default();
+        batch.insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?);
+        self.inbox.apply_batch(batch)?;
+        self.mail_seen.insert(seen, &id.to_be_bytes())?;
+        if let Err(e) = gatehouse_client::flush_tree(&self.inbox).await {
+            mail.answer(email::Verdict::TryLater("storage failed".into()));
+            return Err(e.into());
+        }
+        if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_ACK").is_some() {
+            tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_ACK: aborting after the durable write");
+            std::process::abort();
+        }
+        tracing::info!(route = %route.name, bytes = rec.payload.len(), verified = mail.auth.verified, "mail stored");
+        mail.answer(email::Verdict::Stored);
+        self.work[idx].notify_one();
+        Ok(())
+    }
+
+    fn thread_key(route: &Route, device: &str) -> Vec<u8> {
+        let mut k = route.name.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(device.as_bytes());
+        k
+    }
+
+    /// The plugin's view of a stored mail, and the thread updated for the way back.
+    fn mail_message(
+        &self,
+        route: &Route,
+        rec: &Queued,
+        meta: &MailMeta,
+        idempotency_key: &str,
+    ) -> Result<Message, Failure> {
+        let parsed = email::parse(&rec.payload, meta.mail_from.is_empty()).ok_or_else(|| {
+            Failure::Permanent(Fault::new("malformed", "the stored mail no longer parses"))
+        })?;
+        // Replies to the bridge carry our ids (`gh.…`) in In-Reply-To or References.
+        let reply = parsed
+            .in_reply_to
+            .iter()
+            .chain(&parsed.references)
+            .any(|id| id.starts_with("gh."));
+        let key = Self::thread_key(route, &rec.device);
+        let mut thread: MailThread = self
+            .mail_threads
+            .get(&key)
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default();
+        if let Some(s) = &parsed.subject
+            && (!reply || thread.subject.is_empty())
+        {
+            thread.subject = s.clone();
+        }
+        thread.mailbox = meta.rcpt.clone();
+        thread.references = parsed.references.clone();
+        if let Some(id) = &parsed.message_id {
+            thread.references.retain(|r| r != id);
+            thread.last_id = Some(id.clone());
+        }
+        let excess = thread.references.len().saturating_sub(MAIL_REFERENCES);
+        thread.references.drain(..excess);
+        thread.hops = parsed.hops;
+        if let Ok(v) = serde_json::to_vec(&thread) {
+            let _ = self.mail_threads.insert(key, v);
+        }
+        let mut metadata = vec![
+            (
+                "subject".to_string(),
+                parsed.subject.clone().unwrap_or_default(),
+            ),
+            ("from".into(), rec.device.clone()),
+            ("mailbox".into(), meta.rcpt.clone()),
+            ("auth".into(), meta.auth.summary()),
+            ("verified".into(), meta.auth.verified.to_string()),
+            ("reply".into(), reply.to_string()),
+            ("attachments".into(), parsed.attachments.len().to_string()),
+        ];
+        if let Some(n) = &parsed.from_name {
+            metadata.push(("from_name".into(), n.clone()));
+        }
+        if let Some(id) = &parsed.message_id {
+            metadata.push(("message_id".into(), id.clone()));
+        }
+        Ok(Message {
+            payload: parsed.text.into_bytes(),
+            content_type: "text/plain".into(),
+            metadata,
+            endpoint: rec.device.clone(),
+            conversation: None,
+            sender: Some(rec.device.clone()),
+            verified: meta.auth.verified,
+            idempotency_key: idempotency_key.to_string(),
+        })
+    }
+
+    /// Sends a plugin's `publish` on the email channel: a reply in the endpoint's thread,
+    /// through the relay. The Message-ID is derived from `key`, so a retry sends the same one.
+    async fn publish_email(
+        &self,
+        route: &Route,
+        device: &str,
+        conversation: Option<&str>,
+        p: &gatehouse_host::Publish,
+        key: &[u8; 32],
+    ) -> Result<(), Carry> {
+        let (Some(ecfg), Some(relay)) = (&self.cfg.channels.email, &self.relay) else {
+            return Err(Carry::Dead(Fault::new(
+                "channel",
+                "no outbound relay: set channels.email.relay to send mail",
+            )));
+        };
+        let thread: MailThread = self
+            .mail_threads
+            .get(Self::thread_key(route, device))
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default();
+        let from = if thread.mailbox.is_empty() {
+            route.subscribe.replace("*@", "noreply@")
+        } else {
+            thread.mailbox.clone()
+        };
+        let subject = p
+            .metadata
+            .iter()
+            .find(|(k, _)| k == "subject")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| format!("Re: {}", thread.subject));
+        let text = String::from_utf8(p.payload.clone())
+            .map_err(|_| Carry::Dead(Fault::new("content", "mail text must be UTF-8")))?;
+        let token = conversation.map(|c| &c[..c.len().min(16)]).unwrap_or("0");
+        let mut references = thread.references.clone();
+        references.extend(thread.last_id.clone());
+        let out = email::OutMail {
+            from,
+            from_name: None,
+            to: p.address.clone(),
+            subject,
+            text,
+            message_id: format!("gh.{token}.{}@{}", hex::encode(&key[..12]), ecfg.hostname),
+            in_reply_to: thread.last_id.clone(),
+            references,
+            hops: thread.hops,
+        };
+        relay.send(&out).await.map_err(|e| match e {
+            email::SendError::Permanent(r) => Carry::Dead(Fault::new("relay", r)),
+            email::SendError::Transient(r) => Carry::Later(r),
+        })
     }
 
     /// Calls a route's plugin under its limits and accounts for the outcome.
@@ -653,6 +976,13 @@ impl Bridge {
                     }
                 }
             }
+            if !ready.is_empty()
+                && std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_DELIVER").is_some()
+            {
+                // Fault injection for the crash tests: die after mapping, before delivering.
+                tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_DELIVER: aborting before delivering");
+                std::process::abort();
+            }
             if let Err(f) = self.send_prepared(idx, &ready).await {
                 stop = Some((0, f));
             } else {
@@ -745,6 +1075,7 @@ impl Bridge {
             "topic": rec.map(|r| r.topic.as_str()),
             "bytes": rec.map(|r| r.payload.len()),
             "payload": rec.map(|r| hex::encode(&r.payload)),
+            "mail": rec.and_then(|r| r.mail.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
         }));
         let _ = self.inbox.remove(key);
     }
@@ -778,19 +1109,22 @@ impl Bridge {
     async fn prepare(&self, idx: usize, id: u64, rec: &Queued) -> Result<Vec<Outgoing>, Failure> {
         let route = &self.cfg.routes[idx];
         let idempotency_key = format!("gatehouse-in-{id}");
-        let msg = Message {
-            payload: rec.payload.clone(),
-            content_type: "application/octet-stream".into(),
-            metadata: vec![
-                ("topic".into(), rec.topic.clone()),
-                ("qos".into(), rec.qos.to_string()),
-                ("retain".into(), rec.retain.to_string()),
-            ],
-            endpoint: rec.device.clone(),
-            conversation: None,
-            sender: Some(rec.device.clone()),
-            verified: false,
-            idempotency_key: idempotency_key.clone(),
+        let msg = match &rec.mail {
+            Some(meta) => self.mail_message(route, rec, meta, &idempotency_key)?,
+            None => Message {
+                payload: rec.payload.clone(),
+                content_type: "application/octet-stream".into(),
+                metadata: vec![
+                    ("topic".into(), rec.topic.clone()),
+                    ("qos".into(), rec.qos.to_string()),
+                    ("retain".into(), rec.retain.to_string()),
+                ],
+                endpoint: rec.device.clone(),
+                conversation: None,
+                sender: Some(rec.device.clone()),
+                verified: false,
+                idempotency_key: idempotency_key.clone(),
+            },
         };
         let actions = match self.run_plugin(route, msg, true).await {
             Ok(a) => a,
@@ -861,7 +1195,13 @@ impl Bridge {
                         bridge: self.bridge_inbox.clone(),
                         endpoint: endpoint.client.lock().await.inbox_id().to_string(),
                         channel: route.channel.clone(),
-                        address: route.subscribe.replace("{device}", &rec.device),
+                        address: route.endpoint_address(&rec.device),
+                        sender_auth: rec.mail.as_ref().map(|m| {
+                            gatehouse_protocol::attestation::SenderAuth {
+                                results: m.auth.summary(),
+                                verified: m.auth.verified,
+                            }
+                        }),
                     };
                     c.parameters.insert(
                         gatehouse_protocol::attestation::PARAMETER.into(),
@@ -874,6 +1214,16 @@ impl Bridge {
                 }
                 // Within the grants (checked above): for example an acknowledgement to the
                 // device on its reply topic.
+                Action::Publish(p) if p.channel == "email" => {
+                    let key = publish_key(&idempotency_key, n, &p.address);
+                    self.publish_email(route, &rec.device, None, &p, &key)
+                        .await
+                        .map_err(|c| match c {
+                            Carry::Dead(f) => Failure::Permanent(f),
+                            Carry::Later(r) => Failure::Transient(r),
+                        })?;
+                    tracing::info!(route = %route.name, device = %rec.device, "mail sent by plugin");
+                }
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
                         // Not awaited: the record stays queued until its sends are done, and
@@ -1311,6 +1661,12 @@ impl Bridge {
         let mut acks = Vec::new();
         for (n, action) in actions.into_iter().enumerate() {
             match action {
+                Action::Publish(p) if p.channel == "email" => {
+                    let key = publish_key(&r.message_id, n, &p.address);
+                    self.publish_email(route, &ep.device, Some(&r.conversation), &p, &key)
+                        .await?;
+                    tracing::info!(route = %route.name, device = %ep.device, "mail sent");
+                }
                 Action::Publish(p) => {
                     if let Some(m) = &self.mqtt {
                         // The same conversation message maps to the same publishes after a
@@ -1438,6 +1794,9 @@ impl Bridge {
                     payload,
                     retain: false,
                     qos: 1,
+                    mail: v
+                        .get("mail")
+                        .and_then(|m| serde_json::from_value(m.clone()).ok()),
                 };
                 let qid = self.db.generate_id()?;
                 self.inbox
@@ -1660,8 +2019,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let mqtt = match &cfg.channels.mqtt {
-        Some(m) if !cfg.routes.is_empty() => {
-            let filters = cfg.routes.iter().map(Route::filter).collect();
+        Some(m) if cfg.routes.iter().any(|r| !r.is_email()) => {
+            let filters = cfg
+                .routes
+                .iter()
+                .filter(|r| !r.is_email())
+                .map(Route::filter)
+                .collect();
             // QoS 2 publishes are journalled (exactly-once across restarts).
             let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?, &cfg.data_dir)
                 .context("opening the MQTT QoS 2 journal")?;
@@ -1672,6 +2036,30 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
         _ => None,
     };
+    let (mail_tx, mut mail_rx) = mpsc::channel::<email::MailIn>(64);
+    let mut relay = None;
+    if let Some(e) = &cfg.channels.email {
+        let mailboxes: Vec<String> = cfg
+            .routes
+            .iter()
+            .filter(|r| r.is_email())
+            .map(|r| r.subscribe.clone())
+            .collect();
+        if !mailboxes.is_empty() {
+            email::start(e, mailboxes, mail_tx, shutdown.clone())
+                .await
+                .with_context(|| {
+                    format!("channels.email.listen: cannot serve SMTP on {}", e.listen)
+                })?;
+        }
+        if let Some(r) = &e.relay {
+            relay = Some(
+                email::Relay::new(r, &e.hostname)
+                    .map_err(|e| anyhow::anyhow!("channels.email.relay: {e}"))?,
+            );
+        }
+    }
+    let (mail_seen, mail_threads) = (db.open_tree("mail-seen")?, db.open_tree("mail-threads")?);
     let (bridge_wallet, bridge_key) = identity::endpoint_keys(&seed, "gatehouse/bridge");
     let bridge_identity = Client::open(
         db.open_tree("bridge-identity")?,
@@ -1704,6 +2092,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         host,
         plugins: std::sync::RwLock::new(plugins),
         mqtt,
+        relay,
+        mail_seen,
+        mail_threads,
         endpoints: Default::default(),
         resolved: Default::default(),
         work: cfg.routes.iter().map(|_| Notify::new()).collect(),
@@ -1755,6 +2146,21 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             }
         }
     });
+    // Mail: one message at a time per SMTP session; the client waits for our verdict.
+    let b = bridge.clone();
+    let mut stop = shutdown.clone();
+    let mail_intake = tokio::spawn(async move {
+        loop {
+            let mail = tokio::select! { _ = stop.changed() => return Ok(()), m = mail_rx.recv() => match m { Some(m) => m, None => return Ok(()) } };
+            if let Err(e) = b.accept_mail(mail).await {
+                let reason = format!("the bridge store failed: {e:#}");
+                b.set_not_ready(Some(reason.clone()));
+                return Err(anyhow::anyhow!(
+                    "{reason}; stopping (the mail was answered 451, so its sender tries again)"
+                ));
+            }
+        }
+    });
     bridge.adopt_queued();
     // One worker per route: each drains its own queue in order.
     let mut workers = Vec::new();
@@ -1795,18 +2201,29 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     tracing::info!(admin = %bridge.cfg.admin.listen, routes = bridge.cfg.routes.len(), "gatehouse running");
     // The intake ends on its own only without a channel (fine: wait for the signal) or on a
     // store failure (stop, with the error).
-    let intake_done = tokio::select! {
-        _ = shutdown.changed() => false,
+    let mut mail_intake = mail_intake;
+    let (intake_done, mail_done) = tokio::select! {
+        _ = shutdown.changed() => (false, false),
         r = &mut accept => {
             r??;
             let _ = shutdown.changed().await;
-            true
+            (true, false)
+        }
+        r = &mut mail_intake => {
+            r??;
+            let _ = shutdown.changed().await;
+            (false, true)
         }
     };
     let _ = tokio::join!(
         async {
             if !intake_done {
                 let _ = accept.await;
+            }
+        },
+        async {
+            if !mail_done {
+                let _ = mail_intake.await;
             }
         },
         outbound,

@@ -138,6 +138,9 @@ pub struct Channels {
     /// `keep_alive_secs`, `max_packet_bytes`).
     #[serde(default)]
     pub mqtt: Option<MqttConfig>,
+    /// The SMTP listener, sender authentication and the outbound relay.
+    #[serde(default)]
+    pub email: Option<gatehouse_channels::email::EmailConfig>,
 }
 
 /// One plugin.
@@ -382,9 +385,29 @@ impl Route {
         device
     }
 
-    /// The reply topic for a device.
+    /// The reply address for a device: its topic template filled in (MQTT), or the sender's
+    /// own address (email).
     pub fn reply_topic(&self, device: &str) -> String {
-        self.reply.replace("{device}", device)
+        if self.is_email() {
+            device.to_string()
+        } else {
+            self.reply.replace("{device}", device)
+        }
+    }
+
+    /// Whether this is an email route.
+    pub fn is_email(&self) -> bool {
+        self.channel == "email"
+    }
+
+    /// The endpoint's address on its channel: the topic it publishes on (MQTT), or its email
+    /// address.
+    pub fn endpoint_address(&self, device: &str) -> String {
+        if self.is_email() {
+            device.to_string()
+        } else {
+            self.subscribe.replace("{device}", device)
+        }
     }
 }
 
@@ -484,20 +507,38 @@ impl Config {
                     r.name
                 );
             }
-            if r.channel != "mqtt" {
-                bail!(
-                    "{at}.channel: unknown channel {:?} (available: mqtt)",
-                    r.channel
-                );
-            }
-            if self.channels.mqtt.is_none() {
-                bail!("{at}: uses channel mqtt but channels.mqtt is not configured");
-            }
-            if r.subscribe.matches("{device}").count() != 1 {
-                bail!(
-                    "{at}.subscribe: {:?} must contain exactly one {{device}}",
-                    r.subscribe
-                );
+            match r.channel.as_str() {
+                "mqtt" => {
+                    if self.channels.mqtt.is_none() {
+                        bail!("{at}: uses channel mqtt but channels.mqtt is not configured");
+                    }
+                    if r.subscribe.matches("{device}").count() != 1 {
+                        bail!(
+                            "{at}.subscribe: {:?} must contain exactly one {{device}}",
+                            r.subscribe
+                        );
+                    }
+                }
+                "email" => {
+                    if self.channels.email.is_none() {
+                        bail!("{at}: uses channel email but channels.email is not configured");
+                    }
+                    let ok = match r.subscribe.rsplit_once('@') {
+                        Some((local, domain)) => {
+                            !local.is_empty()
+                                && !domain.is_empty()
+                                && !r.subscribe.contains(['{', '}', ' '])
+                        }
+                        None => false,
+                    };
+                    if !ok {
+                        bail!(
+                            "{at}.subscribe: {:?} is not a mailbox; an email route serves an address (support@example.org) or a whole domain (*@example.org), and each sender's address becomes an endpoint",
+                            r.subscribe
+                        );
+                    }
+                }
+                other => bail!("{at}.channel: unknown channel {other:?} (available: mqtt, email)"),
             }
             if !self.plugins.contains_key(&r.plugin) {
                 bail!(
@@ -525,9 +566,9 @@ impl Config {
         }
         for (name, p) in &self.plugins {
             match (&p.builtin, &p.path) {
-                (Some(b), None) if b == "mqtt" => {}
+                (Some(b), None) if b == "mqtt" || b == "email" => {}
                 (Some(b), None) => {
-                    bail!("plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt)")
+                    bail!("plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt, email)")
                 }
                 (None, Some(_)) => {}
                 _ => bail!("plugins.{name}: set exactly one of builtin or path"),

@@ -30,6 +30,10 @@ pub use bindings::gatehouse::plugin::types::{Action, Message, Publish, Send};
 pub const MQTT_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
 
+/// The first-party email plugin component, built from `plugins/email`.
+pub const EMAIL_PLUGIN: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_email.wasm"));
+
 /// A deliberately bad plugin (loops, allocates, traps on request; echoes anything else) for
 /// the isolation tests and benchmarks. Not part of the daemon: nothing there refers to it.
 #[doc(hidden)]

@@ -23,7 +23,7 @@ pub const PARAMETER: &str = "gatehouse.attestation";
 pub const CONTEXT: &[u8] = b"GATEHOUSE ENDPOINT ATTESTATION";
 
 /// What a bridge asserts about one endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointAttestation {
     /// The bridge's own inbox id.
     pub bridge: String,
@@ -31,8 +31,21 @@ pub struct EndpointAttestation {
     pub endpoint: String,
     /// Channel kind (`mqtt`).
     pub channel: String,
-    /// The endpoint's address on the channel (its topic).
+    /// The endpoint's address on the channel (its topic, its email address).
     pub address: String,
+    /// How the bridge authenticated the message's sender, where the channel can (email:
+    /// DKIM, SPF, DMARC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_auth: Option<SenderAuth>,
+}
+
+/// The bridge's finding about a message's sender.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SenderAuth {
+    /// What the checks found, e.g. `dkim=pass spf=none dmarc=pass`.
+    pub results: String,
+    /// Whether the sender's address may be trusted as its identity.
+    pub verified: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -46,10 +59,19 @@ struct Signed {
 
 impl EndpointAttestation {
     fn text(&self) -> String {
-        format!(
+        let mut t = format!(
             "Gatehouse endpoint attestation v1\nbridge: {}\nendpoint: {}\nchannel: {}\naddress: {}",
             self.bridge, self.endpoint, self.channel, self.address
-        )
+        );
+        // Absent for channels without sender authentication, so their signatures stay as
+        // they were.
+        if let Some(a) = &self.sender_auth {
+            t.push_str(&format!(
+                "\nsender_auth: {}\nsender_verified: {}",
+                a.results, a.verified
+            ));
+        }
+        t
     }
 
     /// Signs with the bridge's installation key; returns the parameter value.
@@ -128,6 +150,7 @@ mod tests {
             endpoint: "e".repeat(64),
             channel: "mqtt".into(),
             address: "devices/t/up".into(),
+            sender_auth: None,
         };
         let value = a.sign(&bridge);
         let (claim, key) = EndpointAttestation::verify_signature(&value).unwrap();
