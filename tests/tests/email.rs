@@ -457,3 +457,160 @@ fn crash_between_250_and_delivery_delivers_once() {
     let extra = a.ok(&["listen", "--json", "--timeout", "3"]);
     assert!(extra.trim().is_empty(), "delivered twice: {extra}");
 }
+
+/// A real TLS client (Python's smtplib) sends through STARTTLS; with `require_tls` a plain
+/// client is told to STARTTLS first.
+#[test]
+fn starttls_on_the_listener_and_plain_mail_refused_when_required() {
+    let s = Setup::new("email-starttls");
+    let sink = SmtpSink::start(&s.dir);
+    let a = s.agent("agent");
+    let smtp = free_port();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(s.dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(s.dir.join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
+    let config = email_config(
+        &s,
+        smtp,
+        &sink,
+        &a.inbox_id(),
+        "    dns: {system: false}\n    tls: {cert: cert.pem, key: key.pem}\n    require_tls: true\n",
+    );
+    let _d = start(&s, &config);
+    a.init();
+
+    let (code, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "ann@example.org",
+            "--to",
+            "support@bridge.test",
+            "--body",
+            "plain",
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("STARTTLS"), "EHLO offers it: {out}");
+    assert!(
+        out.contains("530 5.7.0 Must issue a STARTTLS command first"),
+        "{out}"
+    );
+
+    let script = r#"
+import smtplib, ssl, sys
+port, cafile = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=cafile)
+with smtplib.SMTP("127.0.0.1", port, timeout=60) as c:
+    c.ehlo("client.test")
+    c.starttls(context=ctx)
+    c.ehlo("client.test")
+    print("cipher", c.sock.cipher()[0])
+    c.sendmail("ann@example.org", ["support@bridge.test"],
+        "From: ann@example.org\r\nTo: support@bridge.test\r\nSubject: Over TLS\r\n\r\nencrypted hop\r\n")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, &smtp.to_string()])
+        .arg(s.dir.join("cert.pem"))
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cipher TLS"),
+        "a TLS session"
+    );
+    let m = &a.listen(1)[0];
+    assert_eq!(m["text"], "Subject: Over TLS\n\nencrypted hop");
+}
+
+/// Attachments follow the text as XMTP attachments, each within `max_attachment_bytes`; the
+/// HTML part too when `keep_html` asks for it.
+#[test]
+fn attachments_and_html_follow_the_text_within_the_cap() {
+    let s = Setup::new("email-attachments");
+    let sink = SmtpSink::start(&s.dir);
+    let a = s.agent("agent");
+    let smtp = free_port();
+    let config = email_config(
+        &s,
+        smtp,
+        &sink,
+        &a.inbox_id(),
+        "    dns: {system: false}\n    max_attachment_bytes: 100\n    keep_html: true\n",
+    );
+    let d = start(&s, &config);
+    a.init();
+    let small = s.dir.join("r.csv");
+    std::fs::write(&small, "a,b\n1,2\n").unwrap();
+    let big = s.dir.join("big.bin");
+    std::fs::write(&big, vec![b'x'; 500]).unwrap();
+    let (code, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "ann@example.org",
+            "--to",
+            "support@bridge.test",
+            "--header",
+            "Subject: Report",
+            "--attach-type",
+            "text/html",
+            "--attach-body",
+            "<p>See <b>attached</b></p>",
+            "--attach-type",
+            "text/csv",
+            "--attach-name",
+            "r.csv",
+            "--attach",
+            &format!("@{}", small.display()),
+            "--attach-type",
+            "application/octet-stream",
+            "--attach-name",
+            "big.bin",
+            "--attach",
+            &format!("@{}", big.display()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let got = a.listen(3);
+    assert!(
+        got[0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Subject: Report"),
+        "{:?}",
+        got[0]
+    );
+    assert!(
+        got[0]["text"].as_str().unwrap().contains("See attached"),
+        "HTML reduced to text: {:?}",
+        got[0]
+    );
+    let files: Vec<&str> = got[1..]
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(got[1]["content_type"], "xmtp.org/attachment:1.0");
+    assert!(
+        files.contains(&"(attachment r.csv text/csv, 8 bytes)"),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f.starts_with("(attachment message.html text/html")),
+        "{files:?}"
+    );
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(
+        extra.trim().is_empty(),
+        "the big one is not carried: {extra}"
+    );
+    d.wait_log(&["attachment not carried: over channels.email.max_attachment_bytes"]);
+}

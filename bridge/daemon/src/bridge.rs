@@ -1190,23 +1190,7 @@ impl Bridge {
                     } else {
                         content::with_fallback(t, s.payload.clone(), s.fallback.clone())
                     };
-                    self.ensure_bridge_registered().await?;
-                    let attestation = gatehouse_protocol::attestation::EndpointAttestation {
-                        bridge: self.bridge_inbox.clone(),
-                        endpoint: endpoint.client.lock().await.inbox_id().to_string(),
-                        channel: route.channel.clone(),
-                        address: route.endpoint_address(&rec.device),
-                        sender_auth: rec.mail.as_ref().map(|m| {
-                            gatehouse_protocol::attestation::SenderAuth {
-                                results: m.auth.summary(),
-                                verified: m.auth.verified,
-                            }
-                        }),
-                    };
-                    c.parameters.insert(
-                        gatehouse_protocol::attestation::PARAMETER.into(),
-                        attestation.sign(&self.bridge_key),
-                    );
+                    self.attest(&mut c, &endpoint, route, rec).await?;
                     out.push(Outgoing {
                         content: c,
                         key: format!("{idempotency_key}-{n}"),
@@ -1243,7 +1227,69 @@ impl Bridge {
                 }
             }
         }
+        // A mail's attachments (and, if asked, its HTML) follow the plugin's text as XMTP
+        // attachments, within the size cap.
+        if let (Some(meta), Some(ecfg), false) =
+            (&rec.mail, &self.cfg.channels.email, out.is_empty())
+        {
+            let parsed = email::parse(&rec.payload, meta.mail_from.is_empty()).unwrap_or_default();
+            let mut files: Vec<(String, String, Vec<u8>)> = parsed
+                .attachments
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| {
+                    let name = a.name.unwrap_or_else(|| format!("attachment-{}", i + 1));
+                    (name, a.content_type, a.bytes)
+                })
+                .collect();
+            if ecfg.keep_html
+                && let Some(html) = parsed.html
+            {
+                files.push(("message.html".into(), "text/html".into(), html.into_bytes()));
+            }
+            for (i, (name, mime, bytes)) in files.into_iter().enumerate() {
+                if bytes.len() > ecfg.max_attachment_bytes {
+                    tracing::warn!(route = %route.name, device = %rec.device, attachment = %name, bytes = bytes.len(), limit = ecfg.max_attachment_bytes, "attachment not carried: over channels.email.max_attachment_bytes");
+                    continue;
+                }
+                let mut c = content::attachment(&name, &mime, bytes);
+                self.attest(&mut c, &endpoint, route, rec).await?;
+                out.push(Outgoing {
+                    content: c,
+                    key: format!("{idempotency_key}-file{i}"),
+                });
+            }
+        }
         Ok(out)
+    }
+
+    /// Signs the bridge's attestation of where `c` comes from into its parameters.
+    async fn attest(
+        &self,
+        c: &mut gatehouse_wire::message_contents::EncodedContent,
+        endpoint: &Endpoint,
+        route: &Route,
+        rec: &Queued,
+    ) -> Result<(), Failure> {
+        self.ensure_bridge_registered().await?;
+        let attestation = gatehouse_protocol::attestation::EndpointAttestation {
+            bridge: self.bridge_inbox.clone(),
+            endpoint: endpoint.client.lock().await.inbox_id().to_string(),
+            channel: route.channel.clone(),
+            address: route.endpoint_address(&rec.device),
+            sender_auth: rec
+                .mail
+                .as_ref()
+                .map(|m| gatehouse_protocol::attestation::SenderAuth {
+                    results: m.auth.summary(),
+                    verified: m.auth.verified,
+                }),
+        };
+        c.parameters.insert(
+            gatehouse_protocol::attestation::PARAMETER.into(),
+            attestation.sign(&self.bridge_key),
+        );
+        Ok(())
     }
 
     /// Sends mapped device messages to each agent's DM with their endpoints: per endpoint and

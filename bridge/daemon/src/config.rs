@@ -462,6 +462,18 @@ impl Config {
                 .unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
         }
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        if let Some(tls) = cfg.channels.email.as_mut().and_then(|e| e.tls.as_mut()) {
+            for p in [&mut tls.cert, &mut tls.key] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         Ok(cfg)
     }
 
@@ -498,6 +510,14 @@ impl Config {
                     "channels.mqtt.publish_qos: 2 needs the broker to keep the session across reconnects and restarts; set clean_session: false (the default)"
                 );
             }
+        }
+        if let Some(e) = &self.channels.email
+            && e.require_tls
+            && e.tls.is_none()
+        {
+            bail!(
+                "channels.email.require_tls: true needs channels.email.tls (cert and key) to offer STARTTLS"
+            );
         }
         for (i, r) in self.routes.iter().enumerate() {
             let at = format!("routes[{i}] ({})", r.name);

@@ -27,6 +27,21 @@ pub struct EmailConfig {
     /// Seconds a client may stay silent before the connection is closed.
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+    /// STARTTLS on the listener: a certificate chain and its key (PEM files). Relative paths
+    /// are relative to the config file.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Refuse mail on connections that did not STARTTLS first (needs `tls`).
+    #[serde(default)]
+    pub require_tls: bool,
+    /// Largest attachment carried into the conversation (as an XMTP attachment), bytes; larger
+    /// ones are left out with a log line. 0: none.
+    #[serde(default = "default_max_attachment")]
+    pub max_attachment_bytes: usize,
+    /// Also carry a mail's HTML part, as the attachment `message.html` (the conversation gets
+    /// the text either way).
+    #[serde(default)]
+    pub keep_html: bool,
     /// What happens to mail whose sender could not be verified (DKIM/SPF/DMARC).
     #[serde(default)]
     pub unverified: Unverified,
@@ -37,6 +52,16 @@ pub struct EmailConfig {
     /// dead-lettered with that reason).
     #[serde(default)]
     pub relay: Option<RelayConfig>,
+}
+
+/// The listener's certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
 }
 
 /// Policy for senders that are not verified.
@@ -128,6 +153,9 @@ fn default_hostname() -> String {
 fn default_max_message() -> usize {
     10 << 20
 }
+fn default_max_attachment() -> usize {
+    1 << 20
+}
 fn default_max_connections() -> usize {
     64
 }
@@ -153,6 +181,10 @@ impl Default for EmailConfig {
             max_connections: default_max_connections(),
             max_messages_per_minute: default_rate(),
             idle_timeout_secs: default_idle(),
+            tls: None,
+            require_tls: false,
+            max_attachment_bytes: default_max_attachment(),
+            keep_html: false,
             unverified: Unverified::default(),
             dns: DnsConfig::default(),
             relay: None,

@@ -5,12 +5,13 @@
 
 mod auth;
 mod config;
+pub mod fuzz;
 mod parse;
 mod send;
 mod smtp;
 
 pub use auth::{AuthResult, Verifier};
-pub use config::{DnsConfig, EmailConfig, RelayConfig, RelayTls, Unverified};
+pub use config::{DnsConfig, EmailConfig, ListenerTls, RelayConfig, RelayTls, Unverified};
 pub use parse::{Attachment, LOOP_HEADER, MAX_HOPS, ParsedMail, parse};
 pub use send::{OutMail, Relay, SendError};
 pub use smtp::{EmailHandle, MailIn, Verdict, mailbox_matches, start};

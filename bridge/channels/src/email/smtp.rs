@@ -17,7 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use super::auth::{AuthResult, Verifier};
-use super::config::EmailConfig;
+use super::config::{EmailConfig, ListenerTls};
+use tokio_rustls::TlsAcceptor;
 
 /// Longest command or data line accepted (RFC 5321 allows 1,000 octets; generous here).
 const MAX_LINE: usize = 64 * 1024;
@@ -190,6 +191,13 @@ pub async fn start(
         Verifier::new(&cfg.dns, &cfg.hostname)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
     );
+    let tls = cfg.tls.as_ref().map(acceptor).transpose()?;
+    if cfg.require_tls && tls.is_none() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "require_tls needs tls (a certificate and key)",
+        ));
+    }
     let cfg = Arc::new(cfg.clone());
     let mailboxes = Arc::new(mailboxes);
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
@@ -216,12 +224,13 @@ pub async fn start(
                 tracing::warn!(%peer, "SMTP connection refused: max_connections reached");
                 continue;
             };
-            let (cfg, mailboxes, inbound, verifier, rates, stop) = (
+            let (cfg, mailboxes, inbound, verifier, rates, tls, stop) = (
                 cfg.clone(),
                 mailboxes.clone(),
                 inbound.clone(),
                 verifier.clone(),
                 rates.clone(),
+                tls.clone(),
                 shutdown.clone(),
             );
             tokio::spawn(async move {
@@ -233,6 +242,7 @@ pub async fn start(
                     inbound,
                     &verifier,
                     rates,
+                    tls,
                     stop,
                 )
                 .await
@@ -255,6 +265,50 @@ fn rate_ok(rates: &Rates, ip: IpAddr, per_minute: u32) -> bool {
     entry.1 <= per_minute
 }
 
+/// A connection before or after STARTTLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// The listener's TLS acceptor from the PEM files in `tls`.
+fn acceptor(tls: &ListenerTls) -> io::Result<TlsAcceptor> {
+    use tokio_rustls::rustls;
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p)
+            .map(std::io::BufReader::new)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+    };
+    let certs = rustls_pemfile::certs(&mut open(&tls.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", tls.cert.display())))?;
+    if certs.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: no PEM certificate in it", tls.cert.display()),
+        ));
+    }
+    let key = rustls_pemfile::private_key(&mut open(&tls.key)?)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: no PEM private key in it", tls.key.display()),
+        )
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("TLS certificate: {e}")))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+enum Read {
+    Line(usize),
+    Stop,
+    Idle,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     stream: TcpStream,
@@ -264,12 +318,16 @@ async fn serve(
     inbound: mpsc::Sender<MailIn>,
     verifier: &Verifier,
     rates: Rates,
+    tls: Option<TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
+    let mut conn: BufReader<Box<dyn Io>> = BufReader::new(Box::new(stream));
     let tx = Arc::new(Mutex::new(Transaction::default()));
-    let mut session = SessionBuilder::new(cfg.hostname.clone()).build(
+    let mut builder = SessionBuilder::new(cfg.hostname.clone());
+    if tls.is_some() {
+        builder.enable_start_tls();
+    }
+    let mut session = builder.build(
         peer,
         SessionHandler {
             mailboxes,
@@ -278,31 +336,47 @@ async fn serve(
             tx: tx.clone(),
         },
     );
-    write.write_all(&session.greeting().buffer()?).await?;
+    let mut secure = false;
+    conn.get_mut()
+        .write_all(&session.greeting().buffer()?)
+        .await?;
     let idle = Duration::from_secs(cfg.idle_timeout_secs);
     let mut line = Vec::with_capacity(1024);
     loop {
         line.clear();
-        let mut limited = (&mut read).take(MAX_LINE as u64);
-        let n = tokio::select! {
-            _ = stop.changed() => {
-                let _ = write.write_all(b"421 4.3.2 Shutting down\r\n").await;
+        let read = {
+            let mut limited = (&mut conn).take(MAX_LINE as u64);
+            tokio::select! {
+                _ = stop.changed() => Read::Stop,
+                r = tokio::time::timeout(idle, limited.read_until(b'\n', &mut line)) => match r {
+                    Ok(r) => Read::Line(r?),
+                    Err(_) => Read::Idle,
+                },
+            }
+        };
+        let n = match read {
+            Read::Line(n) => n,
+            Read::Stop => {
+                let _ = conn
+                    .get_mut()
+                    .write_all(b"421 4.3.2 Shutting down\r\n")
+                    .await;
                 return Ok(());
             }
-            r = tokio::time::timeout(idle, limited.read_until(b'\n', &mut line)) => match r {
-                Ok(r) => r?,
-                Err(_) => {
-                    let _ = write.write_all(b"421 4.4.2 Idle too long, closing\r\n").await;
-                    return Ok(());
-                }
-            },
+            Read::Idle => {
+                let _ = conn
+                    .get_mut()
+                    .write_all(b"421 4.4.2 Idle too long, closing\r\n")
+                    .await;
+                return Ok(());
+            }
         };
         if n == 0 {
             return Ok(());
         }
+        let out = conn.get_mut();
         if !line.ends_with(b"\n") {
-            write
-                .write_all(b"500 5.5.2 Line too long, closing\r\n")
+            out.write_all(b"500 5.5.2 Line too long, closing\r\n")
                 .await?;
             return Ok(());
         }
@@ -310,8 +384,15 @@ async fn serve(
         // error; it is valid SMTP (RFC 5321 §4.5.5), so it goes in under a placeholder that
         // the handler turns back into the empty sender.
         let in_data = tx.lock().unwrap_or_else(|p| p.into_inner()).in_data;
-        if !in_data && let Some(rewritten) = null_sender(&line) {
-            line = rewritten;
+        if !in_data {
+            if let Some(rewritten) = null_sender(&line) {
+                line = rewritten;
+            }
+            if cfg.require_tls && !secure && is_mail_command(&line) {
+                out.write_all(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
+                    .await?;
+                continue;
+            }
         }
         let response = session.process(&line);
         let finished = {
@@ -325,18 +406,40 @@ async fn serve(
         };
         if let Some(t) = finished {
             let answer = finish(t, peer, cfg, &inbound, verifier, &rates).await;
-            write.write_all(answer.as_bytes()).await?;
+            out.write_all(answer.as_bytes()).await?;
             continue;
         }
         match response.action {
             Action::NoReply => {}
-            Action::Reply | Action::UpgradeTls => write.write_all(&response.buffer()?).await?,
+            Action::Reply => out.write_all(&response.buffer()?).await?,
             Action::Close => {
-                write.write_all(&response.buffer()?).await?;
+                out.write_all(&response.buffer()?).await?;
                 return Ok(());
+            }
+            Action::UpgradeTls => {
+                let Some(acceptor) = &tls else {
+                    out.write_all(b"454 4.7.0 TLS not available\r\n").await?;
+                    continue;
+                };
+                out.write_all(&response.buffer()?).await?;
+                // Commands pipelined after STARTTLS would cross into the encrypted session
+                // (RFC 3207 §4.2): refuse them by closing.
+                if !conn.buffer().is_empty() {
+                    return Ok(());
+                }
+                let plain = conn.into_inner();
+                let encrypted = acceptor.accept(plain).await?;
+                conn = BufReader::new(Box::new(encrypted));
+                session.tls_active();
+                secure = true;
             }
         }
     }
+}
+
+/// `MAIL FROM:` (the start of a transaction).
+fn is_mail_command(line: &[u8]) -> bool {
+    line.len() >= 10 && line[..10].eq_ignore_ascii_case(b"MAIL FROM:")
 }
 
 /// The answer to the end of DATA.
@@ -379,6 +482,45 @@ async fn finish(
         Ok(Ok(Verdict::Reject(code, reason))) => format!("{code} {}\r\n", one_line(&reason)),
         Ok(Err(_)) => "451 4.3.0 Not stored, try again later\r\n".into(),
         Err(_) => "451 4.3.0 Storage is slow, try again later\r\n".into(),
+    }
+}
+
+/// Feeds `data` to a session with our handler as a client would (fuzzing): line by line with
+/// the same null-sender rewrite, then once more inside a DATA phase.
+pub(crate) fn fuzz_session(data: &[u8]) {
+    let tx = Arc::new(Mutex::new(Transaction::default()));
+    let ip = IpAddr::from([127, 0, 0, 1]);
+    let mut session = SessionBuilder::new("fuzz.test").build(
+        ip,
+        SessionHandler {
+            mailboxes: Arc::new(vec!["support@bridge.test".into(), "*@bridge.test".into()]),
+            max_bytes: 4096,
+            max_rcpt: 4,
+            tx: tx.clone(),
+        },
+    );
+    let prelude: &[&[u8]] = &[
+        b"EHLO fuzz\r\n",
+        b"MAIL FROM:<a@b>\r\n",
+        b"RCPT TO:<support@bridge.test>\r\n",
+        b"DATA\r\n",
+    ];
+    for pass in 0..2 {
+        if pass == 1 {
+            for l in prelude {
+                session.process(l);
+            }
+        }
+        for line in data.split_inclusive(|b| *b == b'\n').take(10_000) {
+            let in_data = tx.lock().unwrap_or_else(|p| p.into_inner()).in_data;
+            let rewritten = (!in_data).then(|| null_sender(line)).flatten();
+            let _ = session.process(rewritten.as_deref().unwrap_or(line));
+            let mut t = tx.lock().unwrap_or_else(|p| p.into_inner());
+            if t.done {
+                *t = Transaction::default();
+            }
+        }
+        session.process(b"\r\n.\r\n");
     }
 }
 
