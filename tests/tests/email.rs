@@ -92,8 +92,19 @@ fn mail_in_reply_out_and_the_answer_lands_in_the_same_conversation() {
     );
     let conversation = m["conversation"].as_str().unwrap().to_string();
     let endpoint = m["sender_inbox"].as_str().unwrap().to_string();
+    let info: serde_json::Value =
+        serde_json::from_str(&a.ok(&["group", "info", "--conversation", &conversation])).unwrap();
+    assert_eq!(
+        info["name"], "Printer jam",
+        "the thread is a conversation named by its subject: {info}"
+    );
 
-    a.ok(&["send", "--to", &endpoint, "A technician is on the way."]);
+    a.ok(&[
+        "send",
+        "--conversation",
+        &conversation,
+        "A technician is on the way.",
+    ]);
     let reply = sink.wait_messages(1).remove(0);
     assert_eq!(
         mail_header(&reply, "To").as_deref(),
@@ -151,8 +162,37 @@ fn mail_in_reply_out_and_the_answer_lands_in_the_same_conversation() {
     assert_eq!(m["text"], "Thanks, it works again.");
     assert_eq!(m["conversation"], conversation.as_str());
 
-    // Our second reply continues the thread.
-    a.ok(&["send", "--to", &endpoint, "Good to hear."]);
+    // Another mail from Ann, a new thread: a conversation of its own.
+    let (code, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "ann@example.org",
+            "--to",
+            "support@bridge.test",
+            "--header",
+            "Subject: Badge reader",
+            "--header",
+            "Message-ID: <n1@example.org>",
+            "--body",
+            "My badge does not open door 3.",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let other = &a.listen(1)[0];
+    assert_eq!(
+        other["text"],
+        "Subject: Badge reader\n\nMy badge does not open door 3."
+    );
+    assert_ne!(other["conversation"], conversation.as_str());
+    assert_eq!(
+        other["sender_inbox"],
+        endpoint.as_str(),
+        "the same endpoint: Ann"
+    );
+
+    // Our second reply in the first conversation continues the first thread.
+    a.ok(&["send", "--conversation", &conversation, "Good to hear."]);
     let second = sink.wait_messages(2).remove(1);
     assert_eq!(
         mail_header(&second, "In-Reply-To").as_deref(),
@@ -166,6 +206,33 @@ fn mail_in_reply_out_and_the_answer_lands_in_the_same_conversation() {
         mail_header(&second, "Subject").as_deref(),
         Some("Re: Printer jam")
     );
+
+    // The agent writes first (its DM with Ann): a new thread, and Ann's answer comes back to
+    // that DM.
+    let dm = a.ok(&["send", "--to", &endpoint, "Your badge works again."]);
+    let dm = dm.trim().to_string();
+    let third = sink.wait_messages(3).remove(2);
+    assert_eq!(mail_header(&third, "In-Reply-To"), None);
+    let dm_id = mail_header(&third, "Message-ID").unwrap();
+    let (code, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "ann@example.org",
+            "--to",
+            "support@bridge.test",
+            "--header",
+            "Subject: Re: badge",
+            "--header",
+            &format!("In-Reply-To: {dm_id}"),
+            "--body",
+            "Confirmed.",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let m = &a.listen(1)[0];
+    assert_eq!(m["text"], "Confirmed.");
+    assert_eq!(m["conversation"], dm.as_str());
 }
 
 #[test]

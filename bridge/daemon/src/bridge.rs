@@ -274,8 +274,15 @@ pub struct Bridge {
     relay: Option<email::Relay>,
     /// Mail already stored, by sender and Message-ID (a client retrying after a lost 250).
     mail_seen: sled::Tree,
-    /// Per email endpoint: the thread its replies answer.
+    /// Mail threads (`route ‖ device ‖ thread`, the thread named by its first Message-ID):
+    /// subject, mailbox, the newest message and its References.
     mail_threads: sled::Tree,
+    /// Message-IDs seen or sent → their thread.
+    mail_ids: sled::Tree,
+    /// Thread → its conversation (group id).
+    mail_convs: sled::Tree,
+    /// Conversation (hex group id) → the thread it carries.
+    mail_gids: sled::Tree,
     endpoints: std::sync::Mutex<HashMap<String, Arc<Endpoint>>>,
     resolved: Mutex<HashMap<String, String>>,
     /// The bridge's own XMTP identity: it signs endpoint attestations.
@@ -672,54 +679,82 @@ impl Bridge {
         Ok(())
     }
 
-    fn thread_key(route: &Route, device: &str) -> Vec<u8> {
+    /// `route ‖ 0 ‖ device ‖ 0 ‖ name`: keys of the mail thread trees.
+    fn mail_key(route: &Route, device: &str, name: &str) -> Vec<u8> {
         let mut k = route.name.as_bytes().to_vec();
         k.push(0);
         k.extend_from_slice(device.as_bytes());
+        k.push(0);
+        k.extend_from_slice(name.as_bytes());
         k
     }
 
-    /// The plugin's view of a stored mail, and the thread updated for the way back.
-    fn mail_message(
-        &self,
-        route: &Route,
-        rec: &Queued,
-        meta: &MailMeta,
-        idempotency_key: &str,
-    ) -> Result<Message, Failure> {
-        let parsed = email::parse(&rec.payload, meta.mail_from.is_empty()).ok_or_else(|| {
-            Failure::Permanent(Fault::new("malformed", "the stored mail no longer parses"))
-        })?;
-        // Replies to the bridge carry our ids (`gh.…`) in In-Reply-To or References.
-        let reply = parsed
-            .in_reply_to
-            .iter()
-            .chain(&parsed.references)
-            .any(|id| id.starts_with("gh."));
-        let key = Self::thread_key(route, &rec.device);
-        let mut thread: MailThread = self
-            .mail_threads
-            .get(&key)
+    fn load_thread(&self, route: &Route, device: &str, thread: &str) -> MailThread {
+        self.mail_threads
+            .get(Self::mail_key(route, device, thread))
             .ok()
             .flatten()
             .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default();
-        if let Some(s) = &parsed.subject
-            && (!reply || thread.subject.is_empty())
-        {
-            thread.subject = s.clone();
+            .unwrap_or_default()
+    }
+
+    /// Records that `message_id` belongs to `thread` (a reply naming it joins the thread).
+    fn note_mail_id(&self, route: &Route, device: &str, message_id: &str, thread: &str) {
+        let _ = self
+            .mail_ids
+            .insert(Self::mail_key(route, device, message_id), thread.as_bytes());
+    }
+
+    /// The plugin's view of a stored mail, and its thread: the thread of the newest message
+    /// it answers that we know (In-Reply-To, then References newest first), else a new thread
+    /// named by its own Message-ID. The thread's record is updated for the way back. Returns
+    /// the thread's key and subject.
+    fn mail_message(
+        &self,
+        route: &Route,
+        queue_id: u64,
+        rec: &Queued,
+        meta: &MailMeta,
+        idempotency_key: &str,
+    ) -> Result<(Message, (String, String)), Failure> {
+        let parsed = email::parse(&rec.payload, meta.mail_from.is_empty()).ok_or_else(|| {
+            Failure::Permanent(Fault::new("malformed", "the stored mail no longer parses"))
+        })?;
+        let device = &rec.device;
+        let known = parsed
+            .in_reply_to
+            .iter()
+            .rev()
+            .chain(parsed.references.iter().rev())
+            .find_map(|id| {
+                self.mail_ids
+                    .get(Self::mail_key(route, device, id))
+                    .ok()
+                    .flatten()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+            });
+        let reply = known.is_some();
+        let own_id = parsed
+            .message_id
+            .clone()
+            .unwrap_or_else(|| format!("queue-{queue_id}@gatehouse"));
+        let key = known.unwrap_or_else(|| own_id.clone());
+        self.note_mail_id(route, device, &own_id, &key);
+        let mut thread = self.load_thread(route, device, &key);
+        if thread.subject.is_empty() {
+            thread.subject = parsed.subject.clone().unwrap_or_default();
         }
         thread.mailbox = meta.rcpt.clone();
         thread.references = parsed.references.clone();
-        if let Some(id) = &parsed.message_id {
-            thread.references.retain(|r| r != id);
-            thread.last_id = Some(id.clone());
-        }
+        thread.references.retain(|r| *r != own_id);
+        thread.last_id = Some(own_id);
         let excess = thread.references.len().saturating_sub(MAIL_REFERENCES);
         thread.references.drain(..excess);
         thread.hops = parsed.hops;
         if let Ok(v) = serde_json::to_vec(&thread) {
-            let _ = self.mail_threads.insert(key, v);
+            let _ = self
+                .mail_threads
+                .insert(Self::mail_key(route, device, &key), v);
         }
         let mut metadata = vec![
             (
@@ -731,6 +766,7 @@ impl Bridge {
             ("auth".into(), meta.auth.summary()),
             ("verified".into(), meta.auth.verified.to_string()),
             ("reply".into(), reply.to_string()),
+            ("thread".into(), key.clone()),
             ("attachments".into(), parsed.attachments.len().to_string()),
         ];
         if let Some(n) = &parsed.from_name {
@@ -739,7 +775,7 @@ impl Bridge {
         if let Some(id) = &parsed.message_id {
             metadata.push(("message_id".into(), id.clone()));
         }
-        Ok(Message {
+        let msg = Message {
             payload: parsed.text.into_bytes(),
             content_type: "text/plain".into(),
             metadata,
@@ -748,11 +784,28 @@ impl Bridge {
             sender: Some(rec.device.clone()),
             verified: meta.auth.verified,
             idempotency_key: idempotency_key.to_string(),
-        })
+        };
+        Ok((msg, (key, thread.subject)))
     }
 
-    /// Sends a plugin's `publish` on the email channel: a reply in the endpoint's thread,
-    /// through the relay. The Message-ID is derived from `key`, so a retry sends the same one.
+    /// The mail thread a conversation carries, if it carries one.
+    fn thread_of_conversation(
+        &self,
+        route: &Route,
+        device: &str,
+        conversation: &str,
+    ) -> Option<String> {
+        self.mail_gids
+            .get(Self::mail_key(route, device, conversation))
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    /// Sends a plugin's `publish` on the email channel: a reply in the thread the
+    /// conversation carries, or (a conversation without one, such as the agent's DM with the
+    /// endpoint) the start of a new thread that later replies bring back to it. The
+    /// Message-ID is derived from `key`, so a retry sends the same one.
     async fn publish_email(
         &self,
         route: &Route,
@@ -767,14 +820,17 @@ impl Bridge {
                 "no outbound relay: set channels.email.relay to send mail",
             )));
         };
-        let thread: MailThread = self
-            .mail_threads
-            .get(Self::thread_key(route, device))
-            .ok()
-            .flatten()
-            .and_then(|v| serde_json::from_slice(&v).ok())
-            .unwrap_or_default();
+        let token = conversation.map(|c| &c[..c.len().min(16)]).unwrap_or("0");
+        let message_id = format!("gh.{token}.{}@{}", hex::encode(&key[..12]), ecfg.hostname);
+        let existing = conversation.and_then(|c| self.thread_of_conversation(route, device, c));
+        let thread_key = existing.clone().unwrap_or_else(|| message_id.clone());
+        let thread = match &existing {
+            Some(k) => self.load_thread(route, device, k),
+            None => MailThread::default(),
+        };
         let from = if thread.mailbox.is_empty() {
+            // A new thread from the agent: from the route's mailbox (its domain's `noreply@`
+            // for a `*@domain` route).
             route.subscribe.replace("*@", "noreply@")
         } else {
             thread.mailbox.clone()
@@ -787,20 +843,46 @@ impl Bridge {
             .unwrap_or_else(|| format!("Re: {}", thread.subject));
         let text = String::from_utf8(p.payload.clone())
             .map_err(|_| Carry::Dead(Fault::new("content", "mail text must be UTF-8")))?;
-        let token = conversation.map(|c| &c[..c.len().min(16)]).unwrap_or("0");
         let mut references = thread.references.clone();
         references.extend(thread.last_id.clone());
         let out = email::OutMail {
-            from,
+            from: from.clone(),
             from_name: None,
             to: p.address.clone(),
-            subject,
+            subject: subject.clone(),
             text,
-            message_id: format!("gh.{token}.{}@{}", hex::encode(&key[..12]), ecfg.hostname),
+            message_id: message_id.clone(),
             in_reply_to: thread.last_id.clone(),
             references,
             hops: thread.hops,
         };
+        // Known before it leaves: a fast answer must find its thread.
+        self.note_mail_id(route, device, &message_id, &thread_key);
+        if existing.is_none() {
+            if let Some(c) = conversation {
+                let _ = self
+                    .mail_gids
+                    .insert(Self::mail_key(route, device, c), thread_key.as_bytes());
+                if let Ok(gid) = hex::decode(c) {
+                    let _ = self
+                        .mail_convs
+                        .insert(Self::mail_key(route, device, &thread_key), gid);
+                }
+            }
+            let new = MailThread {
+                subject: subject.trim_start_matches("Re: ").to_string(),
+                mailbox: from,
+                last_id: None,
+                references: Vec::new(),
+                hops: 0,
+            };
+            if let Ok(v) = serde_json::to_vec(&new) {
+                let _ = self
+                    .mail_threads
+                    .insert(Self::mail_key(route, device, &thread_key), v);
+            }
+        }
+        let _ = gatehouse_client::flush_tree(&self.mail_ids).await;
         relay.send(&out).await.map_err(|e| match e {
             email::SendError::Permanent(r) => Carry::Dead(Fault::new("relay", r)),
             email::SendError::Transient(r) => Carry::Later(r),
@@ -1109,8 +1191,13 @@ impl Bridge {
     async fn prepare(&self, idx: usize, id: u64, rec: &Queued) -> Result<Vec<Outgoing>, Failure> {
         let route = &self.cfg.routes[idx];
         let idempotency_key = format!("gatehouse-in-{id}");
+        let mut thread = None;
         let msg = match &rec.mail {
-            Some(meta) => self.mail_message(route, rec, meta, &idempotency_key)?,
+            Some(meta) => {
+                let (m, t) = self.mail_message(route, id, rec, meta, &idempotency_key)?;
+                thread = Some(t);
+                m
+            }
             None => Message {
                 payload: rec.payload.clone(),
                 content_type: "application/octet-stream".into(),
@@ -1194,6 +1281,7 @@ impl Bridge {
                     out.push(Outgoing {
                         content: c,
                         key: format!("{idempotency_key}-{n}"),
+                        thread: thread.clone(),
                     });
                 }
                 // Within the grants (checked above): for example an acknowledgement to the
@@ -1257,6 +1345,7 @@ impl Bridge {
                 out.push(Outgoing {
                     content: c,
                     key: format!("{idempotency_key}-file{i}"),
+                    thread: thread.clone(),
                 });
             }
         }
@@ -1320,6 +1409,92 @@ impl Bridge {
                 .map_err(|e| Failure::Transient(format!("{e:#}")))?;
             let mut client = endpoint.client.lock().await;
             self.ensure_registered(&endpoint, &mut client).await?;
+            // Mail threads: each thread is a conversation of its own (a group of the endpoint
+            // and the route's agents), created with the thread's first message.
+            let mut threads: Vec<(&str, &str, Vec<&Outgoing>)> = Vec::new();
+            for o in items.iter().filter(|o| o.thread.is_some()) {
+                let (key, subject) = o
+                    .thread
+                    .as_ref()
+                    .map(|(k, s)| (k.as_str(), s.as_str()))
+                    .unwrap_or_default();
+                match threads.iter_mut().find(|(k, _, _)| *k == key) {
+                    Some((_, _, list)) => list.push(o),
+                    None => threads.push((key, subject, vec![o])),
+                }
+            }
+            for (key, subject, list) in threads {
+                let tkey = Self::mail_key(route, device, key);
+                let gid = match self
+                    .mail_convs
+                    .get(&tkey)
+                    .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?
+                {
+                    Some(g) => g.to_vec(),
+                    None => {
+                        let mut members = Vec::new();
+                        for agent in &route.agents {
+                            let inbox = self.resolve(&mut client, agent).await.map_err(|e| {
+                                Failure::Transient(format!("resolving {agent}: {e:#}"))
+                            })?;
+                            if client
+                                .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
+                                .ok()
+                                .flatten()
+                                != Some(gatehouse_protocol::consent::State::Denied)
+                            {
+                                members.push(inbox);
+                            }
+                        }
+                        if members.is_empty() {
+                            tracing::info!(route = %route.name, %device, "not delivered: no agent of the route may receive this endpoint's mail");
+                            continue;
+                        }
+                        let name: String = if subject.is_empty() {
+                            "(no subject)"
+                        } else {
+                            subject
+                        }
+                        .chars()
+                        .take(100)
+                        .collect();
+                        let gid = client
+                            .create_group(&name, &format!("mail from {device}"), &members)
+                            .await
+                            .map_err(|e| {
+                                Failure::Transient(format!(
+                                    "creating the thread's conversation: {e}"
+                                ))
+                            })?;
+                        self.mail_convs
+                            .insert(&tkey, gid.as_slice())
+                            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+                        self.mail_gids
+                            .insert(
+                                Self::mail_key(route, device, &hex::encode(&gid)),
+                                key.as_bytes(),
+                            )
+                            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+                        gatehouse_client::flush_tree(&self.mail_convs)
+                            .await
+                            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+                        tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), "new mail thread: new conversation");
+                        gid
+                    }
+                };
+                let batch: Vec<_> = list
+                    .iter()
+                    .map(|o| (o.content.clone(), format!("{}-thread", o.key)))
+                    .collect();
+                client.send_batch(&gid, &batch).await.map_err(|e| {
+                    Failure::Transient(format!("sending to the thread's conversation: {e}"))
+                })?;
+                tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
+            }
+            let items: Vec<&Outgoing> = items.into_iter().filter(|o| o.thread.is_none()).collect();
+            if items.is_empty() {
+                continue;
+            }
             for agent in &route.agents {
                 let inbox = self
                     .resolve(&mut client, agent)
@@ -1648,10 +1823,25 @@ impl Bridge {
         ep: &Endpoint,
         r: &gatehouse_client::Received,
     ) -> Result<Vec<gatehouse_channels::mqtt::PublishAck>, Carry> {
+        // A mail thread's subject, for the plugin's `Re:`.
+        let metadata = match route
+            .is_email()
+            .then(|| self.thread_of_conversation(route, &ep.device, &r.conversation))
+            .flatten()
+        {
+            Some(t) => vec![
+                ("thread".to_string(), t.clone()),
+                (
+                    "subject".to_string(),
+                    self.load_thread(route, &ep.device, &t).subject,
+                ),
+            ],
+            None => vec![],
+        };
         let msg = Message {
             payload: r.content.clone(),
             content_type: r.content_type.clone(),
-            metadata: vec![],
+            metadata,
             endpoint: ep.device.clone(),
             conversation: Some(r.conversation.clone()),
             sender: Some(r.sender_inbox.clone()),
@@ -1971,6 +2161,9 @@ struct Outgoing {
     content: gatehouse_wire::message_contents::EncodedContent,
     /// Idempotency key without the agent (`gatehouse-in-QUEUEID-ACTION`).
     key: String,
+    /// For mail: the thread (its root Message-ID) whose conversation it goes to, and the
+    /// thread's subject (the conversation's name when it is new).
+    thread: Option<(String, String)>,
 }
 
 /// Why a conversation message was not carried.
@@ -2106,6 +2299,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
     }
     let (mail_seen, mail_threads) = (db.open_tree("mail-seen")?, db.open_tree("mail-threads")?);
+    let (mail_ids, mail_convs, mail_gids) = (
+        db.open_tree("mail-ids")?,
+        db.open_tree("mail-convs")?,
+        db.open_tree("mail-gids")?,
+    );
     let (bridge_wallet, bridge_key) = identity::endpoint_keys(&seed, "gatehouse/bridge");
     let bridge_identity = Client::open(
         db.open_tree("bridge-identity")?,
@@ -2141,6 +2339,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         relay,
         mail_seen,
         mail_threads,
+        mail_ids,
+        mail_convs,
+        mail_gids,
         endpoints: Default::default(),
         resolved: Default::default(),
         work: cfg.routes.iter().map(|_| Notify::new()).collect(),

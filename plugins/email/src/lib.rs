@@ -7,7 +7,8 @@
 //! header and all below it) and the signature (after `-- `) are cut. The subject is kept (per
 //! endpoint, in the plugin's key-value store) for the way back.
 //! Out: conversation text becomes a mail to the endpoint's address, subject `Re: <the thread's
-//! subject>` (or `default_subject`).
+//! subject>` (the host's `subject` metadata for a thread's conversation; else the endpoint's
+//! last subject; else `default_subject`).
 //!
 //! Config keys: `default_subject` (default `Message`), `keep_quotes` (`true` keeps replies
 //! whole), `keep_signature` (`true` keeps signatures).
@@ -142,8 +143,15 @@ impl Guest for Email {
                 msg.content_type
             ))]);
         }
-        let subject = kv::get(&format!("subject/{}", msg.endpoint))
-            .and_then(|s| String::from_utf8(s).ok())
+        // The thread's subject when the conversation is a mail thread; else the last one
+        // this endpoint wrote with; else the configured default.
+        let subject = meta(&msg.metadata, "subject")
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string)
+            .or_else(|| {
+                kv::get(&format!("subject/{}", msg.endpoint))
+                    .and_then(|s| String::from_utf8(s).ok())
+            })
             .map(|s| reply_subject(&s))
             .unwrap_or_else(|| CONFIG.with(|c| c.borrow().default_subject.clone()));
         Ok(vec![Action::Publish(Publish {
