@@ -269,6 +269,31 @@ fn oversized_unknown_automatic_and_looping_mail_make_no_chat_message() {
     assert_ne!(code, 0);
     assert!(out.contains("550 5.1.1"), "{out}");
 
+    // Not a mail at all (no header, binary bytes): refused with the reason, the daemon goes on.
+    let junk = s.dir.join("junk.eml");
+    std::fs::write(
+        &junk,
+        b"\x00\xff\xfe garbage without headers\r\n\x01\x02\r\n",
+    )
+    .unwrap();
+    let (code, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "ann@example.org",
+            "--to",
+            "support@bridge.test",
+            "--data",
+            &format!("@{}", junk.display()),
+        ],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        out.contains("550 5.1.7 The message has no From address"),
+        "{out}"
+    );
+    d.wait_log(&["mail refused: no From address"]);
+
     // Accepted (so nobody bounces them) but not chat messages.
     for (from, header) in [
         ("ann@example.org", "Auto-Submitted: auto-replied"),
@@ -680,4 +705,65 @@ fn attachments_and_html_follow_the_text_within_the_cap() {
         "the big one is not carried: {extra}"
     );
     d.wait_log(&["attachment not carried: over channels.email.max_attachment_bytes"]);
+}
+
+/// Two bridges whose agents answer every mail: the hop header ends the exchange after three
+/// bridge hops instead of letting it go round for ever.
+#[test]
+fn a_mail_loop_between_two_bridges_ends_after_three_hops() {
+    let (sa, sb) = (Setup::new("email-loop-a"), Setup::new("email-loop-b"));
+    let (smtp_a, smtp_b) = (free_port(), free_port());
+    let (agent_a, agent_b) = (sa.agent("agent"), sb.agent("agent"));
+    let config = |s: &Setup, smtp: u16, relay: u16, mailbox: &str, agent: &str| {
+        let text = format!(
+            "data_dir: data\nnode: {{listen: 127.0.0.1:{}}}\nadmin: {{listen: 127.0.0.1:{}}}\npoll_interval_ms: 100\n\
+             channels:\n  email:\n    listen: 127.0.0.1:{smtp}\n    hostname: {}\n    dns: {{system: false}}\n    \
+             relay: {{host: 127.0.0.1, port: {relay}, tls: none}}\n\
+             plugins: {{email: {{builtin: email}}}}\n\
+             routes:\n  - {{name: support, channel: email, subscribe: \"{mailbox}\", plugin: email, agents: [\"{agent}\"]}}\n",
+            s.node_port,
+            s.admin_port,
+            mailbox.split('@').nth(1).unwrap()
+        );
+        let path = s.dir.join("config.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca = config(&sa, smtp_a, smtp_b, "support@a.test", &agent_a.inbox_id());
+    let cb = config(&sb, smtp_b, smtp_a, "help@b.test", &agent_b.inbox_id());
+    let da = start(&sa, &ca);
+    let db = start(&sb, &cb);
+    agent_a.init();
+    agent_b.init();
+
+    // B's mailbox writes to A once (as if B's agent had started it).
+    let (code, out) = swaks(
+        smtp_a,
+        &[
+            "--from",
+            "help@b.test",
+            "--to",
+            "support@a.test",
+            "--header",
+            "Subject: ping",
+            "--body",
+            "ping",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    // Each agent answers what it gets, as an automatic agent would.
+    let answer = |a: &Agent| {
+        let m = &a.listen(1)[0];
+        let conv = m["conversation"].as_str().unwrap().to_string();
+        a.ok(&["send", "--conversation", &conv, "auto: received"]);
+    };
+    answer(&agent_a); // hop 1: A → B
+    answer(&agent_b); // hop 2: B → A
+    answer(&agent_a); // hop 3: A → B, which drops it
+    db.wait_log(&["it went through 3 bridges already (a loop)"]);
+    for a in [&agent_a, &agent_b] {
+        let extra = a.ok(&["listen", "--json", "--timeout", "3"]);
+        assert!(extra.trim().is_empty(), "the exchange went on: {extra}");
+    }
+    let _ = da;
 }
