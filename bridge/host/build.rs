@@ -11,6 +11,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed={}", plugins.join("mqtt").display());
     println!("cargo:rerun-if-changed={}", plugins.join("email").display());
+    println!("cargo:rerun-if-changed={}", plugins.join("nats").display());
     println!("cargo:rerun-if-changed={}", plugins.join("sdk").display());
     println!(
         "cargo:rerun-if-changed={}",
@@ -77,6 +78,7 @@ fn main() {
     const PLUGINS: &[&str] = &[
         "gatehouse_plugin_mqtt",
         "gatehouse_plugin_email",
+        "gatehouse_plugin_nats",
         "gatehouse_plugin_misbehave",
     ];
     for name in PLUGINS {

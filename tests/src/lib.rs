@@ -1213,3 +1213,75 @@ pub fn swaks(port: u16, args: &[&str]) -> (i32, String) {
         ),
     )
 }
+
+/// A `nats-server -js` on a free port, its JetStream file store under the test directory.
+pub struct NatsServer {
+    proc: Option<Proc>,
+    /// Its port.
+    pub port: u16,
+    store: PathBuf,
+    log: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts one and waits until it accepts connections.
+    pub fn start(dir: &Path) -> Self {
+        require("nats-server", "nats-server");
+        let port = free_port();
+        let mut n = NatsServer {
+            proc: None,
+            port,
+            store: dir.join(format!("nats-{port}")),
+            log: dir.join(format!("nats-{port}.log")),
+        };
+        n.launch();
+        n
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting nats-server");
+        self.proc = Some(Proc(child));
+        let log = self.log.clone();
+        let before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("Server is ready")
+            .count();
+        wait_for("nats-server to be ready", || {
+            (std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("Server is ready")
+                .count()
+                > before)
+                .then_some(())
+        });
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it (SIGKILL) and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.proc.take();
+        self.launch();
+    }
+}

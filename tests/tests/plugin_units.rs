@@ -5,13 +5,12 @@
 use std::path::Path;
 use std::process::Command;
 
-#[test]
-fn email_plugin_unit_tests_pass() {
+fn plugin_unit_tests(package: &str, passed: usize) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["test", "--manifest-path"])
         .arg(root.join("plugins/Cargo.toml"))
-        .args(["-p", "gatehouse-plugin-email"])
+        .args(["-p", package])
         .env("CARGO_TARGET_DIR", root.join("target/plugin-units"))
         .output()
         .expect("running cargo");
@@ -21,5 +20,18 @@ fn email_plugin_unit_tests_pass() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("test result: ok. 2 passed"), "{text}");
+    assert!(
+        text.contains(&format!("test result: ok. {passed} passed")),
+        "{text}"
+    );
+}
+
+#[test]
+fn email_plugin_unit_tests_pass() {
+    plugin_unit_tests("gatehouse-plugin-email", 2);
+}
+
+#[test]
+fn nats_plugin_unit_tests_pass() {
+    plugin_unit_tests("gatehouse-plugin-nats", 2);
 }

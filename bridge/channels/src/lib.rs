@@ -10,6 +10,7 @@
 
 pub mod email;
 pub mod mqtt;
+pub mod nats;
 
 /// Exponential backoff with full jitter: `base · 2^attempt`, capped, then a uniform draw.
 pub fn backoff(

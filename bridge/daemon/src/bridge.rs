@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use gatehouse_channels::email;
 use gatehouse_channels::mqtt::{self, Inbound, MqttHandle};
+use gatehouse_channels::nats;
 use gatehouse_client::Channel;
 use gatehouse_client::Client;
 use gatehouse_host::{Action, Host, Limits, Message, Plugin, PluginError};
@@ -72,6 +73,7 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
         .with_context(|| format!("no plugin named {name:?} in config.yaml"))?;
     let (wasm, stamp) = match (&p.builtin, &p.path) {
         (Some(b), _) if b == "email" => (gatehouse_host::EMAIL_PLUGIN.to_vec(), None),
+        (Some(b), _) if b == "nats" => (gatehouse_host::NATS_PLUGIN.to_vec(), None),
         (Some(_), _) => (gatehouse_host::MQTT_PLUGIN.to_vec(), None),
         (None, Some(path)) => {
             let meta = std::fs::metadata(path)
@@ -85,10 +87,16 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
     let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
     // The route's reply template is an MQTT plugin's down topic.
     if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
-        && !r.is_email()
+        && r.channel == "mqtt"
         && !p.config.contains_key("down_topic")
     {
         config.push(("down_topic".into(), r.reply.clone()));
+    }
+    if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
+        && r.is_nats()
+        && !p.config.contains_key("down_subject")
+    {
+        config.push(("down_subject".into(), r.reply.clone()));
     }
     let limits = Limits {
         deadline: Duration::from_millis(p.deadline_ms),
@@ -191,7 +199,31 @@ struct Queued {
     /// For mail: the envelope and what sender authentication found.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     mail: Option<MailMeta>,
+    /// For NATS: headers, the requester's reply subject, the stream sequence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    nats: Option<NatsMeta>,
 }
+
+/// What a NATS message brought besides its subject and payload.
+#[derive(Clone, Serialize, Deserialize)]
+struct NatsMeta {
+    headers: Vec<(String, String)>,
+    reply: Option<String>,
+    seq: Option<u64>,
+}
+
+/// A request waiting for the agent's answer.
+#[derive(Serialize, Deserialize)]
+struct PendingRequest {
+    reply: String,
+    deadline_ms: u64,
+}
+
+/// The header on everything the bridge publishes to NATS (its value: the bridge's inbox id):
+/// such a message coming back is not taken in.
+const NATS_ORIGIN: &str = "Gatehouse-Origin";
+/// A request's own timeout for the agent's answer, milliseconds.
+const NATS_TIMEOUT_HEADER: &str = "Gatehouse-Timeout-Ms";
 
 /// What the SMTP session knew about a mail, kept with it.
 #[derive(Clone, Serialize, Deserialize)]
@@ -270,6 +302,17 @@ pub struct Bridge {
     /// Per-plugin counters and quarantine state (`gatehouse plugins`).
     plugin_stats: std::sync::Mutex<BTreeMap<String, crate::grants::PluginStats>>,
     mqtt: Option<MqttHandle>,
+    /// The NATS connection.
+    nats: Option<nats::NatsHandle>,
+    /// NATS subscription index → route index.
+    nats_subs: Vec<usize>,
+    /// JetStream routes: the highest stream sequence stored (shared with the driver, which
+    /// resumes its consumer after it).
+    nats_stored: HashMap<usize, Arc<std::sync::atomic::AtomicU64>>,
+    /// JetStream routes: route name → that sequence, written with the records.
+    nats_js: sled::Tree,
+    /// Requests waiting for the agent's answer (`route ‖ device ‖ queue id`).
+    nats_requests: sled::Tree,
     /// The outbound mail relay (when `channels.email.relay` is set).
     relay: Option<email::Relay>,
     /// Mail already stored, by sender and Message-ID (a client retrying after a lost 250).
@@ -459,6 +502,7 @@ impl Bridge {
                 retain: msg.retain,
                 qos: msg.qos,
                 mail: None,
+                nats: None,
             };
             self.inbox
                 .insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?)?;
@@ -530,6 +574,202 @@ impl Bridge {
             m.ack(msg).await.context("acknowledging to the broker")?;
         }
         Ok(())
+    }
+
+    /// Stores a batch of NATS messages with one flush, then acknowledges the JetStream ones.
+    /// Our own publishes (the origin header), messages over the size limits and JetStream
+    /// redeliveries of what is stored (by sequence) are acknowledged without being stored.
+    async fn accept_nats(&self, batch: Vec<nats::NatsIn>) -> anyhow::Result<()> {
+        let limit = self
+            .cfg
+            .channels
+            .nats
+            .as_ref()
+            .map_or(usize::MAX, |n| n.max_payload);
+        let mut keep = Vec::with_capacity(batch.len());
+        let mut done = Vec::new();
+        let mut routes = std::collections::BTreeSet::new();
+        let mut maxseq: HashMap<usize, u64> = HashMap::new();
+        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut requests: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for msg in batch {
+            let idx = self.nats_subs[msg.sub];
+            let route = &self.cfg.routes[idx];
+            let Some(device) = route.nats_device_of(&msg.subject) else {
+                tracing::debug!(subject = %msg.subject, "no endpoint in the subject");
+                done.push(msg);
+                continue;
+            };
+            if msg
+                .headers
+                .iter()
+                .any(|(k, v)| k == NATS_ORIGIN && *v == self.bridge_inbox)
+            {
+                tracing::debug!(route = %route.name, subject = %msg.subject, "our own publish came back; not taken in");
+                done.push(msg);
+                continue;
+            }
+            if msg.payload.len() > route.max_payload.min(limit) {
+                tracing::warn!(route = %route.name, subject = %msg.subject, bytes = msg.payload.len(), limit = route.max_payload.min(limit), "rejected: payload over the size limit (route max_payload / channels.nats.max_payload)");
+                done.push(msg);
+                continue;
+            }
+            if let (Some(seq), Some(stored)) = (msg.stream_seq, self.nats_stored.get(&idx)) {
+                let floor = maxseq
+                    .get(&idx)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(stored.load(std::sync::atomic::Ordering::SeqCst));
+                if seq <= floor {
+                    tracing::debug!(route = %route.name, seq, "JetStream redelivery of a stored message; acknowledged again");
+                    done.push(msg);
+                    continue;
+                }
+                maxseq.insert(idx, seq);
+            }
+            let id = self.db.generate_id()?;
+            if let Some(reply) = &msg.reply {
+                let timeout = msg
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(NATS_TIMEOUT_HEADER))
+                    .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+                    .unwrap_or(route.request_timeout_ms);
+                let pending = PendingRequest {
+                    reply: reply.clone(),
+                    deadline_ms: now_ms() + timeout,
+                };
+                let mut k = Self::mail_key(route, &device, "");
+                k.extend_from_slice(&id.to_be_bytes());
+                requests.push((k, serde_json::to_vec(&pending)?));
+            }
+            let rec = Queued {
+                route: idx,
+                device,
+                topic: msg.subject.clone(),
+                payload: msg.payload.clone(),
+                retain: false,
+                qos: 1,
+                mail: None,
+                nats: Some(NatsMeta {
+                    headers: msg.headers.clone(),
+                    reply: msg.reply.clone(),
+                    seq: msg.stream_seq,
+                }),
+            };
+            records.push((inbox_key(&route.name, id), serde_json::to_vec(&rec)?));
+            routes.insert(idx);
+            keep.push(msg);
+        }
+        if !records.is_empty() {
+            // The records, the pending requests and the stream positions: all or nothing.
+            use sled::Transactional as _;
+            let js: Vec<(Vec<u8>, u64)> = maxseq
+                .iter()
+                .map(|(idx, seq)| (self.cfg.routes[*idx].name.as_bytes().to_vec(), *seq))
+                .collect();
+            (&self.inbox, &self.nats_requests, &self.nats_js)
+                .transaction(|(inbox, req, pos)| {
+                    for (k, v) in &records {
+                        inbox.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, v) in &requests {
+                        req.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, seq) in &js {
+                        pos.insert(k.as_slice(), &seq.to_be_bytes())?;
+                    }
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| anyhow::anyhow!("storing NATS messages: {e:?}"))?;
+            gatehouse_client::flush_tree(&self.inbox).await?;
+            if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_ACK").is_some() {
+                tracing::error!(
+                    "GATEHOUSE_FAULT_CRASH_BEFORE_ACK: aborting after the durable write"
+                );
+                std::process::abort();
+            }
+            for (idx, seq) in &maxseq {
+                if let Some(s) = self.nats_stored.get(idx) {
+                    s.fetch_max(*seq, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+        }
+        for msg in keep.iter().chain(&done) {
+            if let Err(e) = msg.ack().await {
+                // Redelivered later; dropped then by its sequence.
+                tracing::debug!(error = %e, "JetStream acknowledgement failed");
+            }
+        }
+        for idx in routes {
+            self.work[idx].notify_one();
+        }
+        Ok(())
+    }
+
+    /// Publishes a plugin's `publish` on NATS with the origin header. The oldest open request
+    /// of the endpoint gets the answer on its reply subject (or, past its timeout, nothing: a
+    /// log line says the answer was late); otherwise it goes where the plugin said. A stream
+    /// route publishes to JetStream with `Nats-Msg-Id` (the same on a retry, so the server
+    /// keeps one copy) and waits for the publish acknowledgement.
+    async fn publish_nats(
+        &self,
+        route: &Route,
+        device: &str,
+        p: &gatehouse_host::Publish,
+        key: &[u8; 32],
+    ) -> Result<(), Carry> {
+        let Some(h) = &self.nats else {
+            return Err(Carry::Dead(Fault::new(
+                "channel",
+                "channels.nats is not configured",
+            )));
+        };
+        let mut headers: Vec<(String, String)> = p
+            .metadata
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("header.")?.to_string(), v.clone())))
+            .collect();
+        for (k, v) in &headers {
+            if !nats::valid_header_name(k) || !nats::valid_header_value(v) {
+                return Err(Carry::Dead(Fault::new(
+                    "header",
+                    format!("header {k:?} is not a valid NATS header"),
+                )));
+            }
+        }
+        headers.push((NATS_ORIGIN.into(), self.bridge_inbox.clone()));
+        // Request-reply: answers go to the open requests of this endpoint, oldest first.
+        let prefix = Self::mail_key(route, device, "");
+        let pending = self
+            .nats_requests
+            .scan_prefix(&prefix)
+            .next()
+            .and_then(|r| r.ok())
+            .and_then(|(k, v)| Some((k, serde_json::from_slice::<PendingRequest>(&v).ok()?)));
+        if let Some((k, req)) = pending {
+            if now_ms() > req.deadline_ms {
+                let _ = self.nats_requests.remove(&k);
+                tracing::warn!(route = %route.name, %device, "late reply dropped: the request's timeout had passed");
+                return Ok(());
+            }
+            h.publish(&req.reply, &headers, p.payload.clone(), None)
+                .await
+                .map_err(|e| match e {
+                    nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
+                    nats::PublishError::Failed(r) => Carry::Later(r),
+                })?;
+            let _ = self.nats_requests.remove(&k);
+            tracing::info!(route = %route.name, %device, "answered a NATS request");
+            return Ok(());
+        }
+        let msg_id = route.stream.as_ref().map(|_| hex::encode(key));
+        h.publish(&p.address, &headers, p.payload.clone(), msg_id.as_deref())
+            .await
+            .map_err(|e| match e {
+                nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
+                nats::PublishError::Failed(r) => Carry::Later(r),
+            })
     }
 
     /// Takes in one received mail: loops, automatic mail and our own mail are answered 250
@@ -605,6 +845,7 @@ impl Bridge {
             retain: false,
             qos: 1,
             mail: Some(meta),
+            nats: None,
         };
         if !mail.auth.verified {
             match ecfg.unverified {
@@ -1158,6 +1399,7 @@ impl Bridge {
             "bytes": rec.map(|r| r.payload.len()),
             "payload": rec.map(|r| hex::encode(&r.payload)),
             "mail": rec.and_then(|r| r.mail.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
+            "nats": rec.and_then(|r| r.nats.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
         }));
         let _ = self.inbox.remove(key);
     }
@@ -1201,11 +1443,28 @@ impl Bridge {
             None => Message {
                 payload: rec.payload.clone(),
                 content_type: "application/octet-stream".into(),
-                metadata: vec![
-                    ("topic".into(), rec.topic.clone()),
-                    ("qos".into(), rec.qos.to_string()),
-                    ("retain".into(), rec.retain.to_string()),
-                ],
+                metadata: match &rec.nats {
+                    Some(n) => {
+                        let mut m = vec![("subject".to_string(), rec.topic.clone())];
+                        m.extend(
+                            n.headers
+                                .iter()
+                                .map(|(k, v)| (format!("header.{k}"), v.clone())),
+                        );
+                        if let Some(r) = &n.reply {
+                            m.push(("reply_to".into(), r.clone()));
+                        }
+                        if let Some(q) = n.seq {
+                            m.push(("stream_seq".into(), q.to_string()));
+                        }
+                        m
+                    }
+                    None => vec![
+                        ("topic".into(), rec.topic.clone()),
+                        ("qos".into(), rec.qos.to_string()),
+                        ("retain".into(), rec.retain.to_string()),
+                    ],
+                },
                 endpoint: rec.device.clone(),
                 conversation: None,
                 sender: Some(rec.device.clone()),
@@ -1286,6 +1545,16 @@ impl Bridge {
                 }
                 // Within the grants (checked above): for example an acknowledgement to the
                 // device on its reply topic.
+                Action::Publish(p) if p.channel == "nats" => {
+                    let key = publish_key(&idempotency_key, n, &p.address);
+                    self.publish_nats(route, &rec.device, &p, &key)
+                        .await
+                        .map_err(|c| match c {
+                            Carry::Dead(f) => Failure::Permanent(f),
+                            Carry::Later(r) => Failure::Transient(r),
+                        })?;
+                    tracing::info!(route = %route.name, device = %rec.device, subject = %p.address, "published by plugin");
+                }
                 Action::Publish(p) if p.channel == "email" => {
                     let key = publish_key(&idempotency_key, n, &p.address);
                     self.publish_email(route, &rec.device, None, &p, &key)
@@ -1897,6 +2166,11 @@ impl Bridge {
         let mut acks = Vec::new();
         for (n, action) in actions.into_iter().enumerate() {
             match action {
+                Action::Publish(p) if p.channel == "nats" => {
+                    let key = publish_key(&r.message_id, n, &p.address);
+                    self.publish_nats(route, &ep.device, &p, &key).await?;
+                    tracing::info!(route = %route.name, device = %ep.device, "published reply");
+                }
                 Action::Publish(p) if p.channel == "email" => {
                     let key = publish_key(&r.message_id, n, &p.address);
                     self.publish_email(route, &ep.device, Some(&r.conversation), &p, &key)
@@ -2032,6 +2306,9 @@ impl Bridge {
                     qos: 1,
                     mail: v
                         .get("mail")
+                        .and_then(|m| serde_json::from_value(m.clone()).ok()),
+                    nats: v
+                        .get("nats")
                         .and_then(|m| serde_json::from_value(m.clone()).ok()),
                 };
                 let qid = self.db.generate_id()?;
@@ -2258,11 +2535,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
     let mqtt = match &cfg.channels.mqtt {
-        Some(m) if cfg.routes.iter().any(|r| !r.is_email()) => {
+        Some(m) if cfg.routes.iter().any(|r| r.channel == "mqtt") => {
             let filters = cfg
                 .routes
                 .iter()
-                .filter(|r| !r.is_email())
+                .filter(|r| r.channel == "mqtt")
                 .map(Route::filter)
                 .collect();
             // QoS 2 publishes are journalled (exactly-once across restarts).
@@ -2273,6 +2550,58 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                     .context("starting the MQTT relay for QoS 2 publishes")?,
             )
         }
+        _ => None,
+    };
+    // NATS: one subscription per route; JetStream routes resume after what is stored.
+    let nats_js = db.open_tree("nats-js")?;
+    let nats_requests = db.open_tree("nats-requests")?;
+    let (nats_tx, mut nats_rx) = mpsc::channel::<nats::NatsIn>(INBOUND_CAPACITY);
+    let mut nats_subs = Vec::new();
+    let mut nats_stored = HashMap::new();
+    let mut subscriptions = Vec::new();
+    for (idx, r) in cfg.routes.iter().enumerate().filter(|(_, r)| r.is_nats()) {
+        let jetstream = match &r.stream {
+            Some(stream) => {
+                let stored = nats_js
+                    .get(r.name.as_bytes())?
+                    .and_then(|v| v.as_ref().try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                let stored = Arc::new(std::sync::atomic::AtomicU64::new(stored));
+                nats_stored.insert(idx, stored.clone());
+                Some(nats::JetStreamSub {
+                    stream: stream.clone(),
+                    durable: r
+                        .durable
+                        .clone()
+                        .unwrap_or_else(|| format!("gatehouse-{}", r.name)),
+                    deliver: match r.deliver.as_deref() {
+                        None | Some("all") => nats::Deliver::All,
+                        Some("new") => nats::Deliver::New,
+                        Some(t) => nats::Deliver::Since(t.to_string()),
+                    },
+                    stored,
+                })
+            }
+            None => None,
+        };
+        subscriptions.push(nats::Subscription {
+            subject: r.nats_filter(),
+            queue_group: r.queue_group.clone(),
+            jetstream,
+        });
+        nats_subs.push(idx);
+    }
+    let nats_handle = match (&cfg.channels.nats, subscriptions.is_empty()) {
+        (Some(n), false) => Some(
+            nats::start(n, subscriptions, nats_tx, shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("channels.nats: {e}"))?,
+        ),
+        (Some(n), true) => Some(
+            nats::start(n, Vec::new(), nats_tx, shutdown.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("channels.nats: {e}"))?,
+        ),
         _ => None,
     };
     let (mail_tx, mut mail_rx) = mpsc::channel::<email::MailIn>(64);
@@ -2337,6 +2666,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         plugins: std::sync::RwLock::new(plugins),
         mqtt,
         relay,
+        nats: nats_handle,
+        nats_subs,
+        nats_stored,
+        nats_js,
+        nats_requests,
         mail_seen,
         mail_threads,
         mail_ids,
@@ -2389,6 +2723,33 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 b.set_not_ready(Some(reason.clone()));
                 return Err(anyhow::anyhow!(
                     "{reason}; stopping without acknowledging the messages it could not store (the broker delivers them again after a restart; check the disk of data_dir)"
+                ));
+            }
+        }
+    });
+    // NATS: batched like MQTT (one flush per batch, acknowledgements after it).
+    let b = bridge.clone();
+    let mut stop = shutdown.clone();
+    let nats_intake = tokio::spawn(async move {
+        loop {
+            let first = tokio::select! { _ = stop.changed() => return Ok::<(), anyhow::Error>(()), m = nats_rx.recv() => match m { Some(m) => m, None => return Ok(()) } };
+            let mut batch = vec![first];
+            while batch.len() < ACCEPT_BATCH {
+                match nats_rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            while let Err(reason) = b.storage_room() {
+                b.set_not_ready(Some(reason));
+                tokio::select! { _ = stop.changed() => return Ok(()), _ = tokio::time::sleep(STORAGE_RECHECK) => {} }
+            }
+            b.set_not_ready(None);
+            if let Err(e) = b.accept_nats(batch).await {
+                let reason = format!("the bridge store failed: {e:#}");
+                b.set_not_ready(Some(reason.clone()));
+                return Err(anyhow::anyhow!(
+                    "{reason}; stopping without acknowledging what it could not store (JetStream delivers it again after a restart)"
                 ));
             }
         }
@@ -2449,17 +2810,23 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     // The intake ends on its own only without a channel (fine: wait for the signal) or on a
     // store failure (stop, with the error).
     let mut mail_intake = mail_intake;
-    let (intake_done, mail_done) = tokio::select! {
-        _ = shutdown.changed() => (false, false),
+    let mut nats_intake = nats_intake;
+    let (intake_done, mail_done, nats_done) = tokio::select! {
+        _ = shutdown.changed() => (false, false, false),
         r = &mut accept => {
             r??;
             let _ = shutdown.changed().await;
-            (true, false)
+            (true, false, false)
         }
         r = &mut mail_intake => {
             r??;
             let _ = shutdown.changed().await;
-            (false, true)
+            (false, true, false)
+        }
+        r = &mut nats_intake => {
+            r??;
+            let _ = shutdown.changed().await;
+            (false, false, true)
         }
     };
     let _ = tokio::join!(
@@ -2471,6 +2838,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         async {
             if !mail_done {
                 let _ = mail_intake.await;
+            }
+        },
+        async {
+            if !nats_done {
+                let _ = nats_intake.await;
             }
         },
         outbound,

@@ -141,6 +141,9 @@ pub struct Channels {
     /// The SMTP listener, sender authentication and the outbound relay.
     #[serde(default)]
     pub email: Option<gatehouse_channels::email::EmailConfig>,
+    /// The NATS servers.
+    #[serde(default)]
+    pub nats: Option<gatehouse_channels::nats::NatsConfig>,
 }
 
 /// One plugin.
@@ -293,6 +296,27 @@ pub struct Route {
     /// published as-is on the `reply` topic; anything else is dead-lettered.
     #[serde(default)]
     pub fail_open: bool,
+    /// NATS: a queue group, so several bridges share the route's messages (each goes to one).
+    #[serde(default)]
+    pub queue_group: Option<String>,
+    /// NATS: consume from this JetStream stream (a durable consumer, acknowledged after the
+    /// durable write) instead of core NATS; replies are published to it with `Nats-Msg-Id`.
+    #[serde(default)]
+    pub stream: Option<String>,
+    /// NATS JetStream: where a new consumer starts: `all` (default), `new`, or an RFC 3339 time.
+    #[serde(default)]
+    pub deliver: Option<String>,
+    /// NATS JetStream: the durable consumer's name (default `gatehouse-<route name>`).
+    #[serde(default)]
+    pub durable: Option<String>,
+    /// NATS request-reply: how long a requester waits for the agent's answer when its request
+    /// does not say (`Gatehouse-Timeout-Ms` header), milliseconds; later answers are dropped.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_request_timeout() -> u64 {
+    30_000
 }
 
 /// What an endpoint does with senders it has not decided about.
@@ -400,11 +424,65 @@ impl Route {
         self.channel == "email"
     }
 
+    /// Whether this is a NATS route.
+    pub fn is_nats(&self) -> bool {
+        self.channel == "nats"
+    }
+
+    /// The NATS subscription for the template (`{x}` becomes `*`).
+    pub fn nats_filter(&self) -> String {
+        self.subscribe
+            .split('.')
+            .map(|t| {
+                if t.starts_with('{') && t.ends_with('}') {
+                    "*"
+                } else {
+                    t
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    /// The endpoint named by a NATS subject, if the subject matches the template.
+    pub fn nats_device_of(&self, subject: &str) -> Option<String> {
+        let t: Vec<_> = self.subscribe.split('.').collect();
+        let p: Vec<_> = subject.split('.').collect();
+        let mut device = None;
+        for (i, a) in t.iter().enumerate() {
+            if *a == ">" {
+                return (p.len() > i).then_some(device).flatten();
+            }
+            let b = p.get(i)?;
+            if a.starts_with('{') && a.ends_with('}') {
+                if b.is_empty() {
+                    return None;
+                }
+                device = Some(b.to_string());
+            } else if *a != "*" && a != b {
+                return None;
+            }
+        }
+        (t.len() == p.len()).then_some(device).flatten()
+    }
+
     /// The endpoint's address on its channel: the topic it publishes on (MQTT), or its email
     /// address.
     pub fn endpoint_address(&self, device: &str) -> String {
         if self.is_email() {
             device.to_string()
+        } else if self.is_nats() {
+            self.subscribe
+                .split('.')
+                .map(|t| {
+                    if t.starts_with('{') && t.ends_with('}') {
+                        device
+                    } else {
+                        t
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(".")
         } else {
             self.subscribe.replace("{device}", device)
         }
@@ -558,7 +636,47 @@ impl Config {
                         );
                     }
                 }
-                other => bail!("{at}.channel: unknown channel {other:?} (available: mqtt, email)"),
+                "nats" => {
+                    if self.channels.nats.is_none() {
+                        bail!("{at}: uses channel nats but channels.nats is not configured");
+                    }
+                    let placeholders = r
+                        .subscribe
+                        .split('.')
+                        .filter(|t| t.starts_with('{') && t.ends_with('}'))
+                        .count();
+                    if placeholders != 1 || r.subscribe.matches('{').count() != 1 {
+                        bail!(
+                            "{at}.subscribe: {:?} must name the endpoint with exactly one whole subject token in braces, e.g. \"events.{{device}}.>\"",
+                            r.subscribe
+                        );
+                    }
+                    if r.reply.contains('/') {
+                        bail!(
+                            "{at}.reply: {:?} is not a NATS subject; set reply to where answers go, e.g. \"replies.{{device}}\"",
+                            r.reply
+                        );
+                    }
+                    if let Some(d) = &r.deliver
+                        && d != "all"
+                        && d != "new"
+                        && time::OffsetDateTime::parse(
+                            d,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .is_err()
+                    {
+                        bail!("{at}.deliver: {d:?} is not all, new or an RFC 3339 time");
+                    }
+                    if r.stream.is_some() && r.queue_group.is_some() {
+                        bail!(
+                            "{at}: queue_group is for core NATS; a stream route's durable consumer is its own"
+                        );
+                    }
+                }
+                other => {
+                    bail!("{at}.channel: unknown channel {other:?} (available: mqtt, email, nats)")
+                }
             }
             if !self.plugins.contains_key(&r.plugin) {
                 bail!(
@@ -586,9 +704,11 @@ impl Config {
         }
         for (name, p) in &self.plugins {
             match (&p.builtin, &p.path) {
-                (Some(b), None) if b == "mqtt" || b == "email" => {}
+                (Some(b), None) if b == "mqtt" || b == "email" || b == "nats" => {}
                 (Some(b), None) => {
-                    bail!("plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt, email)")
+                    bail!(
+                        "plugins.{name}.builtin: unknown builtin {b:?} (available: mqtt, email, nats)"
+                    )
                 }
                 (None, Some(_)) => {}
                 _ => bail!("plugins.{name}: set exactly one of builtin or path"),

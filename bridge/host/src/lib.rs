@@ -30,6 +30,10 @@ pub use bindings::gatehouse::plugin::types::{Action, Message, Publish, Send};
 pub const MQTT_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_mqtt.wasm"));
 
+/// The first-party NATS plugin component, built from `plugins/nats`.
+pub const NATS_PLUGIN: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_nats.wasm"));
+
 /// The first-party email plugin component, built from `plugins/email`.
 pub const EMAIL_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_email.wasm"));

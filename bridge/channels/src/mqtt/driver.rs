@@ -29,6 +29,8 @@ pub enum ConnectionState {
     Connected,
     /// Waiting before the next attempt, with the last error.
     BackingOff(String),
+    /// The server refused the credentials.
+    BadCredentials(String),
     /// Stopped by shutdown.
     Stopped,
 }
