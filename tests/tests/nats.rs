@@ -172,7 +172,7 @@ fn json_n(m: &serde_json::Value) -> u64 {
 #[test]
 fn core_subjects_both_ways_without_echo() {
     let s = Setup::new("nats-core");
-    let server = NatsServer::start(&s.dir);
+    let mut server = NatsServer::start(&s.dir);
     let a = s.agent("agent");
     // The reply subject is inside the subscribed pattern: the origin header keeps our own
     // publishes from coming back in.
@@ -184,7 +184,7 @@ fn core_subjects_both_ways_without_echo() {
         "",
         "events.{device}.out",
     );
-    let _d = start(&s, &config);
+    let d = start(&s, &config);
     a.init();
     let c = Client::connect(&server.url());
     let out = c.subscribe("events.billing.out");
@@ -222,6 +222,15 @@ fn core_subjects_both_ways_without_echo() {
     }
     let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
     assert!(extra.trim().is_empty(), "echo: {extra}");
+
+    // The server restarts: core NATS kept nothing meanwhile, and the status says so.
+    assert_eq!(d.status()["nats"]["disconnects"], 0);
+    server.restart();
+    wait_for("the reconnection", || {
+        (d.log_text().matches("NATS connected").count() >= 2).then_some(())
+    });
+    assert_eq!(d.status()["nats"]["disconnects"], 1);
+    assert_eq!(d.status()["nats"]["state"], "Connected");
 }
 
 #[test]

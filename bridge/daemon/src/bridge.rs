@@ -363,6 +363,11 @@ impl Bridge {
             "inbox_by_route": self.cfg.routes.iter().map(|r| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "dead_letters": self.dead.len(),
             "mqtt": self.mqtt.as_ref().map(|m| format!("{:?}", m.state())),
+            "nats": self.nats.as_ref().map(|n| serde_json::json!({
+                "state": format!("{:?}", n.state()),
+                // Windows in which core subjects missed messages (JetStream routes resume).
+                "disconnects": n.disconnects(),
+            })),
             "ready": self.not_ready().is_none(),
             "not_ready_reason": self.not_ready(),
         })

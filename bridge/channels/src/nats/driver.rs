@@ -110,6 +110,7 @@ pub struct NatsHandle {
     js: jetstream::Context,
     state: watch::Receiver<ConnectionState>,
     max_payload: usize,
+    disconnects: Arc<AtomicU64>,
 }
 
 /// Whether `name` can be a NATS header name (visible ASCII, no colon).
@@ -126,6 +127,13 @@ impl NatsHandle {
     /// The connection state.
     pub fn state(&self) -> ConnectionState {
         self.state.borrow().clone()
+    }
+
+    /// Connections lost since the start. Each is a window in which core NATS messages were
+    /// not received (core NATS keeps nothing for an absent subscriber); JetStream routes
+    /// resume where they were.
+    pub fn disconnects(&self) -> u64 {
+        self.disconnects.load(Ordering::Relaxed)
     }
 
     /// Publishes. With `msg_id`, to a stream: the server deduplicates on `Nats-Msg-Id` and
@@ -158,12 +166,29 @@ impl NatsHandle {
         match msg_id {
             Some(id) => {
                 h.insert("Nats-Msg-Id", id);
+                let no_stream = |e: &jetstream::context::PublishError| {
+                    PublishError::Refused(format!(
+                        "{subject}: {e} (this route publishes to JetStream; add the subject to a stream)"
+                    ))
+                };
                 let ack = self
                     .js
                     .publish_with_headers(subject.to_string(), h, payload.into())
                     .await
-                    .map_err(|e| failed(&e))?;
-                ack.await.map_err(|e| failed(&e))?;
+                    .map_err(|e| {
+                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                            no_stream(&e)
+                        } else {
+                            failed(&e)
+                        }
+                    })?;
+                ack.await.map_err(|e| {
+                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+                        no_stream(&e)
+                    } else {
+                        failed(&e)
+                    }
+                })?;
             }
             None => {
                 self.client
@@ -199,10 +224,13 @@ pub async fn start(
 ) -> Result<NatsHandle, String> {
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
     let servers = cfg.urls.join(",");
+    let disconnects = Arc::new(AtomicU64::new(0));
     let events = {
         let servers = servers.clone();
+        let disconnects = disconnects.clone();
         move |event: async_nats::Event| {
-            let (state_tx, servers) = (state_tx.clone(), servers.clone());
+            let (state_tx, servers, disconnects) =
+                (state_tx.clone(), servers.clone(), disconnects.clone());
             async move {
                 match &event {
                     async_nats::Event::Connected => {
@@ -210,7 +238,8 @@ pub async fn start(
                         let _ = state_tx.send(ConnectionState::Connected);
                     }
                     async_nats::Event::Disconnected => {
-                        tracing::warn!(%servers, "NATS disconnected; reconnecting");
+                        disconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%servers, "NATS disconnected; reconnecting (core subjects miss what is published meanwhile)");
                         let _ = state_tx.send(ConnectionState::BackingOff("disconnected".into()));
                     }
                     async_nats::Event::ClientError(e) => {
@@ -297,6 +326,7 @@ pub async fn start(
         js,
         state: state_rx,
         max_payload: cfg.max_payload,
+        disconnects,
     })
 }
 
