@@ -201,8 +201,10 @@ thread_local! {
     static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs sled's open (and first reads) with panics caught and kept off stderr.
-fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+/// Runs `f` with a panic caught and kept off stderr (the panic hook stays quiet for this
+/// thread meanwhile); returns the panic's message. For library code that panics on input it
+/// should refuse: sled recovering a damaged log, a MIME parser's debug assertions.
+pub fn catch_quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
         let previous = std::panic::take_hook();
@@ -212,9 +214,9 @@ fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             }
         }));
     });
-    OPENING.with(|o| o.set(true));
+    let outer = OPENING.with(|o| o.replace(true));
     let r = std::panic::catch_unwind(AssertUnwindSafe(f));
-    OPENING.with(|o| o.set(false));
+    OPENING.with(|o| o.set(outer));
     r.map_err(|payload| {
         payload
             .downcast_ref::<&str>()
@@ -228,7 +230,7 @@ fn catching<T>(f: impl FnOnce() -> T) -> Result<T, String> {
 /// seal, and starts its sealer. `what` names it in errors ("the bridge store").
 pub fn open(config: sled::Config, dir: &Path, what: &str) -> Result<Arc<Sealed>, IntegrityError> {
     let what = what.to_string();
-    let opened = catching(|| -> sled::Result<(sled::Db, sled::Tree, Option<u64>)> {
+    let opened = catch_quietly(|| -> sled::Result<(sled::Db, sled::Tree, Option<u64>)> {
         let db = config.open()?;
         let tree = db.open_tree(TREE)?;
         let generation = tree.get(KEY)?.map(|v| {

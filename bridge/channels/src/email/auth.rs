@@ -183,7 +183,7 @@ impl Verifier {
 
     /// Authenticates one message received from `ip` (HELO `helo`, MAIL FROM `mail_from`).
     pub async fn check(&self, raw: &[u8], ip: IpAddr, helo: &str, mail_from: &str) -> AuthResult {
-        let Some(msg) = AuthenticatedMessage::parse(raw) else {
+        let Some(msg) = parse_authenticated(raw) else {
             return AuthResult {
                 dkim: "none".into(),
                 spf: "none".into(),
@@ -295,6 +295,13 @@ impl Verifier {
             verified,
         }
     }
+}
+
+/// mail-auth's parser, with a panic on hostile input turned into "not a message".
+pub(crate) fn parse_authenticated(raw: &[u8]) -> Option<AuthenticatedMessage<'_>> {
+    gatehouse_store::catch_quietly(|| AuthenticatedMessage::parse(raw))
+        .ok()
+        .flatten()
 }
 
 /// `fail; signature mismatch` → `fail`; `TempError` → `temperror`.

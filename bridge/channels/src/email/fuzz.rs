@@ -10,7 +10,7 @@ pub fn fuzz_one(data: &[u8]) {
     super::smtp::fuzz_session(data);
     let _ = super::parse::parse(data, false);
     let _ = super::parse::parse(data, true);
-    let _ = mail_auth::AuthenticatedMessage::parse(data);
+    let _ = super::auth::parse_authenticated(data);
 }
 
 /// Seed messages: the shapes real mail takes.

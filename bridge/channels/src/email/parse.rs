@@ -61,6 +61,14 @@ fn ids(v: &HeaderValue) -> Vec<String> {
 /// Parses `raw`; `None` when it is not a message at all. `null_sender`: the envelope's MAIL
 /// FROM was `<>` (a bounce by definition).
 pub fn parse(raw: &[u8], null_sender: bool) -> Option<ParsedMail> {
+    // mail-parser 0.11 has debug assertions that fire on some malformed multipart input (found
+    // by our fuzzing); such a mail is one that does not parse, never a panic of the daemon.
+    gatehouse_store::catch_quietly(|| parse_(raw, null_sender))
+        .ok()
+        .flatten()
+}
+
+fn parse_(raw: &[u8], null_sender: bool) -> Option<ParsedMail> {
     let msg = MessageParser::default().parse(raw)?;
     let from = msg.from().and_then(|a| a.first());
     let header = |name: &str| msg.header_raw(name).map(|v| v.trim().to_string());
