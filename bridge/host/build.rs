@@ -26,16 +26,20 @@ fn main() {
         manifest.join("../../wit").display()
     );
 
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output();
-    let missing = installed
+    // Whether the toolchain building us has the target: its sysroot holds the target's
+    // standard library (asking `rustup target list` from inside cargo can name another
+    // toolchain).
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let missing = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
         .map(|o| {
-            !String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.trim() == "wasm32-wasip2")
+            let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            !PathBuf::from(sysroot)
+                .join("lib/rustlib/wasm32-wasip2")
+                .exists()
         })
-        .unwrap_or(false);
+        .unwrap_or(true);
     if missing {
         println!(
             "cargo:warning=installing the wasm32-wasip2 target with rustup (needed to build plugins)"

@@ -146,7 +146,34 @@ impl Mosquitto {
         Self::start_with(dir, free_port(), true)
     }
 
+    /// Starts one that admits only `user` with `password` (a mosquitto password file).
+    pub fn start_with_password(dir: &Path, user: &str, password: &str) -> Self {
+        require("mosquitto_passwd", "mosquitto");
+        let file = dir.join("mosquitto-passwords");
+        let out = Command::new("mosquitto_passwd")
+            .args(["-b", "-c"])
+            .arg(&file)
+            .args([user, password])
+            .output()
+            .expect("running mosquitto_passwd");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self::start_with_extra(
+            dir,
+            free_port(),
+            false,
+            &format!("allow_anonymous false\npassword_file {}\n", file.display()),
+        )
+    }
+
     fn start_with(dir: &Path, port: u16, persistent: bool) -> Self {
+        Self::start_with_extra(dir, port, persistent, "allow_anonymous true\n")
+    }
+
+    fn start_with_extra(dir: &Path, port: u16, persistent: bool, access: &str) -> Self {
         require("mosquitto", "mosquitto");
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         let persistence = if persistent {
@@ -171,9 +198,7 @@ impl Mosquitto {
             // The default queue of 1,000 messages per offline session drops the rest of a
             // backlog (the daemon's session is persistent; production brokers bridging bursts
             // raise it too, see README "MQTT").
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n{persistence}"
-            ),
+            format!("listener {port} 127.0.0.1\n{access}max_queued_messages 0\n{persistence}"),
         )
         .unwrap();
         Mosquitto {

@@ -296,6 +296,10 @@ pub struct Route {
     /// published as-is on the `reply` topic; anything else is dead-lettered.
     #[serde(default)]
     pub fail_open: bool,
+    /// MQTT: a shared subscription group (`$share/GROUP/…`), so several bridges on one
+    /// broker share the route's messages (each goes to one of them).
+    #[serde(default)]
+    pub share_group: Option<String>,
     /// NATS: a queue group, so several bridges share the route's messages (each goes to one).
     #[serde(default)]
     pub queue_group: Option<String>,
@@ -371,9 +375,11 @@ fn default_max_payload() -> usize {
 }
 
 impl Route {
-    /// The MQTT subscription filter for the template (`{x}` becomes `+`).
+    /// The MQTT subscription filter for the template (`{x}` becomes `+`), as a shared
+    /// subscription when the route has a `share_group`.
     pub fn filter(&self) -> String {
-        self.subscribe
+        let filter = self
+            .subscribe
             .split('/')
             .map(|seg| {
                 if seg.starts_with('{') && seg.ends_with('}') {
@@ -383,7 +389,11 @@ impl Route {
                 }
             })
             .collect::<Vec<_>>()
-            .join("/")
+            .join("/");
+        match &self.share_group {
+            Some(g) => format!("$share/{g}/{filter}"),
+            None => filter,
+        }
     }
 
     /// The `{device}` of a topic, if the topic matches the template.
@@ -614,6 +624,13 @@ impl Config {
                         bail!(
                             "{at}.subscribe: {:?} must contain exactly one {{device}}",
                             r.subscribe
+                        );
+                    }
+                    if let Some(g) = &r.share_group
+                        && (g.is_empty() || g.contains(['/', '+', '#']))
+                    {
+                        bail!(
+                            "{at}.share_group: {g:?} must be a non-empty name without '/', '+' or '#'"
                         );
                     }
                 }

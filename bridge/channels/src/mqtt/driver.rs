@@ -20,6 +20,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// rumqttc's in-flight window, so the packet ids we choose (1..=this) are always valid.
 const PUBLISH_WINDOW: u16 = 100;
 
+/// How long to wait before trying credentials the broker refused again.
+const BAD_CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
+
 /// Where the connection stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectionState {
@@ -406,12 +409,31 @@ pub fn start(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    let refused = matches!(
+                        e,
+                        rumqttc::ConnectionError::ConnectionRefused(
+                            rumqttc::ConnectReturnCode::BadUserNamePassword
+                                | rumqttc::ConnectReturnCode::NotAuthorized
+                        )
+                    );
                     // Through the relay rumqttc only sees its connection closed; the relay
                     // knows why.
                     let e = relay_errors
                         .as_ref()
                         .and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take())
                         .unwrap_or_else(|| e.to_string());
+                    if refused {
+                        // Retrying fast cannot help: the operator has to fix the credentials.
+                        // Said at every attempt (they are BAD_CREDENTIALS_RETRY apart).
+                        tracing::error!(%broker, error = %e, retry_in_secs = BAD_CREDENTIALS_RETRY.as_secs(), "MQTT broker refused the credentials (bad credentials): check channels.mqtt.username and password");
+                        let _ = state_tx.send(ConnectionState::BadCredentials(e.clone()));
+                        tokio::select! {
+                            _ = shutdown.changed() => { let _ = state_tx.send(ConnectionState::Stopped); return; }
+                            _ = tokio::time::sleep(BAD_CREDENTIALS_RETRY) => {}
+                        }
+                        let _ = state_tx.send(ConnectionState::Connecting);
+                        continue;
+                    }
                     let wait = crate::backoff(failures, BASE_BACKOFF, MAX_BACKOFF);
                     // Say so at once, then once per ten attempts, so a long outage stays visible
                     // without flooding the log.
