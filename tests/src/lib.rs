@@ -169,6 +169,41 @@ impl Mosquitto {
         )
     }
 
+    /// Starts one with a TLS listener (certificate `cert`/`key`, PEM files) that admits only
+    /// `user` with `password`.
+    pub fn start_tls_with_password(
+        dir: &Path,
+        cert: &Path,
+        key: &Path,
+        user: &str,
+        password: &str,
+    ) -> Self {
+        require("mosquitto_passwd", "mosquitto");
+        let file = dir.join("mosquitto-passwords");
+        let out = Command::new("mosquitto_passwd")
+            .args(["-b", "-c"])
+            .arg(&file)
+            .args([user, password])
+            .output()
+            .expect("running mosquitto_passwd");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self::start_with_extra(
+            dir,
+            free_port(),
+            false,
+            &format!(
+                "certfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\n",
+                cert.display(),
+                key.display(),
+                file.display()
+            ),
+        )
+    }
+
     fn start_with(dir: &Path, port: u16, persistent: bool) -> Self {
         Self::start_with_extra(dir, port, persistent, "allow_anonymous true\n")
     }

@@ -1,6 +1,6 @@
 //! MQTT channel against brokers that want more: a password file (wrong credentials are a
-//! state the operator sees, not a crash loop) and shared subscriptions (two bridges on one
-//! broker split the devices' messages).
+//! state the operator sees, not a crash loop), TLS (directly, and through the QoS 2 relay),
+//! and shared subscriptions (two bridges on one broker split the devices' messages).
 
 use gatehouse_e2e::*;
 
@@ -104,4 +104,105 @@ fn two_bridges_share_a_subscription_and_split_1000_messages() {
         share(&d1),
         share(&d2)
     );
+}
+
+/// A device's `mosquitto_pub` / `mosquitto_sub` over TLS with a password.
+fn tls_client(tool: &str, port: u16, ca: &std::path::Path, args: &[&str]) -> std::process::Command {
+    require(tool, "mosquitto-clients");
+    let mut c = std::process::Command::new(tool);
+    c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile"])
+        .arg(ca)
+        .args(["--insecure", "-u", "device", "-P", "devpass"])
+        .args(args);
+    c
+}
+
+#[test]
+fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
+    for qos in [1, 2] {
+        let s = Setup::new(&format!("mqtt-tls-q{qos}"));
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .unwrap();
+        let (cert_pem, key_pem) = (s.dir.join("broker.pem"), s.dir.join("broker.key"));
+        std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+        std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+        let broker =
+            Mosquitto::start_tls_with_password(&s.dir, &cert_pem, &key_pem, "bridge", "s3cret");
+        // The device's account too.
+        let out = std::process::Command::new("mosquitto_passwd")
+            .args(["-b"])
+            .arg(s.dir.join("mosquitto-passwords"))
+            .args(["device", "devpass"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let mut broker = broker;
+        broker.restart();
+        let a = s.agent("agent");
+        let inbox = a.inbox_id();
+        let config = s.write_config_for(broker.port, &[&inbox]);
+        let text = std::fs::read_to_string(&config).unwrap();
+        let tls = text.replace(
+            "client_id: gatehouse-e2e",
+            &format!(
+                "client_id: gatehouse-e2e, username: bridge, password: s3cret, publish_qos: {qos}, \
+                 tls: {{ca_file: broker.pem, server_name: localhost}}"
+            ),
+        );
+        assert_ne!(tls, text);
+        std::fs::write(&config, tls).unwrap();
+        let _d = s.start_daemon(&config);
+        a.init();
+
+        let st = tls_client(
+            "mosquitto_pub",
+            broker.port,
+            &cert_pem,
+            &["-q", "1", "-t", "devices/t1/up", "-m", r#"{"t":21.5}"#],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let m = &a.listen(1)[0];
+        assert_eq!(m["text"], r#"{"t":21.5}"#);
+        let endpoint = m["sender_inbox"].as_str().unwrap().to_string();
+
+        let mut sub = tls_client(
+            "mosquitto_sub",
+            broker.port,
+            &cert_pem,
+            &[
+                "-q",
+                &qos.to_string(),
+                "-t",
+                "devices/t1/down",
+                "-C",
+                "1",
+                "-W",
+                "60",
+            ],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        // The subscriber is in place once the broker logged its subscription.
+        wait_for("the device's subscription", || {
+            std::fs::read_dir(&s.dir)
+                .unwrap()
+                .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+                .any(|l| l.contains("devices/t1/down (QoS"))
+                .then_some(())
+        });
+        a.ok(&["send", "--to", &endpoint, "set 19.0"]);
+        let out = sub.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "set 19.0",
+            "QoS {qos}"
+        );
+    }
 }

@@ -555,6 +555,16 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
+        if let Some(tls) = cfg.channels.mqtt.as_mut().and_then(|m| m.tls.as_mut()) {
+            for p in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file]
+                .into_iter()
+                .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         if let Some(tls) = cfg.channels.email.as_mut().and_then(|e| e.tls.as_mut()) {
             for p in [&mut tls.cert, &mut tls.key] {
                 if p.is_relative() {

@@ -37,6 +37,87 @@ pub struct MqttConfig {
     /// persistent session, `clean_session: false`).
     #[serde(default = "default_publish_qos")]
     pub publish_qos: u8,
+    /// TLS to the broker (`tls: {}` trusts the usual public CAs).
+    #[serde(default)]
+    pub tls: Option<MqttTls>,
+}
+
+/// TLS settings for the broker connection (PEM files; relative paths are relative to the
+/// config file).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttTls {
+    /// CA certificate(s) to trust instead of the public web PKI roots.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Client certificate chain, for brokers that verify clients (mutual TLS).
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's private key.
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// The name to verify the broker's certificate against (default: `host`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl MqttTls {
+    /// The rustls client configuration (ring provider).
+    pub fn client_config(&self) -> std::io::Result<tokio_rustls::rustls::ClientConfig> {
+        use std::io::{Error, ErrorKind};
+        use tokio_rustls::rustls;
+        let read = |p: &std::path::Path| {
+            std::fs::File::open(p)
+                .map(std::io::BufReader::new)
+                .map_err(|e| Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(ca) => {
+                for cert in rustls_pemfile::certs(&mut read(ca)?) {
+                    let cert =
+                        cert.map_err(|e| Error::new(e.kind(), format!("{}: {e}", ca.display())))?;
+                    roots.add(cert).map_err(|e| {
+                        Error::new(ErrorKind::InvalidData, format!("{}: {e}", ca.display()))
+                    })?;
+                }
+                if roots.is_empty() {
+                    return Err(Error::new(
+                        ErrorKind::InvalidData,
+                        format!("{}: no PEM certificate in it", ca.display()),
+                    ));
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(Error::other)?
+        .with_root_certificates(roots);
+        match (&self.cert_file, &self.key_file) {
+            (Some(c), Some(k)) => {
+                let certs = rustls_pemfile::certs(&mut read(c)?)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::new(e.kind(), format!("{}: {e}", c.display())))?;
+                let key = rustls_pemfile::private_key(&mut read(k)?)?.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidData,
+                        format!("{}: no PEM private key", k.display()),
+                    )
+                })?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| {
+                    Error::new(ErrorKind::InvalidData, format!("client certificate: {e}"))
+                })
+            }
+            (None, None) => Ok(builder.with_no_client_auth()),
+            _ => Err(Error::new(
+                ErrorKind::InvalidInput,
+                "tls: cert_file and key_file go together",
+            )),
+        }
+    }
 }
 
 fn default_publish_qos() -> u8 {
@@ -71,6 +152,7 @@ impl Default for MqttConfig {
             max_packet_bytes: default_max_packet(),
             clean_session: false,
             publish_qos: default_publish_qos(),
+            tls: None,
         }
     }
 }

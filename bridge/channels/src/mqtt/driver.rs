@@ -160,18 +160,33 @@ pub fn start(
         _ => QoS::AtLeastOnce,
     };
     let outbox = outbox.filter(|_| qos == QoS::ExactlyOnce);
+    let tls = match &config.tls {
+        Some(t) => {
+            let name = t.server_name.clone().unwrap_or_else(|| config.host.clone());
+            Some((std::sync::Arc::new(t.client_config()?), name))
+        }
+        None => None,
+    };
     let (mut opts, relay_errors) = match &outbox {
         Some(ob) => {
-            let errors = outbox::start_relay(ob.clone(), broker.clone(), shutdown.clone())?;
+            // With QoS 2 the relay holds the broker connection, so it does the TLS.
+            let errors =
+                outbox::start_relay(ob.clone(), broker.clone(), tls.clone(), shutdown.clone())?;
             let mut opts =
                 MqttOptions::new(config.client_id.clone(), ob.socket().to_string_lossy(), 0);
             opts.set_transport(rumqttc::Transport::Unix);
             (opts, Some(errors))
         }
-        None => (
-            MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port),
-            None,
-        ),
+        None => {
+            let mut opts =
+                MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+            if let Some((cfg, _)) = &tls {
+                opts.set_transport(rumqttc::Transport::tls_with_config(
+                    rumqttc::TlsConfiguration::Rustls(cfg.clone()),
+                ));
+            }
+            (opts, None)
+        }
     };
     opts.set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)));
     opts.set_manual_acks(true);

@@ -5,7 +5,7 @@ mod config;
 mod driver;
 mod outbox;
 
-pub use config::MqttConfig;
+pub use config::{MqttConfig, MqttTls};
 pub use driver::{ConnectionState, DriverStopped, Inbound, MqttHandle, PublishAck, start};
 pub use outbox::{Outbox, PublishKey};
 

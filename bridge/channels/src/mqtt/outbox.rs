@@ -211,8 +211,21 @@ pub(crate) type LastError = Arc<Mutex<Option<String>>>;
 pub(crate) fn start_relay(
     outbox: Outbox,
     broker: String,
+    tls: Option<(Arc<tokio_rustls::rustls::ClientConfig>, String)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<LastError> {
+    let tls = match tls {
+        Some((cfg, name)) => Some((
+            tokio_rustls::TlsConnector::from(cfg),
+            tokio_rustls::rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("TLS server name {name:?}: {e}"),
+                )
+            })?,
+        )),
+        None => None,
+    };
     let _ = std::fs::remove_file(outbox.socket());
     let listener = UnixListener::bind(outbox.socket())?;
     {
@@ -228,16 +241,21 @@ pub(crate) fn start_relay(
                 c = listener.accept() => c,
             };
             let Ok((conn, _)) = conn else { continue };
-            match TcpStream::connect(&broker).await {
+            let dialled = match TcpStream::connect(&broker).await {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
-                    *errors.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    tokio::spawn(carry(conn, tcp, outbox.clone()));
+                    match &tls {
+                        Some((connector, name)) => connector
+                            .connect(name.clone(), tcp)
+                            .await
+                            .map(|s| tokio::spawn(carry(conn, s, outbox.clone())))
+                            .map_err(|e| format!("TLS with {broker}: {e}")),
+                        None => Ok(tokio::spawn(carry(conn, tcp, outbox.clone()))),
+                    }
                 }
-                Err(e) => {
-                    *errors.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                }
-            }
+                Err(e) => Err(e.to_string()),
+            };
+            *errors.lock().unwrap_or_else(|p| p.into_inner()) = dialled.err();
         }
         let _ = std::fs::remove_file(outbox.socket());
     });
@@ -245,9 +263,12 @@ pub(crate) fn start_relay(
 }
 
 /// Carries one connection until either side closes it.
-async fn carry(client: UnixStream, broker: TcpStream, outbox: Outbox) {
+async fn carry<B>(client: UnixStream, broker: B, outbox: Outbox)
+where
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut cr, mut cw) = client.into_split();
-    let (mut br, mut bw) = broker.into_split();
+    let (mut br, mut bw) = tokio::io::split(broker);
     let up = tokio::io::copy(&mut cr, &mut bw);
     let down = async {
         let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
