@@ -171,7 +171,7 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
         assert_eq!(m["text"], r#"{"t":21.5}"#);
         let endpoint = m["sender_inbox"].as_str().unwrap().to_string();
 
-        let mut sub = tls_client(
+        let sub = tls_client(
             "mosquitto_sub",
             broker.port,
             &cert_pem,
