@@ -147,3 +147,23 @@ fn store_that_lost_durable_writes_is_refused_until_the_operator_decides() {
     });
     assert!(bridge.join("gatehouse.seal").exists());
 }
+
+/// A second daemon on the same data directory is refused with a clear error (sled's lock),
+/// and the first keeps working.
+#[test]
+fn a_second_instance_on_the_same_data_dir_is_refused() {
+    let s = Setup::new("second-instance");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let first = s.start_daemon(&config);
+    let mut second = s.spawn_daemon(&config);
+    assert!(second.wait_exit(), "the second instance stops");
+    let log = second.log_text();
+    assert!(log.contains("is in use by another process"), "{log}");
+    assert!(log.contains("data/"), "names the directory: {log}");
+    assert_eq!(first.get("/live").0, 200);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":1}"#);
+    assert_eq!(seq(&a.listen(1)[0]), 1, "the first still works");
+}

@@ -1,6 +1,7 @@
 //! The local admin API: plain HTTP/1.1 on a loopback address.
 //!
 //! `GET /endpoints` lists endpoint identities; `GET /status` gives version and counts;
+//! `GET /live` answers 200 while the process serves;
 //! `GET /ready` answers 200 while the daemon takes in messages and 503 with the reason when
 //! it does not (short of disk space, store failed);
 //! `GET /plugins` gives each plugin's limits, counters and quarantine state;
@@ -176,6 +177,8 @@ pub async fn serve(
                         serde_json::to_string(&bridge.endpoints()).unwrap_or_default(),
                     ),
                     "/status" => ("200 OK", bridge.status().to_string()),
+                    // For liveness probes: the process serves requests.
+                    "/live" => ("200 OK", r#"{"live":true}"#.to_string()),
                     // For probes: 200 when taking in messages, 503 (with the reason) when not.
                     "/ready" => match bridge.not_ready() {
                         None => ("200 OK", r#"{"ready":true}"#.to_string()),
