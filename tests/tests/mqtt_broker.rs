@@ -206,3 +206,73 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
         );
     }
 }
+
+#[test]
+fn a_device_whose_connection_dies_is_reported_offline_once() {
+    let s = Setup::new("mqtt-presence");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with_presence = text.replace(
+        "max_payload: 65536}",
+        "max_payload: 65536, presence: \"devices/{device}/status\"}",
+    );
+    assert_ne!(with_presence, text, "the harness config changed shape");
+    std::fs::write(&config, with_presence).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+
+    // A device with a last will, as devices do.
+    require("mosquitto_sub", "mosquitto-clients");
+    let mut device = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &s.broker.port.to_string(),
+            "-i",
+            "thermo-1",
+        ])
+        .args(["-t", "devices/t1/down", "--will-topic", "devices/t1/status"])
+        .args(["--will-payload", "offline", "--will-qos", "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the device to connect", || {
+        std::fs::read_dir(&s.dir)
+            .unwrap()
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+            .any(|l| l.contains("as thermo-1"))
+            .then_some(())
+    });
+    s.broker.publish("devices/t1/status", b"online"); // its birth message
+    s.broker.publish("devices/t1/up", br#"{"t":1}"#);
+    let got = a.listen(2);
+    assert_eq!(got[0]["content_type"], "gatehouse.dev/presence:1.0");
+    assert!(
+        got[0]["text"].as_str().unwrap().contains("online"),
+        "{}",
+        got[0]
+    );
+    assert_eq!(got[1]["text"], r#"{"t":1}"#);
+
+    // The connection dies without a goodbye: the broker publishes the will.
+    device.kill().unwrap();
+    device.wait().unwrap();
+    let m = &a.listen(1)[0];
+    assert_eq!(m["content_type"], "gatehouse.dev/presence:1.0");
+    assert!(m["text"].as_str().unwrap().contains("offline"), "{m}");
+    assert_eq!(m["sender_endpoint"]["verified"], true);
+    // Once per change: a repeated "offline" is not another message.
+    s.broker.publish("devices/t1/status", b"offline");
+    s.broker.publish("devices/t1/up", br#"{"t":2}"#);
+    let next = &a.listen(1)[0];
+    assert_eq!(
+        next["text"], r#"{"t":2}"#,
+        "one presence message per change"
+    );
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(extra.trim().is_empty(), "{extra}");
+    let _ = d;
+}

@@ -202,6 +202,23 @@ struct Queued {
     /// For NATS: headers, the requester's reply subject, the stream sequence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     nats: Option<NatsMeta>,
+    /// An MQTT presence message (last will / birth): online or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    presence: Option<bool>,
+}
+
+/// `online` / `offline` in the shapes devices and brokers use.
+fn presence_state(payload: &[u8]) -> Option<bool> {
+    let text = std::str::from_utf8(payload).ok()?.trim();
+    let word = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) if v.is_object() => v.get("state")?.as_str()?.to_ascii_lowercase(),
+        _ => text.to_ascii_lowercase(),
+    };
+    match word.as_str() {
+        "online" | "1" | "true" | "connected" | "up" => Some(true),
+        "offline" | "0" | "false" | "disconnected" | "down" | "lost" => Some(false),
+        _ => None,
+    }
 }
 
 /// What a NATS message brought besides its subject and payload.
@@ -313,6 +330,8 @@ pub struct Bridge {
     nats_js: sled::Tree,
     /// Requests waiting for the agent's answer (`route ‖ device ‖ queue id`).
     nats_requests: sled::Tree,
+    /// Each MQTT endpoint's last presence (`route ‖ device ‖ presence` → online/offline).
+    presence: sled::Tree,
     /// The outbound mail relay (when `channels.email.relay` is set).
     relay: Option<email::Relay>,
     /// Mail already stored, by sender and Message-ID (a client retrying after a lost 250).
@@ -466,13 +485,26 @@ impl Bridge {
         let mut already = Vec::new();
         let mut routes = std::collections::BTreeSet::new();
         for msg in batch {
-            let Some((idx, route, device)) = self
+            let presence_of = self
                 .cfg
                 .routes
                 .iter()
                 .enumerate()
-                .find_map(|(i, r)| r.device_of(&msg.topic).map(|d| (i, r, d)))
-            else {
+                .find_map(|(i, r)| r.presence_device_of(&msg.topic).map(|d| (i, r, d)));
+            if let Some((_, route, _)) = &presence_of
+                && presence_state(&msg.payload).is_none()
+            {
+                tracing::warn!(route = %route.name, topic = %msg.topic, bytes = msg.payload.len(), "presence message is neither online nor offline; ignored");
+                self.ack(&msg).await?;
+                continue;
+            }
+            let Some((idx, route, device)) = presence_of.or_else(|| {
+                self.cfg
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, r)| r.device_of(&msg.topic).map(|d| (i, r, d)))
+            }) else {
                 tracing::debug!(topic = %msg.topic, "no route for topic");
                 self.ack(&msg).await?;
                 continue;
@@ -508,6 +540,12 @@ impl Bridge {
                 qos: msg.qos,
                 mail: None,
                 nats: None,
+                presence: self
+                    .cfg
+                    .routes
+                    .get(idx)
+                    .and_then(|r| r.presence_device_of(&msg.topic))
+                    .and_then(|_| presence_state(&msg.payload)),
             };
             self.inbox
                 .insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?)?;
@@ -656,6 +694,7 @@ impl Bridge {
                 retain: false,
                 qos: 1,
                 mail: None,
+                presence: None,
                 nats: Some(NatsMeta {
                     headers: msg.headers.clone(),
                     reply: msg.reply.clone(),
@@ -851,6 +890,7 @@ impl Bridge {
             qos: 1,
             mail: Some(meta),
             nats: None,
+            presence: None,
         };
         if !mail.auth.verified {
             match ecfg.unverified {
@@ -1438,6 +1478,11 @@ impl Bridge {
     async fn prepare(&self, idx: usize, id: u64, rec: &Queued) -> Result<Vec<Outgoing>, Failure> {
         let route = &self.cfg.routes[idx];
         let idempotency_key = format!("gatehouse-in-{id}");
+        if let Some(online) = rec.presence {
+            return self
+                .prepare_presence(route, idx, rec, online, &idempotency_key)
+                .await;
+        }
         let mut thread = None;
         let msg = match &rec.mail {
             Some(meta) => {
@@ -1624,6 +1669,40 @@ impl Bridge {
             }
         }
         Ok(out)
+    }
+
+    /// A presence change becomes a `gatehouse.dev/presence:1.0` message (no plugin: the bridge
+    /// itself vouches for it); a repeat of the endpoint's last state is dropped.
+    async fn prepare_presence(
+        &self,
+        route: &Route,
+        idx: usize,
+        rec: &Queued,
+        online: bool,
+        idempotency_key: &str,
+    ) -> Result<Vec<Outgoing>, Failure> {
+        let key = Self::mail_key(route, &rec.device, "presence");
+        let state: &[u8] = if online { b"online" } else { b"offline" };
+        let last = self
+            .presence
+            .get(&key)
+            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+        if last.as_deref() == Some(state) {
+            tracing::debug!(route = %route.name, device = %rec.device, "presence unchanged; not repeated");
+            return Ok(Vec::new());
+        }
+        let _ = self.presence.insert(&key, state);
+        let endpoint = self
+            .endpoint(idx, &rec.device)
+            .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+        let mut c = content::presence(&rec.device, online);
+        self.attest(&mut c, &endpoint, route, rec).await?;
+        tracing::info!(route = %route.name, device = %rec.device, online, "presence");
+        Ok(vec![Outgoing {
+            content: c,
+            key: format!("{idempotency_key}-presence"),
+            thread: None,
+        }])
     }
 
     /// Signs the bridge's attestation of where `c` comes from into its parameters.
@@ -2315,6 +2394,7 @@ impl Bridge {
                     nats: v
                         .get("nats")
                         .and_then(|m| serde_json::from_value(m.clone()).ok()),
+                    presence: None,
                 };
                 let qid = self.db.generate_id()?;
                 self.inbox
@@ -2545,7 +2625,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 .routes
                 .iter()
                 .filter(|r| r.channel == "mqtt")
-                .map(Route::filter)
+                .flat_map(|r| std::iter::once(r.filter()).chain(r.presence_filter()))
                 .collect();
             // QoS 2 publishes are journalled (exactly-once across restarts).
             let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?, &cfg.data_dir)
@@ -2560,6 +2640,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     // NATS: one subscription per route; JetStream routes resume after what is stored.
     let nats_js = db.open_tree("nats-js")?;
     let nats_requests = db.open_tree("nats-requests")?;
+    let presence = db.open_tree("presence")?;
     let (nats_tx, mut nats_rx) = mpsc::channel::<nats::NatsIn>(INBOUND_CAPACITY);
     let mut nats_subs = Vec::new();
     let mut nats_stored = HashMap::new();
@@ -2676,6 +2757,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         nats_stored,
         nats_js,
         nats_requests,
+        presence,
         mail_seen,
         mail_threads,
         mail_ids,

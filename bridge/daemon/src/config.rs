@@ -296,6 +296,12 @@ pub struct Route {
     /// published as-is on the `reply` topic; anything else is dead-lettered.
     #[serde(default)]
     pub fail_open: bool,
+    /// MQTT: the topic template of the devices' presence (their last will and birth
+    /// messages, e.g. `devices/{device}/status`): `online` / `offline` (or `1`/`0`, `true`/
+    /// `false`, JSON `{"state": …}`) becomes a `gatehouse.dev/presence:1.0` message to the
+    /// endpoint's agents, once per change.
+    #[serde(default)]
+    pub presence: Option<String>,
     /// MQTT: a shared subscription group (`$share/GROUP/…`), so several bridges on one
     /// broker share the route's messages (each goes to one of them).
     #[serde(default)]
@@ -396,9 +402,41 @@ impl Route {
         }
     }
 
+    /// The presence subscription filter, if the route has one.
+    pub fn presence_filter(&self) -> Option<String> {
+        let p = self.presence.as_ref()?;
+        let f = p
+            .split('/')
+            .map(|seg| {
+                if seg.starts_with('{') && seg.ends_with('}') {
+                    "+"
+                } else {
+                    seg
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        Some(match &self.share_group {
+            Some(g) => format!("$share/{g}/{f}"),
+            None => f,
+        })
+    }
+
+    /// The `{device}` of a presence topic, if the topic matches the presence template.
+    pub fn presence_device_of(&self, topic: &str) -> Option<String> {
+        template_device(self.presence.as_deref()?, topic)
+    }
+
     /// The `{device}` of a topic, if the topic matches the template.
     pub fn device_of(&self, topic: &str) -> Option<String> {
-        let t: Vec<_> = self.subscribe.split('/').collect();
+        template_device(&self.subscribe, topic)
+    }
+}
+
+/// The `{device}` of `topic` under an MQTT topic template.
+fn template_device(template: &str, topic: &str) -> Option<String> {
+    {
+        let t: Vec<_> = template.split('/').collect();
         let p: Vec<_> = topic.split('/').collect();
         if t.len() != p.len() {
             return None;
@@ -418,7 +456,9 @@ impl Route {
         }
         device
     }
+}
 
+impl Route {
     /// The reply address for a device: its topic template filled in (MQTT), or the sender's
     /// own address (email).
     pub fn reply_topic(&self, device: &str) -> String {
@@ -635,6 +675,11 @@ impl Config {
                             "{at}.subscribe: {:?} must contain exactly one {{device}}",
                             r.subscribe
                         );
+                    }
+                    if let Some(p) = &r.presence
+                        && p.matches("{device}").count() != 1
+                    {
+                        bail!("{at}.presence: {p:?} must contain exactly one {{device}}");
                     }
                     if let Some(g) = &r.share_group
                         && (g.is_empty() || g.contains(['/', '+', '#']))
