@@ -274,6 +274,32 @@ impl Mosquitto {
         self.proc = Self::spawn(&self.conf, self.port);
     }
 
+    /// Publishes a retained message (QoS 1) through `mosquitto_pub -r`.
+    pub fn publish_retained(&self, topic: &str, payload: &[u8]) {
+        require("mosquitto_pub", "mosquitto-clients");
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-q",
+                "1",
+                "-r",
+                "-t",
+                topic,
+                "-m",
+            ])
+            .arg(String::from_utf8_lossy(payload).as_ref())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mosquitto_pub failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Publishes with QoS 1 through `mosquitto_pub`.
     pub fn publish(&self, topic: &str, payload: &[u8]) {
         require("mosquitto_pub", "mosquitto-clients");

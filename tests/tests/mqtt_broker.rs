@@ -276,3 +276,53 @@ fn a_device_whose_connection_dies_is_reported_offline_once() {
     assert!(extra.trim().is_empty(), "{extra}");
     let _ = d;
 }
+
+#[test]
+fn retained_messages_once_ignored_or_kept_as_state() {
+    for policy in ["once", "ignore", "state"] {
+        let s = Setup::new(&format!("mqtt-retained-{policy}"));
+        // The agent is registered before the bridge starts (the retained value is delivered
+        // at once).
+        let node = StandaloneNode::start(&s.dir);
+        let a = Agent::at(s.dir.join("agent"), node.url.clone());
+        let inbox = a.inbox_id();
+        a.init();
+        let config = s.write_config_external(&node.url, &[&inbox]);
+        let text = std::fs::read_to_string(&config).unwrap();
+        std::fs::write(
+            &config,
+            text.replace(
+                "max_payload: 65536}",
+                &format!("max_payload: 65536, retained: {policy}}}"),
+            ),
+        )
+        .unwrap();
+        // The broker holds a retained value before the bridge subscribes.
+        s.broker.publish_retained("devices/t1/up", br#"{"r":1}"#);
+        let mut d = s.start_daemon(&config);
+        s.broker.publish("devices/t1/up", br#"{"n":2}"#);
+        let first = a.listen(1)[0]["text"].as_str().unwrap().to_string();
+        match policy {
+            "once" => {
+                assert_eq!(first, r#"{"r":1}"#);
+                assert_eq!(a.listen(1)[0]["text"], r#"{"n":2}"#);
+                // A restart subscribes again and the broker sends the retained value again:
+                // not delivered a second time.
+                d.stop();
+                d = s.start_daemon(&config);
+                s.broker.publish("devices/t1/up", br#"{"n":3}"#);
+                assert_eq!(a.listen(1)[0]["text"], r#"{"n":3}"#, "{policy}");
+            }
+            "ignore" => assert_eq!(first, r#"{"n":2}"#, "{policy}"),
+            _ => {
+                assert_eq!(first, r#"{"n":2}"#, "{policy}");
+                let endpoints = d.endpoints();
+                let t1 = endpoints.iter().find(|e| e["device"] == "t1").unwrap();
+                assert_eq!(t1["state"]["payload"], r#"{"r":1}"#, "{t1}");
+            }
+        }
+        let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+        assert!(extra.trim().is_empty(), "{policy}: {extra}");
+        drop(d);
+    }
+}

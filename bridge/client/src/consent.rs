@@ -61,7 +61,7 @@ impl Client {
         Ok(out)
     }
 
-    fn consent_record(&self, kind: Entity, entity: &str) -> Result<Option<Record>> {
+    pub(crate) fn consent_record(&self, kind: Entity, entity: &str) -> Result<Option<Record>> {
         Ok(self
             .tree
             .get(format!("consent/{}", consent::key(kind, entity)))?
@@ -237,13 +237,28 @@ impl Client {
                         },
                         self.surface_requests,
                     )?;
-                    self.forget_delivery(&r)?;
                     if self.surface_requests {
-                        out.push(Received {
-                            request: true,
-                            delivery: None,
-                            ..r
-                        });
+                        // Shown once as a request: still owed to the reader until it took it
+                        // (a `listen --count` that stops first shows it next time), marked as
+                        // held so it is not queued twice.
+                        let r = Received { request: true, ..r };
+                        if let Some(seq) = r.delivery {
+                            let held = Held {
+                                content: hex::encode(&r.content),
+                                received: Received {
+                                    content: Vec::new(),
+                                    ..r.clone()
+                                },
+                                surfaced: true,
+                            };
+                            self.tree.insert(
+                                seq_key(b"deliv/", seq),
+                                serde_json::to_vec(&held).unwrap_or_default(),
+                            )?;
+                        }
+                        out.push(r);
+                    } else {
+                        self.forget_delivery(&r)?;
                     }
                 }
                 (false, State::Unknown) => self.forget_delivery(&r)?,

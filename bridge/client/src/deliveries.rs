@@ -52,6 +52,8 @@ impl Client {
     /// Retained messages not yet marked delivered, oldest first, each checked against consent
     /// again (a decision taken since may hold or drop it).
     pub fn undelivered(&mut self) -> Result<Vec<Received>> {
+        // In order; requests already held (shown once, not yet taken) come back as they were.
+        let mut out = Vec::new();
         let mut pending = Vec::new();
         for item in self.tree.scan_prefix(b"deliv/") {
             let (k, v) = item?;
@@ -59,14 +61,30 @@ impl Client {
                 Ok(h) => {
                     let mut r = h.received;
                     r.content = hex::decode(h.content).unwrap_or_default();
-                    pending.push(r);
+                    if h.surfaced {
+                        out.extend(self.gate_only(std::mem::take(&mut pending))?);
+                        let denied = self
+                            .consent_record(
+                                gatehouse_protocol::consent::Entity::InboxId,
+                                &r.sender_inbox,
+                            )?
+                            .is_some_and(|c| c.state == gatehouse_protocol::consent::State::Denied);
+                        if denied {
+                            self.forget_delivery(&r)?;
+                        } else {
+                            out.push(r);
+                        }
+                    } else {
+                        pending.push(r);
+                    }
                 }
                 Err(_) => {
                     self.tree.remove(k)?;
                 }
             }
         }
-        self.gate_only(pending)
+        out.extend(self.gate_only(pending)?);
+        Ok(out)
     }
 
     /// Marks a retained message delivered (its `delivery` number): it is no longer owed.

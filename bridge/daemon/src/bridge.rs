@@ -282,6 +282,9 @@ pub struct EndpointInfo {
     pub wallet_address: String,
     /// Its XMTP inbox id.
     pub inbox_id: String,
+    /// Its latest retained state (`routes[].retained: state`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<serde_json::Value>,
 }
 
 struct Endpoint {
@@ -332,6 +335,9 @@ pub struct Bridge {
     nats_requests: sled::Tree,
     /// Each MQTT endpoint's last presence (`route ‖ device ‖ presence` → online/offline).
     presence: sled::Tree,
+    /// Retained messages: the digest of the last one delivered (`… ‖ retained`) and the kept
+    /// state (`… ‖ state`) per endpoint.
+    retained: sled::Tree,
     /// The outbound mail relay (when `channels.email.relay` is set).
     relay: Option<email::Relay>,
     /// Mail already stored, by sender and Message-ID (a client retrying after a lost 250).
@@ -367,7 +373,18 @@ impl Bridge {
         self.endpoint_index
             .iter()
             .filter_map(|r| r.ok())
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .filter_map(|(_, v)| serde_json::from_slice::<EndpointInfo>(&v).ok())
+            .map(|mut e| {
+                if let Some(route) = self.cfg.routes.iter().find(|r| r.name == e.route) {
+                    e.state = self
+                        .retained
+                        .get(Self::mail_key(route, &e.device, "state"))
+                        .ok()
+                        .flatten()
+                        .and_then(|v| serde_json::from_slice(&v).ok());
+                }
+                e
+            })
             .collect()
     }
 
@@ -452,6 +469,7 @@ impl Bridge {
             address: route.endpoint_address(device),
             wallet_address: client.address(),
             inbox_id: client.inbox_id().to_string(),
+            state: None,
         };
         self.endpoint_index
             .insert(name.as_bytes(), serde_json::to_vec(&info)?)?;
@@ -513,6 +531,43 @@ impl Bridge {
                 tracing::debug!(route = %route.name, topic = %msg.topic, "our own publish came back; not taken in");
                 self.ack(&msg).await?;
                 continue;
+            }
+            if msg.retain && route.presence_device_of(&msg.topic).is_none() {
+                use crate::config::RetainedPolicy;
+                let digest = echo_digest(&msg.topic, &msg.payload);
+                match route.retained {
+                    RetainedPolicy::Ignore => {
+                        tracing::debug!(route = %route.name, topic = %msg.topic, "retained message ignored (routes[].retained: ignore)");
+                        self.ack(&msg).await?;
+                        continue;
+                    }
+                    RetainedPolicy::State => {
+                        // The endpoint exists (and is listed) from its first state on.
+                        self.endpoint(idx, &device)?;
+                        let state = serde_json::json!({
+                            "topic": msg.topic,
+                            "payload": String::from_utf8(msg.payload.clone()).unwrap_or_else(|_| hex::encode(&msg.payload)),
+                            "at_ms": now_ms(),
+                        });
+                        self.retained.insert(
+                            Self::mail_key(route, &device, "state"),
+                            serde_json::to_vec(&state)?,
+                        )?;
+                        gatehouse_client::flush_tree(&self.retained).await?;
+                        tracing::info!(route = %route.name, %device, "retained message kept as the endpoint's state");
+                        self.ack(&msg).await?;
+                        continue;
+                    }
+                    RetainedPolicy::Once => {
+                        let key = Self::mail_key(route, &device, "retained");
+                        if self.retained.get(&key)?.is_some_and(|v| v == digest[..]) {
+                            tracing::debug!(route = %route.name, topic = %msg.topic, "retained message delivered before; not again");
+                            self.ack(&msg).await?;
+                            continue;
+                        }
+                        self.retained.insert(key, &digest[..])?;
+                    }
+                }
             }
             if msg.payload.len() > route.max_payload {
                 tracing::warn!(route = %route.name, topic = %msg.topic, bytes = msg.payload.len(), limit = route.max_payload, "rejected: payload over the route's max_payload");
@@ -2641,6 +2696,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let nats_js = db.open_tree("nats-js")?;
     let nats_requests = db.open_tree("nats-requests")?;
     let presence = db.open_tree("presence")?;
+    let retained_tree = db.open_tree("retained")?;
     let (nats_tx, mut nats_rx) = mpsc::channel::<nats::NatsIn>(INBOUND_CAPACITY);
     let mut nats_subs = Vec::new();
     let mut nats_stored = HashMap::new();
@@ -2758,6 +2814,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         nats_js,
         nats_requests,
         presence,
+        retained: retained_tree,
         mail_seen,
         mail_threads,
         mail_ids,

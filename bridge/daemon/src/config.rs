@@ -302,6 +302,12 @@ pub struct Route {
     /// endpoint's agents, once per change.
     #[serde(default)]
     pub presence: Option<String>,
+    /// MQTT: what a retained message (the broker's stored last value, sent at each
+    /// subscription) becomes: `once` (default: delivered like any message, but the same
+    /// retained value is not delivered again after a re-subscription), `ignore` (dropped), or
+    /// `state` (kept as the endpoint's latest state, shown by `gatehouse endpoints`, not sent).
+    #[serde(default)]
+    pub retained: RetainedPolicy,
     /// MQTT: a shared subscription group (`$share/GROUP/…`), so several bridges on one
     /// broker share the route's messages (each goes to one of them).
     #[serde(default)]
@@ -327,6 +333,19 @@ pub struct Route {
 
 fn default_request_timeout() -> u64 {
     30_000
+}
+
+/// `routes[].retained`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetainedPolicy {
+    /// Delivered once per retained value.
+    #[default]
+    Once,
+    /// Dropped.
+    Ignore,
+    /// Kept as the endpoint's state, not sent.
+    State,
 }
 
 /// What an endpoint does with senders it has not decided about.
