@@ -1,8 +1,9 @@
 //! Retained deliveries: for a consumer that must not lose a message between reading it and
 //! acting on it (the bridge publishing to a device). With [`Client::set_retain_deliveries`],
-//! every message a read returns is also kept in the tree (`deliv/SEQ`, written before the
-//! conversation's cursor moves past it) until the consumer calls [`Client::delivered`];
-//! [`Client::undelivered`] lists what is still owed, re-checked against consent.
+//! every message a read returns is also kept in the tree (`deliv/SEQ`, written in one batch
+//! with the conversation's cursor) until the consumer calls [`Client::delivered`];
+//! [`Client::undelivered`] lists what is still owed, re-checked against consent. A message
+//! shown as a request stays owed too (marked as already held, so it is not queued twice).
 
 use crate::consent::{Held, seq_key};
 use crate::{Client, Received, Result};

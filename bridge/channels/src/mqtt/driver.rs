@@ -20,6 +20,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// rumqttc's in-flight window, so the packet ids we choose (1..=this) are always valid.
 const PUBLISH_WINDOW: u16 = 100;
 
+/// Our QoS 2 publishes unfinished at once. The broker keeps each until our PUBREL, and
+/// refuses more than its in-flight maximum (mosquitto: `max_inflight_messages`, 20 by
+/// default; MQTT 3.1.1 has no way to learn it, and the refusal closes the connection).
+const QOS2_WINDOW: usize = 20;
+
 /// How long to wait before trying credentials the broker refused again.
 const BAD_CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
 
@@ -227,18 +232,15 @@ pub fn start(
         if !unacked.is_empty() {
             tracing::info!(%broker, publishes = unacked.len(), "resuming QoS 2 publishes a restart interrupted");
         }
-        // Queued before anything new (if the broker lost the session, rumqttc drops these at
-        // CONNACK and they are queued again below, as publishes).
-        let mut resumed: Vec<&InFlight> = unacked.values().collect();
-        resumed.sort_by_key(|f| f.seq);
-        for f in resumed {
-            eventloop.pending.push_back(if f.released {
-                Request::PubRel(rumqttc::PubRel::new(f.publish.pkid))
-            } else {
-                Request::Publish(f.publish.clone())
-            });
-        }
+        // Sent by the first CONNACK's resend below (one path only: queued here as well, a
+        // PUBLISH could go out twice, the second after its exchange completed, and the broker
+        // would then take it as new and the next publish under that id as its duplicate).
     }
+    let window = if qos == QoS::ExactlyOnce {
+        QOS2_WINDOW
+    } else {
+        PUBLISH_WINDOW as usize
+    };
     tokio::spawn(async move {
         let mut failures = 0u32;
         // Publishes read from the broker but not yet taken by the consumer. The event loop is
@@ -250,6 +252,9 @@ pub fn start(
         // `unacked`: our publishes awaiting their acknowledgement, by the packet id we gave
         // them (rumqttc keeps an id it is given, so the ack can be matched to its publish).
         let mut last_pkid: u16 = 0;
+        // New publishes wait for the first connection, so what a restart interrupted goes
+        // first, in its order.
+        let mut connected_once = false;
         loop {
             let event = tokio::select! {
                 _ = shutdown.changed() => {
@@ -257,10 +262,10 @@ pub fn start(
                     let _ = state_tx.send(ConnectionState::Stopped);
                     return;
                 }
-                out = publish_rx.recv(), if unacked.len() < PUBLISH_WINDOW as usize => {
+                out = publish_rx.recv(), if connected_once && unacked.len() < window => {
                     let Some(out) = out else { continue };
                     let mut batch = vec![out];
-                    while unacked.len() + batch.len() < PUBLISH_WINDOW as usize {
+                    while unacked.len() + batch.len() < window {
                         match publish_rx.try_recv() {
                             Ok(o) => batch.push(o),
                             Err(_) => break,
@@ -333,6 +338,7 @@ pub fn start(
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
                     failures = 0;
+                    connected_once = true;
                     // What the last connection delivered is delivered again after a reconnect
                     // (unacknowledged, marked DUP); copies from before it would only be
                     // acknowledged on a connection that no longer knows them.

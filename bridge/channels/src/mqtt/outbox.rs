@@ -166,8 +166,12 @@ impl Outbox {
 
     /// PUBCOMP: the exchange is over and the key is done.
     pub(crate) fn complete(&self, e: &Entry) -> sled::Result<()> {
-        self.tree.remove(entry_key(e.pkid))?;
-        self.tree.insert(done_key(&e.key), &e.seq.to_be_bytes())?;
+        // One write: a crash must not keep the removal without the done mark (the daemon
+        // would then publish the message again as new).
+        let mut batch = sled::Batch::default();
+        batch.insert(&done_key(&e.key)[..], &e.seq.to_be_bytes());
+        batch.remove(&entry_key(e.pkid)[..]);
+        self.tree.apply_batch(batch)?;
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         done.push_back(e.key);
         if done.len() > 2 * DONE_KEPT {
