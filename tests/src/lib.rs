@@ -331,6 +331,11 @@ impl Mosquitto {
 
     /// Publishes each line as its own QoS 1 message over one connection (`mosquitto_pub -l`).
     pub fn publish_lines(&self, topic: &str, lines: &[String]) {
+        self.publish_lines_qos(topic, lines, 1);
+    }
+
+    /// The same with a given QoS.
+    pub fn publish_lines_qos(&self, topic: &str, lines: &[String], qos: u8) {
         require("mosquitto_pub", "mosquitto-clients");
         use std::io::Write;
         let mut child = Command::new("mosquitto_pub")
@@ -340,7 +345,7 @@ impl Mosquitto {
                 "-p",
                 &self.port.to_string(),
                 "-q",
-                "1",
+                &qos.to_string(),
                 "-t",
                 topic,
                 "-l",

@@ -326,3 +326,54 @@ fn retained_messages_once_ignored_or_kept_as_state() {
         drop(d);
     }
 }
+
+/// QoS 2 from the devices to the bridge (`subscribe_qos: 2`): the PUBREC goes out only after
+/// the durable write; a crash between the two, and the broker's DUP redelivery, still give the
+/// agent each message once, in order.
+#[test]
+fn qos2_subscriptions_deliver_each_message_once_across_a_crash() {
+    let s = Setup::new("mqtt-qos2-in");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let q2 = text.replace(
+        "client_id: gatehouse-e2e",
+        "client_id: gatehouse-e2e, subscribe_qos: 2",
+    );
+    assert_ne!(q2, text);
+    std::fs::write(&config, q2).unwrap();
+    let mut d = s.start_daemon(&config);
+    a.init();
+    s.broker
+        .publish_lines_qos("devices/d1/up", &[r#"{"n":0}"#.to_string()], 2);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"n":0}"#);
+    d.stop();
+    let lines: Vec<String> = (1..=50).map(|n| format!("{{\"n\":{n}}}")).collect();
+    s.broker.publish_lines_qos("devices/d1/up", &lines, 2);
+    let mut crashing = s.spawn_daemon_env(&config, &[("GATEHOUSE_FAULT_CRASH_BEFORE_ACK", "1")]);
+    assert!(crashing.wait_exit(), "the fault hook aborts the daemon");
+    let d = s.start_daemon(&config);
+    let got: Vec<String> = a
+        .listen(50)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, lines, "each once, in order");
+    s.broker
+        .publish_lines_qos("devices/d1/up", &[r#"{"n":51}"#.to_string()], 2);
+    assert_eq!(
+        a.listen(1)[0]["text"],
+        r#"{"n":51}"#,
+        "nothing else was on its way"
+    );
+    let log = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .collect::<String>();
+    assert!(
+        log.contains("devices/+/up (QoS 2)"),
+        "the bridge subscribed with QoS 2"
+    );
+    drop(d);
+}

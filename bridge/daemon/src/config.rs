@@ -662,6 +662,12 @@ impl Config {
                     m.publish_qos
                 );
             }
+            if !(1..=2).contains(&m.subscribe_qos) {
+                bail!(
+                    "channels.mqtt.subscribe_qos: {} must be 1 or 2 (messages are acknowledged after they are stored)",
+                    m.subscribe_qos
+                );
+            }
             if m.publish_qos == 2 && m.clean_session {
                 bail!(
                     "channels.mqtt.publish_qos: 2 needs the broker to keep the session across reconnects and restarts; set clean_session: false (the default)"

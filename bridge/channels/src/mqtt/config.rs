@@ -37,6 +37,10 @@ pub struct MqttConfig {
     /// persistent session, `clean_session: false`).
     #[serde(default = "default_publish_qos")]
     pub publish_qos: u8,
+    /// QoS of the bridge's subscriptions: 1 (default) or 2 (the broker delivers each message
+    /// once; acknowledged — PUBREC — only after the durable write, like QoS 1's PUBACK).
+    #[serde(default = "default_publish_qos")]
+    pub subscribe_qos: u8,
     /// TLS to the broker (`tls: {}` trusts the usual public CAs).
     #[serde(default)]
     pub tls: Option<MqttTls>,
@@ -152,6 +156,7 @@ impl Default for MqttConfig {
             max_packet_bytes: default_max_packet(),
             clean_session: false,
             publish_qos: default_publish_qos(),
+            subscribe_qos: default_publish_qos(),
             tls: None,
         }
     }

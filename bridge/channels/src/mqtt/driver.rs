@@ -236,6 +236,11 @@ pub fn start(
         // PUBLISH could go out twice, the second after its exchange completed, and the broker
         // would then take it as new and the next publish under that id as its duplicate).
     }
+    let sub_qos = if config.subscribe_qos == 2 {
+        QoS::ExactlyOnce
+    } else {
+        QoS::AtLeastOnce
+    };
     let window = if qos == QoS::ExactlyOnce {
         QOS2_WINDOW
     } else {
@@ -381,7 +386,7 @@ pub fn start(
                     let (c, fs, b) = (client.clone(), filters.clone(), broker.clone());
                     tokio::spawn(async move {
                         for f in fs {
-                            if let Err(e) = c.subscribe(f.clone(), QoS::AtLeastOnce).await {
+                            if let Err(e) = c.subscribe(f.clone(), sub_qos).await {
                                 tracing::error!(broker = %b, filter = %f, error = %e, "MQTT subscribe failed");
                             }
                         }
