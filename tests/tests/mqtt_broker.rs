@@ -377,3 +377,53 @@ fn qos2_subscriptions_deliver_each_message_once_across_a_crash() {
     );
     drop(d);
 }
+
+/// Templates with several placeholders: each combination is its own endpoint, and replies go
+/// to the matching filled-in topic.
+#[test]
+fn templates_with_several_placeholders_name_endpoints_by_all_of_them() {
+    let s = Setup::new("mqtt-templates");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let t = text
+        .replace("\"devices/{device}/up\"", "\"sites/{site}/{device}/up\"")
+        .replace(
+            "\"devices/{device}/down\"",
+            "\"sites/{site}/{device}/down\"",
+        );
+    assert_ne!(t, text, "the harness config changed shape");
+    std::fs::write(&config, t).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    let hq = s.broker.subscribe("sites/hq/t1/down");
+    let lab = s.broker.subscribe("sites/lab/t1/down");
+    s.broker.publish("sites/hq/t1/up", br#"{"at":"hq"}"#);
+    s.broker.publish("sites/lab/t1/up", br#"{"at":"lab"}"#);
+    let got = a.listen(2);
+    let by_site: std::collections::BTreeMap<String, String> = got
+        .iter()
+        .map(|m| {
+            (
+                m["text"].as_str().unwrap().to_string(),
+                m["sender_inbox"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let (hq_inbox, lab_inbox) = (&by_site[r#"{"at":"hq"}"#], &by_site[r#"{"at":"lab"}"#]);
+    assert_ne!(hq_inbox, lab_inbox, "t1 at two sites is two endpoints");
+    let names: Vec<String> = d
+        .endpoints()
+        .iter()
+        .map(|e| e["device"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        names.contains(&"hq/t1".to_string()) && names.contains(&"lab/t1".to_string()),
+        "{names:?}"
+    );
+    a.ok(&["send", "--to", hq_inbox, "to hq"]);
+    a.ok(&["send", "--to", lab_inbox, "to lab"]);
+    assert_eq!(hq.next_message(), "to hq");
+    assert_eq!(lab.next_message(), "to lab");
+}

@@ -85,9 +85,11 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
         (None, None) => anyhow::bail!("plugins.{name}: no builtin or path"),
     };
     let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
-    // The route's reply template is an MQTT plugin's down topic.
+    // The route's reply template is a custom MQTT plugin's down topic (the builtin gets each
+    // message's filled-in `reply_topic` instead).
     if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
         && r.channel == "mqtt"
+        && p.builtin.is_none()
         && !p.config.contains_key("down_topic")
     {
         config.push(("down_topic".into(), r.reply.clone()));
@@ -2244,6 +2246,11 @@ impl Bridge {
                     self.load_thread(route, &ep.device, &t).subject,
                 ),
             ],
+            // Where the route's reply goes for this endpoint (templates with several
+            // placeholders are filled by the host, which knows the endpoint's parts).
+            None if route.channel == "mqtt" => {
+                vec![("reply_topic".to_string(), route.reply_topic(&ep.device))]
+            }
             None => vec![],
         };
         let msg = Message {

@@ -453,28 +453,51 @@ impl Route {
 }
 
 /// The `{device}` of `topic` under an MQTT topic template.
+/// With several placeholders (`sites/{site}/{device}/up`) the endpoint is named by all of
+/// them, in template order, joined by `/` (`hq/thermo-1`): the same device name at two sites is
+/// two endpoints. A topic level cannot contain `/`, so the name splits back unambiguously.
 fn template_device(template: &str, topic: &str) -> Option<String> {
-    {
-        let t: Vec<_> = template.split('/').collect();
-        let p: Vec<_> = topic.split('/').collect();
-        if t.len() != p.len() {
-            return None;
-        }
-        let mut device = None;
-        for (a, b) in t.iter().zip(&p) {
-            if *a == "{device}" {
-                if b.is_empty() {
-                    return None;
-                }
-                device = Some(b.to_string());
-            } else if a.starts_with('{') && a.ends_with('}') {
-                continue;
-            } else if a != b {
+    let t: Vec<_> = template.split('/').collect();
+    let p: Vec<_> = topic.split('/').collect();
+    if t.len() != p.len() {
+        return None;
+    }
+    let mut values = Vec::new();
+    for (a, b) in t.iter().zip(&p) {
+        if a.starts_with('{') && a.ends_with('}') {
+            if b.is_empty() {
                 return None;
             }
+            values.push(*b);
+        } else if a != b {
+            return None;
         }
-        device
     }
+    (!values.is_empty()).then(|| values.join("/"))
+}
+
+/// The placeholder names of an MQTT topic template, in order.
+fn placeholders(template: &str) -> Vec<&str> {
+    template
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .collect()
+}
+
+/// `target` with the placeholders of `source` filled from an endpoint name (see
+/// [`template_device`]).
+fn fill_from(source: &str, target: &str, device: &str) -> String {
+    let names = placeholders(source);
+    let values: Vec<&str> = if names.len() > 1 {
+        device.split('/').collect()
+    } else {
+        vec![device]
+    };
+    let mut out = target.to_string();
+    for (name, value) in names.iter().zip(values) {
+        out = out.replace(&format!("{{{name}}}"), value);
+    }
+    out
 }
 
 impl Route {
@@ -483,8 +506,10 @@ impl Route {
     pub fn reply_topic(&self, device: &str) -> String {
         if self.is_email() {
             device.to_string()
-        } else {
+        } else if self.is_nats() {
             self.reply.replace("{device}", device)
+        } else {
+            fill_from(&self.subscribe, &self.reply, device)
         }
     }
 
@@ -553,7 +578,7 @@ impl Route {
                 .collect::<Vec<_>>()
                 .join(".")
         } else {
-            self.subscribe.replace("{device}", device)
+            fill_from(&self.subscribe, &self.subscribe, device)
         }
     }
 }
@@ -698,6 +723,16 @@ impl Config {
                     if r.subscribe.matches("{device}").count() != 1 {
                         bail!(
                             "{at}.subscribe: {:?} must contain exactly one {{device}}",
+                            r.subscribe
+                        );
+                    }
+                    let names = placeholders(&r.subscribe);
+                    if let Some(extra) = placeholders(&r.reply)
+                        .into_iter()
+                        .find(|p| !names.contains(p))
+                    {
+                        bail!(
+                            "{at}.reply: {{{extra}}} is not a placeholder of subscribe {:?}",
                             r.subscribe
                         );
                     }

@@ -3,7 +3,8 @@
 //! Up: a device publish becomes conversation content: valid JSON as `gatehouse.dev/json:1.0`
 //! (with the JSON text as fallback, so any XMTP client shows it), or UTF-8 text as
 //! `xmtp.org/text:1.0` when `format: text`. Anything else is refused as `malformed`.
-//! Down: a conversation message is published to `down_topic` (default `devices/{device}/down`).
+//! Down: a conversation message is published to the route's reply topic for the endpoint (the
+//! host's `reply_topic`), or to `down_topic` when this plugin's config sets one.
 //!
 //! Config keys: `format` (`json` | `text` | `any`, default `json`), `down_topic`.
 
@@ -17,10 +18,12 @@ use gatehouse::plugin::types::{Publish, Send};
 struct Config {
     format: String,
     down_topic: String,
+    /// `down_topic` came from the plugin's own config (not the route's reply).
+    own_down_topic: bool,
 }
 
 thread_local! {
-    static CONFIG: RefCell<Config> = RefCell::new(Config { format: "json".into(), down_topic: "devices/{device}/down".into() });
+    static CONFIG: RefCell<Config> = RefCell::new(Config { format: "json".into(), down_topic: "devices/{device}/down".into(), own_down_topic: false });
 }
 
 fn err(code: &str, message: impl Into<String>) -> Error {
@@ -45,7 +48,10 @@ impl Guest for Mqtt {
                             format!("format must be json, text or any, not {v}"),
                         ));
                     }
-                    "down_topic" => c.down_topic = v,
+                    "down_topic" => {
+                        c.down_topic = v;
+                        c.own_down_topic = true;
+                    }
                     other => return Err(err("config", format!("unknown key {other}"))),
                 }
             }
@@ -86,11 +92,17 @@ impl Guest for Mqtt {
     }
 
     fn on_conversation(msg: Message) -> Result<Vec<Action>, Error> {
+        // The host's `reply_topic` (the route's reply with every placeholder filled) unless
+        // this plugin was given its own `down_topic`.
         let template = CONFIG.with(|c| c.borrow().down_topic.clone());
         let endpoint = msg.endpoint.clone();
-        let topic =
-            gatehouse_plugin_sdk::fill(&template, |k| (k == "device").then(|| endpoint.clone()))
-                .map_err(|e| err("config", e))?;
+        let topic = match gatehouse_plugin_sdk::meta(&msg.metadata, "reply_topic") {
+            Some(t) if CONFIG.with(|c| !c.borrow().own_down_topic) => t.to_string(),
+            _ => {
+                gatehouse_plugin_sdk::fill(&template, |k| (k == "device").then(|| endpoint.clone()))
+                    .map_err(|e| err("config", e))?
+            }
+        };
         if !msg.content_type.starts_with("xmtp.org/text:")
             && !msg.content_type.starts_with("gatehouse.dev/json:")
         {
