@@ -146,21 +146,33 @@ impl Mosquitto {
         Self::start_with(dir, free_port(), true)
     }
 
-    /// Starts one that admits only `user` with `password` (a mosquitto password file).
-    pub fn start_with_password(dir: &Path, user: &str, password: &str) -> Self {
+    /// A mosquitto password file in `dir` with these `(user, password)` accounts.
+    fn password_file(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
         require("mosquitto_passwd", "mosquitto");
         let file = dir.join("mosquitto-passwords");
-        let out = Command::new("mosquitto_passwd")
-            .args(["-b", "-c"])
-            .arg(&file)
-            .args([user, password])
-            .output()
-            .expect("running mosquitto_passwd");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        for (i, (user, password)) in users.iter().enumerate() {
+            let mut cmd = Command::new("mosquitto_passwd");
+            cmd.arg("-b");
+            if i == 0 {
+                cmd.arg("-c");
+            }
+            let out = cmd
+                .arg(&file)
+                .args([user, password])
+                .output()
+                .expect("running mosquitto_passwd");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        file
+    }
+
+    /// Starts one that admits only these `(user, password)` accounts.
+    pub fn start_with_password(dir: &Path, users: &[(&str, &str)]) -> Self {
+        let file = Self::password_file(dir, users);
         Self::start_with_extra(
             dir,
             free_port(),
@@ -169,28 +181,14 @@ impl Mosquitto {
         )
     }
 
-    /// Starts one with a TLS listener (certificate `cert`/`key`, PEM files) that admits only
-    /// `user` with `password`.
+    /// The same with a TLS listener (certificate `cert`/`key`, PEM files).
     pub fn start_tls_with_password(
         dir: &Path,
         cert: &Path,
         key: &Path,
-        user: &str,
-        password: &str,
+        users: &[(&str, &str)],
     ) -> Self {
-        require("mosquitto_passwd", "mosquitto");
-        let file = dir.join("mosquitto-passwords");
-        let out = Command::new("mosquitto_passwd")
-            .args(["-b", "-c"])
-            .arg(&file)
-            .args([user, password])
-            .output()
-            .expect("running mosquitto_passwd");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let file = Self::password_file(dir, users);
         Self::start_with_extra(
             dir,
             free_port(),

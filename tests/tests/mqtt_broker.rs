@@ -7,7 +7,7 @@ use gatehouse_e2e::*;
 #[test]
 fn wrong_password_is_reported_as_bad_credentials_and_the_right_one_connects() {
     let s = Setup::new("mqtt-password");
-    let broker = Mosquitto::start_with_password(&s.dir, "bridge", "s3cret");
+    let broker = Mosquitto::start_with_password(&s.dir, &[("bridge", "s3cret")]);
     let a = s.agent("agent");
     let inbox = a.inbox_id();
     let config = s.write_config_for(broker.port, &[&inbox]);
@@ -126,18 +126,12 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
         let (cert_pem, key_pem) = (s.dir.join("broker.pem"), s.dir.join("broker.key"));
         std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
         std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-        let broker =
-            Mosquitto::start_tls_with_password(&s.dir, &cert_pem, &key_pem, "bridge", "s3cret");
-        // The device's account too.
-        let out = std::process::Command::new("mosquitto_passwd")
-            .args(["-b"])
-            .arg(s.dir.join("mosquitto-passwords"))
-            .args(["device", "devpass"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        let mut broker = broker;
-        broker.restart();
+        let broker = Mosquitto::start_tls_with_password(
+            &s.dir,
+            &cert_pem,
+            &key_pem,
+            &[("bridge", "s3cret"), ("device", "devpass")],
+        );
         let a = s.agent("agent");
         let inbox = a.inbox_id();
         let config = s.write_config_for(broker.port, &[&inbox]);

@@ -380,7 +380,7 @@ impl Bridge {
                 if let Some(route) = self.cfg.routes.iter().find(|r| r.name == e.route) {
                     e.state = self
                         .retained
-                        .get(Self::mail_key(route, &e.device, "state"))
+                        .get(Self::endpoint_key(route, &e.device, "state"))
                         .ok()
                         .flatten()
                         .and_then(|v| serde_json::from_slice(&v).ok());
@@ -552,7 +552,7 @@ impl Bridge {
                             "at_ms": now_ms(),
                         });
                         self.retained.insert(
-                            Self::mail_key(route, &device, "state"),
+                            Self::endpoint_key(route, &device, "state"),
                             serde_json::to_vec(&state)?,
                         )?;
                         gatehouse_client::flush_tree(&self.retained).await?;
@@ -561,7 +561,7 @@ impl Bridge {
                         continue;
                     }
                     RetainedPolicy::Once => {
-                        let key = Self::mail_key(route, &device, "retained");
+                        let key = Self::endpoint_key(route, &device, "retained");
                         if self.retained.get(&key)?.is_some_and(|v| v == digest[..]) {
                             tracing::debug!(route = %route.name, topic = %msg.topic, "retained message delivered before; not again");
                             self.ack(&msg).await?;
@@ -739,7 +739,7 @@ impl Bridge {
                     reply: reply.clone(),
                     deadline_ms: now_ms() + timeout,
                 };
-                let mut k = Self::mail_key(route, &device, "");
+                let mut k = Self::endpoint_key(route, &device, "");
                 k.extend_from_slice(&id.to_be_bytes());
                 requests.push((k, serde_json::to_vec(&pending)?));
             }
@@ -841,7 +841,7 @@ impl Bridge {
         }
         headers.push((NATS_ORIGIN.into(), self.bridge_inbox.clone()));
         // Request-reply: answers go to the open requests of this endpoint, oldest first.
-        let prefix = Self::mail_key(route, device, "");
+        let prefix = Self::endpoint_key(route, device, "");
         let pending = self
             .nats_requests
             .scan_prefix(&prefix)
@@ -1022,8 +1022,9 @@ impl Bridge {
         Ok(())
     }
 
-    /// `route ‖ 0 ‖ device ‖ 0 ‖ name`: keys of the mail thread trees.
-    fn mail_key(route: &Route, device: &str, name: &str) -> Vec<u8> {
+    /// `route ‖ 0 ‖ device ‖ 0 ‖ name`: keys of per-endpoint records (mail threads, NATS
+    /// requests, presence, retained state).
+    fn endpoint_key(route: &Route, device: &str, name: &str) -> Vec<u8> {
         let mut k = route.name.as_bytes().to_vec();
         k.push(0);
         k.extend_from_slice(device.as_bytes());
@@ -1034,7 +1035,7 @@ impl Bridge {
 
     fn load_thread(&self, route: &Route, device: &str, thread: &str) -> MailThread {
         self.mail_threads
-            .get(Self::mail_key(route, device, thread))
+            .get(Self::endpoint_key(route, device, thread))
             .ok()
             .flatten()
             .and_then(|v| serde_json::from_slice(&v).ok())
@@ -1043,9 +1044,10 @@ impl Bridge {
 
     /// Records that `message_id` belongs to `thread` (a reply naming it joins the thread).
     fn note_mail_id(&self, route: &Route, device: &str, message_id: &str, thread: &str) {
-        let _ = self
-            .mail_ids
-            .insert(Self::mail_key(route, device, message_id), thread.as_bytes());
+        let _ = self.mail_ids.insert(
+            Self::endpoint_key(route, device, message_id),
+            thread.as_bytes(),
+        );
     }
 
     /// The plugin's view of a stored mail, and its thread: the thread of the newest message
@@ -1071,7 +1073,7 @@ impl Bridge {
             .chain(parsed.references.iter().rev())
             .find_map(|id| {
                 self.mail_ids
-                    .get(Self::mail_key(route, device, id))
+                    .get(Self::endpoint_key(route, device, id))
                     .ok()
                     .flatten()
                     .map(|v| String::from_utf8_lossy(&v).into_owned())
@@ -1097,7 +1099,7 @@ impl Bridge {
         if let Ok(v) = serde_json::to_vec(&thread) {
             let _ = self
                 .mail_threads
-                .insert(Self::mail_key(route, device, &key), v);
+                .insert(Self::endpoint_key(route, device, &key), v);
         }
         let mut metadata = vec![
             (
@@ -1139,7 +1141,7 @@ impl Bridge {
         conversation: &str,
     ) -> Option<String> {
         self.mail_gids
-            .get(Self::mail_key(route, device, conversation))
+            .get(Self::endpoint_key(route, device, conversation))
             .ok()
             .flatten()
             .map(|v| String::from_utf8_lossy(&v).into_owned())
@@ -1205,11 +1207,11 @@ impl Bridge {
             if let Some(c) = conversation {
                 let _ = self
                     .mail_gids
-                    .insert(Self::mail_key(route, device, c), thread_key.as_bytes());
+                    .insert(Self::endpoint_key(route, device, c), thread_key.as_bytes());
                 if let Ok(gid) = hex::decode(c) {
                     let _ = self
                         .mail_convs
-                        .insert(Self::mail_key(route, device, &thread_key), gid);
+                        .insert(Self::endpoint_key(route, device, &thread_key), gid);
                 }
             }
             let new = MailThread {
@@ -1222,7 +1224,7 @@ impl Bridge {
             if let Ok(v) = serde_json::to_vec(&new) {
                 let _ = self
                     .mail_threads
-                    .insert(Self::mail_key(route, device, &thread_key), v);
+                    .insert(Self::endpoint_key(route, device, &thread_key), v);
             }
         }
         let _ = gatehouse_client::flush_tree(&self.mail_ids).await;
@@ -1738,7 +1740,7 @@ impl Bridge {
         online: bool,
         idempotency_key: &str,
     ) -> Result<Vec<Outgoing>, Failure> {
-        let key = Self::mail_key(route, &rec.device, "presence");
+        let key = Self::endpoint_key(route, &rec.device, "presence");
         let state: &[u8] = if online { b"online" } else { b"offline" };
         let last = self
             .presence
@@ -1834,7 +1836,7 @@ impl Bridge {
                 }
             }
             for (key, subject, list) in threads {
-                let tkey = Self::mail_key(route, device, key);
+                let tkey = Self::endpoint_key(route, device, key);
                 let gid = match self
                     .mail_convs
                     .get(&tkey)
@@ -1881,7 +1883,7 @@ impl Bridge {
                             .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
                         self.mail_gids
                             .insert(
-                                Self::mail_key(route, device, &hex::encode(&gid)),
+                                Self::endpoint_key(route, device, &hex::encode(&gid)),
                                 key.as_bytes(),
                             )
                             .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;

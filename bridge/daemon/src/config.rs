@@ -403,8 +403,16 @@ impl Route {
     /// The MQTT subscription filter for the template (`{x}` becomes `+`), as a shared
     /// subscription when the route has a `share_group`.
     pub fn filter(&self) -> String {
-        let filter = self
-            .subscribe
+        self.mqtt_filter(&self.subscribe)
+    }
+
+    /// The presence subscription filter, if the route has one.
+    pub fn presence_filter(&self) -> Option<String> {
+        Some(self.mqtt_filter(self.presence.as_ref()?))
+    }
+
+    fn mqtt_filter(&self, template: &str) -> String {
+        let filter = template
             .split('/')
             .map(|seg| {
                 if seg.starts_with('{') && seg.ends_with('}') {
@@ -419,26 +427,6 @@ impl Route {
             Some(g) => format!("$share/{g}/{filter}"),
             None => filter,
         }
-    }
-
-    /// The presence subscription filter, if the route has one.
-    pub fn presence_filter(&self) -> Option<String> {
-        let p = self.presence.as_ref()?;
-        let f = p
-            .split('/')
-            .map(|seg| {
-                if seg.starts_with('{') && seg.ends_with('}') {
-                    "+"
-                } else {
-                    seg
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("/");
-        Some(match &self.share_group {
-            Some(g) => format!("$share/{g}/{f}"),
-            None => f,
-        })
     }
 
     /// The `{device}` of a presence topic, if the topic matches the presence template.
