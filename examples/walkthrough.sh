@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A device on MQTT and an agent on XMTP talk through Gatehouse — the README's walkthrough as
-# one script. Uses its own mosquitto and ports in a temporary directory, and cleans up.
+# one script. The daemon's embedded MQTT broker serves the device (mosquitto_pub/_sub);
+# its own ports in a temporary directory; cleans up.
 #   GATEHOUSE=./target/debug/gatehouse examples/walkthrough.sh
 set -euo pipefail
 GATEHOUSE=${GATEHOUSE:-./target/debug/gatehouse}
@@ -13,9 +14,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 MQTT=$(free_port); NODE=$(free_port); ADMIN=$(free_port)
 cd "$work"
 
-# 1. A broker for the device.
-printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$MQTT" > mosquitto.conf
-mosquitto -c mosquitto.conf >/dev/null 2>&1 & pids+=($!)
+# 1. No broker to install: the daemon runs one (channels.mqtt.embedded_broker, step 3).
 
 # 2. The agent's identity (keys are local; no node needed yet).
 AGENT=$("$GATEHOUSE" agent --home agent --node "http://127.0.0.1:$NODE" id --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["inbox_id"])')
@@ -25,7 +24,7 @@ cat > config.yaml <<YAML
 data_dir: data
 node: {listen: 127.0.0.1:$NODE}
 admin: {listen: 127.0.0.1:$ADMIN}
-channels: {mqtt: {port: $MQTT}}
+channels: {mqtt: {embedded_broker: {listen: 127.0.0.1:$MQTT}}}
 plugins: {mqtt: {builtin: mqtt}}
 routes:
   - {name: devices, channel: mqtt, subscribe: "devices/{device}/up", plugin: mqtt, agents: ["$AGENT"]}

@@ -170,6 +170,11 @@ impl Mosquitto {
         file
     }
 
+    /// Its log (`-v`: connections, subscriptions, acknowledgements with their reason codes).
+    pub fn log(&self) -> PathBuf {
+        self.conf.with_extension("log")
+    }
+
     /// Starts one that admits only these `(user, password)` accounts.
     pub fn start_with_password(dir: &Path, users: &[(&str, &str)]) -> Self {
         let file = Self::password_file(dir, users);

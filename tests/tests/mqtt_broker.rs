@@ -12,35 +12,40 @@ fn wrong_password_is_reported_as_bad_credentials_and_the_right_one_connects() {
     let inbox = a.inbox_id();
     let config = s.write_config_for(broker.port, &[&inbox]);
     let text = std::fs::read_to_string(&config).unwrap();
-    let with = |password: &str| {
+    let with = |password: &str, protocol: &str| {
         let t = text.replace(
             "client_id: gatehouse-e2e",
-            &format!("client_id: gatehouse-e2e, username: bridge, password: {password}"),
+            &format!(
+                "client_id: gatehouse-e2e, username: bridge, password: {password}, protocol: \"{protocol}\""
+            ),
         );
         assert_ne!(t, text, "the harness config changed shape");
         std::fs::write(&config, t).unwrap();
     };
-    with("wr0ngpass");
-    let mut d = s.spawn_daemon(&config);
-    d.wait_log(&["MQTT broker refused the credentials (bad credentials)"]);
-    let status = d.status();
-    assert!(
-        status["mqtt"]
-            .as_str()
-            .unwrap()
-            .starts_with("BadCredentials"),
-        "{status}"
-    );
-    assert_eq!(d.get("/status").0, 200, "the daemon keeps running");
-    assert!(
-        !d.log_text().contains("s3cret") && !d.log_text().contains("wr0ngpass"),
-        "no secrets in the log"
-    );
-    d.stop();
+    // MQTT 3.1.1 refuses with a CONNACK return code, MQTT 5 with a reason code.
+    for protocol in ["3.1.1", "5"] {
+        with("wr0ngpass", protocol);
+        let mut d = s.spawn_daemon(&config);
+        d.wait_log(&["MQTT broker refused the credentials (bad credentials)"]);
+        let status = d.status();
+        assert!(
+            status["mqtt"]
+                .as_str()
+                .unwrap()
+                .starts_with("BadCredentials"),
+            "MQTT {protocol}: {status}"
+        );
+        assert_eq!(d.get("/status").0, 200, "the daemon keeps running");
+        assert!(
+            !d.log_text().contains("s3cret") && !d.log_text().contains("wr0ngpass"),
+            "no secrets in the log"
+        );
+        d.stop();
 
-    with("s3cret");
-    let d = s.start_daemon(&config);
-    assert_eq!(d.status()["mqtt"], "Connected");
+        with("s3cret", protocol);
+        let d = s.start_daemon(&config);
+        assert_eq!(d.status()["mqtt"], "Connected", "MQTT {protocol}");
+    }
 }
 
 #[test]
@@ -119,8 +124,15 @@ fn tls_client(tool: &str, port: u16, ca: &std::path::Path, args: &[&str]) -> std
 
 #[test]
 fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
-    for qos in [1, 2] {
-        let s = Setup::new(&format!("mqtt-tls-q{qos}"));
+    // (bridge protocol, publish QoS, the device's protocol): 3.1.1 and 5 on both sides.
+    for (protocol, qos, device) in [
+        ("3.1.1", 1, "mqttv311"),
+        ("3.1.1", 2, "mqttv5"),
+        ("5", 2, "mqttv5"),
+        ("5", 1, "mqttv311"),
+    ] {
+        let case = format!("bridge MQTT {protocol}, QoS {qos}, device {device}");
+        let s = Setup::new(&format!("mqtt-tls-{}-q{qos}", protocol.replace('.', "")));
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
             .unwrap();
         let (cert_pem, key_pem) = (s.dir.join("broker.pem"), s.dir.join("broker.key"));
@@ -140,7 +152,7 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
             "client_id: gatehouse-e2e",
             &format!(
                 "client_id: gatehouse-e2e, username: bridge, password: s3cret, publish_qos: {qos}, \
-                 tls: {{ca_file: broker.pem, server_name: localhost}}"
+                 protocol: \"{protocol}\", tls: {{ca_file: broker.pem, server_name: localhost}}"
             ),
         );
         assert_ne!(tls, text);
@@ -152,7 +164,16 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
             "mosquitto_pub",
             broker.port,
             &cert_pem,
-            &["-q", "1", "-t", "devices/t1/up", "-m", r#"{"t":21.5}"#],
+            &[
+                "-V",
+                device,
+                "-q",
+                "1",
+                "-t",
+                "devices/t1/up",
+                "-m",
+                r#"{"t":21.5}"#,
+            ],
         )
         .output()
         .unwrap();
@@ -162,7 +183,7 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
             String::from_utf8_lossy(&st.stderr)
         );
         let m = &a.listen(1)[0];
-        assert_eq!(m["text"], r#"{"t":21.5}"#);
+        assert_eq!(m["text"], r#"{"t":21.5}"#, "{case}");
         let endpoint = m["sender_inbox"].as_str().unwrap().to_string();
 
         let sub = tls_client(
@@ -170,6 +191,8 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
             broker.port,
             &cert_pem,
             &[
+                "-V",
+                device,
                 "-q",
                 &qos.to_string(),
                 "-t",
@@ -196,9 +219,95 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             "set 19.0",
-            "QoS {qos}"
+            "{case}"
         );
     }
+}
+
+/// MQTT 5 request-response through the bridge: the device's response topic and correlation
+/// data come back on the agent's answer (with a content type), user properties reach the
+/// plugin, and a payload over the limit is refused with a reason code the broker sees.
+#[test]
+fn mqtt5_response_topic_correlation_and_refusal_reason_codes() {
+    let s = Setup::new("mqtt5-request");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let v5 = text
+        .replace(
+            "client_id: gatehouse-e2e",
+            "client_id: gatehouse-e2e, protocol: 5",
+        )
+        .replace("max_payload: 65536", "max_payload: 64");
+    assert_ne!(v5, text);
+    std::fs::write(&config, v5).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    require("mosquitto_sub", "mosquitto-clients");
+    // The device waits for its answer on a topic of its own choosing.
+    let port = s.broker.port.to_string();
+    let answers = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1"])
+        .args([
+            "-t",
+            "replies/t1/42",
+            "-C",
+            "1",
+            "-W",
+            "60",
+            "-F",
+            "%t|%p|%D|%C",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the device's subscription", || {
+        std::fs::read_to_string(s.broker.log())
+            .ok()?
+            .contains("replies/t1/42 (QoS")
+            .then_some(())
+    });
+    let st = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1"])
+        .args(["-t", "devices/t1/up", "-m", r#"{"q":"setpoint?"}"#])
+        .args(["-D", "publish", "response-topic", "replies/t1/42"])
+        .args(["-D", "publish", "correlation-data", "req-0042"])
+        .args(["-D", "publish", "user-property", "site", "hq"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m = &a.listen(1)[0];
+    assert_eq!(m["text"], r#"{"q":"setpoint?"}"#);
+    let endpoint = m["sender_inbox"].as_str().unwrap().to_string();
+    a.ok(&["send", "--to", &endpoint, "19.5"]);
+    let out = answers.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "replies/t1/42|19.5|req-0042|text/plain; charset=utf-8",
+        "the answer went to the response topic with the correlation data"
+    );
+    // Answered: the next message goes to the route's reply topic again.
+    let down = s.broker.subscribe("devices/t1/down");
+    a.ok(&["send", "--to", &endpoint, "and another"]);
+    assert_eq!(down.next_message(), "and another");
+
+    // Over max_payload (64 bytes): refused with reason code 0x97 (Quota exceeded, 151).
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(100));
+    let st = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1"])
+        .args(["-t", "devices/t1/up", "-m", &big])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    d.wait_log(&["rejected: payload over the route's max_payload"]);
+    wait_for("the broker to log the refusal", || {
+        std::fs::read_to_string(s.broker.log())
+            .ok()?
+            .lines()
+            .any(|l| l.contains("Received PUBACK from gatehouse-e2e") && l.contains("RC:151"))
+            .then_some(())
+    });
 }
 
 #[test]
@@ -420,4 +529,123 @@ fn templates_with_several_placeholders_name_endpoints_by_all_of_them() {
     a.ok(&["send", "--to", lab_inbox, "to lab"]);
     assert_eq!(hq.next_message(), "to hq");
     assert_eq!(lab.next_message(), "to lab");
+}
+
+/// The embedded broker (`channels.mqtt.embedded_broker`): devices with `mosquitto_pub` /
+/// `mosquitto_sub` talk to the daemon's own broker, on its 3.1.1 and 5 listeners, with a
+/// password; a wrong one is refused by the broker.
+#[test]
+fn the_embedded_broker_carries_devices_both_ways() {
+    let s = Setup::new("mqtt-embedded");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let (v4, v5) = (free_port(), free_port());
+    let embedded = text.replace(
+        &format!(
+            "mqtt: {{port: {}, client_id: gatehouse-e2e}}",
+            s.broker.port
+        ),
+        &format!(
+            "mqtt: {{client_id: gatehouse-e2e, embedded_broker: {{listen: 127.0.0.1:{v4}, \
+             listen_v5: 127.0.0.1:{v5}, users: {{device: devpass}}}}}}"
+        ),
+    );
+    assert_ne!(embedded, text, "the harness config changed shape");
+    std::fs::write(&config, embedded).unwrap();
+    let d = s.start_daemon(&config);
+    d.wait_log(&["embedded MQTT broker running"]);
+    wait_for("the bridge to connect", || {
+        (d.status()["mqtt"] == "Connected").then_some(())
+    });
+    a.init();
+    require("mosquitto_pub", "mosquitto-clients");
+    let client = |tool: &str, port: u16, args: &[&str]| {
+        let mut c = std::process::Command::new(tool);
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-u", "device"])
+            .args(args);
+        c
+    };
+    // A wrong password is refused by the broker.
+    let bad = client(
+        "mosquitto_pub",
+        v4,
+        &["-P", "nope", "-t", "devices/t1/up", "-m", "{}"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        !bad.status.success(),
+        "the embedded broker took a wrong password"
+    );
+
+    let up = |port: u16, version: &str, body: &str| {
+        let st = client(
+            "mosquitto_pub",
+            port,
+            &[
+                "-P",
+                "devpass",
+                "-V",
+                version,
+                "-q",
+                "1",
+                "-t",
+                "devices/t1/up",
+                "-m",
+                body,
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+    };
+    up(v4, "mqttv311", r#"{"t":20.5}"#);
+    up(v5, "mqttv5", r#"{"t":21.0}"#);
+    let got = a.listen(2);
+    let texts: Vec<&str> = got.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, [r#"{"t":20.5}"#, r#"{"t":21.0}"#]);
+    let endpoint = got[0]["sender_inbox"].as_str().unwrap().to_string();
+    assert_eq!(got[1]["sender_inbox"], endpoint.as_str(), "one endpoint");
+
+    // Down: a device subscribed on the MQTT 5 listener gets the agent's message.
+    // stdbuf: mosquitto_sub flushes each line into the pipe as it happens.
+    let sub = std::process::Command::new("stdbuf")
+        .args([
+            "-oL",
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &v5.to_string(),
+        ])
+        .args(["-u", "device", "-P", "devpass", "-V", "mqttv5", "-q", "1"])
+        .args(["-t", "devices/t1/down", "-C", "1", "-W", "60", "-d"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sub = sub;
+    let mut out = std::io::BufReader::new(sub.stdout.take().unwrap());
+    // `-d` prints SUBACK once the subscription is in place.
+    let mut line = String::new();
+    while !line.contains("SUBACK") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "mosquitto_sub ended before subscribing"
+        );
+    }
+    a.ok(&["send", "--to", &endpoint, "set 19.0"]);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let _ = sub.wait();
+    assert!(
+        rest.lines().any(|l| l == "set 19.0"),
+        "the device did not get the message: {rest}"
+    );
 }

@@ -207,6 +207,10 @@ struct Queued {
     /// An MQTT presence message (last will / birth): online or not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     presence: Option<bool>,
+    /// MQTT 5: the publish's properties (content type, response topic, correlation data,
+    /// user properties).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mqtt: Option<mqtt::Properties>,
 }
 
 /// `online` / `offline` in the shapes devices and brokers use.
@@ -223,6 +227,39 @@ fn presence_state(payload: &[u8]) -> Option<bool> {
     }
 }
 
+/// MQTT 5 properties as plugin metadata: `content_type`, `response_topic`,
+/// `correlation_data` (hex) and one `user.NAME` per user property.
+fn mqtt_metadata(p: &mqtt::Properties, m: &mut Vec<(String, String)>) {
+    if let Some(ct) = &p.content_type {
+        m.push(("content_type".into(), ct.clone()));
+    }
+    if let Some(r) = &p.response_topic {
+        m.push(("response_topic".into(), r.clone()));
+    }
+    if let Some(c) = &p.correlation_data {
+        m.push(("correlation_data".into(), hex::encode(c)));
+    }
+    for (k, v) in &p.user_properties {
+        m.push((format!("user.{k}"), v.clone()));
+    }
+}
+
+/// A plugin's publish metadata as MQTT 5 properties: `content_type`, `user.NAME`, and
+/// `correlation_data` (hex); the rest is not carried.
+fn mqtt_properties(metadata: &[(String, String)]) -> mqtt::Properties {
+    let mut p = mqtt::Properties::default();
+    for (k, v) in metadata {
+        if k == "content_type" {
+            p.content_type = Some(v.clone());
+        } else if k == "correlation_data" {
+            p.correlation_data = hex::decode(v).ok();
+        } else if let Some(name) = k.strip_prefix("user.") {
+            p.user_properties.push((name.to_string(), v.clone()));
+        }
+    }
+    p
+}
+
 /// What a NATS message brought besides its subject and payload.
 #[derive(Clone, Serialize, Deserialize)]
 struct NatsMeta {
@@ -231,11 +268,14 @@ struct NatsMeta {
     seq: Option<u64>,
 }
 
-/// A request waiting for the agent's answer.
+/// A request waiting for the agent's answer (a NATS reply subject, or an MQTT 5 response
+/// topic with its correlation data).
 #[derive(Serialize, Deserialize)]
 struct PendingRequest {
     reply: String,
     deadline_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    correlation: Option<Vec<u8>>,
 }
 
 /// The header on everything the bridge publishes to NATS (its value: the bridge's inbox id):
@@ -334,7 +374,9 @@ pub struct Bridge {
     /// JetStream routes: route name → that sequence, written with the records.
     nats_js: sled::Tree,
     /// Requests waiting for the agent's answer (`route ‖ device ‖ queue id`).
-    nats_requests: sled::Tree,
+    /// Requests waiting for the agent's answer (NATS and MQTT 5), by endpoint then arrival
+    /// (the tree keeps its first name, `nats-requests`).
+    requests: sled::Tree,
     /// Each MQTT endpoint's last presence (`route ‖ device ‖ presence` → online/offline).
     presence: sled::Tree,
     /// Retained messages: the digest of the last one delivered (`… ‖ retained`) and the kept
@@ -573,7 +615,17 @@ impl Bridge {
             }
             if msg.payload.len() > route.max_payload {
                 tracing::warn!(route = %route.name, topic = %msg.topic, bytes = msg.payload.len(), limit = route.max_payload, "rejected: payload over the route's max_payload");
-                self.ack(&msg).await?;
+                // MQTT 5 tells the broker why (reason code Quota exceeded); 3.1.1 cannot.
+                if let Some(m) = &self.mqtt {
+                    m.refuse(
+                        &msg,
+                        &format!(
+                            "payload of {} bytes is over the limit of {} bytes",
+                            msg.payload.len(),
+                            route.max_payload
+                        ),
+                    )?;
+                }
                 continue;
             }
             // A QoS 1 message we stored but could not acknowledge (a crash) comes back marked
@@ -588,6 +640,35 @@ impl Bridge {
                 continue;
             }
             let id = self.db.generate_id()?;
+            // MQTT 5 request-response: the agent's next answer to this endpoint goes to the
+            // response topic, with the correlation data (written before the record: a request
+            // without its message is harmless, the reverse would lose the way back).
+            let response_topic = msg
+                .props
+                .as_ref()
+                .and_then(|p| p.response_topic.clone())
+                .filter(|t| {
+                    let ok = route.response_topic_allowed(&device, t);
+                    if !ok {
+                        tracing::warn!(route = %route.name, %device, response_topic = %t, "response topic outside routes[].response_topics; the answer goes to the route's reply topic");
+                    }
+                    ok
+                });
+            if let Some(reply) = response_topic {
+                let expiry = msg
+                    .props
+                    .as_ref()
+                    .and_then(|p| p.message_expiry_secs)
+                    .map(|s| u64::from(s) * 1000);
+                let pending = PendingRequest {
+                    reply,
+                    deadline_ms: now_ms() + expiry.unwrap_or(route.request_timeout_ms),
+                    correlation: msg.props.as_ref().and_then(|p| p.correlation_data.clone()),
+                };
+                let mut k = Self::endpoint_key(route, &device, "");
+                k.extend_from_slice(&id.to_be_bytes());
+                self.requests.insert(k, serde_json::to_vec(&pending)?)?;
+            }
             let rec = Queued {
                 route: idx,
                 device,
@@ -597,6 +678,7 @@ impl Bridge {
                 qos: msg.qos,
                 mail: None,
                 nats: None,
+                mqtt: msg.props.clone(),
                 presence: self
                     .cfg
                     .routes
@@ -642,6 +724,7 @@ impl Bridge {
         m: &MqttHandle,
         topic: &str,
         payload: Vec<u8>,
+        props: Option<mqtt::Properties>,
         key: gatehouse_channels::mqtt::PublishKey,
     ) -> anyhow::Result<gatehouse_channels::mqtt::PublishAck> {
         if self.cfg.routes.iter().any(|r| r.device_of(topic).is_some()) {
@@ -651,7 +734,31 @@ impl Bridge {
             own.retain(|(_, at)| now.duration_since(*at) < ECHO_WINDOW);
             own.push_back((digest, now));
         }
-        Ok(m.publish(topic, payload, Some(key)).await?)
+        Ok(m.publish(topic, payload, props, Some(key)).await?)
+    }
+
+    /// The endpoint's oldest MQTT 5 request still open (its response topic and correlation
+    /// data). Expired ones are removed with a log line: the answer then goes to the route's
+    /// reply topic instead.
+    fn open_mqtt_request(
+        &self,
+        route: &Route,
+        device: &str,
+    ) -> Option<(sled::IVec, PendingRequest)> {
+        let prefix = Self::endpoint_key(route, device, "");
+        for (k, v) in self.requests.scan_prefix(&prefix).filter_map(|r| r.ok()) {
+            let Ok(req) = serde_json::from_slice::<PendingRequest>(&v) else {
+                let _ = self.requests.remove(&k);
+                continue;
+            };
+            if now_ms() > req.deadline_ms {
+                let _ = self.requests.remove(&k);
+                tracing::warn!(route = %route.name, %device, "an MQTT 5 request expired unanswered; the answer goes to the route's reply topic");
+                continue;
+            }
+            return Some((k, req));
+        }
+        None
     }
 
     /// Whether an inbound message is one of our own recent publishes (consumed if so).
@@ -671,7 +778,9 @@ impl Bridge {
 
     async fn ack(&self, msg: &Inbound) -> anyhow::Result<()> {
         if let Some(m) = &self.mqtt {
-            m.ack(msg).await.context("acknowledging to the broker")?;
+            m.ack(msg)
+                .await
+                .map_err(|e| anyhow::anyhow!("acknowledging to the broker: {e}"))?;
         }
         Ok(())
     }
@@ -738,6 +847,7 @@ impl Bridge {
                 let pending = PendingRequest {
                     reply: reply.clone(),
                     deadline_ms: now_ms() + timeout,
+                    correlation: None,
                 };
                 let mut k = Self::endpoint_key(route, &device, "");
                 k.extend_from_slice(&id.to_be_bytes());
@@ -752,6 +862,7 @@ impl Bridge {
                 qos: 1,
                 mail: None,
                 presence: None,
+                mqtt: None,
                 nats: Some(NatsMeta {
                     headers: msg.headers.clone(),
                     reply: msg.reply.clone(),
@@ -769,7 +880,7 @@ impl Bridge {
                 .iter()
                 .map(|(idx, seq)| (self.cfg.routes[*idx].name.as_bytes().to_vec(), *seq))
                 .collect();
-            (&self.inbox, &self.nats_requests, &self.nats_js)
+            (&self.inbox, &self.requests, &self.nats_js)
                 .transaction(|(inbox, req, pos)| {
                     for (k, v) in &records {
                         inbox.insert(k.as_slice(), v.as_slice())?;
@@ -843,14 +954,14 @@ impl Bridge {
         // Request-reply: answers go to the open requests of this endpoint, oldest first.
         let prefix = Self::endpoint_key(route, device, "");
         let pending = self
-            .nats_requests
+            .requests
             .scan_prefix(&prefix)
             .next()
             .and_then(|r| r.ok())
             .and_then(|(k, v)| Some((k, serde_json::from_slice::<PendingRequest>(&v).ok()?)));
         if let Some((k, req)) = pending {
             if now_ms() > req.deadline_ms {
-                let _ = self.nats_requests.remove(&k);
+                let _ = self.requests.remove(&k);
                 tracing::warn!(route = %route.name, %device, "late reply dropped: the request's timeout had passed");
                 return Ok(());
             }
@@ -860,7 +971,7 @@ impl Bridge {
                     nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
                     nats::PublishError::Failed(r) => Carry::Later(r),
                 })?;
-            let _ = self.nats_requests.remove(&k);
+            let _ = self.requests.remove(&k);
             tracing::info!(route = %route.name, %device, "answered a NATS request");
             return Ok(());
         }
@@ -948,6 +1059,7 @@ impl Bridge {
             mail: Some(meta),
             nats: None,
             presence: None,
+            mqtt: None,
         };
         if !mail.auth.verified {
             match ecfg.unverified {
@@ -1504,6 +1616,7 @@ impl Bridge {
             "payload": rec.map(|r| hex::encode(&r.payload)),
             "mail": rec.and_then(|r| r.mail.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
             "nats": rec.and_then(|r| r.nats.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
+            "mqtt": rec.and_then(|r| r.mqtt.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
         }));
         let _ = self.inbox.remove(key);
     }
@@ -1568,11 +1681,17 @@ impl Bridge {
                         }
                         m
                     }
-                    None => vec![
-                        ("topic".into(), rec.topic.clone()),
-                        ("qos".into(), rec.qos.to_string()),
-                        ("retain".into(), rec.retain.to_string()),
-                    ],
+                    None => {
+                        let mut m = vec![
+                            ("topic".into(), rec.topic.clone()),
+                            ("qos".into(), rec.qos.to_string()),
+                            ("retain".into(), rec.retain.to_string()),
+                        ];
+                        if let Some(p) = &rec.mqtt {
+                            mqtt_metadata(p, &mut m);
+                        }
+                        m
+                    }
                 },
                 endpoint: rec.device.clone(),
                 conversation: None,
@@ -1611,6 +1730,7 @@ impl Bridge {
                     &rec.device,
                     &p.channel,
                     &p.address,
+                    None,
                 )
             {
                 tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
@@ -1680,7 +1800,13 @@ impl Bridge {
                         // is mapped (and this published) again after a crash before that.
                         let key = publish_key(&idempotency_key, n, &p.address);
                         let _ack = self
-                            .publish_out(m, &p.address, p.payload, key)
+                            .publish_out(
+                                m,
+                                &p.address,
+                                p.payload,
+                                Some(mqtt_properties(&p.metadata)),
+                                key,
+                            )
                             .await
                             .map_err(|e| {
                                 Failure::Transient(format!("publishing to {}: {e:#}", p.address))
@@ -2235,6 +2361,7 @@ impl Bridge {
         ep: &Endpoint,
         r: &gatehouse_client::Received,
     ) -> Result<Vec<gatehouse_channels::mqtt::PublishAck>, Carry> {
+        let mut request: Option<(sled::IVec, PendingRequest)> = None;
         // A mail thread's subject, for the plugin's `Re:`.
         let metadata = match route
             .is_email()
@@ -2249,9 +2376,20 @@ impl Bridge {
                 ),
             ],
             // Where the route's reply goes for this endpoint (templates with several
-            // placeholders are filled by the host, which knows the endpoint's parts).
+            // placeholders are filled by the host, which knows the endpoint's parts), or the
+            // response topic of the endpoint's oldest open MQTT 5 request.
             None if route.channel == "mqtt" => {
-                vec![("reply_topic".to_string(), route.reply_topic(&ep.device))]
+                request = self.open_mqtt_request(route, &ep.device);
+                let mut m = vec![(
+                    "reply_topic".to_string(),
+                    request
+                        .as_ref()
+                        .map_or_else(|| route.reply_topic(&ep.device), |(_, r)| r.reply.clone()),
+                )];
+                if let Some(c) = request.as_ref().and_then(|(_, r)| r.correlation.as_ref()) {
+                    m.push(("correlation_data".into(), hex::encode(c)));
+                }
+                m
             }
             None => vec![],
         };
@@ -2304,6 +2442,7 @@ impl Bridge {
                     &ep.device,
                     &p.channel,
                     &p.address,
+                    request.as_ref().map(|(_, r)| r.reply.as_str()),
                 )
             {
                 tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
@@ -2330,13 +2469,26 @@ impl Bridge {
                         // The same conversation message maps to the same publishes after a
                         // restart: with QoS 2 the driver delivers each key once.
                         let key = publish_key(&r.message_id, n, &p.address);
+                        let mut props = mqtt_properties(&p.metadata);
+                        // The answer to an MQTT 5 request carries its correlation data.
+                        let answers = request
+                            .as_ref()
+                            .filter(|(_, req)| req.reply == p.address)
+                            .map(|(k, req)| (k.clone(), req.correlation.clone()));
+                        if let Some((_, Some(c))) = &answers {
+                            props.correlation_data = Some(c.clone());
+                        }
                         acks.push(
-                            self.publish_out(m, &p.address, p.payload, key)
+                            self.publish_out(m, &p.address, p.payload, Some(props), key)
                                 .await
                                 .map_err(|e| {
                                     Carry::Later(format!("publishing to {}: {e:#}", p.address))
                                 })?,
                         );
+                        if let Some((k, _)) = answers {
+                            let _ = self.requests.remove(k);
+                            tracing::info!(route = %route.name, device = %ep.device, "answered an MQTT 5 request on its response topic");
+                        }
                         tracing::info!(route = %route.name, device = %ep.device, topic = %p.address, "published reply");
                     }
                 }
@@ -2459,6 +2611,9 @@ impl Bridge {
                         .get("nats")
                         .and_then(|m| serde_json::from_value(m.clone()).ok()),
                     presence: None,
+                    mqtt: v
+                        .get("mqtt")
+                        .and_then(|m| serde_json::from_value(m.clone()).ok()),
                 };
                 let qid = self.db.generate_id()?;
                 self.inbox
@@ -2683,7 +2838,39 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     }
 
     let (in_tx, mut in_rx) = mpsc::channel(INBOUND_CAPACITY);
-    let mqtt = match &cfg.channels.mqtt {
+    // The embedded broker first (devices may use it before any route exists); the bridge
+    // then connects to it.
+    let mut mqtt_cfg = cfg.channels.mqtt.clone();
+    if let Some(m) = &mut mqtt_cfg
+        && let Some(e) = m.embedded_broker.clone()
+    {
+        match mqtt::start_embedded(&e, m.protocol) {
+            Ok(started) => {
+                m.host = started.host;
+                m.port = started.port;
+                m.tls = None;
+                if let Some((user, password)) = started.credentials {
+                    m.username = Some(user);
+                    m.password = Some(password);
+                }
+            }
+            Err(mqtt::EmbeddedError::InUse(addr)) => {
+                let target = match m.protocol {
+                    mqtt::Protocol::V5 => e.listen_v5.unwrap_or(e.listen),
+                    mqtt::Protocol::V311 => e.listen,
+                };
+                tracing::warn!(%addr, "embedded MQTT broker not started: the address is in use (another broker?); the bridge connects to what listens there");
+                m.host = if target.ip().is_unspecified() {
+                    "127.0.0.1".into()
+                } else {
+                    target.ip().to_string()
+                };
+                m.port = target.port();
+            }
+            Err(e) => anyhow::bail!("channels.mqtt.embedded_broker: {e}"),
+        }
+    }
+    let mqtt = match &mqtt_cfg {
         Some(m) if cfg.routes.iter().any(|r| r.channel == "mqtt") => {
             let filters = cfg
                 .routes
@@ -2821,7 +3008,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         nats_subs,
         nats_stored,
         nats_js,
-        nats_requests,
+        requests: nats_requests,
         presence,
         retained: retained_tree,
         mail_seen,

@@ -327,8 +327,15 @@ pub struct Route {
     pub durable: Option<String>,
     /// NATS request-reply: how long a requester waits for the agent's answer when its request
     /// does not say (`Gatehouse-Timeout-Ms` header), milliseconds; later answers are dropped.
+    /// MQTT 5 request-response: how long a response topic stays open when the request has no
+    /// Message Expiry Interval; a later answer goes to the route's `reply` instead.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
+    /// MQTT 5: the response topics a device may ask answers to be published on (a topic
+    /// filter; `{device}` is the endpoint). Default: any topic not starting with `$`. A
+    /// request naming another is answered on the route's `reply`.
+    #[serde(default)]
+    pub response_topics: Option<String>,
 }
 
 fn default_request_timeout() -> u64 {
@@ -498,6 +505,14 @@ impl Route {
             self.reply.replace("{device}", device)
         } else {
             fill_from(&self.subscribe, &self.reply, device)
+        }
+    }
+
+    /// Whether a device may have its answers published on `topic` (MQTT 5 Response Topic).
+    pub fn response_topic_allowed(&self, device: &str, topic: &str) -> bool {
+        match &self.response_topics {
+            Some(filter) => topic_matches(&filter.replace("{device}", device), topic),
+            None => !topic.starts_with('$') && !topic.is_empty(),
         }
     }
 
@@ -685,6 +700,11 @@ impl Config {
                 bail!(
                     "channels.mqtt.publish_qos: 2 needs the broker to keep the session across reconnects and restarts; set clean_session: false (the default)"
                 );
+            }
+            if let Some(e) = &m.embedded_broker
+                && let Err(reason) = e.validate(m.protocol)
+            {
+                bail!("channels.mqtt.embedded_broker: {reason}");
             }
         }
         if let Some(e) = &self.channels.email

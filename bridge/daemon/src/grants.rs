@@ -58,12 +58,15 @@ pub fn check_send(cfg: &PluginConfig, content_type: &str) -> Result<(), String> 
 }
 
 /// Whether a `publish` to `channel`/`address` for `device` on `route` is within the grants.
+/// `answer_to`: the response topic of the MQTT 5 request being answered (the route allowed
+/// it when the request came in); publishing there is the route's reply.
 pub fn check_publish(
     cfg: &PluginConfig,
     route: &Route,
     device: &str,
     channel: &str,
     address: &str,
+    answer_to: Option<&str>,
 ) -> Result<(), String> {
     let channel_ok = match &cfg.grants.channels {
         Some(list) => list.iter().any(|c| c == channel),
@@ -74,7 +77,7 @@ pub fn check_publish(
             .iter()
             .any(|p| topic_matches(&p.replace("{device}", device), address)),
         None => address == route.reply_topic(device),
-    };
+    } || (channel == route.channel && answer_to == Some(address));
     if channel_ok && address_ok {
         Ok(())
     } else {
@@ -189,20 +192,23 @@ mod tests {
         let r = route();
         assert!(check_send(&p, "gatehouse.dev/json:1.0").is_ok());
         assert!(check_send(&p, "evil.example/exec:1.0").is_err());
-        assert!(check_publish(&p, &r, "t1", "mqtt", "devices/t1/down").is_ok());
+        assert!(check_publish(&p, &r, "t1", "mqtt", "devices/t1/down", None).is_ok());
         assert!(
-            check_publish(&p, &r, "t1", "mqtt", "devices/t2/down").is_err(),
+            check_publish(&p, &r, "t1", "mqtt", "devices/t2/down", None).is_err(),
             "another device's topic"
         );
         assert!(
-            check_publish(&p, &r, "t1", "nats", "devices/t1/down").is_err(),
+            check_publish(&p, &r, "t1", "nats", "devices/t1/down", None).is_err(),
             "another channel"
         );
         let wide =
             plugin("{builtin: mqtt, grants: {addresses: ['alerts/#', 'devices/{device}/cmd']}}");
-        assert!(check_publish(&wide, &r, "t1", "mqtt", "alerts/fire/east").is_ok());
-        assert!(check_publish(&wide, &r, "t1", "mqtt", "devices/t1/cmd").is_ok());
-        assert!(check_publish(&wide, &r, "t1", "mqtt", "devices/t2/cmd").is_err());
+        assert!(check_publish(&wide, &r, "t1", "mqtt", "alerts/fire/east", None).is_ok());
+        assert!(check_publish(&wide, &r, "t1", "mqtt", "devices/t1/cmd", None).is_ok());
+        assert!(check_publish(&wide, &r, "t1", "mqtt", "devices/t2/cmd", None).is_err());
+        // The response topic of the request being answered is the route's reply.
+        assert!(check_publish(&p, &r, "t1", "mqtt", "replies/x", Some("replies/x")).is_ok());
+        assert!(check_publish(&p, &r, "t1", "mqtt", "replies/y", Some("replies/x")).is_err());
     }
 
     /// `quarantine_after` faults within the window quarantine; older faults age out.

@@ -212,9 +212,14 @@ fn admin_addr(admin: Option<SocketAddr>, config: &std::path::Path) -> anyhow::Re
 
 fn init_logging(default: &str) {
     // openmls logs routine conditions (a stale epoch from a lost race) at error level; Gatehouse
-    // reports what they mean itself. GATEHOUSE_LOG replaces the whole filter.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},openmls=off")));
+    // reports what they mean itself. The embedded broker (rumqttd) logs routine disconnects at
+    // error level, so its own log is off unless asked for (`GATEHOUSE_LOG=info,rumqttd=info`);
+    // the daemon reports its start, its address and a taken port. GATEHOUSE_LOG replaces the
+    // whole filter.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(format!("{default},openmls=off,rumqttd=off"))
+        });
     // Colours only on a terminal: a log file or journal gets plain text.
     use std::io::IsTerminal as _;
     tracing_subscriber::fmt()

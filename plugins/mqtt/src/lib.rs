@@ -111,11 +111,17 @@ impl Guest for Mqtt {
                 msg.content_type
             ))]);
         }
+        // MQTT 5 carries it as the publish's Content Type (3.1.1 has nowhere to put it).
+        let content_type = if msg.content_type.starts_with("xmtp.org/text:") {
+            "text/plain; charset=utf-8"
+        } else {
+            "application/json"
+        };
         Ok(vec![Action::Publish(Publish {
             channel: "mqtt".into(),
             address: topic,
             payload: msg.payload,
-            metadata: vec![],
+            metadata: vec![("content_type".into(), content_type.into())],
         })])
     }
 }

@@ -44,6 +44,58 @@ pub struct MqttConfig {
     /// TLS to the broker (`tls: {}` trusts the usual public CAs).
     #[serde(default)]
     pub tls: Option<MqttTls>,
+    /// Protocol version: `3.1.1` (default) or `5` (user properties, content type,
+    /// correlation data and response topics carried; reason codes on refusals; session expiry).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT 5: how long the broker keeps the session after the daemon disconnects, seconds
+    /// (default 4294967295: never expires, like a 3.1.1 persistent session). Ignored with
+    /// `clean_session: true`.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_secs: u32,
+    /// Run an MQTT broker inside the daemon and connect to it (`host` and `port` are then
+    /// where it listens).
+    #[serde(default)]
+    pub embedded_broker: Option<super::EmbeddedBroker>,
+}
+
+/// `channels.mqtt.protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 3.1.1.
+    #[default]
+    V311,
+    /// MQTT 5.0.
+    V5,
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // YAML gives `5` as a number, `5.0` as a float and `3.1.1` as a string.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            F(f64),
+            S(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::F(f) => f.to_string(),
+            Raw::S(s) => s,
+        };
+        match text.trim().to_ascii_lowercase().trim_start_matches('v') {
+            "5" | "5.0" => Ok(Protocol::V5),
+            "3.1.1" | "311" | "4" => Ok(Protocol::V311),
+            other => Err(serde::de::Error::custom(format!(
+                "protocol must be 3.1.1 or 5, not {other:?}"
+            ))),
+        }
+    }
+}
+
+fn default_session_expiry() -> u32 {
+    u32::MAX
 }
 
 /// TLS settings for the broker connection (PEM files; relative paths are relative to the
@@ -158,6 +210,9 @@ impl Default for MqttConfig {
             publish_qos: default_publish_qos(),
             subscribe_qos: default_publish_qos(),
             tls: None,
+            protocol: Protocol::V311,
+            session_expiry_secs: default_session_expiry(),
+            embedded_broker: None,
         }
     }
 }

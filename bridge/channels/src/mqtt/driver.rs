@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, Request};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::MqttConfig;
+use super::link::{self, Client, Dial, Ev, OutPublish, RawPublish};
 use super::outbox::{self, Entry, Outbox, PublishKey};
+use super::{MqttConfig, Properties, Protocol};
 
 /// Requests queued towards the broker; publishers wait when it is full.
 const REQUEST_CAPACITY: usize = 1024;
@@ -59,21 +59,26 @@ pub struct Inbound {
     /// Set when the broker redelivers a message it sent before without getting our
     /// acknowledgement (after a reconnect).
     pub dup: bool,
-    publish: rumqttc::Publish,
+    /// MQTT 5 properties (content type, response topic, correlation data, user properties).
+    pub props: Option<Properties>,
+    raw: RawPublish,
 }
 
 /// Talks to the running driver.
 #[derive(Clone)]
 pub struct MqttHandle {
-    client: AsyncClient,
+    client: Client,
     state: watch::Receiver<ConnectionState>,
     publishes: mpsc::Sender<Outgoing>,
+    refusals: mpsc::UnboundedSender<(RawPublish, String)>,
+    protocol: Protocol,
 }
 
 /// A publish handed to the driver, and who waits for its acknowledgement.
 struct Outgoing {
     topic: String,
     payload: Vec<u8>,
+    props: Option<Properties>,
     key: Option<PublishKey>,
     acked: oneshot::Sender<()>,
 }
@@ -82,7 +87,7 @@ struct Outgoing {
 struct InFlight {
     /// Order of first sending (kept across restarts for journalled publishes).
     seq: u64,
-    publish: rumqttc::Publish,
+    publish: OutPublish,
     /// QoS 2: the broker sent PUBREC, so only PUBREL may follow.
     released: bool,
     key: Option<PublishKey>,
@@ -111,10 +116,12 @@ impl MqttHandle {
     /// Kept (in order) while disconnected and sent again after reconnecting, until
     /// acknowledged. With QoS 2 and a journal, `key` identifies the message across restarts:
     /// publishing a key again that is in flight or done does not deliver it twice.
+    /// `props` go out under MQTT 5 and are dropped under 3.1.1.
     pub async fn publish(
         &self,
         topic: &str,
         payload: Vec<u8>,
+        props: Option<Properties>,
         key: Option<PublishKey>,
     ) -> Result<PublishAck, DriverStopped> {
         let (acked, ack) = oneshot::channel();
@@ -122,6 +129,7 @@ impl MqttHandle {
             .send(Outgoing {
                 topic: topic.to_string(),
                 payload,
+                props: props.filter(|p| !p.is_empty() && self.protocol == Protocol::V5),
                 key,
                 acked,
             })
@@ -131,8 +139,22 @@ impl MqttHandle {
     }
 
     /// Acknowledges an inbound message to the broker (call after the durable write).
-    pub async fn ack(&self, msg: &Inbound) -> Result<(), rumqttc::ClientError> {
-        self.client.ack(&msg.publish).await
+    pub async fn ack(&self, msg: &Inbound) -> Result<(), String> {
+        self.client.ack(&msg.raw).await
+    }
+
+    /// Acknowledges an inbound message the bridge will not take (over the size limit): under
+    /// MQTT 5 with a refusal reason code (`Quota exceeded`) and `reason` as the reason string,
+    /// under 3.1.1 as a plain acknowledgement.
+    pub fn refuse(&self, msg: &Inbound, reason: &str) -> Result<(), DriverStopped> {
+        self.refusals
+            .send((msg.raw.clone(), reason.to_string()))
+            .map_err(|_| DriverStopped)
+    }
+
+    /// The protocol version in use.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
     }
 
     /// The current connection state.
@@ -146,9 +168,9 @@ impl MqttHandle {
     }
 }
 
-/// Starts the driver: connects, subscribes to `filters` with QoS 1, and forwards every publish
-/// to `inbound` (held back, and so the broker, while the consumer is behind). With
-/// `publish_qos: 2` and an `outbox`, our publishes are exactly-once across crashes (see
+/// Starts the driver: connects, subscribes to `filters` (QoS `subscribe_qos`), and forwards
+/// every publish to `inbound` (held back, and so the broker, while the consumer is behind).
+/// With `publish_qos: 2` and an `outbox`, our publishes are exactly-once across crashes (see
 /// [`Outbox`]). Stops when `shutdown` changes to true. Fails only if the relay that QoS 2
 /// needs cannot listen.
 pub fn start(
@@ -159,12 +181,8 @@ pub fn start(
     outbox: Option<Outbox>,
 ) -> std::io::Result<MqttHandle> {
     let broker = format!("{}:{}", config.host, config.port);
-    let qos = match config.publish_qos {
-        0 => QoS::AtMostOnce,
-        2 => QoS::ExactlyOnce,
-        _ => QoS::AtLeastOnce,
-    };
-    let outbox = outbox.filter(|_| qos == QoS::ExactlyOnce);
+    let qos = config.publish_qos.min(2);
+    let outbox = outbox.filter(|_| qos == 2);
     let tls = match &config.tls {
         Some(t) => {
             let name = t.server_name.clone().unwrap_or_else(|| config.host.clone());
@@ -172,42 +190,28 @@ pub fn start(
         }
         None => None,
     };
-    let (mut opts, relay_errors) = match &outbox {
+    let (dial, relay_errors) = match &outbox {
         Some(ob) => {
             // With QoS 2 the relay holds the broker connection, so it does the TLS.
             let errors =
                 outbox::start_relay(ob.clone(), broker.clone(), tls.clone(), shutdown.clone())?;
-            let mut opts =
-                MqttOptions::new(config.client_id.clone(), ob.socket().to_string_lossy(), 0);
-            opts.set_transport(rumqttc::Transport::Unix);
-            (opts, Some(errors))
+            (
+                Dial::Unix(ob.socket().to_string_lossy().into_owned()),
+                Some(errors),
+            )
         }
-        None => {
-            let mut opts =
-                MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
-            if let Some((cfg, _)) = &tls {
-                opts.set_transport(rumqttc::Transport::tls_with_config(
-                    rumqttc::TlsConfiguration::Rustls(cfg.clone()),
-                ));
-            }
-            (opts, None)
-        }
+        None => (Dial::Tcp(tls.map(|(cfg, _)| cfg)), None),
     };
-    opts.set_keep_alive(Duration::from_secs(config.keep_alive_secs.max(5)));
-    opts.set_manual_acks(true);
-    opts.set_clean_session(config.clean_session);
-    opts.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
-    if let (Some(u), Some(p)) = (&config.username, &config.password) {
-        opts.set_credentials(u.clone(), p.clone());
-    }
-    opts.set_inflight(PUBLISH_WINDOW);
-    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAPACITY);
+    let (client, mut eventloop) = link::open(config, dial, PUBLISH_WINDOW, REQUEST_CAPACITY);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
     let (publish_tx, mut publish_rx) = mpsc::channel::<Outgoing>(REQUEST_CAPACITY);
+    let (refusal_tx, mut refusal_rx) = mpsc::unbounded_channel::<(RawPublish, String)>();
     let handle = MqttHandle {
         client: client.clone(),
         state: state_rx,
         publishes: publish_tx,
+        refusals: refusal_tx,
+        protocol: config.protocol,
     };
     // Journalled publishes a crash interrupted go first, in their order, under their ids.
     let mut unacked: HashMap<u16, InFlight> = HashMap::new();
@@ -215,14 +219,18 @@ pub fn start(
     if let Some(ob) = &outbox {
         sent = ob.last_seq();
         for e in ob.pending() {
-            let mut publish = rumqttc::Publish::new(e.topic, QoS::ExactlyOnce, e.payload);
-            publish.pkid = e.pkid;
-            publish.dup = true;
             unacked.insert(
                 e.pkid,
                 InFlight {
                     seq: e.seq,
-                    publish,
+                    publish: OutPublish {
+                        pkid: e.pkid,
+                        qos: 2,
+                        dup: true,
+                        topic: e.topic,
+                        payload: e.payload,
+                        props: e.props,
+                    },
                     released: e.released,
                     key: Some(e.key),
                     acked: Vec::new(),
@@ -236,18 +244,16 @@ pub fn start(
         // PUBLISH could go out twice, the second after its exchange completed, and the broker
         // would then take it as new and the next publish under that id as its duplicate).
     }
-    let sub_qos = if config.subscribe_qos == 2 {
-        QoS::ExactlyOnce
-    } else {
-        QoS::AtLeastOnce
-    };
-    let window = if qos == QoS::ExactlyOnce {
+    let sub_qos = if config.subscribe_qos == 2 { 2 } else { 1 };
+    let base_window = if qos == 2 {
         QOS2_WINDOW
     } else {
         PUBLISH_WINDOW as usize
     };
     tokio::spawn(async move {
         let mut failures = 0u32;
+        // MQTT 5: the broker's Receive Maximum may narrow the window.
+        let mut window = base_window;
         // Publishes read from the broker but not yet taken by the consumer. The event loop is
         // polled all the time (it also carries our acknowledgements and publishes: waiting on
         // a full consumer channel instead would deadlock against an ack waiting on a full
@@ -263,9 +269,13 @@ pub fn start(
         loop {
             let event = tokio::select! {
                 _ = shutdown.changed() => {
-                    let _ = client.disconnect().await;
+                    client.disconnect().await;
                     let _ = state_tx.send(ConnectionState::Stopped);
                     return;
+                }
+                Some((raw, reason)) = refusal_rx.recv() => {
+                    eventloop.push_refusal(&raw, &reason);
+                    continue;
                 }
                 out = publish_rx.recv(), if connected_once && unacked.len() < window => {
                     let Some(out) = out else { continue };
@@ -279,8 +289,8 @@ pub fn start(
                     let mut ready = Vec::new();
                     let mut journalled = Vec::new();
                     for out in batch {
-                        if qos == QoS::AtMostOnce {
-                            eventloop.pending.push_back(Request::Publish(rumqttc::Publish::new(out.topic, qos, out.payload)));
+                        if qos == 0 {
+                            eventloop.push_publish(&OutPublish { pkid: 0, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props });
                             let _ = out.acked.send(());
                             continue;
                         }
@@ -303,17 +313,16 @@ pub fn start(
                             }
                         };
                         sent += 1;
+                        let publish = OutPublish { pkid, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props };
                         if let Some((ob, key)) = journal {
-                            let entry = Entry { seq: sent, pkid, released: false, key, topic: out.topic.clone(), payload: out.payload.clone() };
+                            let entry = Entry { seq: sent, pkid, released: false, key, topic: publish.topic.clone(), payload: publish.payload.clone(), props: publish.props.clone() };
                             if let Err(e) = ob.record(&entry) {
                                 tracing::error!(%broker, error = %e, "could not journal a QoS 2 publish; it stays with the caller");
                                 continue;
                             }
                             journalled.push(pkid);
                         }
-                        let mut publish = rumqttc::Publish::new(out.topic, qos, out.payload);
-                        publish.pkid = pkid;
-                        ready.push(publish.clone());
+                        ready.push(pkid);
                         unacked.insert(pkid, InFlight { seq: sent, publish, released: false, key: out.key, acked: vec![out.acked] });
                     }
                     if let (Some(ob), false) = (&outbox, journalled.is_empty())
@@ -324,10 +333,11 @@ pub fn start(
                         for pkid in journalled {
                             unacked.remove(&pkid);
                         }
-                        ready.retain(|p| unacked.contains_key(&p.pkid));
                     }
-                    for p in ready {
-                        eventloop.pending.push_back(Request::Publish(p));
+                    for pkid in ready {
+                        if let Some(f) = unacked.get(&pkid) {
+                            eventloop.push_publish(&f.publish);
+                        }
                     }
                     continue;
                 }
@@ -341,9 +351,13 @@ pub fn start(
                 e = eventloop.poll() => e,
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(connack))) => {
+                Ok(Ev::ConnAck {
+                    session_present,
+                    receive_max,
+                }) => {
                     failures = 0;
                     connected_once = true;
+                    window = base_window.min(receive_max.map_or(usize::MAX, usize::from));
                     // What the last connection delivered is delivered again after a reconnect
                     // (unacknowledged, marked DUP); copies from before it would only be
                     // acknowledged on a connection that no longer knows them.
@@ -352,15 +366,7 @@ pub fn start(
                     // broker kept the session; a new session starts empty, so those go again.
                     // Journalled QoS 2 publishes from before a restart go the same way: a PUBLISH
                     // again under its id, or only the PUBREL once the broker had sent PUBREC.
-                    let queued: std::collections::HashSet<u16> = eventloop
-                        .pending
-                        .iter()
-                        .filter_map(|r| match r {
-                            Request::Publish(p) => Some(p.pkid),
-                            Request::PubRel(r) => Some(r.pkid),
-                            _ => None,
-                        })
-                        .collect();
+                    let queued = eventloop.queued_ids();
                     let mut again: Vec<&InFlight> = unacked
                         .values()
                         .filter(|f| !queued.contains(&f.publish.pkid))
@@ -368,17 +374,13 @@ pub fn start(
                     // In the order they were first sent.
                     again.sort_by_key(|f| f.seq);
                     for f in again {
-                        if f.released && connack.session_present {
-                            eventloop
-                                .pending
-                                .push_back(Request::PubRel(rumqttc::PubRel::new(f.publish.pkid)));
+                        if f.released && session_present {
+                            eventloop.push_pubrel(f.publish.pkid);
                         } else {
                             if f.released {
                                 tracing::warn!(%broker, "the broker lost the session during a QoS 2 exchange; publishing again (the device may get this message twice)");
                             }
-                            eventloop
-                                .pending
-                                .push_back(Request::Publish(f.publish.clone()));
+                            eventloop.push_publish(&f.publish);
                         }
                     }
                     // Queued from a task of its own: this loop must keep polling, or a full
@@ -386,73 +388,74 @@ pub fn start(
                     let (c, fs, b) = (client.clone(), filters.clone(), broker.clone());
                     tokio::spawn(async move {
                         for f in fs {
-                            if let Err(e) = c.subscribe(f.clone(), sub_qos).await {
+                            if let Err(e) = c.subscribe(&f, sub_qos).await {
                                 tracing::error!(broker = %b, filter = %f, error = %e, "MQTT subscribe failed");
                             }
                         }
                     });
-                    tracing::info!(%broker, "MQTT connected");
+                    tracing::info!(%broker, session_present, "MQTT connected");
                     let _ = state_tx.send(ConnectionState::Connected);
                 }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    if let Some(f) = unacked.remove(&ack.pkid) {
-                        f.done();
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubRec(rec))) => {
-                    if let Some(f) = unacked.get_mut(&rec.pkid) {
-                        f.released = true;
-                    }
-                }
-                Ok(Event::Incoming(Packet::PubComp(comp))) => {
-                    if let Some(f) = unacked.remove(&comp.pkid) {
-                        if let (Some(ob), Some(key)) = (&outbox, f.key) {
-                            let entry = Entry {
-                                seq: f.seq,
-                                pkid: comp.pkid,
-                                released: true,
-                                key,
-                                topic: String::new(),
-                                payload: Vec::new(),
-                            };
-                            if let Err(e) = ob.complete(&entry) {
-                                tracing::error!(%broker, error = %e, "could not record a finished QoS 2 publish");
-                            }
+                Ok(Ev::PubAck { pkid, refused }) => {
+                    if let Some(f) = unacked.remove(&pkid) {
+                        if let Some(reason) = refused {
+                            // MQTT 5 only; the broker will not deliver it, and sending it
+                            // again would meet the same answer.
+                            tracing::error!(%broker, topic = %f.publish.topic, %reason, "the broker refused a publish; it is not delivered");
                         }
                         f.done();
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
+                Ok(Ev::PubRec { pkid, refused }) => {
+                    if let Some(reason) = refused {
+                        // The exchange ends here (no PUBREL follows a refusal).
+                        if let Some(f) = unacked.remove(&pkid) {
+                            tracing::error!(%broker, topic = %f.publish.topic, %reason, "the broker refused a publish; it is not delivered");
+                            complete(&outbox, &broker, &f, pkid);
+                            f.done();
+                        }
+                    } else if let Some(f) = unacked.get_mut(&pkid) {
+                        f.released = true;
+                    }
+                }
+                Ok(Ev::PubComp(pkid)) => {
+                    if let Some(f) = unacked.remove(&pkid) {
+                        complete(&outbox, &broker, &f, pkid);
+                        f.done();
+                    }
+                }
+                Ok(Ev::Publish {
+                    topic,
+                    payload,
+                    retain,
+                    dup,
+                    props,
+                    raw,
+                }) => {
                     pending.push_back(Inbound {
-                        topic: p.topic.clone(),
-                        payload: p.payload.to_vec(),
-                        qos: p.qos as u8,
-                        retain: p.retain,
-                        pkid: p.pkid,
-                        dup: p.dup,
-                        publish: p,
+                        topic,
+                        payload,
+                        qos: raw.qos(),
+                        retain,
+                        pkid: raw.pkid(),
+                        dup,
+                        props,
+                        raw,
                     });
                 }
-                Ok(_) => {}
+                Ok(Ev::Other) => {}
                 Err(e) => {
-                    let refused = matches!(
-                        e,
-                        rumqttc::ConnectionError::ConnectionRefused(
-                            rumqttc::ConnectReturnCode::BadUserNamePassword
-                                | rumqttc::ConnectReturnCode::NotAuthorized
-                        )
-                    );
                     // Through the relay rumqttc only sees its connection closed; the relay
                     // knows why.
-                    let e = relay_errors
+                    let message = relay_errors
                         .as_ref()
                         .and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take())
-                        .unwrap_or_else(|| e.to_string());
-                    if refused {
+                        .unwrap_or(e.message);
+                    if e.refused {
                         // Retrying fast cannot help: the operator has to fix the credentials.
                         // Said at every attempt (they are BAD_CREDENTIALS_RETRY apart).
-                        tracing::error!(%broker, error = %e, retry_in_secs = BAD_CREDENTIALS_RETRY.as_secs(), "MQTT broker refused the credentials (bad credentials): check channels.mqtt.username and password");
-                        let _ = state_tx.send(ConnectionState::BadCredentials(e.clone()));
+                        tracing::error!(%broker, error = %message, retry_in_secs = BAD_CREDENTIALS_RETRY.as_secs(), "MQTT broker refused the credentials (bad credentials): check channels.mqtt.username and password");
+                        let _ = state_tx.send(ConnectionState::BadCredentials(message));
                         tokio::select! {
                             _ = shutdown.changed() => { let _ = state_tx.send(ConnectionState::Stopped); return; }
                             _ = tokio::time::sleep(BAD_CREDENTIALS_RETRY) => {}
@@ -464,12 +467,12 @@ pub fn start(
                     // Say so at once, then once per ten attempts, so a long outage stays visible
                     // without flooding the log.
                     if failures.is_multiple_of(10) {
-                        tracing::warn!(%broker, error = %e, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
+                        tracing::warn!(%broker, error = %message, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
                     } else {
-                        tracing::debug!(%broker, error = %e, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
+                        tracing::debug!(%broker, error = %message, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
                     }
                     failures = failures.saturating_add(1);
-                    let _ = state_tx.send(ConnectionState::BackingOff(e.to_string()));
+                    let _ = state_tx.send(ConnectionState::BackingOff(message));
                     tokio::select! {
                         _ = shutdown.changed() => { let _ = state_tx.send(ConnectionState::Stopped); return; }
                         _ = tokio::time::sleep(wait) => {}
@@ -480,4 +483,22 @@ pub fn start(
         }
     });
     Ok(handle)
+}
+
+/// Records a finished QoS 2 publish in the journal (its key done, its entry gone).
+fn complete(outbox: &Option<Outbox>, broker: &str, f: &InFlight, pkid: u16) {
+    if let (Some(ob), Some(key)) = (outbox, f.key) {
+        let entry = Entry {
+            seq: f.seq,
+            pkid,
+            released: true,
+            key,
+            topic: String::new(),
+            payload: Vec::new(),
+            props: None,
+        };
+        if let Err(e) = ob.complete(&entry) {
+            tracing::error!(%broker, error = %e, "could not record a finished QoS 2 publish");
+        }
+    }
 }

@@ -39,11 +39,18 @@ pub(crate) struct Entry {
     pub key: PublishKey,
     pub topic: String,
     pub payload: Vec<u8>,
+    /// MQTT 5 properties (kept beside the entry, under `q` + packet id).
+    pub props: Option<super::Properties>,
 }
 
 fn entry_key(pkid: u16) -> [u8; 3] {
     let b = pkid.to_be_bytes();
     [b'p', b[0], b[1]]
+}
+
+fn props_key(pkid: u16) -> [u8; 3] {
+    let b = pkid.to_be_bytes();
+    [b'q', b[0], b[1]]
 }
 
 fn done_key(key: &PublishKey) -> Vec<u8> {
@@ -80,6 +87,7 @@ impl Entry {
             key,
             topic,
             payload,
+            props: None,
         })
     }
 }
@@ -147,7 +155,14 @@ impl Outbox {
             .filter_map(|kv| kv.ok())
             .filter_map(|(k, v)| {
                 let pkid = u16::from_be_bytes(k.get(1..3)?.try_into().ok()?);
-                Entry::decode(pkid, &v)
+                let mut e = Entry::decode(pkid, &v)?;
+                e.props = self
+                    .tree
+                    .get(props_key(pkid))
+                    .ok()
+                    .flatten()
+                    .and_then(|v| serde_json::from_slice(&v).ok());
+                Some(e)
             })
             .collect();
         out.sort_by_key(|e| e.seq);
@@ -160,7 +175,16 @@ impl Outbox {
 
     /// Records a publish about to be sent (durable after [`Outbox::flush`]).
     pub(crate) fn record(&self, e: &Entry) -> sled::Result<()> {
-        self.tree.insert(entry_key(e.pkid), e.encode())?;
+        let mut batch = sled::Batch::default();
+        batch.insert(&entry_key(e.pkid)[..], e.encode());
+        match &e.props {
+            Some(p) => batch.insert(
+                &props_key(e.pkid)[..],
+                serde_json::to_vec(p).unwrap_or_default(),
+            ),
+            None => batch.remove(&props_key(e.pkid)[..]),
+        }
+        self.tree.apply_batch(batch)?;
         Ok(())
     }
 
@@ -171,6 +195,7 @@ impl Outbox {
         let mut batch = sled::Batch::default();
         batch.insert(&done_key(&e.key)[..], &e.seq.to_be_bytes());
         batch.remove(&entry_key(e.pkid)[..]);
+        batch.remove(&props_key(e.pkid)[..]);
         self.tree.apply_batch(batch)?;
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
         done.push_back(e.key);
@@ -363,6 +388,7 @@ mod unit {
             key: [3; 32],
             topic: "devices/a/down".into(),
             payload: b"hello".to_vec(),
+            props: None,
         };
         let d = Entry::decode(7, &e.encode()).unwrap();
         assert_eq!(

@@ -71,7 +71,7 @@ async fn publish_and_receive_through_mosquitto() {
     .unwrap();
     // The subscription is sent right after CONNACK; a round trip through the broker proves it is active.
     loop {
-        h.publish("devices/d1/up", b"x".to_vec(), None)
+        h.publish("devices/d1/up", b"x".to_vec(), None, None)
             .await
             .unwrap();
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
@@ -89,6 +89,16 @@ async fn publish_and_receive_through_mosquitto() {
 /// under its id, one it had answered with PUBREC is only released (not delivered twice).
 #[tokio::test]
 async fn qos2_journal_delivers_each_key_once_across_restarts() {
+    qos2_journal(Protocol::V311).await;
+}
+
+/// The same under MQTT 5, where a journalled publish also keeps its properties.
+#[tokio::test]
+async fn qos2_journal_delivers_each_key_once_across_restarts_v5() {
+    qos2_journal(Protocol::V5).await;
+}
+
+async fn qos2_journal(protocol: Protocol) {
     let (_broker, port) = mosquitto();
     let dir = std::env::temp_dir().join(format!("gh-outbox-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -101,6 +111,7 @@ async fn qos2_journal_delivers_each_key_once_across_restarts() {
     let dev_cfg = MqttConfig {
         port,
         client_id: "device".into(),
+        protocol,
         ..Default::default()
     };
     let mut dev = start(
@@ -117,6 +128,7 @@ async fn qos2_journal_delivers_each_key_once_across_restarts() {
         port,
         client_id: "bridge".into(),
         publish_qos: 2,
+        protocol,
         ..Default::default()
     };
     let run = |stop| {
@@ -138,7 +150,7 @@ async fn qos2_journal_delivers_each_key_once_across_restarts() {
     loop {
         first += 1;
         let ack = h
-            .publish("devices/d/down", vec![first], Some([first; 32]))
+            .publish("devices/d/down", vec![first], None, Some([first; 32]))
             .await
             .unwrap();
         wait(ack).await;
@@ -150,7 +162,7 @@ async fn qos2_journal_delivers_each_key_once_across_restarts() {
     }
     // The same key again is answered at once and not delivered.
     wait(
-        h.publish("devices/d/down", vec![first], Some([first; 32]))
+        h.publish("devices/d/down", vec![first], None, Some([first; 32]))
             .await
             .unwrap(),
     )
@@ -172,13 +184,17 @@ async fn qos2_journal_delivers_each_key_once_across_restarts() {
             key: [pkid as u8 + 100; 32],
             topic: "devices/d/down".into(),
             payload,
+            props: Some(Properties {
+                user_properties: vec![("journalled".into(), pkid.to_string())],
+                ..Default::default()
+            }),
         })
         .unwrap();
     }
     let (_stop_tx, stop) = watch::channel(false);
     let h = run(stop);
     let last = h
-        .publish("devices/d/down", b"new".to_vec(), Some([200; 32]))
+        .publish("devices/d/down", b"new".to_vec(), None, Some([200; 32]))
         .await
         .unwrap();
     wait(last).await;
@@ -189,21 +205,90 @@ async fn qos2_journal_delivers_each_key_once_across_restarts() {
             .expect("device got fewer messages than published")
             .unwrap();
         dev.ack(&m).await.unwrap();
+        if m.payload == b"resumed" {
+            // The journal kept the properties (MQTT 5 only carries them).
+            let expected = (protocol == Protocol::V5).then(|| Properties {
+                user_properties: vec![("journalled".into(), "8".into())],
+                ..Default::default()
+            });
+            assert_eq!(m.props, expected);
+        }
         got.push(String::from_utf8(m.payload).unwrap());
     }
     assert_eq!(got, ["resumed", "new"]);
     assert!(ob.pending().is_empty(), "journal not emptied");
     assert!(ob.is_done(&[108; 32]) && ob.is_done(&[200; 32]));
     // Nothing else arrives: a marker publish sent last is the next message.
-    let dev_pub = dev
-        .publish("devices/d/down", b"marker".to_vec(), None)
-        .await
-        .unwrap();
-    wait(dev_pub).await;
+    wait(
+        h.publish("devices/d/down", b"marker".to_vec(), None, Some([201; 32]))
+            .await
+            .unwrap(),
+    )
+    .await;
     let m = tokio::time::timeout(Duration::from_secs(10), dev_rx.recv())
         .await
         .unwrap()
         .unwrap();
     assert_eq!(m.payload, b"marker", "something was delivered twice");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// MQTT 5: content type, correlation data, response topic and user properties travel both
+/// ways; a subscription does not get our own publishes back (No Local).
+#[tokio::test]
+async fn mqtt5_properties_round_trip_and_no_local() {
+    let (_broker, port) = mosquitto();
+    let v5 = |id: &str| MqttConfig {
+        port,
+        client_id: id.into(),
+        protocol: Protocol::V5,
+        ..Default::default()
+    };
+    let (tx, mut rx) = mpsc::channel(16);
+    let (_stop_tx, stop) = watch::channel(false);
+    // The bridge subscribes to what it also publishes on.
+    let mut bridge = start(
+        &v5("bridge"),
+        vec!["devices/+/up".into()],
+        tx,
+        stop.clone(),
+        None,
+    )
+    .unwrap();
+    let (dev_tx, _dev_rx) = mpsc::channel(16);
+    let mut dev = start(&v5("device"), vec![], dev_tx, stop, None).unwrap();
+    bridge.wait_for(|s| *s == ConnectionState::Connected).await;
+    dev.wait_for(|s| *s == ConnectionState::Connected).await;
+    let props = Properties {
+        content_type: Some("application/json".into()),
+        response_topic: Some("devices/d1/answers".into()),
+        correlation_data: Some(vec![0, 1, 2, 255]),
+        user_properties: vec![("site".into(), "hq".into()), ("site".into(), "lab".into())],
+        message_expiry_secs: Some(60),
+    };
+    let mut n = 0u8;
+    let m = loop {
+        // The bridge's own publish on its subscribed topic never comes back...
+        bridge
+            .publish("devices/own/up", vec![n], None, None)
+            .await
+            .unwrap();
+        // ...while the device's does, properties and all (retried until the subscription is active).
+        dev.publish("devices/d1/up", vec![n], Some(props.clone()), None)
+            .await
+            .unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            break m;
+        }
+        n += 1;
+    };
+    assert_eq!(m.topic, "devices/d1/up", "No Local did not hold");
+    let got = m.props.clone().expect("properties lost");
+    assert_eq!(got.content_type, props.content_type);
+    assert_eq!(got.response_topic, props.response_topic);
+    assert_eq!(got.correlation_data, props.correlation_data);
+    assert_eq!(got.user_properties, props.user_properties);
+    // The broker lowers the expiry by the time the message waited.
+    assert!(got.message_expiry_secs.is_some_and(|s| s <= 60));
+    bridge.ack(&m).await.unwrap();
 }

@@ -1,0 +1,502 @@
+//! One broker connection in either protocol version: rumqttc's MQTT 3.1.1 and MQTT 5 clients
+//! behind one face, so the driver's logic (windows, journal, acknowledgements) exists once.
+
+use std::collections::HashSet;
+
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::v5 as p5;
+use serde::{Deserialize, Serialize};
+
+use super::{MqttConfig, Protocol};
+
+/// MQTT 5 publish properties the bridge carries (empty under MQTT 3.1.1).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Properties {
+    /// `Content Type`: the payload's MIME type, as the publisher declared it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// `Response Topic`: where the publisher wants the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    /// `Correlation Data`: goes back unchanged with the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_data: Option<Vec<u8>>,
+    /// `User Property` pairs, in order (names may repeat).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_properties: Vec<(String, String)>,
+    /// `Message Expiry Interval`, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_expiry_secs: Option<u32>,
+}
+
+impl Properties {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::default()
+    }
+
+    fn from_v5(p: Option<&p5::PublishProperties>) -> Option<Properties> {
+        let p = p?;
+        let out = Properties {
+            content_type: p.content_type.clone(),
+            response_topic: p.response_topic.clone(),
+            correlation_data: p.correlation_data.as_ref().map(|b| b.to_vec()),
+            user_properties: p.user_properties.clone(),
+            message_expiry_secs: p.message_expiry_interval,
+        };
+        (!out.is_empty()).then_some(out)
+    }
+
+    fn to_v5(&self) -> p5::PublishProperties {
+        p5::PublishProperties {
+            content_type: self.content_type.clone(),
+            response_topic: self.response_topic.clone(),
+            correlation_data: self.correlation_data.clone().map(Into::into),
+            user_properties: self.user_properties.clone(),
+            message_expiry_interval: self.message_expiry_secs,
+            ..Default::default()
+        }
+    }
+}
+
+/// A publish as the driver keeps it (in flight, journalled, sent again).
+#[derive(Clone, Debug)]
+pub(crate) struct OutPublish {
+    pub pkid: u16,
+    pub qos: u8,
+    pub dup: bool,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub props: Option<Properties>,
+}
+
+/// A publish received from the broker, kept for its acknowledgement.
+#[derive(Clone, Debug)]
+pub(crate) enum RawPublish {
+    V4(rumqttc::Publish),
+    V5(p5::Publish),
+}
+
+impl RawPublish {
+    pub fn pkid(&self) -> u16 {
+        match self {
+            RawPublish::V4(p) => p.pkid,
+            RawPublish::V5(p) => p.pkid,
+        }
+    }
+    pub fn qos(&self) -> u8 {
+        match self {
+            RawPublish::V4(p) => p.qos as u8,
+            RawPublish::V5(p) => p.qos as u8,
+        }
+    }
+}
+
+/// What the connection reported.
+// Most events are publishes: boxing the large variant would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Ev {
+    ConnAck {
+        session_present: bool,
+        /// MQTT 5: how many unacknowledged publishes the broker takes from us.
+        receive_max: Option<u16>,
+    },
+    PubAck {
+        pkid: u16,
+        /// MQTT 5: the broker refused the publish (reason code and string).
+        refused: Option<String>,
+    },
+    PubRec {
+        pkid: u16,
+        refused: Option<String>,
+    },
+    PubComp(u16),
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        dup: bool,
+        props: Option<Properties>,
+        raw: RawPublish,
+    },
+    Other,
+}
+
+/// A connection failure: `refused` when the broker refused the credentials.
+pub(crate) struct LinkError {
+    pub refused: bool,
+    pub message: String,
+}
+
+/// Sends requests to the connection (cloneable).
+#[derive(Clone)]
+pub(crate) enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(v5::AsyncClient),
+}
+
+/// The connection itself (polled by the driver task only).
+pub(crate) enum Events {
+    V4(Box<rumqttc::EventLoop>),
+    V5(Box<v5::EventLoop>),
+}
+
+/// Where the connection goes: a TCP broker, or the QoS 2 relay's Unix socket.
+pub(crate) enum Dial {
+    Tcp(Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>),
+    Unix(String),
+}
+
+/// Builds the client and its event loop for `config` (protocol, session, credentials,
+/// limits). `inflight` is our publish window (rumqttc's too, so the packet ids we choose are
+/// always valid).
+pub(crate) fn open(
+    config: &MqttConfig,
+    dial: Dial,
+    inflight: u16,
+    capacity: usize,
+) -> (Client, Events) {
+    let keep_alive = std::time::Duration::from_secs(config.keep_alive_secs.max(5));
+    let credentials = config.username.clone().zip(config.password.clone());
+    match config.protocol {
+        Protocol::V311 => {
+            let mut opts = match &dial {
+                Dial::Unix(path) => {
+                    let mut o = rumqttc::MqttOptions::new(config.client_id.clone(), path, 0);
+                    o.set_transport(rumqttc::Transport::Unix);
+                    o
+                }
+                Dial::Tcp(tls) => {
+                    let mut o = rumqttc::MqttOptions::new(
+                        config.client_id.clone(),
+                        config.host.clone(),
+                        config.port,
+                    );
+                    if let Some(cfg) = tls {
+                        o.set_transport(rumqttc::Transport::tls_with_config(
+                            rumqttc::TlsConfiguration::Rustls(cfg.clone()),
+                        ));
+                    }
+                    o
+                }
+            };
+            opts.set_keep_alive(keep_alive);
+            opts.set_manual_acks(true);
+            opts.set_clean_session(config.clean_session);
+            opts.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+            if let Some((u, p)) = credentials {
+                opts.set_credentials(u, p);
+            }
+            opts.set_inflight(inflight);
+            let (c, e) = rumqttc::AsyncClient::new(opts, capacity);
+            (Client::V4(c), Events::V4(Box::new(e)))
+        }
+        Protocol::V5 => {
+            let mut opts = match &dial {
+                Dial::Unix(path) => {
+                    let mut o = v5::MqttOptions::new(config.client_id.clone(), path, 0);
+                    o.set_transport(rumqttc::Transport::Unix);
+                    o
+                }
+                Dial::Tcp(tls) => {
+                    let mut o = v5::MqttOptions::new(
+                        config.client_id.clone(),
+                        config.host.clone(),
+                        config.port,
+                    );
+                    if let Some(cfg) = tls {
+                        o.set_transport(rumqttc::Transport::tls_with_config(
+                            rumqttc::TlsConfiguration::Rustls(cfg.clone()),
+                        ));
+                    }
+                    o
+                }
+            };
+            opts.set_keep_alive(keep_alive);
+            opts.set_manual_acks(true);
+            opts.set_clean_start(config.clean_session);
+            // The broker keeps the session (subscriptions, queued messages) this long after
+            // we disconnect; 0 would end it at once, like a clean session.
+            if !config.clean_session {
+                opts.set_session_expiry_interval(Some(config.session_expiry_secs));
+            }
+            // Announced to the broker, which then never sends us a larger packet.
+            opts.set_max_packet_size(Some(config.max_packet_bytes.min(u32::MAX as usize) as u32));
+            if let Some((u, p)) = credentials {
+                opts.set_credentials(u, p);
+            }
+            opts.set_outgoing_inflight_upper_limit(inflight);
+            let (c, e) = v5::AsyncClient::new(opts, capacity);
+            (Client::V5(c), Events::V5(Box::new(e)))
+        }
+    }
+}
+
+fn qos4(q: u8) -> rumqttc::QoS {
+    match q {
+        0 => rumqttc::QoS::AtMostOnce,
+        2 => rumqttc::QoS::ExactlyOnce,
+        _ => rumqttc::QoS::AtLeastOnce,
+    }
+}
+
+fn qos5(q: u8) -> v5::mqttbytes::QoS {
+    match q {
+        0 => v5::mqttbytes::QoS::AtMostOnce,
+        2 => v5::mqttbytes::QoS::ExactlyOnce,
+        _ => v5::mqttbytes::QoS::AtLeastOnce,
+    }
+}
+
+fn reason_text(code: impl std::fmt::Debug, string: Option<&String>) -> String {
+    match string {
+        Some(s) => format!("{code:?}: {s}"),
+        None => format!("{code:?}"),
+    }
+}
+
+impl Client {
+    /// Acknowledges a received publish (PUBACK / PUBREC).
+    pub async fn ack(&self, raw: &RawPublish) -> Result<(), String> {
+        match (self, raw) {
+            (Client::V4(c), RawPublish::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Client::V5(c), RawPublish::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            _ => Err("acknowledgement for the other protocol version".into()),
+        }
+    }
+
+    /// Subscribes. Under MQTT 5 the subscription is `No Local` (the broker does not send our
+    /// own publishes back), except shared ones, where the protocol forbids it.
+    pub async fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c
+                .subscribe(filter, qos4(qos))
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                let mut f = p5::Filter::new(filter, qos5(qos));
+                f.nolocal = !filter.starts_with("$share/");
+                c.subscribe_many([f]).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        match self {
+            Client::V4(c) => {
+                let _ = c.disconnect().await;
+            }
+            Client::V5(c) => {
+                let _ = c.disconnect().await;
+            }
+        }
+    }
+}
+
+impl Events {
+    /// The next event; reconnects after an error when polled again.
+    pub async fn poll(&mut self) -> Result<Ev, LinkError> {
+        match self {
+            Events::V4(e) => {
+                use rumqttc::{ConnectReturnCode as C, ConnectionError, Event, Packet};
+                match e.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => Ok(Ev::ConnAck {
+                        session_present: c.session_present,
+                        receive_max: None,
+                    }),
+                    Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::PubAck {
+                        pkid: a.pkid,
+                        refused: None,
+                    }),
+                    Ok(Event::Incoming(Packet::PubRec(r))) => Ok(Ev::PubRec {
+                        pkid: r.pkid,
+                        refused: None,
+                    }),
+                    Ok(Event::Incoming(Packet::PubComp(c))) => Ok(Ev::PubComp(c.pkid)),
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Publish {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                        dup: p.dup,
+                        props: None,
+                        raw: RawPublish::V4(p),
+                    }),
+                    Ok(_) => Ok(Ev::Other),
+                    Err(err) => Err(LinkError {
+                        refused: matches!(
+                            err,
+                            ConnectionError::ConnectionRefused(
+                                C::BadUserNamePassword | C::NotAuthorized
+                            )
+                        ),
+                        message: err.to_string(),
+                    }),
+                }
+            }
+            Events::V5(e) => {
+                use p5::{ConnectReturnCode as C, Packet, PubAckReason, PubRecReason};
+                use v5::{ConnectionError, Event, StateError};
+                match e.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(c))) => Ok(Ev::ConnAck {
+                        session_present: c.session_present,
+                        receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
+                    }),
+                    Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::PubAck {
+                        pkid: a.pkid,
+                        refused: (!matches!(
+                            a.reason,
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                        ))
+                        .then(|| {
+                            reason_text(
+                                a.reason,
+                                a.properties.as_ref().and_then(|p| p.reason_string.as_ref()),
+                            )
+                        }),
+                    }),
+                    Ok(Event::Incoming(Packet::PubRec(r))) => Ok(Ev::PubRec {
+                        pkid: r.pkid,
+                        refused: (!matches!(
+                            r.reason,
+                            PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                        ))
+                        .then(|| {
+                            reason_text(
+                                r.reason,
+                                r.properties.as_ref().and_then(|p| p.reason_string.as_ref()),
+                            )
+                        }),
+                    }),
+                    Ok(Event::Incoming(Packet::PubComp(c))) => Ok(Ev::PubComp(c.pkid)),
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Publish {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                        dup: p.dup,
+                        props: Properties::from_v5(p.properties.as_ref()),
+                        raw: RawPublish::V5(p),
+                    }),
+                    Ok(_) => Ok(Ev::Other),
+                    Err(err) => Err(LinkError {
+                        refused: matches!(
+                            err,
+                            ConnectionError::ConnectionRefused(
+                                C::BadUserNamePassword
+                                    | C::NotAuthorized
+                                    | C::BadAuthenticationMethod
+                            ) | ConnectionError::MqttState(StateError::ConnFail {
+                                reason: C::BadUserNamePassword
+                                    | C::NotAuthorized
+                                    | C::BadAuthenticationMethod
+                            })
+                        ),
+                        message: err.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Packet ids of the publishes and releases already queued for sending.
+    pub fn queued_ids(&self) -> HashSet<u16> {
+        match self {
+            Events::V4(e) => e
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    rumqttc::Request::Publish(p) => Some(p.pkid),
+                    rumqttc::Request::PubRel(r) => Some(r.pkid),
+                    _ => None,
+                })
+                .collect(),
+            Events::V5(e) => e
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    v5::Request::Publish(p) => Some(p.pkid),
+                    v5::Request::PubRel(r) => Some(r.pkid),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Queues a publish (under its own packet id).
+    pub fn push_publish(&mut self, p: &OutPublish) {
+        match self {
+            Events::V4(e) => {
+                let mut out = rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
+                out.pkid = p.pkid;
+                out.dup = p.dup;
+                e.pending.push_back(rumqttc::Request::Publish(out));
+            }
+            Events::V5(e) => {
+                let mut out = p5::Publish::new(
+                    &p.topic,
+                    qos5(p.qos),
+                    p.payload.clone(),
+                    p.props.as_ref().map(Properties::to_v5),
+                );
+                out.pkid = p.pkid;
+                out.dup = p.dup;
+                e.pending.push_back(v5::Request::Publish(out));
+            }
+        }
+    }
+
+    /// Queues the PUBREL of a QoS 2 exchange the broker already received.
+    pub fn push_pubrel(&mut self, pkid: u16) {
+        match self {
+            Events::V4(e) => e
+                .pending
+                .push_back(rumqttc::Request::PubRel(rumqttc::PubRel::new(pkid))),
+            Events::V5(e) => e
+                .pending
+                .push_back(v5::Request::PubRel(p5::PubRel::new(pkid, None))),
+        }
+    }
+
+    /// Acknowledges a received publish with a refusal: MQTT 5 says why in the reason code
+    /// (`Quota exceeded`, for a payload over the limit) and reason string; MQTT 3.1.1 cannot,
+    /// so that is a plain acknowledgement.
+    pub fn push_refusal(&mut self, raw: &RawPublish, reason: &str) {
+        match (self, raw) {
+            (Events::V5(e), RawPublish::V5(p)) => {
+                let reason_string = Some(reason.to_string());
+                match p.qos {
+                    v5::mqttbytes::QoS::AtMostOnce => {}
+                    v5::mqttbytes::QoS::AtLeastOnce => {
+                        e.pending.push_back(v5::Request::PubAck(p5::PubAck {
+                            pkid: p.pkid,
+                            reason: p5::PubAckReason::QuotaExceeded,
+                            properties: Some(p5::PubAckProperties {
+                                reason_string,
+                                user_properties: Vec::new(),
+                            }),
+                        }))
+                    }
+                    v5::mqttbytes::QoS::ExactlyOnce => {
+                        e.pending.push_back(v5::Request::PubRec(p5::PubRec {
+                            pkid: p.pkid,
+                            reason: p5::PubRecReason::QuotaExceeded,
+                            properties: Some(p5::PubRecProperties {
+                                reason_string,
+                                user_properties: Vec::new(),
+                            }),
+                        }))
+                    }
+                }
+            }
+            (Events::V4(e), RawPublish::V4(p)) => match p.qos {
+                rumqttc::QoS::AtMostOnce => {}
+                rumqttc::QoS::AtLeastOnce => e
+                    .pending
+                    .push_back(rumqttc::Request::PubAck(rumqttc::PubAck::new(p.pkid))),
+                rumqttc::QoS::ExactlyOnce => e
+                    .pending
+                    .push_back(rumqttc::Request::PubRec(rumqttc::PubRec::new(p.pkid))),
+            },
+            _ => {}
+        }
+    }
+}
