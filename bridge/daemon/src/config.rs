@@ -586,34 +586,105 @@ impl Route {
     }
 }
 
-fn interpolate(text: &str) -> anyhow::Result<String> {
+fn interpolate(text: &str) -> Result<String, ConfigError> {
     // Comment lines are left alone, so documentation may mention ${NAME}.
     let mut out = String::new();
     for (i, line) in text.split_inclusive('\n').enumerate() {
         if line.trim_start().starts_with('#') {
             out.push_str(line);
         } else {
-            out.push_str(&interpolate_line(line).with_context(|| format!("line {}", i + 1))?);
+            out.push_str(
+                &interpolate_line(line).map_err(|(col, message)| ConfigError {
+                    pos: Some((i + 1, col)),
+                    message,
+                })?,
+            );
         }
     }
     Ok(out)
 }
 
-fn interpolate_line(text: &str) -> anyhow::Result<String> {
+/// One line with its `${NAME}`s replaced; an error carries the 1-based column.
+fn interpolate_line(text: &str) -> Result<String, (usize, String)> {
     let mut out = String::new();
     let mut rest = text;
+    let mut offset = 0;
     while let Some(start) = rest.find("${") {
+        let col = text[..offset + start].chars().count() + 1;
         out.push_str(&rest[..start]);
-        let end = rest[start..].find('}').context("unclosed ${ in config")? + start;
+        let end = rest[start..]
+            .find('}')
+            .ok_or((col, "unclosed ${ (write ${NAME})".to_string()))?
+            + start;
         let name = &rest[start + 2..end];
-        let value = std::env::var(name).with_context(|| {
-            format!("config uses ${{{name}}} but the environment variable {name} is not set")
+        let value = std::env::var(name).map_err(|_| {
+            (
+                col,
+                format!("${{{name}}}: the environment variable {name} is not set"),
+            )
         })?;
         out.push_str(&value);
+        offset += end + 1;
         rest = &rest[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// A config error and where it is (1-based line and column), when known.
+#[derive(Debug)]
+pub struct ConfigError {
+    /// Line and column.
+    pub pos: Option<crate::locate::Pos>,
+    /// What is wrong, starting with the key path.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.pos {
+            Some((line, col)) => write!(f, "{line}:{col}: {}", self.message),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// serde_yaml's message without its trailing position, an unknown key turned into its full
+/// path with the nearest valid one suggested.
+fn serde_message(e: &serde_yaml::Error) -> String {
+    let mut m = e.to_string();
+    if let Some(at) = m.rfind(" at line ") {
+        m.truncate(at);
+    }
+    if let Some((word, expected)) = crate::locate::unknown_word(&m) {
+        let (path, _) = m
+            .split_once(": ")
+            .filter(|(p, _)| !p.contains(' '))
+            .unwrap_or(("", ""));
+        let full = if path.is_empty() {
+            word.to_string()
+        } else {
+            format!("{path}.{word}")
+        };
+        let kind = if m.contains("unknown variant") {
+            "value"
+        } else {
+            "key"
+        };
+        let hint = match crate::locate::nearest(word, &expected) {
+            Some(n) => format!("; did you mean `{n}`?"),
+            None => String::new(),
+        };
+        let valid = if expected.is_empty() {
+            String::new()
+        } else {
+            format!(" (valid: {})", expected.join(", "))
+        };
+        return format!("{full}: unknown {kind} `{word}`{hint}{valid}");
+    }
+    m
 }
 
 impl Config {
@@ -621,7 +692,10 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let mut cfg = Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut cfg = Self::parse_located(&text).map_err(|e| match e.pos {
+            Some((line, col)) => anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message),
+            None => anyhow::anyhow!("{}: {}", path.display(), e.message),
+        })?;
         // Consent records from the config carry the file's time: a later CLI decision wins over
         // them, a later edit of the file wins over that.
         cfg.written_at_ns = std::fs::metadata(path)
@@ -663,13 +737,31 @@ impl Config {
     }
 
     /// Parses and validates config text.
+    #[cfg(test)]
     pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(Self::parse_located(text)?)
+    }
+
+    /// [`Config::parse`] with the error's line and column: serde's for what does not
+    /// deserialize, the named key's for what the checks after it refuse.
+    pub fn parse_located(text: &str) -> Result<Self, ConfigError> {
         let text = interpolate(text)?;
-        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| match e.location() {
-            Some(l) => anyhow::anyhow!("line {}, column {}: {e}", l.line(), l.column()),
-            None => anyhow::anyhow!("{e}"),
+        if let Some((pos, info)) = crate::locate::syntax_error(&text) {
+            return Err(ConfigError {
+                pos: Some(pos),
+                message: format!("not valid YAML: {info}"),
+            });
+        }
+        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| ConfigError {
+            pos: e.location().map(|l| (l.line(), l.column())),
+            message: serde_message(&e),
         })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| {
+            let message = format!("{e:#}");
+            let pos = crate::locate::message_path(&message)
+                .and_then(|p| crate::locate::find(&crate::locate::key_positions(&text), &p));
+            ConfigError { pos, message }
+        })?;
         Ok(cfg)
     }
 
@@ -928,7 +1020,10 @@ mod tests {
         let e = Config::parse("data_dir: x\nnodes: {}\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 2") && e.contains("nodes"), "{e}");
+        assert!(
+            e.starts_with("2:1: nodes: unknown key `nodes`; did you mean `node`?"),
+            "{e}"
+        );
     }
 
     /// `${NAME}` takes the environment's value; a missing variable is named; comments are left alone.

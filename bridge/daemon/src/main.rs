@@ -9,6 +9,7 @@ mod bridge;
 mod config;
 mod grants;
 mod identity;
+mod locate;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
