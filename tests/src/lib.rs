@@ -271,9 +271,19 @@ impl Mosquitto {
     /// Stops the broker with SIGTERM (it saves its state if persistent), waits for it to exit,
     /// and starts it again on the same port and configuration.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Stops the broker with SIGTERM and waits for it to exit.
+    pub fn stop(&mut self) {
         let pid = self.proc.0.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         wait_for("mosquitto to exit", || self.proc.0.try_wait().unwrap());
+    }
+
+    /// Starts a stopped broker again on the same port and configuration.
+    pub fn start_again(&mut self) {
         self.proc = Self::spawn(&self.conf, self.port);
     }
 
@@ -470,6 +480,30 @@ fn rand_suffix() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
     h.finish()
+}
+
+/// The value of a Prometheus sample `name{labels…}` in `text` (labels in any order; 0 when
+/// the series has not appeared yet).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let have: Vec<&str> = rest.split(',').filter(|s| !s.is_empty()).collect();
+            let all = labels
+                .iter()
+                .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()));
+            (all && have.len() == labels.len()).then(|| value.parse().ok())?
+        })
+        .next()
+        .unwrap_or(0.0)
 }
 
 /// A `gatehouse run` daemon.
@@ -850,6 +884,22 @@ impl Daemon {
         if let Some(mut p) = self.proc.take() {
             let _ = p.0.kill();
             let _ = p.0.wait();
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit: its status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut p = self.proc.take().expect("the daemon is running");
+        let pid = p.0.id().to_string();
+        let started = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = started + EVENT_TIMEOUT;
+        loop {
+            if let Some(status) = p.0.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            assert!(Instant::now() < deadline, "daemon did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -35,8 +35,14 @@ async fn answer_post(bridge: &Bridge, path: &str, v: &serde_json::Value) -> (&'s
             let device = v["endpoint"].as_str().unwrap_or_default();
             let target = v["target"].as_str().unwrap_or_default();
             match v["state"].as_str() {
-                Some("allow" | "allowed") => answer(bridge.decide(device, target, true).await),
-                Some("deny" | "denied") => answer(bridge.decide(device, target, false).await),
+                Some("allow" | "allowed") => {
+                    crate::metrics::consent("allow");
+                    answer(bridge.decide(device, target, true).await)
+                }
+                Some("deny" | "denied") => {
+                    crate::metrics::consent("deny");
+                    answer(bridge.decide(device, target, false).await)
+                }
                 _ => (
                     "400 Bad Request",
                     r#"{"error":"state must be allow or deny"}"#.to_string(),
@@ -188,11 +194,18 @@ pub async fn serve(
                         ),
                     },
                     "/plugins" => ("200 OK", bridge.plugins().to_string()),
+                    "/metrics" => ("200 OK", bridge.metrics_text()),
                     _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
                 },
             };
+            // Prometheus' text exposition format for /metrics; JSON for everything else.
+            let content_type = if path == "/metrics" && status == "200 OK" {
+                "text/plain; version=0.0.4; charset=utf-8"
+            } else {
+                "application/json"
+            };
             let resp = format!(
-                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = sock.write_all(resp.as_bytes()).await;

@@ -268,6 +268,9 @@ struct NatsMeta {
     seq: Option<u64>,
 }
 
+/// What resolves when the broker has an MQTT publish, and the publish's payload size.
+type Confirmation = (gatehouse_channels::mqtt::PublishAck, usize);
+
 /// A request waiting for the agent's answer (a NATS reply subject, or an MQTT 5 response
 /// topic with its correlation data).
 #[derive(Serialize, Deserialize)]
@@ -453,12 +456,78 @@ impl Bridge {
         })
     }
 
-    /// Why the daemon is not taking in messages, if it is not (admin `GET /ready`).
+    /// Why the daemon is not taking in messages, if it is not (admin `GET /ready`): no room
+    /// or a failed store, or a channel whose connection is down.
     pub fn not_ready(&self) -> Option<String> {
-        self.not_ready
+        let store = self
+            .not_ready
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        store.or_else(|| {
+            if let Some(m) = &self.mqtt {
+                let state = m.state();
+                if state != mqtt::ConnectionState::Connected {
+                    return Some(format!("MQTT broker not connected: {state:?}"));
+                }
+            }
+            if let Some(n) = &self.nats {
+                let state = n.state();
+                if state != mqtt::ConnectionState::Connected {
+                    return Some(format!("NATS server not connected: {state:?}"));
+                }
+            }
+            None
+        })
+    }
+
+    /// Prometheus text: the counters and histograms recorded so far, with the levels read now.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(|| {
+            use crate::metrics::gauge;
+            for r in &self.cfg.routes {
+                gauge(
+                    "gatehouse_queue_depth",
+                    &[("route", r.name.clone())],
+                    self.inbox.scan_prefix(inbox_prefix(&r.name)).count() as f64,
+                );
+            }
+            gauge("gatehouse_dead_letters", &[], self.dead.len() as f64);
+            gauge("gatehouse_endpoints", &[], self.endpoint_index.len() as f64);
+            gauge(
+                "gatehouse_ready",
+                &[],
+                f64::from(u8::from(self.not_ready().is_none())),
+            );
+            let connectors = [
+                ("mqtt", self.mqtt.as_ref().map(|m| m.state())),
+                ("nats", self.nats.as_ref().map(|n| n.state())),
+            ];
+            for (connector, state) in connectors {
+                let Some(state) = state else { continue };
+                let name = match state {
+                    mqtt::ConnectionState::Connecting => "connecting",
+                    mqtt::ConnectionState::Connected => "connected",
+                    mqtt::ConnectionState::BackingOff(_) => "backing_off",
+                    mqtt::ConnectionState::BadCredentials(_) => "bad_credentials",
+                    mqtt::ConnectionState::Stopped => "stopped",
+                };
+                crate::metrics::connector(
+                    connector,
+                    name,
+                    state == mqtt::ConnectionState::Connected,
+                );
+            }
+            let stats = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
+            for name in self.cfg.plugins.keys() {
+                let q = stats.get(name).is_some_and(|s| s.quarantined);
+                gauge(
+                    "gatehouse_plugin_quarantined",
+                    &[("plugin", name.clone())],
+                    f64::from(u8::from(q)),
+                );
+            }
+        })
     }
 
     /// Records readiness; logs each change once.
@@ -544,6 +613,7 @@ impl Bridge {
     /// broker (DESIGN §9: no per-message fsync; nothing acknowledged before it is on disk).
     async fn accept(&self, batch: Vec<Inbound>) -> anyhow::Result<()> {
         let mut stored = Vec::with_capacity(batch.len());
+        let mut counted: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
         let mut already = Vec::new();
         let mut routes = std::collections::BTreeSet::new();
         for msg in batch {
@@ -692,6 +762,7 @@ impl Bridge {
                 self.inflight.insert(pkid, &digest[..])?;
             }
             routes.insert(idx);
+            counted.push((idx, msg.payload.len()));
             stored.push(msg);
         }
         for msg in &already {
@@ -709,6 +780,9 @@ impl Bridge {
         }
         for msg in &stored {
             self.ack(msg).await?;
+        }
+        for (idx, bytes) in counted {
+            crate::metrics::received(&self.cfg.routes[idx].name, "mqtt", bytes);
         }
         for idx in routes {
             self.work[idx].notify_one();
@@ -801,6 +875,7 @@ impl Bridge {
         let mut maxseq: HashMap<usize, u64> = HashMap::new();
         let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut requests: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut counted: Vec<(usize, usize)> = Vec::new();
         for msg in batch {
             let idx = self.nats_subs[msg.sub];
             let route = &self.cfg.routes[idx];
@@ -871,6 +946,7 @@ impl Bridge {
             };
             records.push((inbox_key(&route.name, id), serde_json::to_vec(&rec)?));
             routes.insert(idx);
+            counted.push((idx, msg.payload.len()));
             keep.push(msg);
         }
         if !records.is_empty() {
@@ -905,6 +981,9 @@ impl Bridge {
                 if let Some(s) = self.nats_stored.get(idx) {
                     s.fetch_max(*seq, std::sync::atomic::Ordering::SeqCst);
                 }
+            }
+            for (idx, bytes) in &counted {
+                crate::metrics::received(&self.cfg.routes[*idx].name, "nats", *bytes);
             }
         }
         for msg in keep.iter().chain(&done) {
@@ -1129,6 +1208,7 @@ impl Bridge {
             std::process::abort();
         }
         tracing::info!(route = %route.name, bytes = rec.payload.len(), verified = mail.auth.verified, "mail stored");
+        crate::metrics::received(&route.name, "email", rec.payload.len());
         mail.answer(email::Verdict::Stored);
         self.work[idx].notify_one();
         Ok(())
@@ -1378,6 +1458,12 @@ impl Bridge {
         .await
         .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))));
         let call = started.elapsed();
+        let faulted = match &result {
+            Ok(actions) => crate::grants::check_limits(&self.cfg.plugins[&name], actions).is_err(),
+            Err(PluginError::Refused { .. }) => false,
+            Err(_) => true,
+        };
+        crate::metrics::plugin_call(&name, call.as_secs_f64(), faulted);
         let fault = |kind, reason: String| Fault {
             kind,
             reason,
@@ -1532,12 +1618,15 @@ impl Bridge {
                 }
                 if let Err(e) = self.inbox.apply_batch(done) {
                     tracing::error!(route = %route.name, error = %e, "could not mark messages delivered; they will be sent again (receivers drop the duplicates)");
+                } else if !ready.is_empty() {
+                    crate::metrics::delivered(&route.name, &route.channel, ready.len());
                 }
             }
             match stop {
                 None => {}
                 Some((id, Failure::Transient(reason))) => {
                     tracing::warn!(route = %route.name, queue_id = id, %reason, "delivery failed; will retry");
+                    crate::metrics::retry(&route.name, "inbound");
                     return false;
                 }
                 Some((id, Failure::Held(reason))) => {
@@ -1547,6 +1636,7 @@ impl Bridge {
                 Some((id, Failure::Permanent(fault))) => {
                     // Only from sending (a peer refused): retried like a transient failure.
                     tracing::warn!(route = %route.name, queue_id = id, error = %fault.reason, "delivery failed; will retry");
+                    crate::metrics::retry(&route.name, "inbound");
                     return false;
                 }
             }
@@ -1567,6 +1657,10 @@ impl Bridge {
             kind = rec["kind"].as_str().unwrap_or(""),
             reason = rec["reason"].as_str().unwrap_or(""),
             "message dead-lettered"
+        );
+        crate::metrics::dead_letter(
+            rec["route"].as_str().unwrap_or(""),
+            rec["direction"].as_str().unwrap_or(""),
         );
         let _ = self.dead.insert(
             id.to_be_bytes(),
@@ -2024,9 +2118,11 @@ impl Bridge {
                     .iter()
                     .map(|o| (o.content.clone(), format!("{}-thread", o.key)))
                     .collect();
+                let started = std::time::Instant::now();
                 client.send_batch(&gid, &batch).await.map_err(|e| {
                     Failure::Transient(format!("sending to the thread's conversation: {e}"))
                 })?;
+                crate::metrics::encrypt_send(&route.name, started.elapsed().as_secs_f64());
                 tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
             }
             let items: Vec<&Outgoing> = items.into_iter().filter(|o| o.thread.is_none()).collect();
@@ -2056,10 +2152,12 @@ impl Bridge {
                     .iter()
                     .map(|o| (o.content.clone(), format!("{}-{inbox}", o.key)))
                     .collect();
+                let started = std::time::Instant::now();
                 client
                     .send_batch(&gid, &batch)
                     .await
                     .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
+                crate::metrics::encrypt_send(&route.name, started.elapsed().as_secs_f64());
                 tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
             }
         }
@@ -2294,7 +2392,9 @@ impl Bridge {
         // senders wait in the endpoint's request queue, denied ones are dropped. What is
         // returned stays owed (retained in the client's store) until published here, so a
         // crash between reading and publishing loses nothing.
+        let started = std::time::Instant::now();
         client.sync_all().await?;
+        crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
         let pending = client.undelivered()?;
         drop(client);
         if pending.is_empty() {
@@ -2307,7 +2407,7 @@ impl Bridge {
         }
         // Published in order, then marked done in order once the broker acknowledged each
         // (a crash before the PUBACK publishes it again: at-least-once towards the device).
-        let mut carried: Vec<(Option<u64>, Vec<gatehouse_channels::mqtt::PublishAck>)> = Vec::new();
+        let mut carried: Vec<(Option<u64>, Vec<Confirmation>)> = Vec::new();
         for r in pending {
             let mut acks = Vec::new();
             if !r.is_transcript() {
@@ -2327,6 +2427,7 @@ impl Bridge {
                         retry.0 = retry.0.saturating_add(1);
                         retry.1 = Some(std::time::Instant::now() + wait);
                         tracing::warn!(route = %route.name, device = %ep.device, %reason, retry_in_ms = wait.as_millis() as u64, "conversation message not published yet; will retry");
+                        crate::metrics::retry(&route.name, "outbound");
                         break;
                     }
                 }
@@ -2335,11 +2436,12 @@ impl Bridge {
         }
         let mut done = 0usize;
         'marking: for (delivery, acks) in carried {
-            for ack in acks {
+            for (ack, bytes) in acks {
                 if ack.await.is_err() {
                     // The driver stopped (shutdown): the rest stay owed.
                     break 'marking;
                 }
+                crate::metrics::published(&route.name, "mqtt", bytes);
             }
             if let Some(seq) = delivery {
                 ep.client.lock().await.delivered(seq)?;
@@ -2360,7 +2462,7 @@ impl Bridge {
         route: &Route,
         ep: &Endpoint,
         r: &gatehouse_client::Received,
-    ) -> Result<Vec<gatehouse_channels::mqtt::PublishAck>, Carry> {
+    ) -> Result<Vec<Confirmation>, Carry> {
         let mut request: Option<(sled::IVec, PendingRequest)> = None;
         // A mail thread's subject, for the plugin's `Re:`.
         let metadata = match route
@@ -2456,12 +2558,14 @@ impl Bridge {
                 Action::Publish(p) if p.channel == "nats" => {
                     let key = publish_key(&r.message_id, n, &p.address);
                     self.publish_nats(route, &ep.device, &p, &key).await?;
+                    crate::metrics::published(&route.name, "nats", p.payload.len());
                     tracing::info!(route = %route.name, device = %ep.device, "published reply");
                 }
                 Action::Publish(p) if p.channel == "email" => {
                     let key = publish_key(&r.message_id, n, &p.address);
                     self.publish_email(route, &ep.device, Some(&r.conversation), &p, &key)
                         .await?;
+                    crate::metrics::published(&route.name, "email", p.payload.len());
                     tracing::info!(route = %route.name, device = %ep.device, "mail sent");
                 }
                 Action::Publish(p) => {
@@ -2469,6 +2573,7 @@ impl Bridge {
                         // The same conversation message maps to the same publishes after a
                         // restart: with QoS 2 the driver delivers each key once.
                         let key = publish_key(&r.message_id, n, &p.address);
+                        let bytes = p.payload.len();
                         let mut props = mqtt_properties(&p.metadata);
                         // The answer to an MQTT 5 request carries its correlation data.
                         let answers = request
@@ -2478,13 +2583,14 @@ impl Bridge {
                         if let Some((_, Some(c))) = &answers {
                             props.correlation_data = Some(c.clone());
                         }
-                        acks.push(
+                        acks.push((
                             self.publish_out(m, &p.address, p.payload, Some(props), key)
                                 .await
                                 .map_err(|e| {
                                     Carry::Later(format!("publishing to {}: {e:#}", p.address))
                                 })?,
-                        );
+                            bytes,
+                        ));
                         if let Some((k, _)) = answers {
                             let _ = self.requests.remove(k);
                             tracing::info!(route = %route.name, device = %ep.device, "answered an MQTT 5 request on its response topic");
@@ -2642,7 +2748,7 @@ impl Bridge {
                 match self.carry_outbound(route, &ep, &r).await {
                     Ok(acks) => {
                         // Kept as a dead letter until the broker has it.
-                        for ack in acks {
+                        for (ack, _) in acks {
                             tokio::time::timeout(Duration::from_secs(30), ack)
                                 .await
                                 .map_err(|_| anyhow::anyhow!("published, but the broker has not acknowledged it within 30 s; the dead letter is kept"))?
@@ -2785,6 +2891,9 @@ fn passthrough_inbound(payload: &[u8]) -> Result<Action, String> {
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    // What in-flight work needs to finish — the embedded node, the broker and NATS
+    // connections — stops only after that work (or the grace period) is over.
+    let (late_stop, late) = watch::channel(false);
     let seed = identity::load_or_create_seed(&cfg.data_dir.join("seed"))?;
 
     let mut node_store = None;
@@ -2796,7 +2905,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             .with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
         let url = format!("http://{}", listener.local_addr()?);
         let node = gatehouse_node::Node::new(store);
-        let mut stop = shutdown.clone();
+        let mut stop = late.clone();
         tokio::spawn(async move {
             if let Err(e) = gatehouse_node::serve(listener, node, None, async move {
                 let _ = stop.changed().await;
@@ -2882,7 +2991,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?, &cfg.data_dir)
                 .context("opening the MQTT QoS 2 journal")?;
             Some(
-                mqtt::start(m, filters, in_tx, shutdown.clone(), Some(outbox))
+                mqtt::start(m, filters, in_tx, late.clone(), Some(outbox))
                     .context("starting the MQTT relay for QoS 2 publishes")?,
             )
         }
@@ -2931,12 +3040,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     }
     let nats_handle = match (&cfg.channels.nats, subscriptions.is_empty()) {
         (Some(n), false) => Some(
-            nats::start(n, subscriptions, nats_tx, shutdown.clone())
+            nats::start(n, subscriptions, nats_tx, late.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("channels.nats: {e}"))?,
         ),
         (Some(n), true) => Some(
-            nats::start(n, Vec::new(), nats_tx, shutdown.clone())
+            nats::start(n, Vec::new(), nats_tx, late.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("channels.nats: {e}"))?,
         ),
@@ -3169,26 +3278,42 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             (false, false, true)
         }
     };
-    let _ = tokio::join!(
-        async {
-            if !intake_done {
-                let _ = accept.await;
-            }
-        },
-        async {
-            if !mail_done {
-                let _ = mail_intake.await;
-            }
-        },
-        async {
-            if !nats_done {
-                let _ = nats_intake.await;
-            }
-        },
-        outbound,
-        watcher,
-        futures::future::join_all(workers)
+    // Each task stops at its next step; what it is doing now (a batch being stored, mapped,
+    // sent) finishes first, within the grace period.
+    tracing::info!(
+        grace_secs = bridge.cfg.shutdown_grace_secs,
+        "finishing in-flight work"
     );
+    let drain = async move {
+        tokio::join!(
+            async {
+                if !intake_done {
+                    let _ = accept.await;
+                }
+            },
+            async {
+                if !mail_done {
+                    let _ = mail_intake.await;
+                }
+            },
+            async {
+                if !nats_done {
+                    let _ = nats_intake.await;
+                }
+            },
+            outbound,
+            watcher,
+            futures::future::join_all(workers)
+        )
+    };
+    match tokio::time::timeout(Duration::from_secs(bridge.cfg.shutdown_grace_secs), drain).await {
+        Ok(_) => tracing::info!("in-flight work finished"),
+        Err(_) => tracing::warn!(
+            grace_secs = bridge.cfg.shutdown_grace_secs,
+            "shutdown grace period over with work still running; what it held stays queued and is carried after the next start"
+        ),
+    }
+    let _ = late_stop.send(true);
     // Seal the bridge store (and the embedded node's, once its server has let go of it):
     // damage to what is durable now is found at the next start.
     let sealed = bridge.db.clone();

@@ -44,6 +44,15 @@ pub struct Config {
     /// Limits of the local store.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// On SIGTERM / SIGINT: how long in-flight work (a batch being stored, mapped, encrypted,
+    /// published) may take to finish before the daemon exits anyway, seconds. What was not
+    /// finished stays queued and is carried after the next start.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+fn default_shutdown_grace() -> u64 {
+    10
 }
 
 /// Limits of the local store (`data_dir`).

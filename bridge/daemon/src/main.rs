@@ -10,6 +10,7 @@ mod config;
 mod grants;
 mod identity;
 mod locate;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -266,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run { config } => {
             init_logging("info");
+            metrics::install();
             let cfg = config::Config::load(&config)?;
             bridge::run(cfg, shutdown_signal()).await?;
         }

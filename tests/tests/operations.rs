@@ -1,0 +1,190 @@
+//! Operations: Prometheus metrics move by exactly what was carried; `/ready` follows the
+//! broker connection.
+
+use gatehouse_e2e::*;
+
+#[test]
+fn metrics_count_exactly_and_ready_follows_the_broker() {
+    let mut s = Setup::new("ops-metrics");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let d = s.start_daemon(&config);
+    a.init();
+    let scrape = || {
+        let (code, body) = d.get("/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+    let route = [("route", "devices"), ("channel", "mqtt")];
+    let m = scrape();
+    assert_eq!(
+        metric(&m, "gatehouse_connector_up", &[("connector", "mqtt")]),
+        1.0
+    );
+    assert_eq!(metric(&m, "gatehouse_ready", &[]), 1.0);
+
+    // 25 device messages in: received, delivered, one plugin call each.
+    let lines: Vec<String> = (0..25).map(|n| format!("{{\"n\":{n}}}")).collect();
+    let bytes: usize = lines.iter().map(String::len).sum();
+    s.broker.publish_lines("devices/t1/up", &lines);
+    let got = a.listen(25);
+    assert_eq!(got.len(), 25);
+    let m = wait_for("the delivered counter", || {
+        let m = scrape();
+        (metric(&m, "gatehouse_messages_delivered_total", &route) == 25.0).then_some(m)
+    });
+    assert_eq!(
+        metric(&m, "gatehouse_messages_received_total", &route),
+        25.0
+    );
+    assert_eq!(
+        metric(&m, "gatehouse_received_bytes_total", &route),
+        bytes as f64
+    );
+    assert_eq!(
+        metric(&m, "gatehouse_plugin_calls_total", &[("plugin", "mqtt")]),
+        25.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gatehouse_plugin_call_seconds_count",
+            &[("plugin", "mqtt")]
+        ),
+        25.0
+    );
+    assert_eq!(
+        metric(&m, "gatehouse_queue_depth", &[("route", "devices")]),
+        0.0
+    );
+    assert_eq!(metric(&m, "gatehouse_dead_letters", &[]), 0.0);
+    assert_eq!(metric(&m, "gatehouse_endpoints", &[]), 1.0);
+
+    // 7 agent messages out: 7 publishes confirmed by the broker.
+    let endpoint = got[0]["sender_inbox"].as_str().unwrap().to_string();
+    let down = s.broker.subscribe("devices/t1/down");
+    for n in 0..7 {
+        a.ok(&["send", "--to", &endpoint, &format!("cmd {n}")]);
+    }
+    for n in 0..7 {
+        assert_eq!(down.next_message(), format!("cmd {n}"));
+    }
+    let m = wait_for("the publish counter", || {
+        let m = scrape();
+        (metric(&m, "gatehouse_publishes_total", &route) == 7.0).then_some(m)
+    });
+    assert_eq!(
+        metric(&m, "gatehouse_published_bytes_total", &route),
+        (0..7).map(|n| format!("cmd {n}").len()).sum::<usize>() as f64
+    );
+    assert_eq!(
+        metric(&m, "gatehouse_plugin_calls_total", &[("plugin", "mqtt")]),
+        32.0
+    );
+    // A malformed payload (the plugin wants JSON) is one dead letter.
+    s.broker.publish("devices/t1/up", b"not json");
+    let m = wait_for("the dead-letter counter", || {
+        let m = scrape();
+        (metric(&m, "gatehouse_dead_letters", &[]) == 1.0).then_some(m)
+    });
+    assert_eq!(
+        metric(
+            &m,
+            "gatehouse_dead_letters_total",
+            &[("route", "devices"), ("direction", "inbound")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "gatehouse_messages_received_total", &route),
+        26.0
+    );
+
+    // The broker goes away: not ready (503, with the reason), connector down; back: ready.
+    s.broker.stop();
+    let (code, body) = wait_for("/ready to turn 503", || {
+        let r = d.get("/ready");
+        (r.0 == 503).then_some(r)
+    });
+    assert_eq!(code, 503);
+    assert!(body.contains("MQTT broker not connected"), "{body}");
+    let m = scrape();
+    assert_eq!(
+        metric(&m, "gatehouse_connector_up", &[("connector", "mqtt")]),
+        0.0
+    );
+    assert_eq!(metric(&m, "gatehouse_ready", &[]), 0.0);
+    assert_eq!(d.status()["ready"], false);
+    s.broker.start_again();
+    wait_for("/ready to turn 200 again", || {
+        (d.get("/ready").0 == 200).then_some(())
+    });
+    let m = scrape();
+    assert_eq!(
+        metric(&m, "gatehouse_connector_up", &[("connector", "mqtt")]),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gatehouse_connector_state",
+            &[("connector", "mqtt"), ("state", "connected")]
+        ),
+        1.0
+    );
+}
+
+fn seq(m: &serde_json::Value) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
+    v["n"].as_u64().unwrap()
+}
+
+/// SIGTERM in the middle of a 1,000-message stream: the daemon finishes what it holds and exits
+/// 0 within its grace period; after a restart every message reaches the agent exactly once, in
+/// order.
+#[test]
+fn sigterm_mid_stream_exits_0_and_loses_and_duplicates_nothing() {
+    let s = Setup::new("ops-sigterm");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("shutdown_grace_secs: 5\n");
+    std::fs::write(&config, text).unwrap();
+    let mut d = s.start_daemon(&config);
+    a.init();
+    let lines: Vec<String> = (0..1000).map(|n| format!("{{\"n\":{n}}}")).collect();
+    s.broker.publish_lines("devices/t1/up", &lines);
+    // Mid-stream: the agent has some, the rest are on their way.
+    let mut got: Vec<u64> = a.listen(100).iter().map(seq).collect();
+    let (status, took) = d.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took < std::time::Duration::from_secs(5 + 5),
+        "the daemon took {took:?} to stop; its grace period is 5 s"
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("in-flight work finished") && log.contains("gatehouse stopped"),
+        "{log}"
+    );
+    let before = got.len();
+    let _d = s.start_daemon(&config);
+    while got.len() < 1000 {
+        let more = a.listen(1000 - got.len());
+        assert!(!more.is_empty(), "stalled at {} of 1000", got.len());
+        got.extend(more.iter().map(seq));
+    }
+    assert_eq!(
+        got,
+        (0..1000).collect::<Vec<_>>(),
+        "lost, duplicated or reordered"
+    );
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(
+        extra.trim().is_empty(),
+        "duplicates after the 1,000: {extra}"
+    );
+    assert!(before < 1000, "the stream was over before SIGTERM");
+}
