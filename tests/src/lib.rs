@@ -635,12 +635,13 @@ impl Setup {
         let child = Command::new(gatehouse_bin())
             .args(["run", "--config"])
             .arg(config)
-            .envs(env.iter().copied())
-            // GATEHOUSE_E2E_LOG sets the daemons' log filter when debugging a test.
+            // GATEHOUSE_E2E_LOG sets the daemons' log filter when debugging a test; a test's
+            // own environment (`env`) can override it or remove it (an empty value).
             .env(
                 "GATEHOUSE_LOG",
                 std::env::var("GATEHOUSE_E2E_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

@@ -9,11 +9,11 @@ fn each_broken_config_is_reported_at_its_line_and_column() {
     let cases = [
         (
             "01-misspelt-key.yaml",
-            "4:5: channels.mqtt.hots: unknown key `hots`; did you mean `host`? (valid: host, port, client_id, username, password, keep_alive_secs, max_packet_bytes, clean_session, publish_qos, subscribe_qos, tls, protocol, session_expiry_secs, embedded_broker)",
+            "4:5: channels.mqtt.hots: unknown key `hots`; did you mean `host`? (valid: host, port, client_id, username, password, password_file, keep_alive_secs, max_packet_bytes, clean_session, publish_qos, subscribe_qos, tls, protocol, session_expiry_secs, embedded_broker)",
         ),
         (
             "02-unknown-top-level.yaml",
-            "4:1: rotes: unknown key `rotes`; did you mean `routes`? (valid: data_dir, node, admin, channels, plugins, routes, poll_interval_ms, storage, shutdown_grace_secs)",
+            "4:1: rotes: unknown key `rotes`; did you mean `routes`? (valid: data_dir, node, admin, channels, plugins, routes, poll_interval_ms, storage, shutdown_grace_secs, log)",
         ),
         (
             "03-wrong-type.yaml",

@@ -763,6 +763,7 @@ impl Bridge {
             }
             routes.insert(idx);
             counted.push((idx, msg.payload.len()));
+            tracing::trace!(route = %route.name, topic = %msg.topic, pkid = msg.pkid, bytes = msg.payload.len(), "MQTT message stored");
             stored.push(msg);
         }
         for msg in &already {
@@ -2442,6 +2443,7 @@ impl Bridge {
                     break 'marking;
                 }
                 crate::metrics::published(&route.name, "mqtt", bytes);
+                tracing::trace!(route = %route.name, device = %ep.device, bytes, "publish confirmed by the broker");
             }
             if let Some(seq) = delivery {
                 ep.client.lock().await.delivered(seq)?;

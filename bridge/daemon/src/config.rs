@@ -49,6 +49,34 @@ pub struct Config {
     /// finished stays queued and is carried after the next start.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// How the daemon logs.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `log`: format and levels. `GATEHOUSE_LOG` (the whole filter) and then `RUST_LOG` take
+/// precedence over `level`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json` (one object per line: timestamp, level, target, fields).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Levels, as tracing's filter directives: `info` (default), `debug`,
+    /// `info,gatehouse::bridge=debug`.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+/// `log.format`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// JSON lines.
+    Json,
 }
 
 fn default_shutdown_grace() -> u64 {
@@ -511,7 +539,14 @@ impl Route {
         if self.is_email() {
             device.to_string()
         } else if self.is_nats() {
-            self.reply.replace("{device}", device)
+            // The endpoint's token may be named anything (`events.{service}.>`); `{device}`
+            // works too.
+            let name = self
+                .subscribe
+                .split('.')
+                .find(|t| t.starts_with('{') && t.ends_with('}'))
+                .unwrap_or("{device}");
+            self.reply.replace(name, device).replace("{device}", device)
         } else {
             fill_from(&self.subscribe, &self.reply, device)
         }
@@ -701,7 +736,12 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        let mut cfg = Self::parse_located(&text).map_err(|e| match e.pos {
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut cfg = Self::parse_located(&text, &base).map_err(|e| match e.pos {
             Some((line, col)) => anyhow::anyhow!("{}:{line}:{col}: {}", path.display(), e.message),
             None => anyhow::anyhow!("{}: {}", path.display(), e.message),
         })?;
@@ -720,11 +760,6 @@ impl Config {
                 .unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
         }
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
         if let Some(tls) = cfg.channels.mqtt.as_mut().and_then(|m| m.tls.as_mut()) {
             for p in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file]
                 .into_iter()
@@ -748,12 +783,13 @@ impl Config {
     /// Parses and validates config text.
     #[cfg(test)]
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        Ok(Self::parse_located(text)?)
+        Ok(Self::parse_located(text, Path::new("."))?)
     }
 
     /// [`Config::parse`] with the error's line and column: serde's for what does not
     /// deserialize, the named key's for what the checks after it refuse.
-    pub fn parse_located(text: &str) -> Result<Self, ConfigError> {
+    /// `base`: the config file's directory (relative secret files are read from there).
+    pub fn parse_located(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let text = interpolate(text)?;
         if let Some((pos, info)) = crate::locate::syntax_error(&text) {
             return Err(ConfigError {
@@ -765,16 +801,85 @@ impl Config {
             pos: e.location().map(|l| (l.line(), l.column())),
             message: serde_message(&e),
         })?;
-        cfg.validate().map_err(|e| {
-            let message = format!("{e:#}");
-            let pos = crate::locate::message_path(&message)
-                .and_then(|p| crate::locate::find(&crate::locate::key_positions(&text), &p));
-            ConfigError { pos, message }
-        })?;
+        let mut cfg = cfg;
+        cfg.validate()
+            .and_then(|()| cfg.read_secret_files(base))
+            .map_err(|e| {
+                let message = format!("{e:#}");
+                let pos = crate::locate::message_path(&message)
+                    .and_then(|p| crate::locate::find(&crate::locate::key_positions(&text), &p));
+                ConfigError { pos, message }
+            })?;
         Ok(cfg)
     }
 
+    /// `*_file` secrets (`password_file`, `token_file`, `nkey_file`): the file's content
+    /// (without a final line break) becomes the value; setting both is an error.
+    fn read_secret_files(&mut self, base: &Path) -> anyhow::Result<()> {
+        fn read(
+            value: &mut Option<String>,
+            file: &mut Option<PathBuf>,
+            key: &str,
+            base: &Path,
+        ) -> anyhow::Result<()> {
+            let Some(path) = file.take() else {
+                return Ok(());
+            };
+            if value.is_some() {
+                bail!("{key}_file: {key} is set as well; keep one of them");
+            }
+            let full = if path.is_relative() {
+                base.join(&path)
+            } else {
+                path
+            };
+            let text = std::fs::read_to_string(&full)
+                .map_err(|e| anyhow::anyhow!("{key}_file: cannot read {}: {e}", full.display()))?;
+            let secret = text.strip_suffix('\n').unwrap_or(&text);
+            let secret = secret.strip_suffix('\r').unwrap_or(secret);
+            if secret.is_empty() {
+                bail!("{key}_file: {} is empty", full.display());
+            }
+            *value = Some(secret.to_string());
+            Ok(())
+        }
+        if let Some(m) = self.channels.mqtt.as_mut() {
+            read(
+                &mut m.password,
+                &mut m.password_file,
+                "channels.mqtt.password",
+                base,
+            )?;
+        }
+        if let Some(r) = self.channels.email.as_mut().and_then(|e| e.relay.as_mut()) {
+            read(
+                &mut r.password,
+                &mut r.password_file,
+                "channels.email.relay.password",
+                base,
+            )?;
+        }
+        if let Some(n) = self.channels.nats.as_mut() {
+            read(
+                &mut n.password,
+                &mut n.password_file,
+                "channels.nats.password",
+                base,
+            )?;
+            read(&mut n.token, &mut n.token_file, "channels.nats.token", base)?;
+            read(&mut n.nkey, &mut n.nkey_file, "channels.nats.nkey", base)?;
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(level) = &self.log.level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            bail!(
+                "log.level: {level:?} is not a level or filter (info, debug, info,gatehouse::bridge=debug): {e}"
+            );
+        }
         if !self.admin.listen.ip().is_loopback() {
             bail!(
                 "admin.listen: {} is not a loopback address; the admin API has no authentication",
@@ -896,6 +1001,22 @@ impl Config {
                         bail!(
                             "{at}.reply: {:?} is not a NATS subject; set reply to where answers go, e.g. \"replies.{{device}}\"",
                             r.reply
+                        );
+                    }
+                    let token = r
+                        .subscribe
+                        .split('.')
+                        .find(|t| t.starts_with('{') && t.ends_with('}'))
+                        .unwrap_or("{device}");
+                    if let Some(extra) = r
+                        .reply
+                        .split('.')
+                        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                        .find(|p| format!("{{{p}}}") != token && *p != "device")
+                    {
+                        bail!(
+                            "{at}.reply: {{{extra}}} is not the placeholder of subscribe {:?} ({token})",
+                            r.subscribe
                         );
                     }
                     if let Some(d) = &r.deliver
@@ -1021,6 +1142,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("defualt"), "{e}");
+    }
+
+    /// A NATS route's endpoint token may have any name; the reply fills the same one.
+    #[test]
+    fn nats_reply_uses_the_subscribe_placeholder() {
+        let base = "data_dir: x\nchannels: {nats: {urls: [\"nats://127.0.0.1:4222\"]}}\nplugins: {nats: {builtin: nats}}\nroutes:\n  - {name: s, channel: nats, plugin: nats, subscribe: \"events.{service}.>\", ";
+        let cfg = Config::parse(&format!("{base}reply: \"replies.{{service}}\"}}\n")).unwrap();
+        assert_eq!(cfg.routes[0].reply_topic("billing"), "replies.billing");
+        let e = Config::parse(&format!("{base}reply: \"replies.{{svc}}\"}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("{svc} is not the placeholder"), "{e}");
+    }
+
+    /// `password_file` reads the secret from a file; both forms at once, or a missing file, are
+    /// errors that name the key.
+    #[test]
+    fn secret_files() {
+        let dir = std::env::temp_dir().join(format!("gh-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("mqtt.pw"), "s3cret\n").unwrap();
+        let parse = |m: &str| {
+            Config::parse_located(&format!("channels: {{mqtt: {{{m}}}}}\n"), &dir)
+                .map_err(|e| e.to_string())
+        };
+        let cfg = parse("username: u, password_file: mqtt.pw").unwrap();
+        assert_eq!(
+            cfg.channels.mqtt.unwrap().password.as_deref(),
+            Some("s3cret")
+        );
+        let e = parse("password: x, password_file: mqtt.pw").unwrap_err();
+        assert!(
+            e.contains("channels.mqtt.password_file: channels.mqtt.password is set as well"),
+            "{e}"
+        );
+        let e = parse("password_file: missing.pw").unwrap_err();
+        assert!(
+            e.starts_with("1:19: channels.mqtt.password_file: cannot read"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Unknown keys are rejected with their line.

@@ -213,22 +213,41 @@ fn admin_addr(admin: Option<SocketAddr>, config: &std::path::Path) -> anyhow::Re
 }
 
 fn init_logging(default: &str) {
-    // openmls logs routine conditions (a stale epoch from a lost race) at error level; Gatehouse
-    // reports what they mean itself. The embedded broker (rumqttd) logs routine disconnects at
-    // error level, so its own log is off unless asked for (`GATEHOUSE_LOG=info,rumqttd=info`);
-    // the daemon reports its start, its address and a taken port. GATEHOUSE_LOG replaces the
-    // whole filter.
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("GATEHOUSE_LOG").unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new(format!("{default},openmls=off,rumqttd=off"))
-        });
-    // Colours only on a terminal: a log file or journal gets plain text.
+    init_logging_as(default, None, config::LogFormat::Text);
+}
+
+/// Logging to standard error: the filter is `GATEHOUSE_LOG` (whole), else `RUST_LOG`, else
+/// config.yaml's `log.level`, else `default`.
+fn init_logging_as(default: &str, level: Option<&str>, format: config::LogFormat) {
+    // Caps that hold whatever level is asked for (only GATEHOUSE_LOG replaces them):
+    // - openmls logs routine conditions (a stale epoch from a lost race) at error level;
+    //   Gatehouse reports what they mean itself;
+    // - the embedded broker (rumqttd) logs routine disconnects at error level; the daemon
+    //   reports its start, its address and a taken port;
+    // - below these levels, sled logs whole write batches (the stores hold decrypted
+    //   messages), the SMTP and MQTT clients their traffic, and cranelift/wasmtime every
+    //   compiled instruction: no plaintext or keys in the log, at any level.
+    let quiet = "openmls=off,rumqttd=off,sled=info,cranelift=warn,wasmtime=info,\
+                 lettre=info,rumqttc=debug,async_nats=debug,h2=info,hyper=info,tonic=info,tower=info";
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let filter = match set("GATEHOUSE_LOG") {
+        Some(whole) => tracing_subscriber::EnvFilter::new(whole),
+        None => {
+            let wanted = set("RUST_LOG")
+                .or(level.map(String::from))
+                .unwrap_or_else(|| default.to_string());
+            tracing_subscriber::EnvFilter::new(format!("{quiet},{wanted}"))
+        }
+    };
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Json => builder.json().init(),
+        // Colours only on a terminal: a log file or journal gets plain text.
+        config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn shutdown_signal() -> watch::Receiver<bool> {
@@ -266,9 +285,9 @@ async fn main() {
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run { config } => {
-            init_logging("info");
-            metrics::install();
             let cfg = config::Config::load(&config)?;
+            init_logging_as("info", cfg.log.level.as_deref(), cfg.log.format);
+            metrics::install();
             bridge::run(cfg, shutdown_signal()).await?;
         }
         Command::Check { config } => {

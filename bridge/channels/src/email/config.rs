@@ -121,6 +121,9 @@ pub struct RelayConfig {
     /// Password for SMTP AUTH (prefer `${ENV}`).
     #[serde(default)]
     pub password: Option<String>,
+    /// A file holding the password (a mounted secret); read at start.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
     /// Seconds to wait for the relay.
     #[serde(default = "default_relay_timeout")]
     pub timeout_secs: u64,

@@ -21,6 +21,9 @@ pub struct MqttConfig {
     /// Password (prefer `${ENV}` in config.yaml over a literal).
     #[serde(default)]
     pub password: Option<String>,
+    /// A file holding the password (a mounted secret); read at start.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
     /// Keep-alive interval, seconds.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u64,
@@ -204,6 +207,7 @@ impl Default for MqttConfig {
             client_id: default_client_id(),
             username: None,
             password: None,
+            password_file: None,
             keep_alive_secs: default_keep_alive(),
             max_packet_bytes: default_max_packet(),
             clean_session: false,

@@ -20,12 +20,21 @@ pub struct NatsConfig {
     /// Password (prefer `${ENV}`).
     #[serde(default)]
     pub password: Option<String>,
+    /// A file holding the password (a mounted secret); read at start.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
     /// Token authentication.
     #[serde(default)]
     pub token: Option<String>,
+    /// A file holding the token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
     /// An NKey seed (`SU…`).
     #[serde(default)]
     pub nkey: Option<String>,
+    /// A file holding the NKey seed.
+    #[serde(default)]
+    pub nkey_file: Option<PathBuf>,
     /// A `.creds` file (JWT and NKey seed).
     #[serde(default)]
     pub creds_file: Option<PathBuf>,
@@ -63,8 +72,11 @@ impl Default for NatsConfig {
             name: default_name(),
             user: None,
             password: None,
+            password_file: None,
             token: None,
+            token_file: None,
             nkey: None,
+            nkey_file: None,
             creds_file: None,
             tls_ca: None,
             tls_cert: None,
