@@ -836,7 +836,7 @@ impl Daemon {
 
     /// `gatehouse status`.
     pub fn status(&self) -> serde_json::Value {
-        self.admin_json(&["status"])
+        self.admin_json(&["status", "--json"])
     }
 
     /// `gatehouse requests --json --endpoint DEVICE`: the held messages of that endpoint.

@@ -101,6 +101,37 @@ fn metrics_count_exactly_and_ready_follows_the_broker() {
         26.0
     );
 
+    // The CLI: `status` for people, `routes` as a table and as JSON.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(gatehouse_bin())
+            .args(args)
+            .args(["--admin", &d.admin])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status = cli(&["status"]);
+    assert!(status.contains("ready          yes"), "{status}");
+    assert!(status.contains("mqtt           Connected"), "{status}");
+    assert!(status.contains("dead letters   1"), "{status}");
+    let table = cli(&["routes"]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("devices") && l.contains("devices/{device}/up")),
+        "{table}"
+    );
+    let routes: serde_json::Value = serde_json::from_str(&cli(&["routes", "--json"])).unwrap();
+    assert_eq!(routes[0]["name"], "devices");
+    assert_eq!(routes[0]["queued"], 0);
+    assert_eq!(routes[0]["agents"][0], inbox.as_str());
+
     // The broker goes away: not ready (503, with the reason), connector down; back: ready.
     s.broker.stop();
     let (code, body) = wait_for("/ready to turn 503", || {

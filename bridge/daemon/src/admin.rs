@@ -194,6 +194,7 @@ pub async fn serve(
                         ),
                     },
                     "/plugins" => ("200 OK", bridge.plugins().to_string()),
+                    "/routes" => ("200 OK", bridge.routes().to_string()),
                     "/metrics" => ("200 OK", bridge.metrics_text()),
                     _ => ("404 Not Found", r#"{"error":"not found"}"#.to_string()),
                 },

@@ -481,6 +481,29 @@ impl Bridge {
         })
     }
 
+    /// Routes for the admin API: what config.yaml says, and each one's queue depth.
+    pub fn routes(&self) -> serde_json::Value {
+        self.cfg
+            .routes
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "channel": r.channel,
+                    "subscribe": r.subscribe,
+                    "reply": r.reply,
+                    "plugin": r.plugin,
+                    "agents": r.agents,
+                    "presence": r.presence,
+                    "share_group": r.share_group,
+                    "queue_group": r.queue_group,
+                    "stream": r.stream,
+                    "queued": self.inbox.scan_prefix(inbox_prefix(&r.name)).count(),
+                })
+            })
+            .collect()
+    }
+
     /// Prometheus text: the counters and histograms recorded so far, with the levels read now.
     pub fn metrics_text(&self) -> String {
         crate::metrics::render(|| {

@@ -1185,6 +1185,99 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Every key the config structs accept is in the README's configuration table (the
+    /// structs list their keys in serde's "unknown field" error, so this follows them).
+    #[test]
+    fn readme_documents_every_config_key() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
+                .unwrap();
+        let table = readme
+            .split("## Configuration")
+            .nth(1)
+            .and_then(|t| t.split("\n## ").next())
+            .unwrap();
+        // The first column's keys, braces expanded; `.x` continues the first key's parent.
+        let mut documented = std::collections::BTreeSet::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let cell = row.split('|').nth(1).unwrap();
+            let keys: Vec<&str> = cell.split('`').skip(1).step_by(2).collect();
+            let first = keys[0];
+            let parent = first[..first.find('{').unwrap_or(first.len())]
+                .rsplit_once('.')
+                .map_or("", |(p, _)| p);
+            for k in keys {
+                let full = match k.strip_prefix('.') {
+                    Some(rest) => format!("{parent}.{rest}"),
+                    None => k.to_string(),
+                };
+                match (full.find('{'), full.find('}')) {
+                    (Some(a), Some(b)) => {
+                        for part in full[a + 1..b].split(',') {
+                            documented.insert(format!("{}{part}{}", &full[..a], &full[b + 1..]));
+                        }
+                    }
+                    _ => {
+                        documented.insert(full);
+                    }
+                }
+            }
+        }
+        let sections: &[(&str, &str)] = &[
+            ("", "zzz: 1"),
+            ("node", "node: {zzz: 1}"),
+            ("admin", "admin: {zzz: 1}"),
+            ("log", "log: {zzz: 1}"),
+            ("storage", "storage: {zzz: 1}"),
+            ("channels.mqtt", "channels: {mqtt: {zzz: 1}}"),
+            ("channels.mqtt.tls", "channels: {mqtt: {tls: {zzz: 1}}}"),
+            (
+                "channels.mqtt.embedded_broker",
+                "channels: {mqtt: {embedded_broker: {zzz: 1}}}",
+            ),
+            ("channels.email", "channels: {email: {zzz: 1}}"),
+            ("channels.email.tls", "channels: {email: {tls: {zzz: 1}}}"),
+            ("channels.email.dns", "channels: {email: {dns: {zzz: 1}}}"),
+            (
+                "channels.email.relay",
+                "channels: {email: {relay: {zzz: 1}}}",
+            ),
+            ("channels.nats", "channels: {nats: {zzz: 1}}"),
+            ("plugins.NAME", "plugins: {p: {zzz: 1}}"),
+            ("plugins.NAME.grants", "plugins: {p: {grants: {zzz: 1}}}"),
+            ("routes[]", "routes: [{zzz: 1}]"),
+            ("routes[].consent", "routes: [{consent: {zzz: 1}}]"),
+        ];
+        let mut missing = Vec::new();
+        for (section, yaml) in sections {
+            let e = Config::parse(yaml).unwrap_err().to_string();
+            let keys: Vec<&str> = e
+                .split_once("(valid: ")
+                .and_then(|(_, rest)| rest.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("{section}: no key list in {e:?}"))
+                .split(", ")
+                .collect();
+            for k in keys {
+                let full = if section.is_empty() {
+                    k.to_string()
+                } else {
+                    format!("{section}.{k}")
+                };
+                // Sections are documented by their keys.
+                let is_section = documented.iter().any(|d| {
+                    d.starts_with(&format!("{full}.")) || d.starts_with(&format!("{full}[]."))
+                });
+                if !documented.contains(&full) && !is_section {
+                    missing.push(full);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "config keys missing from the README's configuration table: {missing:?}"
+        );
+    }
+
     /// Unknown keys are rejected with their line.
     #[test]
     fn unknown_key_names_line() {

@@ -69,6 +69,9 @@ enum Command {
     },
     /// Show the running daemon's status (version, uptime, bridge inbox, queue depths, MQTT state).
     Status {
+        /// Print JSON (every field; for scripts).
+        #[arg(long)]
+        json: bool,
         /// The daemon's config file (its admin.listen is used).
         #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
         config: PathBuf,
@@ -157,6 +160,18 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// The daemon's routes: channel, addresses, plugin, agents and queue depth.
+    Routes {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's config file (its admin.listen is used).
+        #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
+        config: PathBuf,
+        /// The admin API address, instead of reading it from the config.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// List the daemon's endpoint identities.
     Endpoints {
         /// Print JSON.
@@ -203,6 +218,48 @@ enum PluginsAction {
         /// The plugin's name in config.yaml.
         name: String,
     },
+}
+
+/// `gatehouse status` for people: one line per fact.
+fn print_status(v: &serde_json::Value) {
+    let up = v["uptime_secs"].as_u64().unwrap_or(0);
+    println!(
+        "gatehouse {}, up {}h {}m {}s",
+        v["version"].as_str().unwrap_or("?"),
+        up / 3600,
+        up / 60 % 60,
+        up % 60
+    );
+    match v["not_ready_reason"].as_str() {
+        None => println!("ready          yes"),
+        Some(r) => println!("ready          no: {r}"),
+    }
+    println!(
+        "bridge inbox   {}",
+        v["bridge_inbox"].as_str().unwrap_or("?")
+    );
+    println!("endpoints      {}", v["endpoints"]);
+    let by_route = v["inbox_by_route"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    println!("queued         {} ({by_route})", v["inbox_depth"]);
+    println!("dead letters   {}", v["dead_letters"]);
+    if let Some(m) = v["mqtt"].as_str() {
+        println!("mqtt           {m}");
+    }
+    if v["nats"].is_object() {
+        println!(
+            "nats           {} ({} disconnects)",
+            v["nats"]["state"].as_str().unwrap_or("?"),
+            v["nats"]["disconnects"]
+        );
+    }
 }
 
 fn admin_addr(admin: Option<SocketAddr>, config: &std::path::Path) -> anyhow::Result<SocketAddr> {
@@ -328,9 +385,48 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             init_logging("warn");
             return agent::run(&home, &node, command).await;
         }
-        Command::Status { config, admin } => {
+        Command::Status {
+            json,
+            config,
+            admin,
+        } => {
             let addr = admin_addr(admin, &config)?;
-            println!("{}", admin::get(addr, "/status").await?);
+            let body = admin::get(addr, "/status").await?;
+            if json {
+                println!("{body}");
+            } else {
+                print_status(&serde_json::from_str(&body)?);
+            }
+        }
+        Command::Routes {
+            json,
+            config,
+            admin,
+        } => {
+            let addr = admin_addr(admin, &config)?;
+            let body = admin::get(addr, "/routes").await?;
+            if json {
+                println!("{body}");
+            } else {
+                let routes: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+                println!(
+                    "{:<16} {:<8} {:<32} {:<28} {:<10} {:>6} AGENTS",
+                    "ROUTE", "CHANNEL", "SUBSCRIBE", "REPLY", "PLUGIN", "QUEUED"
+                );
+                for r in routes {
+                    let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
+                    println!(
+                        "{:<16} {:<8} {:<32} {:<28} {:<10} {:>6} {}",
+                        s("name"),
+                        s("channel"),
+                        s("subscribe"),
+                        s("reply"),
+                        s("plugin"),
+                        r["queued"].as_u64().unwrap_or(0),
+                        r["agents"].as_array().map_or(0, |a| a.len())
+                    );
+                }
+            }
         }
         Command::Plugins {
             action,
