@@ -834,6 +834,14 @@ impl Daemon {
             .unwrap()
     }
 
+    /// `gatehouse routes --json`.
+    pub fn routes(&self) -> Vec<serde_json::Value> {
+        self.admin_json(&["routes", "--json"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// `gatehouse status`.
     pub fn status(&self) -> serde_json::Value {
         self.admin_json(&["status", "--json"])
@@ -886,6 +894,16 @@ impl Daemon {
             let _ = p.0.kill();
             let _ = p.0.wait();
         }
+    }
+
+    /// Sends a signal (`HUP`, `USR1`, …) to the running daemon.
+    pub fn signal(&self, name: &str) {
+        let p = self.proc.as_ref().expect("the daemon is running");
+        let st = Command::new("kill")
+            .args([&format!("-{name}"), &p.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill -{name} failed");
     }
 
     /// Sends SIGTERM and waits for the exit: its status and how long it took.

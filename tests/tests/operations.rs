@@ -131,6 +131,25 @@ fn metrics_count_exactly_and_ready_follows_the_broker() {
     assert_eq!(routes[0]["name"], "devices");
     assert_eq!(routes[0]["queued"], 0);
     assert_eq!(routes[0]["agents"][0], inbox.as_str());
+    // The endpoint's consent records: the route's agent is allowed.
+    let consent: serde_json::Value =
+        serde_json::from_str(&cli(&["consent", "list", "--json", "--endpoint", "t1"])).unwrap();
+    assert_eq!(consent[0]["endpoint"], "t1");
+    assert!(
+        consent[0]["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["entity"] == inbox.as_str() && r["state"] == "allowed"),
+        "{consent}"
+    );
+    let table = cli(&["consent", "list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("t1") && l.contains("allowed") && l.contains(&inbox)),
+        "{table}"
+    );
 
     // The broker goes away: not ready (503, with the reason), connector down; back: ready.
     s.broker.stop();
@@ -218,4 +237,59 @@ fn sigterm_mid_stream_exits_0_and_loses_and_duplicates_nothing() {
         "duplicates after the 1,000: {extra}"
     );
     assert!(before < 1000, "the stream was over before SIGTERM");
+}
+
+/// SIGHUP: an invalid config is refused (file:line:column in the log) and the daemon goes on
+/// with the old one; a valid one with a new route is applied (graceful restart in the
+/// process) and both the old and the new route carry messages.
+#[test]
+fn sighup_refuses_a_broken_config_and_applies_a_new_route() {
+    let s = Setup::new("ops-sighup");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let original = std::fs::read_to_string(&config).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/t1/up", br#"{"n":1}"#);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"n":1}"#);
+
+    // Broken: refused with its position; the daemon keeps serving on the old config.
+    std::fs::write(
+        &config,
+        original.replace(
+            "client_id: gatehouse-e2e",
+            "client_id: gatehouse-e2e, publish_qos: 7",
+        ),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.wait_log(&[
+        "SIGHUP: the new configuration is not valid",
+        "publish_qos: 7 is not an MQTT QoS",
+    ]);
+    assert!(
+        d.log_text().contains(&format!("{}:5:", config.display())),
+        "no position in the log"
+    );
+    s.broker.publish("devices/t1/up", br#"{"n":2}"#);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"n":2}"#);
+
+    // Valid, with a second route: applied.
+    let sensors = format!(
+        "  - {{name: sensors, channel: mqtt, subscribe: \"sensors/{{device}}/up\", reply: \"sensors/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n"
+    );
+    std::fs::write(&config, format!("{original}{sensors}")).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["configuration reloaded"]);
+    let routes = d.routes();
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    s.broker.publish("sensors/s1/up", br#"{"n":3}"#);
+    let m = &a.listen(1)[0];
+    assert_eq!(m["text"], r#"{"n":3}"#);
+    assert_eq!(m["sender_endpoint"]["address"], "sensors/s1/up");
+    s.broker.publish("devices/t1/up", br#"{"n":4}"#);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"n":4}"#);
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(extra.trim().is_empty(), "duplicates: {extra}");
 }

@@ -126,6 +126,13 @@ pub async fn serve(
                     .map(|(_, v)| v.to_string())
             };
             let (status, body) = match (method.as_str(), path) {
+                ("GET", "/consent") => (
+                    "200 OK",
+                    bridge
+                        .consent_records(param("endpoint").as_deref())
+                        .await
+                        .to_string(),
+                ),
                 ("GET", "/requests") => (
                     "200 OK",
                     bridge

@@ -2288,6 +2288,24 @@ impl Bridge {
         serde_json::Value::Array(out)
     }
 
+    /// The consent records of each endpoint (or of `device`): who may reach it.
+    pub async fn consent_records(&self, device: Option<&str>) -> serde_json::Value {
+        let mut out = Vec::new();
+        for ep in self.all_endpoints() {
+            if device.is_some_and(|d| d != ep.device) {
+                continue;
+            }
+            let client = ep.client.lock().await;
+            let records = client.consent_list().unwrap_or_default();
+            out.push(serde_json::json!({
+                "endpoint": ep.device,
+                "route": self.cfg.routes[ep.route].name,
+                "records": records,
+            }));
+        }
+        serde_json::Value::Array(out)
+    }
+
     /// An operator's decision for one endpoint: `target` is an inbox id, 0x address or
     /// conversation id. Held messages of an allowed sender go out at the next poll, in order.
     pub async fn decide(

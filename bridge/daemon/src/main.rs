@@ -144,15 +144,20 @@ enum Command {
     },
     /// Allow or deny a sender (inbox id, 0x address or conversation id) for one endpoint.
     /// Allowed senders' waiting messages go to the device in order; denied ones are dropped.
+    /// `gatehouse consent list [--endpoint DEVICE] [--json]` shows the endpoints' consent records.
     Consent {
-        /// `allow` or `deny`.
-        #[arg(value_parser = ["allow", "deny"])]
+        /// `allow`, `deny`, or `list`.
+        #[arg(value_parser = ["allow", "deny", "list"])]
         decision: String,
-        /// The endpoint (its device name, as `gatehouse endpoints` shows).
+        /// The endpoint (its device name, as `gatehouse endpoints` shows); for `list`, only
+        /// this one.
         #[arg(long)]
-        endpoint: String,
-        /// Inbox id, 0x address or conversation id.
-        target: String,
+        endpoint: Option<String>,
+        /// Inbox id, 0x address or conversation id (not for `list`).
+        target: Option<String>,
+        /// Print JSON (`list`).
+        #[arg(long)]
+        json: bool,
         /// The daemon's config file (its admin.listen is used).
         #[arg(long, default_value = "config.yaml", conflicts_with = "admin")]
         config: PathBuf,
@@ -326,6 +331,52 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// `gatehouse run`: the bridge until SIGTERM/SIGINT. SIGHUP reads the config file again: an
+/// invalid one is refused (logged with file:line:column) and the daemon goes on with the
+/// old; a valid one is applied by a graceful restart inside the process — in-flight work
+/// finishes as on SIGTERM, then everything starts again on the new configuration (queues and
+/// cursors are on disk, sources redeliver what was not acknowledged: nothing is lost).
+async fn run_daemon(path: &std::path::Path, mut cfg: config::Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut next: Option<config::Config> = None;
+        let mut running = std::pin::pin!(bridge::run(cfg, stop_rx));
+        let result = loop {
+            tokio::select! {
+                r = &mut running => break r,
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("shutting down (SIGINT)");
+                    let _ = stop_tx.send(true);
+                }
+                _ = term.recv() => {
+                    tracing::info!("shutting down");
+                    next = None;
+                    let _ = stop_tx.send(true);
+                }
+                _ = hup.recv() => match config::Config::load(path) {
+                    Ok(new) => {
+                        tracing::info!(config = %path.display(), "SIGHUP: the new configuration is valid; restarting on it (in-flight work finishes first)");
+                        next = Some(new);
+                        let _ = stop_tx.send(true);
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the new configuration is not valid; going on with the old one"),
+                },
+            }
+        };
+        result?;
+        match next {
+            Some(new) => {
+                cfg = new;
+                tracing::info!("configuration reloaded");
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
@@ -345,7 +396,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let cfg = config::Config::load(&config)?;
             init_logging_as("info", cfg.log.level.as_deref(), cfg.log.format);
             metrics::install();
-            bridge::run(cfg, shutdown_signal()).await?;
+            run_daemon(&config, cfg).await?;
         }
         Command::Check { config } => {
             config::Config::load(&config)?;
@@ -585,10 +636,41 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             decision,
             endpoint,
             target,
+            json,
             config,
             admin,
         } => {
             let addr = admin_addr(admin, &config)?;
+            if decision == "list" {
+                let path = match &endpoint {
+                    Some(e) => format!("/consent?endpoint={e}"),
+                    None => "/consent".to_string(),
+                };
+                let body = admin::get(addr, &path).await?;
+                if json {
+                    println!("{body}");
+                } else {
+                    let all: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+                    println!("{:<20} {:<14} {:<9} ENTITY", "ENDPOINT", "KIND", "STATE");
+                    for ep in all {
+                        for r in ep["records"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<20} {:<14} {:<9} {}",
+                                ep["endpoint"].as_str().unwrap_or("?"),
+                                r["kind"].as_str().unwrap_or("?"),
+                                r["state"].as_str().unwrap_or("?"),
+                                r["entity"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                }
+                return Ok(0);
+            }
+            let (Some(endpoint), Some(target)) = (endpoint, target) else {
+                anyhow::bail!(
+                    "consent {decision} needs --endpoint DEVICE and the sender (inbox id, 0x address or conversation id)"
+                );
+            };
             let body = admin::post(
                 addr,
                 "/consent",

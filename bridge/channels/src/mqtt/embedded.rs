@@ -44,7 +44,7 @@ fn default_max_connections() -> usize {
 }
 
 /// How the bridge reaches the broker that was started.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Started {
     /// Where the bridge connects: the host (the v5 listener's under MQTT 5)...
     pub host: String,
@@ -89,10 +89,30 @@ impl EmbeddedBroker {
 }
 
 /// Starts the broker on threads of its own and waits until it accepts connections.
+///
+/// The broker lives as long as the process (rumqttd cannot be stopped): a second start with
+/// the same `listen` (the daemon restarting on a reloaded config) gets the running one back.
 #[cfg(feature = "embedded-broker")]
 pub fn start(cfg: &EmbeddedBroker, protocol: super::Protocol) -> Result<Started, EmbeddedError> {
     use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static RUNNING: OnceLock<Mutex<HashMap<SocketAddr, (String, Started)>>> = OnceLock::new();
     cfg.validate(protocol).map_err(EmbeddedError::Failed)?;
+    let running = RUNNING.get_or_init(Default::default);
+    let mut running = running.lock().unwrap_or_else(|p| p.into_inner());
+    let settings = format!("{cfg:?}");
+    if let Some((was, started)) = running.get(&cfg.listen) {
+        if *was != settings {
+            tracing::warn!(listen = %cfg.listen, "embedded_broker settings changed; they apply when the process restarts (the broker keeps running as it was)");
+        }
+        let mut started = started.clone();
+        if protocol == super::Protocol::V5
+            && let Some(v5) = cfg.listen_v5
+        {
+            started.port = v5.port();
+        }
+        return Ok(started);
+    }
     // rumqttd reports a failed bind only in its log, so find out first (a broker already
     // there is the usual reason).
     for addr in std::iter::once(cfg.listen).chain(cfg.listen_v5) {
@@ -186,11 +206,13 @@ pub fn start(cfg: &EmbeddedBroker, protocol: super::Protocol) -> Result<Started,
         }
     }
     tracing::info!(listen = %cfg.listen, listen_v5 = ?cfg.listen_v5, users = cfg.users.len(), "embedded MQTT broker running");
-    Ok(Started {
+    let started = Started {
         host: dial.ip().to_string(),
         port: dial.port(),
         credentials,
-    })
+    };
+    running.insert(cfg.listen, (settings, started.clone()));
+    Ok(started)
 }
 
 /// Without the `embedded-broker` feature there is nothing to start.
