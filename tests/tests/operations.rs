@@ -293,3 +293,34 @@ fn sighup_refuses_a_broken_config_and_applies_a_new_route() {
     let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
     assert!(extra.trim().is_empty(), "duplicates: {extra}");
 }
+
+/// The load harness works (a tiny run; its figures are not judged here): every path carries
+/// every message.
+#[test]
+fn the_load_harness_runs() {
+    require("mosquitto", "mosquitto");
+    let out = std::process::Command::new(gatehouse_bin())
+        .args(["bench", "--devices", "2", "--messages", "50", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for path in [
+        "broker_hop",
+        "crypto_bound",
+        "device_to_agent",
+        "agent_to_device",
+    ] {
+        assert_eq!(r[path]["messages"], 50, "{path}: {r}");
+        assert!(
+            r[path]["msg_per_sec"].as_f64().unwrap() > 0.0,
+            "{path}: {r}"
+        );
+    }
+    assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
+    assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
+}

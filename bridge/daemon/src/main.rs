@@ -5,6 +5,7 @@
 
 mod admin;
 mod agent;
+mod bench;
 mod bridge;
 mod config;
 mod grants;
@@ -177,6 +178,27 @@ enum Command {
         #[arg(long)]
         admin: Option<SocketAddr>,
     },
+    /// The load harness: raw broker hop, crypto bound, and both end-to-end paths through a
+    /// daemon started in this process, side by side (needs mosquitto). Build with --release
+    /// for figures that mean anything.
+    Bench {
+        /// Simulated devices (each its own MQTT client and endpoint).
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Messages per path.
+        #[arg(long, default_value_t = 5000)]
+        messages: usize,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+        /// Send rate, messages per second in total (open loop, for latency); default: as
+        /// fast as the path takes them (closed loop, for throughput).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the daemon's endpoint identities.
     Endpoints {
         /// Print JSON.
@@ -281,35 +303,60 @@ fn init_logging(default: &str) {
 /// Logging to standard error: the filter is `GATEHOUSE_LOG` (whole), else `RUST_LOG`, else
 /// config.yaml's `log.level`, else `default`.
 fn init_logging_as(default: &str, level: Option<&str>, format: config::LogFormat) {
-    // Caps that hold whatever level is asked for (only GATEHOUSE_LOG replaces them):
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (filter, capped) = match set("GATEHOUSE_LOG") {
+        Some(whole) => (tracing_subscriber::EnvFilter::new(whole), false),
+        None => {
+            let wanted = set("RUST_LOG")
+                .or(level.map(String::from))
+                .unwrap_or_else(|| default.to_string());
+            (tracing_subscriber::EnvFilter::new(wanted), true)
+        }
+    };
+    // Caps that hold whatever level is asked for (they only lower it; GATEHOUSE_LOG lifts
+    // them, for debugging a dependency):
     // - openmls logs routine conditions (a stale epoch from a lost race) at error level;
     //   Gatehouse reports what they mean itself;
     // - the embedded broker (rumqttd) logs routine disconnects at error level; the daemon
     //   reports its start, its address and a taken port;
     // - below these levels, sled logs whole write batches (the stores hold decrypted
-    //   messages), the SMTP and MQTT clients their traffic, and cranelift/wasmtime every
-    //   compiled instruction: no plaintext or keys in the log, at any level.
-    let quiet = "openmls=off,rumqttd=off,sled=info,cranelift=warn,wasmtime=info,\
-                 lettre=info,rumqttc=debug,async_nats=debug,h2=info,hyper=info,tonic=info,tower=info";
-    let set = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    let filter = match set("GATEHOUSE_LOG") {
-        Some(whole) => tracing_subscriber::EnvFilter::new(whole),
-        None => {
-            let wanted = set("RUST_LOG")
-                .or(level.map(String::from))
-                .unwrap_or_else(|| default.to_string());
-            tracing_subscriber::EnvFilter::new(format!("{quiet},{wanted}"))
-        }
-    };
+    //   messages), the SMTP, MQTT and HTTP/2 clients their traffic, and cranelift/wasmtime
+    //   every compiled instruction: no plaintext or keys in the log, at any level.
+    let caps = capped.then(|| {
+        Targets::new()
+            .with_default(LevelFilter::TRACE)
+            .with_target("openmls", LevelFilter::OFF)
+            .with_target("rumqttd", LevelFilter::OFF)
+            .with_target("sled", LevelFilter::INFO)
+            .with_target("cranelift", LevelFilter::WARN)
+            .with_target("wasmtime", LevelFilter::INFO)
+            .with_target("lettre", LevelFilter::INFO)
+            .with_target("rumqttc", LevelFilter::DEBUG)
+            .with_target("async_nats", LevelFilter::DEBUG)
+            .with_target("h2", LevelFilter::INFO)
+            .with_target("hyper", LevelFilter::INFO)
+            .with_target("tonic", LevelFilter::INFO)
+            .with_target("tower", LevelFilter::INFO)
+    });
     use std::io::IsTerminal as _;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        config::LogFormat::Json => builder.json().init(),
+    let output = match format {
+        config::LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
         // Colours only on a terminal: a log file or journal gets plain text.
-        config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+        config::LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(caps)
+        .with(output)
+        .init();
 }
 
 fn shutdown_signal() -> watch::Receiver<bool> {
@@ -678,6 +725,23 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             )
             .await?;
             println!("{body}");
+        }
+        Command::Bench {
+            devices,
+            messages,
+            payload,
+            rate,
+            json,
+        } => {
+            init_logging("warn");
+            bench::run(bench::Opts {
+                devices,
+                messages,
+                payload,
+                rate,
+                json,
+            })
+            .await?;
         }
         Command::Endpoints {
             json,

@@ -1,0 +1,610 @@
+//! `gatehouse bench`: the load harness. One run on one machine measures, side by side:
+//!
+//! 1. the raw broker hop: MQTT QoS 1 publish → subscribe through the same mosquitto;
+//! 2. the crypto bound: MLS encrypt + decrypt of the same payload on the suite endpoints use
+//!    (one core);
+//! 3. end to end, device → agent: devices publish to mosquitto, the daemon (in this process,
+//!    the real `bridge::run`) stores, maps, encrypts and publishes to its embedded node, an
+//!    agent client reads and decrypts;
+//! 4. the reverse, agent → devices;
+//! 5. the ratios of 3 to 2 and to 1.
+//!
+//! Every payload carries its send time, so each hop's per-message latency is measured from
+//! the sender's clock to the receiver's (same machine, same clock). Closed loop (as fast as
+//! QoS 1 and the pipeline allow) by default; `--rate` paces the senders (open loop) for
+//! latency at a given load.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Simulated devices (each its own MQTT client and XMTP endpoint).
+    pub devices: usize,
+    /// Messages per measured path.
+    pub messages: usize,
+    /// Payload bytes (the JSON body is padded to this size).
+    pub payload: usize,
+    /// Total send rate, messages per second (open loop); `None`: closed loop.
+    pub rate: Option<u64>,
+    /// Print JSON instead of the table.
+    pub json: bool,
+}
+
+/// One path's figures.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct PathStats {
+    /// Messages that arrived.
+    pub messages: usize,
+    /// From the first send to the last arrival, seconds.
+    pub seconds: f64,
+    /// messages / seconds.
+    pub msg_per_sec: f64,
+    /// Per-message latency, milliseconds: median (for the crypto bound: one encrypt +
+    /// decrypt).
+    pub p50_ms: Option<f64>,
+    /// 90th percentile.
+    pub p90_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+    /// The slowest.
+    pub max_ms: Option<f64>,
+}
+
+impl PathStats {
+    fn from(latencies_ns: &mut [u64], first_send: Instant, last_arrival: Instant) -> PathStats {
+        latencies_ns.sort_unstable();
+        let q = |p: f64| -> Option<f64> {
+            if latencies_ns.is_empty() {
+                return None;
+            }
+            let i = ((latencies_ns.len() as f64 * p).ceil() as usize).clamp(1, latencies_ns.len());
+            Some(latencies_ns[i - 1] as f64 / 1e6)
+        };
+        let seconds = last_arrival
+            .duration_since(first_send)
+            .as_secs_f64()
+            .max(1e-9);
+        PathStats {
+            messages: latencies_ns.len(),
+            seconds,
+            msg_per_sec: latencies_ns.len() as f64 / seconds,
+            p50_ms: q(0.50),
+            p90_ms: q(0.90),
+            p99_ms: q(0.99),
+            max_ms: q(1.0),
+        }
+    }
+}
+
+/// The whole run.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    /// Simulated devices.
+    pub devices: usize,
+    /// Messages per path.
+    pub messages: usize,
+    /// Payload size.
+    pub payload_bytes: usize,
+    /// Closed loop, or open loop at a rate.
+    pub mode: String,
+    /// `debug` or `release`: only release figures mean anything.
+    pub build: &'static str,
+    /// 1: MQTT QoS 1 through mosquitto.
+    pub broker_hop: PathStats,
+    /// 2: MLS encrypt + decrypt.
+    pub crypto_bound: PathStats,
+    /// 3: device → agent through the daemon.
+    pub device_to_agent: PathStats,
+    /// 4: agent → device through the daemon.
+    pub agent_to_device: PathStats,
+    /// 3 / 2, throughput.
+    pub e2e_over_crypto: f64,
+    /// 3 / 1, throughput.
+    pub e2e_over_broker: f64,
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// `{"seq":N,"ns":T,"pad":"…"}` padded to `size` bytes.
+fn body(seq: usize, size: usize) -> String {
+    let head = format!("{{\"seq\":{seq},\"ns\":{},\"pad\":\"", now_ns());
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+/// The send time in a body (JSON, or the same text after the plugin re-encoded it).
+fn sent_ns(text: &[u8]) -> Option<(usize, u64)> {
+    let v: serde_json::Value = serde_json::from_slice(text).ok()?;
+    Some((v["seq"].as_u64()? as usize, v["ns"].as_u64()?))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A mosquitto for the run (killed on drop).
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_broker(dir: &Path) -> anyhow::Result<Broker> {
+    let port = free_port()?;
+    let conf = dir.join("mosquitto.conf");
+    // No queue limits: a closed-loop burst must not be dropped by the broker.
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+        ),
+    )?;
+    let child = std::process::Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting mosquitto (install the Debian package `mosquitto`)")?;
+    let broker = Broker { child, port };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("mosquitto did not start listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(broker)
+}
+
+/// An MQTT client whose event loop runs in a task; publishes received go to `rx`.
+async fn mqtt_client(
+    port: u16,
+    id: &str,
+    subscribe: Option<&str>,
+) -> anyhow::Result<(AsyncClient, mpsc::UnboundedReceiver<(Instant, Vec<u8>)>)> {
+    let mut opts = MqttOptions::new(id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(200);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(opts, 10_000);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, mut ready_rx) = watch::channel(false);
+    let want_sub = subscribe.is_some();
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if !want_sub => {
+                    let _ = ready_tx.send(true);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(true);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((Instant::now(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    if let Some(filter) = subscribe {
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+    }
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r))
+        .await
+        .context("the MQTT client did not connect")??;
+    Ok((client, rx))
+}
+
+/// Sends `total` messages spread over `devices` (round robin), paced by `rate` if given.
+async fn publish_all(
+    clients: &[AsyncClient],
+    topic: impl Fn(usize) -> String,
+    total: usize,
+    size: usize,
+    rate: Option<u64>,
+) -> anyhow::Result<()> {
+    let mut tick = rate.map(|r| {
+        let mut i = tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        i
+    });
+    for seq in 0..total {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let d = seq % clients.len();
+        clients[d]
+            .publish(topic(d), QoS::AtLeastOnce, false, body(seq, size))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Collects `total` arrivals (with their latency) or gives up after `patience` without one.
+async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
+    total: usize,
+    patience: Duration,
+) -> (Vec<u64>, Instant) {
+    let mut lat = Vec::with_capacity(total);
+    let mut seen = std::collections::HashSet::new();
+    let mut last = Instant::now();
+    while lat.len() < total {
+        match tokio::time::timeout(patience, rx.recv()).await {
+            Ok(Some((at, body))) => {
+                if let Some((seq, ns)) = sent_ns(&body)
+                    && seen.insert(seq)
+                {
+                    // Arrival on this process's clock, as nanoseconds since the epoch.
+                    let arrived = now_ns().saturating_sub(at.elapsed().as_nanos() as u64);
+                    lat.push(arrived.saturating_sub(ns));
+                    last = at;
+                }
+            }
+            _ => break,
+        }
+    }
+    (lat, last)
+}
+
+async fn broker_hop(port: u16, o: &Opts) -> anyhow::Result<PathStats> {
+    let (_sub, mut rx) = mqtt_client(port, "bench-sink", Some("bench/+/up")).await?;
+    let mut devices = Vec::new();
+    for d in 0..o.devices {
+        devices.push(mqtt_client(port, &format!("bench-raw-{d}"), None).await?.0);
+    }
+    let started = Instant::now();
+    let sender = {
+        let devices = devices.clone();
+        let o = o.clone();
+        tokio::spawn(async move {
+            publish_all(
+                &devices,
+                |d| format!("bench/d{d}/up"),
+                o.messages,
+                o.payload,
+                o.rate,
+            )
+            .await
+        })
+    };
+    let (mut lat, last) = collect(&mut rx, o.messages, Duration::from_secs(30)).await;
+    sender.await??;
+    Ok(PathStats::from(&mut lat, started, last))
+}
+
+/// MLS encrypt + decrypt on the post-quantum suite (what Gatehouse uses between its own
+/// installations), one core, `n` messages of `size` bytes.
+fn crypto_bound(n: usize, size: usize) -> anyhow::Result<PathStats> {
+    use gatehouse_protocol::group::{self, Kind, PQ_CIPHERSUITE, Provider};
+    use gatehouse_protocol::identity::InstallationKey;
+    let member = |i: u8| {
+        let mut seed = [0u8; 32];
+        seed[0] = i;
+        seed[1] = 0xbe;
+        (
+            format!("{i:064x}"),
+            InstallationKey::from_seed(&seed),
+            Provider::default(),
+        )
+    };
+    let (a_inbox, a_key, a_provider) = member(1);
+    let (b_inbox, b_key, b_provider) = member(2);
+    let kp = group::build_key_package(&b_provider, &b_inbox, &b_key, &mut rand::rngs::OsRng)?;
+    let v = group::validate_key_package(&a_provider, &kp.tls)?;
+    let membership: BTreeMap<String, u64> = [(a_inbox.clone(), 1)].into();
+    let created = group::create(
+        &a_provider,
+        &a_key,
+        &a_inbox,
+        Kind::Group {
+            name: "bench",
+            description: "",
+        },
+        vec![v.pq_key_package.context("no post-quantum key package")?],
+        &membership,
+        &mut rand::rngs::OsRng,
+        PQ_CIPHERSUITE,
+    )?;
+    let mut ga = created.group;
+    let mut gb = group::join(&b_provider, &created.welcome)?;
+    let plaintext = gatehouse_protocol::content::seal_envelope(
+        &gatehouse_protocol::content::text(&"x".repeat(size)),
+        "bench",
+    );
+    let started = Instant::now();
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let ct = group::encrypt(&a_provider, &a_key, &mut ga, &plaintext)?;
+        group::process(&b_provider, &mut gb, &ct)?;
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    Ok(PathStats::from(&mut lat, started, Instant::now()))
+}
+
+/// Device → agent and agent → device through the real daemon.
+async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStats, PathStats)> {
+    let node_port = free_port()?;
+    let admin_port = free_port()?;
+    let node_url = format!("http://127.0.0.1:{node_port}");
+    // The agent: an XMTP client of its own.
+    let agent_db = sled::Config::new()
+        .path(dir.join("agent"))
+        .open()
+        .context("opening the agent's store")?;
+    let agent_tree = agent_db.open_tree("agent")?;
+    let config = format!(
+        "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
+         poll_interval_ms: 20\nlog: {{level: warn}}\n\
+         channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench}}}}\n\
+         plugins: {{mqtt: {{builtin: mqtt}}}}\n\
+         routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [AGENT], max_payload: 1048576}}\n",
+        dir.join("data").display()
+    );
+    // The agent's inbox id is known before it registers (derived from its key); the channel
+    // connects lazily, once the daemon's node listens.
+    let channel = gatehouse_client::connect(&node_url).await?;
+    let mut agent = gatehouse_client::Client::open_owned(agent_tree, channel, None, None)?;
+    let agent_inbox = agent.inbox_id().to_string();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let config = config.replace("AGENT", &format!("\"{agent_inbox}\""));
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, config)?;
+    let cfg = crate::config::Config::load(&path)?;
+    let daemon = tokio::spawn(crate::bridge::run(cfg, stop_rx));
+    // The node listens once the daemon is up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+        if Instant::now() > deadline || daemon.is_finished() {
+            bail!("the daemon did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    agent.register().await?;
+
+    // Warm-up: each device says hello once (endpoints register, DMs are created).
+    let mut devices = Vec::new();
+    for d in 0..o.devices {
+        devices.push(mqtt_client(port, &format!("bench-dev-{d}"), None).await?.0);
+    }
+    for (d, c) in devices.iter().enumerate() {
+        c.publish(
+            format!("devices/d{d}/up"),
+            QoS::AtLeastOnce,
+            false,
+            body(usize::MAX - d, o.payload),
+        )
+        .await?;
+    }
+    let mut conversations: BTreeMap<String, String> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while conversations.len() < o.devices {
+        for m in agent.sync_all().await? {
+            if let Some(d) = m.delivery {
+                agent.delivered(d)?;
+            }
+            if m.is_transcript() {
+                continue;
+            }
+            conversations.insert(m.sender_inbox.clone(), m.conversation.clone());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "warm-up: {} of {} devices reached the agent",
+                conversations.len(),
+                o.devices
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Device → agent.
+    let started = Instant::now();
+    let sender = {
+        let devices = devices.clone();
+        let o = o.clone();
+        tokio::spawn(async move {
+            publish_all(
+                &devices,
+                |d| format!("devices/d{d}/up"),
+                o.messages,
+                o.payload,
+                o.rate,
+            )
+            .await
+        })
+    };
+    let mut lat = Vec::with_capacity(o.messages);
+    let mut seen = std::collections::HashSet::new();
+    let mut last = Instant::now();
+    let mut quiet_since = Instant::now();
+    while seen.len() < o.messages && quiet_since.elapsed() < Duration::from_secs(30) {
+        let batch = agent.sync_all().await?;
+        let arrived = now_ns();
+        if batch.is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        quiet_since = Instant::now();
+        for m in batch {
+            if let Some(d) = m.delivery {
+                agent.delivered(d)?;
+            }
+            if let Some((seq, ns)) = m.text.as_deref().and_then(|t| sent_ns(t.as_bytes()))
+                && seq < o.messages
+                && seen.insert(seq)
+            {
+                lat.push(arrived.saturating_sub(ns));
+                last = Instant::now();
+            }
+        }
+    }
+    sender.await??;
+    let up = PathStats::from(&mut lat, started, last);
+
+    // Agent → devices: the agent writes into each device's DM, 64 messages per publish.
+    let (_sink, mut rx) = mqtt_client(port, "bench-devices-down", Some("devices/+/down")).await?;
+    let dms: Vec<Vec<u8>> = conversations
+        .values()
+        .map(|c| hex::decode(c).context("conversation id"))
+        .collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    let total = o.messages;
+    let collector =
+        tokio::spawn(async move { collect(&mut rx, total, Duration::from_secs(30)).await });
+    let mut tick = o.rate.map(|r| {
+        let mut i = tokio::time::interval(Duration::from_secs_f64(64.0 / r.max(1) as f64));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        i
+    });
+    let mut seq = 0;
+    while seq < o.messages {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let gid = &dms[(seq / 64) % dms.len()];
+        let n = 64.min(o.messages - seq);
+        let items: Vec<_> = (seq..seq + n)
+            .map(|s| {
+                (
+                    gatehouse_protocol::content::text(&body(s, o.payload)),
+                    format!("bench-{s}"),
+                )
+            })
+            .collect();
+        agent.send_batch(gid, &items).await?;
+        seq += n;
+    }
+    let (mut lat, last) = collector.await?;
+    let down = PathStats::from(&mut lat, started, last);
+
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(15), daemon).await;
+    Ok((up, down))
+}
+
+/// Runs everything and prints the table (or JSON).
+pub async fn run(o: Opts) -> anyhow::Result<Report> {
+    if o.devices == 0 || o.messages == 0 {
+        bail!("--devices and --messages must be at least 1");
+    }
+    if which("mosquitto").is_none() {
+        bail!("gatehouse bench needs mosquitto: install the Debian package `mosquitto`");
+    }
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "gatehouse-bench-{}-{}",
+        std::process::id(),
+        now_ns()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let result = async {
+        let broker = start_broker(&dir)?;
+        eprintln!("1/4 raw broker hop ({} messages)…", o.messages);
+        let broker_hop = broker_hop(broker.port, &o).await?;
+        eprintln!("2/4 crypto bound…");
+        let crypto_n = o.messages.min(5000);
+        let payload = o.payload;
+        let crypto_bound =
+            tokio::task::spawn_blocking(move || crypto_bound(crypto_n, payload)).await??;
+        eprintln!("3/4 and 4/4 end to end, both ways…");
+        let (device_to_agent, agent_to_device) = end_to_end(&dir, broker.port, &o).await?;
+        Ok::<_, anyhow::Error>(Report {
+            devices: o.devices,
+            messages: o.messages,
+            payload_bytes: o.payload,
+            mode: match o.rate {
+                Some(r) => format!("open loop at {r} msg/s"),
+                None => "closed loop".into(),
+            },
+            build: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+            e2e_over_crypto: device_to_agent.msg_per_sec / crypto_bound.msg_per_sec.max(1e-9),
+            e2e_over_broker: device_to_agent.msg_per_sec / broker_hop.msg_per_sec.max(1e-9),
+            broker_hop,
+            crypto_bound,
+            device_to_agent,
+            agent_to_device,
+        })
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(report)
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(tool))
+        .find(|p| p.is_file())
+}
+
+fn print_table(r: &Report) {
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!(
+        "gatehouse bench: {} devices, {} messages of {} bytes, {} ({} build)",
+        r.devices, r.messages, r.payload_bytes, r.mode, r.build
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "path", "messages", "msg/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
+    );
+    for (name, s) in [
+        ("1 raw broker hop (mosquitto, QoS 1)", &r.broker_hop),
+        (
+            "2 crypto bound (MLS PQ encrypt+decrypt, 1 core)",
+            &r.crypto_bound,
+        ),
+        ("3 end to end, device -> agent", &r.device_to_agent),
+        ("4 end to end, agent -> device", &r.agent_to_device),
+    ] {
+        println!(
+            "{:<44} {:>9} {:>9.0} {:>9} {:>9} {:>9} {:>9}",
+            name,
+            s.messages,
+            s.msg_per_sec,
+            ms(s.p50_ms),
+            ms(s.p90_ms),
+            ms(s.p99_ms),
+            ms(s.max_ms)
+        );
+    }
+    println!(
+        "5 ratios: end to end / crypto bound = {:.2}; end to end / broker hop = {:.3}",
+        r.e2e_over_crypto, r.e2e_over_broker
+    );
+}
