@@ -282,6 +282,10 @@ fn sighup_refuses_a_broken_config_and_applies_a_new_route() {
     std::fs::write(&config, format!("{original}{sensors}")).unwrap();
     d.signal("HUP");
     d.wait_log(&["configuration reloaded"]);
+    // Serving again once the new run says so (its admin API is then listening).
+    wait_for("the daemon to run on the new configuration", || {
+        (d.log_text().matches("gatehouse running").count() == 2).then_some(())
+    });
     let routes = d.routes();
     assert_eq!(routes.len(), 2, "{routes:?}");
     s.broker.publish("sensors/s1/up", br#"{"n":3}"#);

@@ -35,6 +35,8 @@ pub struct Opts {
     pub rate: Option<u64>,
     /// Print JSON instead of the table.
     pub json: bool,
+    /// The daemon's `poll_interval_ms` (how often endpoints read their conversations).
+    pub poll_ms: u64,
 }
 
 /// One path's figures.
@@ -94,6 +96,8 @@ pub struct Report {
     pub payload_bytes: usize,
     /// Closed loop, or open loop at a rate.
     pub mode: String,
+    /// The daemon's poll interval, milliseconds.
+    pub poll_ms: u64,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
     /// 1: MQTT QoS 1 through mosquitto.
@@ -108,6 +112,40 @@ pub struct Report {
     pub e2e_over_crypto: f64,
     /// 3 / 1, throughput.
     pub e2e_over_broker: f64,
+    /// Where the daemon's time went during 3 and 4 (its own histograms): stage → (calls,
+    /// total seconds).
+    pub stages: BTreeMap<String, (u64, f64)>,
+}
+
+/// The daemon's stage histograms (`_count`, `_sum`) from its metrics.
+fn stages() -> BTreeMap<String, (u64, f64)> {
+    let text = crate::metrics::render(|| {});
+    let mut out: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for (name, stage) in [
+        ("gatehouse_plugin_call_seconds", "plugin calls (map)"),
+        (
+            "gatehouse_encrypt_send_seconds",
+            "MLS encrypt + publish to node",
+        ),
+        (
+            "gatehouse_sync_decrypt_seconds",
+            "read + MLS decrypt (endpoints)",
+        ),
+    ] {
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            let e = out.entry(stage.to_string()).or_default();
+            if series.starts_with(&format!("{name}_count")) {
+                e.0 += value as u64;
+            } else if series.starts_with(&format!("{name}_sum")) {
+                e.1 += value;
+            }
+        }
+    }
+    out
 }
 
 fn now_ns() -> u64 {
@@ -360,11 +398,12 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
     let agent_tree = agent_db.open_tree("agent")?;
     let config = format!(
         "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
-         poll_interval_ms: 20\nlog: {{level: warn}}\n\
+         poll_interval_ms: {}\nlog: {{level: warn}}\n\
          channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench}}}}\n\
          plugins: {{mqtt: {{builtin: mqtt}}}}\n\
          routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [AGENT], max_payload: 1048576}}\n",
-        dir.join("data").display()
+        dir.join("data").display(),
+        o.poll_ms
     );
     // The agent's inbox id is known before it registers (derived from its key); the channel
     // connects lazily, once the daemon's node listens.
@@ -421,6 +460,16 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
             );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A real agent allows the devices it talks to (their messages are then not requests).
+    for inbox in conversations.keys() {
+        agent
+            .set_consent(
+                gatehouse_protocol::consent::Entity::InboxId,
+                inbox,
+                gatehouse_protocol::consent::State::Allowed,
+            )
+            .await?;
     }
 
     // Device → agent.
@@ -510,6 +559,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
 
 /// Runs everything and prints the table (or JSON).
 pub async fn run(o: Opts) -> anyhow::Result<Report> {
+    // The daemon's own histograms say where its time goes.
+    crate::metrics::install();
     if o.devices == 0 || o.messages == 0 {
         bail!("--devices and --messages must be at least 1");
     }
@@ -537,6 +588,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             devices: o.devices,
             messages: o.messages,
             payload_bytes: o.payload,
+            poll_ms: o.poll_ms,
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
                 None => "closed loop".into(),
@@ -548,6 +600,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             },
             e2e_over_crypto: device_to_agent.msg_per_sec / crypto_bound.msg_per_sec.max(1e-9),
             e2e_over_broker: device_to_agent.msg_per_sec / broker_hop.msg_per_sec.max(1e-9),
+            stages: stages(),
             broker_hop,
             crypto_bound,
             device_to_agent,
@@ -576,8 +629,8 @@ fn which(tool: &str) -> Option<PathBuf> {
 fn print_table(r: &Report) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "gatehouse bench: {} devices, {} messages of {} bytes, {} ({} build)",
-        r.devices, r.messages, r.payload_bytes, r.mode, r.build
+        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {} ({} build)",
+        r.devices, r.messages, r.payload_bytes, r.mode, r.poll_ms, r.build
     );
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -607,4 +660,9 @@ fn print_table(r: &Report) {
         "5 ratios: end to end / crypto bound = {:.2}; end to end / broker hop = {:.3}",
         r.e2e_over_crypto, r.e2e_over_broker
     );
+    let wall = r.device_to_agent.seconds + r.agent_to_device.seconds;
+    println!("where the daemon's time went in 3 and 4 ({wall:.2} s of wall time; 2 cores):");
+    for (stage, (calls, secs)) in &r.stages {
+        println!("  {stage:<34} {calls:>8} calls {secs:>9.3} s");
+    }
 }

@@ -37,7 +37,7 @@ const STORAGE_RECHECK: Duration = Duration::from_secs(1);
 const ACCEPT_BATCH: usize = 256;
 /// Queued device messages mapped and sent together (one MLS write and one publish per
 /// endpoint and agent).
-const DELIVER_BATCH: usize = 64;
+const DELIVER_BATCH: usize = 256;
 /// Wait before retrying queued work after a transient failure (node unreachable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// First and longest wait before an endpoint retries publishing a conversation message.
@@ -2059,131 +2059,154 @@ impl Bridge {
         if !devices.is_empty() && route.agents.is_empty() {
             tracing::warn!(route = %route.name, "route has no agents: message not delivered to anyone");
         }
+        // Endpoints in parallel (each has its own client and conversations; order is kept
+        // within each): their MLS writes and node round trips overlap.
+        use futures::StreamExt as _;
+        type Sending<'a> =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + Send + 'a>>;
+        let mut sends: Vec<Sending<'_>> = Vec::with_capacity(devices.len());
         for (device, items) in devices {
-            let endpoint = self
-                .endpoint(idx, device)
-                .map_err(|e| Failure::Transient(format!("{e:#}")))?;
-            let mut client = endpoint.client.lock().await;
-            self.ensure_registered(&endpoint, &mut client).await?;
-            // Mail threads: each thread is a conversation of its own (a group of the endpoint
-            // and the route's agents), created with the thread's first message.
-            let mut threads: Vec<(&str, &str, Vec<&Outgoing>)> = Vec::new();
-            for o in items.iter().filter(|o| o.thread.is_some()) {
-                let (key, subject) = o
-                    .thread
-                    .as_ref()
-                    .map(|(k, s)| (k.as_str(), s.as_str()))
-                    .unwrap_or_default();
-                match threads.iter_mut().find(|(k, _, _)| *k == key) {
-                    Some((_, _, list)) => list.push(o),
-                    None => threads.push((key, subject, vec![o])),
-                }
+            sends.push(Box::pin(self.send_to_device(idx, device, items)));
+        }
+        let results: Vec<Result<(), Failure>> = futures::stream::iter(sends)
+            .buffer_unordered(OUTBOUND_PARALLEL)
+            .collect()
+            .await;
+        results.into_iter().collect::<Result<Vec<()>, Failure>>()?;
+        Ok(())
+    }
+
+    /// One endpoint's share of a delivery batch, in queue order: its mail threads, then the
+    /// DM with each of the route's agents.
+    async fn send_to_device(
+        &self,
+        idx: usize,
+        device: &str,
+        items: Vec<&Outgoing>,
+    ) -> Result<(), Failure> {
+        let route = &self.cfg.routes[idx];
+        let endpoint = self
+            .endpoint(idx, device)
+            .map_err(|e| Failure::Transient(format!("{e:#}")))?;
+        let mut client = endpoint.client.lock().await;
+        self.ensure_registered(&endpoint, &mut client).await?;
+        // Mail threads: each thread is a conversation of its own (a group of the endpoint
+        // and the route's agents), created with the thread's first message.
+        let mut threads: Vec<(&str, &str, Vec<&Outgoing>)> = Vec::new();
+        for o in items.iter().filter(|o| o.thread.is_some()) {
+            let (key, subject) = o
+                .thread
+                .as_ref()
+                .map(|(k, s)| (k.as_str(), s.as_str()))
+                .unwrap_or_default();
+            match threads.iter_mut().find(|(k, _, _)| *k == key) {
+                Some((_, _, list)) => list.push(o),
+                None => threads.push((key, subject, vec![o])),
             }
-            for (key, subject, list) in threads {
-                let tkey = Self::endpoint_key(route, device, key);
-                let gid = match self
-                    .mail_convs
-                    .get(&tkey)
-                    .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?
-                {
-                    Some(g) => g.to_vec(),
-                    None => {
-                        let mut members = Vec::new();
-                        for agent in &route.agents {
-                            let inbox = self.resolve(&mut client, agent).await.map_err(|e| {
-                                Failure::Transient(format!("resolving {agent}: {e:#}"))
-                            })?;
-                            if client
-                                .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
-                                .ok()
-                                .flatten()
-                                != Some(gatehouse_protocol::consent::State::Denied)
-                            {
-                                members.push(inbox);
-                            }
-                        }
-                        if members.is_empty() {
-                            tracing::info!(route = %route.name, %device, "not delivered: no agent of the route may receive this endpoint's mail");
-                            continue;
-                        }
-                        let name: String = if subject.is_empty() {
-                            "(no subject)"
-                        } else {
-                            subject
-                        }
-                        .chars()
-                        .take(100)
-                        .collect();
-                        let gid = client
-                            .create_group(&name, &format!("mail from {device}"), &members)
+        }
+        for (key, subject, list) in threads {
+            let tkey = Self::endpoint_key(route, device, key);
+            let gid = match self
+                .mail_convs
+                .get(&tkey)
+                .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?
+            {
+                Some(g) => g.to_vec(),
+                None => {
+                    let mut members = Vec::new();
+                    for agent in &route.agents {
+                        let inbox = self
+                            .resolve(&mut client, agent)
                             .await
-                            .map_err(|e| {
-                                Failure::Transient(format!(
-                                    "creating the thread's conversation: {e}"
-                                ))
-                            })?;
-                        self.mail_convs
-                            .insert(&tkey, gid.as_slice())
-                            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
-                        self.mail_gids
-                            .insert(
-                                Self::endpoint_key(route, device, &hex::encode(&gid)),
-                                key.as_bytes(),
-                            )
-                            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
-                        gatehouse_client::flush_tree(&self.mail_convs)
-                            .await
-                            .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
-                        tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), "new mail thread: new conversation");
-                        gid
+                            .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
+                        if client
+                            .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
+                            .ok()
+                            .flatten()
+                            != Some(gatehouse_protocol::consent::State::Denied)
+                        {
+                            members.push(inbox);
+                        }
                     }
-                };
-                let batch: Vec<_> = list
-                    .iter()
-                    .map(|o| (o.content.clone(), format!("{}-thread", o.key)))
+                    if members.is_empty() {
+                        tracing::info!(route = %route.name, %device, "not delivered: no agent of the route may receive this endpoint's mail");
+                        continue;
+                    }
+                    let name: String = if subject.is_empty() {
+                        "(no subject)"
+                    } else {
+                        subject
+                    }
+                    .chars()
+                    .take(100)
                     .collect();
-                let started = std::time::Instant::now();
-                client.send_batch(&gid, &batch).await.map_err(|e| {
-                    Failure::Transient(format!("sending to the thread's conversation: {e}"))
-                })?;
-                crate::metrics::encrypt_send(&route.name, started.elapsed().as_secs_f64());
-                tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
-            }
-            let items: Vec<&Outgoing> = items.into_iter().filter(|o| o.thread.is_none()).collect();
-            if items.is_empty() {
+                    let gid = client
+                        .create_group(&name, &format!("mail from {device}"), &members)
+                        .await
+                        .map_err(|e| {
+                            Failure::Transient(format!("creating the thread's conversation: {e}"))
+                        })?;
+                    self.mail_convs
+                        .insert(&tkey, gid.as_slice())
+                        .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+                    self.mail_gids
+                        .insert(
+                            Self::endpoint_key(route, device, &hex::encode(&gid)),
+                            key.as_bytes(),
+                        )
+                        .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+                    gatehouse_client::flush_tree(&self.mail_convs)
+                        .await
+                        .map_err(|e| Failure::Transient(format!("the bridge store: {e}")))?;
+                    tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), "new mail thread: new conversation");
+                    gid
+                }
+            };
+            let batch: Vec<_> = list
+                .iter()
+                .map(|o| (o.content.clone(), format!("{}-thread", o.key)))
+                .collect();
+            let started = std::time::Instant::now();
+            client.send_batch(&gid, &batch).await.map_err(|e| {
+                Failure::Transient(format!("sending to the thread's conversation: {e}"))
+            })?;
+            crate::metrics::encrypt_send(&route.name, started.elapsed().as_secs_f64());
+            tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
+        }
+        let items: Vec<&Outgoing> = items.into_iter().filter(|o| o.thread.is_none()).collect();
+        if items.is_empty() {
+            return Ok(());
+        }
+        for agent in &route.agents {
+            let inbox = self
+                .resolve(&mut client, agent)
+                .await
+                .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
+            // External messages go only to peers this endpoint allows.
+            if client
+                .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
+                .ok()
+                .flatten()
+                == Some(gatehouse_protocol::consent::State::Denied)
+            {
+                tracing::info!(route = %route.name, %device, agent = %inbox, "not delivered: the agent is denied for this endpoint");
                 continue;
             }
-            for agent in &route.agents {
-                let inbox = self
-                    .resolve(&mut client, agent)
-                    .await
-                    .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
-                // External messages go only to peers this endpoint allows.
-                if client
-                    .consent_of(gatehouse_protocol::consent::Entity::InboxId, &inbox)
-                    .ok()
-                    .flatten()
-                    == Some(gatehouse_protocol::consent::State::Denied)
-                {
-                    tracing::info!(route = %route.name, %device, agent = %inbox, "not delivered: the agent is denied for this endpoint");
-                    continue;
-                }
-                let gid = client
-                    .dm(&inbox)
-                    .await
-                    .map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
-                let batch: Vec<_> = items
-                    .iter()
-                    .map(|o| (o.content.clone(), format!("{}-{inbox}", o.key)))
-                    .collect();
-                let started = std::time::Instant::now();
-                client
-                    .send_batch(&gid, &batch)
-                    .await
-                    .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
-                crate::metrics::encrypt_send(&route.name, started.elapsed().as_secs_f64());
-                tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
-            }
+            let gid = client
+                .dm(&inbox)
+                .await
+                .map_err(|e| Failure::Transient(format!("DM with {inbox}: {e}")))?;
+            let batch: Vec<_> = items
+                .iter()
+                .map(|o| (o.content.clone(), format!("{}-{inbox}", o.key)))
+                .collect();
+            let started = std::time::Instant::now();
+            client
+                .send_batch(&gid, &batch)
+                .await
+                .map_err(|e| Failure::Transient(format!("sending to {inbox}: {e}")))?;
+            crate::metrics::encrypt_send(&route.name, started.elapsed().as_secs_f64());
+            tracing::info!(route = %route.name, %device, conversation = %hex::encode(&gid), messages = batch.len(), "delivered to conversation");
         }
         Ok(())
     }
@@ -2940,6 +2963,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let seed = identity::load_or_create_seed(&cfg.data_dir.join("seed"))?;
 
     let mut node_store = None;
+    let mut node_task = None;
     let node_url = if cfg.node.embedded {
         let store = gatehouse_node::Store::open(&cfg.data_dir.join("node"))?;
         node_store = Some(store.clone());
@@ -2949,7 +2973,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         let url = format!("http://{}", listener.local_addr()?);
         let node = gatehouse_node::Node::new(store);
         let mut stop = late.clone();
-        tokio::spawn(async move {
+        node_task = Some(tokio::spawn(async move {
             if let Err(e) = gatehouse_node::serve(listener, node, None, async move {
                 let _ = stop.changed().await;
             })
@@ -2957,7 +2981,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             {
                 tracing::error!(error = %format!("{e:#}"), "embedded node stopped");
             }
-        });
+        }));
         url
     } else {
         cfg.node.url.clone().context("node.url")?
@@ -3357,6 +3381,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         ),
     }
     let _ = late_stop.send(true);
+    // The node's server lets go of its store before it is sealed (and, after a SIGHUP, opened
+    // again by the next run). Its connections close as the bridge's clients go away.
+    if let Some(task) = node_task
+        && tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("the embedded node did not stop within 10 s");
+    }
     // Seal the bridge store (and the embedded node's, once its server has let go of it):
     // damage to what is durable now is found at the next start.
     let sealed = bridge.db.clone();

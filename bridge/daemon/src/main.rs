@@ -198,6 +198,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// The daemon's poll_interval_ms (how often endpoints read their conversations).
+        #[arg(long, default_value_t = 250)]
+        poll_ms: u64,
     },
     /// List the daemon's endpoint identities.
     Endpoints {
@@ -732,6 +735,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             payload,
             rate,
             json,
+            poll_ms,
         } => {
             init_logging("warn");
             bench::run(bench::Opts {
@@ -740,6 +744,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 payload,
                 rate,
                 json,
+                poll_ms,
             })
             .await?;
         }
