@@ -328,3 +328,40 @@ fn the_load_harness_runs() {
     assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
     assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
 }
+
+/// A route whose deliveries keep failing (its XMTP node gone) makes the daemon not ready
+/// after `stalled_after_secs`, with the route and the reason; it is ready again once the node
+/// is back and the queue drains.
+#[test]
+fn a_stalled_route_makes_the_daemon_not_ready() {
+    let s = Setup::new("ops-stalled");
+    let node_port = free_port();
+    let node = StandaloneNode::start_on(&s.dir, node_port);
+    let a = Agent::at(s.dir.join("agent"), node.url.clone());
+    let inbox = a.inbox_id();
+    let config = s.write_config_external(&node.url, &[&inbox]);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("stalled_after_secs: 1\n");
+    std::fs::write(&config, text).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":1}"#);
+    assert_eq!(a.listen(1).len(), 1);
+    assert_eq!(d.get("/ready").0, 200);
+
+    drop(node);
+    s.broker.publish("devices/d1/up", br#"{"n":2}"#);
+    let (code, body) = wait_for("/ready to report the stalled route", || {
+        let r = d.get("/ready");
+        (r.0 == 503).then_some(r)
+    });
+    assert_eq!(code, 503);
+    assert!(body.contains("route devices has not delivered"), "{body}");
+
+    let _node = StandaloneNode::start_on(&s.dir, node_port);
+    wait_for("/ready to turn 200 again", || {
+        (d.get("/ready").0 == 200).then_some(())
+    });
+    let m = &a.listen(1)[0];
+    assert_eq!(m["text"], r#"{"n":2}"#);
+}

@@ -356,6 +356,10 @@ pub struct Bridge {
     inflight: sled::Tree,
     /// Why the daemon is not ready (not taking in messages), if it is not.
     not_ready: std::sync::Mutex<Option<String>>,
+    /// Per route: since when its deliveries keep failing, and the last reason.
+    stalled: Vec<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    /// The XMTP node in use.
+    node_url: String,
     /// Our recent publishes to topics a route subscribes to (echo prevention).
     own_publishes: std::sync::Mutex<std::collections::VecDeque<([u8; 32], std::time::Instant)>>,
     dead: sled::Tree,
@@ -445,6 +449,15 @@ impl Bridge {
             "inbox_depth": self.inbox.len(),
             "inbox_by_route": self.cfg.routes.iter().map(|r| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "dead_letters": self.dead.len(),
+            "node": {
+                "embedded": self.cfg.node.embedded,
+                "url": self.node_url,
+            },
+            "plugins": self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(name, s)| (name.clone(), serde_json::json!({
+                "calls": s.calls,
+                "faults": s.faults,
+                "quarantined": s.quarantined,
+            }))).collect::<serde_json::Map<String, serde_json::Value>>(),
             "mqtt": self.mqtt.as_ref().map(|m| format!("{:?}", m.state())),
             "nats": self.nats.as_ref().map(|n| serde_json::json!({
                 "state": format!("{:?}", n.state()),
@@ -465,6 +478,18 @@ impl Bridge {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         store.or_else(|| {
+            let limit = Duration::from_secs(self.cfg.stalled_after_secs);
+            for (idx, s) in self.stalled.iter().enumerate() {
+                if let Some((since, reason)) = &*s.lock().unwrap_or_else(|p| p.into_inner())
+                    && since.elapsed() >= limit
+                {
+                    return Some(format!(
+                        "route {} has not delivered for {} s: {reason}",
+                        self.cfg.routes[idx].name,
+                        since.elapsed().as_secs()
+                    ));
+                }
+            }
             if let Some(m) = &self.mqtt {
                 let state = m.state();
                 if state != mqtt::ConnectionState::Connected {
@@ -551,6 +576,19 @@ impl Bridge {
                 );
             }
         })
+    }
+
+    /// Records whether a route's deliveries keep failing (`Some(reason)`) or got through.
+    fn set_stalled(&self, idx: usize, reason: Option<String>) {
+        let Some(slot) = self.stalled.get(idx) else {
+            return;
+        };
+        let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+        match (reason, s.as_mut()) {
+            (None, _) => *s = None,
+            (Some(r), Some((_, last))) => *last = r,
+            (Some(r), None) => *s = Some((std::time::Instant::now(), r)),
+        }
     }
 
     /// Records readiness; logs each change once.
@@ -1591,6 +1629,7 @@ impl Bridge {
                 .filter_map(|r| r.ok())
                 .collect();
             if batch.is_empty() {
+                self.set_stalled(idx, None);
                 return true;
             }
             // Map each record (in order) until one has to wait; then carry what was mapped.
@@ -1644,6 +1683,7 @@ impl Bridge {
                     tracing::error!(route = %route.name, error = %e, "could not mark messages delivered; they will be sent again (receivers drop the duplicates)");
                 } else if !ready.is_empty() {
                     crate::metrics::delivered(&route.name, &route.channel, ready.len());
+                    self.set_stalled(idx, None);
                 }
             }
             match stop {
@@ -1651,6 +1691,7 @@ impl Bridge {
                 Some((id, Failure::Transient(reason))) => {
                     tracing::warn!(route = %route.name, queue_id = id, %reason, "delivery failed; will retry");
                     crate::metrics::retry(&route.name, "inbound");
+                    self.set_stalled(idx, Some(reason));
                     return false;
                 }
                 Some((id, Failure::Held(reason))) => {
@@ -1661,6 +1702,7 @@ impl Bridge {
                     // Only from sending (a peer refused): retried like a transient failure.
                     tracing::warn!(route = %route.name, queue_id = id, error = %fault.reason, "delivery failed; will retry");
                     crate::metrics::retry(&route.name, "inbound");
+                    self.set_stalled(idx, Some(fault.reason));
                     return false;
                 }
             }
@@ -3166,6 +3208,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         inflight: db.open_tree("mqtt-inflight")?,
         own_publishes: Default::default(),
         not_ready: Default::default(),
+        stalled: cfg.routes.iter().map(|_| Default::default()).collect(),
+        node_url: node_url.clone(),
         dead: db.open_tree("dead_letters")?,
         endpoint_index: db.open_tree("endpoints")?,
         db,

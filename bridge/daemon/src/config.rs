@@ -49,6 +49,11 @@ pub struct Config {
     /// finished stays queued and is carried after the next start.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// A route whose deliveries have kept failing this long (the node unreachable, a peer
+    /// refusing) makes the daemon not ready (`/ready` 503 with the route and the reason),
+    /// seconds.
+    #[serde(default = "default_stalled_after")]
+    pub stalled_after_secs: u64,
     /// How the daemon logs.
     #[serde(default)]
     pub log: LogConfig,
@@ -81,6 +86,10 @@ pub enum LogFormat {
 
 fn default_shutdown_grace() -> u64 {
     10
+}
+
+fn default_stalled_after() -> u64 {
+    60
 }
 
 /// Limits of the local store (`data_dir`).

@@ -268,6 +268,15 @@ fn print_status(v: &serde_json::Value) {
         "bridge inbox   {}",
         v["bridge_inbox"].as_str().unwrap_or("?")
     );
+    println!(
+        "node           {}{}",
+        v["node"]["url"].as_str().unwrap_or("?"),
+        if v["node"]["embedded"] == true {
+            " (embedded)"
+        } else {
+            ""
+        }
+    );
     println!("endpoints      {}", v["endpoints"]);
     let by_route = v["inbox_by_route"]
         .as_object()
@@ -280,6 +289,20 @@ fn print_status(v: &serde_json::Value) {
         .unwrap_or_default();
     println!("queued         {} ({by_route})", v["inbox_depth"]);
     println!("dead letters   {}", v["dead_letters"]);
+    if let Some(plugins) = v["plugins"].as_object() {
+        for (name, p) in plugins {
+            println!(
+                "plugin {name:<8} {} calls, {} faults{}",
+                p["calls"],
+                p["faults"],
+                if p["quarantined"] == true {
+                    ", QUARANTINED"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     if let Some(m) = v["mqtt"].as_str() {
         println!("mqtt           {m}");
     }
