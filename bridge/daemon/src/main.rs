@@ -450,8 +450,28 @@ async fn run_daemon(path: &std::path::Path, mut cfg: config::Config) -> anyhow::
     }
 }
 
+/// `gatehouse … | head`: once the reader has gone, printing fails with EPIPE (Rust ignores
+/// SIGPIPE) and `println!` panics. That is the reader's choice, not a fault: end quietly with
+/// the status a shell gives a process killed by SIGPIPE (128 + 13).
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 #[tokio::main]
 async fn main() {
+    quiet_broken_pipe();
     let cli = Cli::parse();
     let code = match run(cli).await {
         Ok(code) => code,

@@ -42,3 +42,21 @@ fn check_names_file_line_and_key() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Output into a pipe nobody reads any more (`gatehouse … | head`) ends the command quietly
+/// with 141, the status of a process stopped by SIGPIPE, instead of a panic message.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/../../config.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["check", "--config", config])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+}
