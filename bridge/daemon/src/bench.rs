@@ -282,6 +282,25 @@ async fn publish_all(
     Ok(())
 }
 
+/// Starts the devices publishing `o.messages` on `{prefix}/d{N}/up` in a task of their own.
+fn spawn_publishers(
+    devices: &[AsyncClient],
+    prefix: &'static str,
+    o: &Opts,
+) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let (devices, o) = (devices.to_vec(), o.clone());
+    tokio::spawn(async move {
+        publish_all(
+            &devices,
+            |d| format!("{prefix}/d{d}/up"),
+            o.messages,
+            o.payload,
+            o.rate,
+        )
+        .await
+    })
+}
+
 /// Collects `total` arrivals (with their latency) or gives up after `patience` without one.
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
@@ -316,20 +335,7 @@ async fn broker_hop(port: u16, o: &Opts) -> anyhow::Result<PathStats> {
         devices.push(mqtt_client(port, &format!("bench-raw-{d}"), None).await?.0);
     }
     let started = Instant::now();
-    let sender = {
-        let devices = devices.clone();
-        let o = o.clone();
-        tokio::spawn(async move {
-            publish_all(
-                &devices,
-                |d| format!("bench/d{d}/up"),
-                o.messages,
-                o.payload,
-                o.rate,
-            )
-            .await
-        })
-    };
+    let sender = spawn_publishers(&devices, "bench", o);
     let (mut lat, last) = collect(&mut rx, o.messages, Duration::from_secs(30)).await;
     sender.await??;
     Ok(PathStats::from(&mut lat, started, last))
@@ -474,20 +480,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
 
     // Device → agent.
     let started = Instant::now();
-    let sender = {
-        let devices = devices.clone();
-        let o = o.clone();
-        tokio::spawn(async move {
-            publish_all(
-                &devices,
-                |d| format!("devices/d{d}/up"),
-                o.messages,
-                o.payload,
-                o.rate,
-            )
-            .await
-        })
-    };
+    let sender = spawn_publishers(&devices, "devices", o);
     let mut lat = Vec::with_capacity(o.messages);
     let mut seen = std::collections::HashSet::new();
     let mut last = Instant::now();

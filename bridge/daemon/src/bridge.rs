@@ -2326,18 +2326,32 @@ impl Bridge {
         Ok(())
     }
 
-    /// The request queue of each endpoint (or of the one named `device`).
-    pub async fn requests(&self, device: Option<&str>) -> serde_json::Value {
+    /// One JSON object per endpoint (or for the one named `device`): its name, route and
+    /// what `describe` reads from its client.
+    async fn per_endpoint(
+        &self,
+        device: Option<&str>,
+        describe: impl Fn(&Client) -> serde_json::Value,
+    ) -> serde_json::Value {
         let mut out = Vec::new();
         for ep in self.all_endpoints() {
             if device.is_some_and(|d| d != ep.device) {
                 continue;
             }
             let client = ep.client.lock().await;
+            let mut v = describe(&client);
+            v["endpoint"] = ep.device.clone().into();
+            v["route"] = self.cfg.routes[ep.route].name.clone().into();
+            out.push(v);
+        }
+        serde_json::Value::Array(out)
+    }
+
+    /// The request queue of each endpoint (or of the one named `device`).
+    pub async fn requests(&self, device: Option<&str>) -> serde_json::Value {
+        self.per_endpoint(device, |client| {
             let held = client.requests().unwrap_or_default();
-            out.push(serde_json::json!({
-                "endpoint": ep.device,
-                "route": self.cfg.routes[ep.route].name,
+            serde_json::json!({
                 "inbox_id": client.inbox_id(),
                 "dropped": client.requests_dropped().unwrap_or(0),
                 "requests": held.iter().map(|m| serde_json::json!({
@@ -2348,27 +2362,18 @@ impl Bridge {
                     "bytes": m.content.len(),
                     "sent_at_ns": m.sent_at_ns,
                 })).collect::<Vec<_>>(),
-            }));
-        }
-        serde_json::Value::Array(out)
+            })
+        })
+        .await
     }
 
     /// The consent records of each endpoint (or of `device`): who may reach it.
     pub async fn consent_records(&self, device: Option<&str>) -> serde_json::Value {
-        let mut out = Vec::new();
-        for ep in self.all_endpoints() {
-            if device.is_some_and(|d| d != ep.device) {
-                continue;
-            }
-            let client = ep.client.lock().await;
-            let records = client.consent_list().unwrap_or_default();
-            out.push(serde_json::json!({
-                "endpoint": ep.device,
-                "route": self.cfg.routes[ep.route].name,
-                "records": records,
-            }));
-        }
-        serde_json::Value::Array(out)
+        self.per_endpoint(
+            device,
+            |client| serde_json::json!({ "records": client.consent_list().unwrap_or_default() }),
+        )
+        .await
     }
 
     /// An operator's decision for one endpoint: `target` is an inbox id, 0x address or
