@@ -767,3 +767,60 @@ fn a_mail_loop_between_two_bridges_ends_after_three_hops() {
     }
     let _ = da;
 }
+
+/// SIGHUP adding and dropping email routes changes the mailboxes the running SMTP server
+/// takes mail for, without restarting it.
+#[test]
+fn sighup_changes_the_mailboxes_in_place() {
+    let s = Setup::new("email-reload");
+    let sink = SmtpSink::start(&s.dir);
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let smtp = free_port();
+    let config = email_config(&s, smtp, &sink, &inbox, "    dns: {system: false}\n");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let d = start(&s, &config);
+    a.init();
+    let mail_to = |to: &str| {
+        swaks(
+            smtp,
+            &["--from", "ann@example.org", "--to", to, "--body", "hello"],
+        )
+    };
+    let (code, out) = mail_to("sales@bridge.test");
+    assert_ne!(code, 0);
+    assert!(out.contains("550 5.1.1"), "{out}");
+
+    let sales = format!(
+        "  - {{name: sales, channel: email, subscribe: \"sales@bridge.test\", plugin: email, agents: [\"{inbox}\"]}}\n"
+    );
+    std::fs::write(&config, format!("{original}{sales}")).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["routes added: sales"]);
+    let (code, out) = mail_to("sales@bridge.test");
+    assert_eq!(code, 0, "{out}");
+    let m = &a.listen(1)[0];
+    assert!(m["text"].as_str().unwrap().ends_with("hello"), "{m}");
+    let endpoints = d.endpoints();
+    assert!(
+        endpoints.iter().any(|e| e["route"] == "sales"),
+        "{endpoints:?}"
+    );
+
+    // The first route dropped: its mailbox is refused now; the other one goes on.
+    let only_sales = original.replace(
+        "  - {name: support, channel: email, subscribe: \"support@bridge.test\"",
+        "  - {name: sales, channel: email, subscribe: \"sales@bridge.test\"",
+    );
+    std::fs::write(&config, &only_sales).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["routes dropped: support"]);
+    let (code, out) = mail_to("support@bridge.test");
+    assert_ne!(code, 0);
+    assert!(out.contains("550 5.1.1"), "{out}");
+    let (code, out) = mail_to("sales@bridge.test");
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(a.listen(1).len(), 1);
+    let log = d.log_text();
+    assert_eq!(log.matches("SMTP listening").count(), 1, "restarted: {log}");
+}

@@ -447,3 +447,72 @@ fn oversized_payloads_are_refused_with_a_reason_both_ways() {
         "{dl}"
     );
 }
+
+/// SIGHUP with route changes applies them in place on the same NATS connection: an added
+/// route's subject is taken in, a changed route moves to its new subject, a dropped route's
+/// subject is no longer taken in; the connection and the daemon are not restarted.
+#[test]
+fn sighup_changes_nats_routes_in_place() {
+    let s = Setup::new("nats-reload");
+    let server = NatsServer::start(&s.dir);
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = nats_config(
+        &s,
+        &embedded(&s),
+        &server.url(),
+        &inbox,
+        "",
+        "replies.{device}",
+    );
+    let original = std::fs::read_to_string(&config).unwrap();
+    let d = start(&s, &config);
+    a.init();
+    let c = Client::connect(&server.url());
+    c.publish("events.billing.created", br#"{"n":1}"#);
+    assert_eq!(json_n(&a.listen(1)[0]), 1);
+
+    let jobs = format!(
+        "  - {{name: jobs, channel: nats, subscribe: \"jobs.{{device}}.>\", reply: \"jobs.{{device}}.done\", plugin: nats, agents: [\"{inbox}\"]}}\n"
+    );
+    std::fs::write(&config, format!("{original}{jobs}")).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["routes added: jobs"]);
+    c.publish("jobs.j1.new", br#"{"n":2}"#);
+    let m = &a.listen(1)[0];
+    assert_eq!(json_n(m), 2);
+    assert_eq!(m["sender_endpoint"]["address"], "jobs.j1.>");
+
+    // The first route moves to another subject.
+    let moved = original.replace("events.{device}.>", "ev2.{device}.>");
+    std::fs::write(&config, format!("{moved}{jobs}")).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["routes changed: svc"]);
+    c.publish("events.billing.created", br#"{"n":3}"#);
+    c.publish("ev2.billing.created", br#"{"n":4}"#);
+    assert_eq!(json_n(&a.listen(1)[0]), 4);
+
+    // The added route dropped again.
+    std::fs::write(&config, &moved).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["routes dropped: jobs"]);
+    c.publish("jobs.j1.new", br#"{"n":5}"#);
+    c.publish("ev2.billing.created", br#"{"n":6}"#);
+    assert_eq!(json_n(&a.listen(1)[0]), 6);
+    let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
+    assert!(
+        extra.trim().is_empty(),
+        "a moved or dropped route's subject was taken in: {extra}"
+    );
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("NATS connected").count(),
+        1,
+        "reconnected: {log}"
+    );
+    assert_eq!(
+        log.matches("gatehouse running").count(),
+        1,
+        "restarted: {log}"
+    );
+}

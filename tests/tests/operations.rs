@@ -243,7 +243,7 @@ fn sigterm_mid_stream_exits_0_and_loses_and_duplicates_nothing() {
 /// with the old one; a valid one with a new route is applied (graceful restart in the
 /// process) and both the old and the new route carry messages.
 #[test]
-fn sighup_refuses_a_broken_config_and_applies_a_new_route() {
+fn sighup_refuses_a_broken_config_and_applies_route_changes_in_place() {
     let s = Setup::new("ops-sighup");
     let a = s.agent("agent");
     let inbox = a.inbox_id();
@@ -275,27 +275,103 @@ fn sighup_refuses_a_broken_config_and_applies_a_new_route() {
     s.broker.publish("devices/t1/up", br#"{"n":2}"#);
     assert_eq!(a.listen(1)[0]["text"], r#"{"n":2}"#);
 
-    // Valid, with a second route: applied.
-    let sensors = format!(
-        "  - {{name: sensors, channel: mqtt, subscribe: \"sensors/{{device}}/up\", reply: \"sensors/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n"
-    );
-    std::fs::write(&config, format!("{original}{sensors}")).unwrap();
-    d.signal("HUP");
-    d.wait_log(&["configuration reloaded"]);
-    // Serving again once the new run says so (its admin API is then listening).
-    wait_for("the daemon to run on the new configuration", || {
-        (d.log_text().matches("gatehouse running").count() == 2).then_some(())
+    // Valid, with a second route and its own plugin, sent while the first route is carrying
+    // a stream: applied in place. The unchanged route and plugin run straight through (the
+    // same broker connection, the same plugin instance, its call counter going on); the new
+    // route and plugin start.
+    let sensors = "  - {name: sensors, channel: mqtt, subscribe: \"sensors/{device}/up\", reply: \"sensors/{device}/down\", plugin: mqtt2, agents: [\"INBOX\"]}\n".replace("INBOX", &inbox);
+    let with_sensors = original.replace(
+        "plugins: {mqtt: {builtin: mqtt}}",
+        "plugins: {mqtt: {builtin: mqtt}, mqtt2: {builtin: mqtt}}",
+    ) + &sensors;
+    let lines: Vec<String> = (0..300).map(|n| format!("{{\"s\":{n}}}")).collect();
+    std::thread::scope(|scope| {
+        scope.spawn(|| s.broker.publish_lines("devices/t1/up", &lines));
+        std::fs::write(&config, &with_sensors).unwrap();
+        d.signal("HUP");
+        d.wait_log(&[
+            "configuration reloaded in place",
+            "routes added: sensors; plugins loaded: mqtt2",
+        ]);
     });
+    let got: Vec<String> = a
+        .listen(300)
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        got, lines,
+        "the unchanged route lost, repeated or reordered messages"
+    );
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("gatehouse running").count(),
+        1,
+        "restarted: {log}"
+    );
+    assert_eq!(
+        log.matches("MQTT connected").count(),
+        1,
+        "reconnected: {log}"
+    );
+    let mqtt = d.plugin("mqtt");
+    assert_eq!(mqtt["reloads"], 0, "{mqtt}");
+    assert_eq!(
+        mqtt["calls"], 302,
+        "the unchanged plugin was replaced: {mqtt}"
+    );
     let routes = d.routes();
     assert_eq!(routes.len(), 2, "{routes:?}");
     s.broker.publish("sensors/s1/up", br#"{"n":3}"#);
     let m = &a.listen(1)[0];
     assert_eq!(m["text"], r#"{"n":3}"#);
     assert_eq!(m["sender_endpoint"]["address"], "sensors/s1/up");
+    assert_eq!(d.plugin("mqtt2")["calls"], 1);
+
+    // The new route's plugin changed: loaded again; the other one stays.
+    std::fs::write(
+        &config,
+        with_sensors.replace(
+            "mqtt2: {builtin: mqtt}",
+            "mqtt2: {builtin: mqtt, deadline_ms: 400}",
+        ),
+    )
+    .unwrap();
+    d.signal("HUP");
+    wait_for("the plugin change to be applied", || {
+        (d.log_text().matches("plugins loaded: mqtt2").count() == 2).then_some(())
+    });
+    assert_eq!(d.plugin("mqtt2")["reloads"], 1);
+    assert_eq!(d.plugin("mqtt")["reloads"], 0);
+
+    // The route dropped: its topics are no longer taken in; the first route goes on.
+    std::fs::write(&config, &original).unwrap();
+    d.signal("HUP");
+    d.wait_log(&["routes dropped: sensors; plugins dropped: mqtt2"]);
+    assert_eq!(d.routes().len(), 1);
+    s.broker.publish("sensors/s1/up", br#"{"n":5}"#);
     s.broker.publish("devices/t1/up", br#"{"n":4}"#);
-    assert_eq!(a.listen(1)[0]["text"], r#"{"n":4}"#);
+    let m = a.listen(1);
+    assert_eq!(m[0]["text"], r#"{"n":4}"#, "{m:?}");
     let extra = a.ok(&["listen", "--json", "--timeout", "2"]);
-    assert!(extra.trim().is_empty(), "duplicates: {extra}");
+    assert!(
+        extra.trim().is_empty(),
+        "duplicates or a dropped route's message: {extra}"
+    );
+
+    // A channel setting changed: that needs a restart inside the process, which it gets.
+    std::fs::write(
+        &config,
+        original.replace("client_id: gatehouse-e2e", "client_id: gatehouse-e2e-2"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    d.wait_log(&["needs a restart", "channels changed"]);
+    wait_for("the daemon to run on the new configuration", || {
+        (d.log_text().matches("gatehouse running").count() == 2).then_some(())
+    });
+    s.broker.publish("devices/t1/up", br#"{"n":6}"#);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"n":6}"#);
 }
 
 /// The load harness works (a tiny run; its figures are not judged here): every path carries

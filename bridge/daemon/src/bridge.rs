@@ -23,7 +23,7 @@ use gatehouse_client::Client;
 use gatehouse_host::{Action, Host, Limits, Message, Plugin, PluginError};
 use gatehouse_protocol::content;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 
 use crate::config::{Config, Route};
 use crate::identity;
@@ -87,14 +87,14 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
     let mut config: Vec<(String, String)> = p.config.clone().into_iter().collect();
     // The route's reply template is a custom MQTT plugin's down topic (the builtin gets each
     // message's filled-in `reply_topic` instead).
-    if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
+    if let Some(r) = plugin_route(cfg, name)
         && r.channel == "mqtt"
         && p.builtin.is_none()
         && !p.config.contains_key("down_topic")
     {
         config.push(("down_topic".into(), r.reply.clone()));
     }
-    if let Some(r) = cfg.routes.iter().find(|r| r.plugin == name)
+    if let Some(r) = plugin_route(cfg, name)
         && r.is_nats()
         && !p.config.contains_key("down_subject")
     {
@@ -117,6 +117,51 @@ fn load_plugin(host: &Host, cfg: &Config, db: &sled::Db, name: &str) -> anyhow::
         sha256: hex::encode(sha2::Sha256::digest(&wasm)),
         stamp,
     })
+}
+
+/// The first route in force that uses plugin `name` (its reply template configures a custom
+/// plugin).
+fn plugin_route<'a>(cfg: &'a Config, name: &str) -> Option<&'a Route> {
+    cfg.active_routes()
+        .map(|(_, r)| r)
+        .find(|r| r.plugin == name)
+}
+
+/// What a plugin is loaded from: its configuration and what it takes from its route. A
+/// reload in place loads the plugin again only when this changed.
+fn plugin_inputs(cfg: &Config, name: &str) -> Option<String> {
+    let p = cfg.plugins.get(name)?;
+    let route = plugin_route(cfg, name).map(|r| (&r.channel, &r.reply));
+    Some(format!("{p:?} {route:?}"))
+}
+
+/// What the MQTT connection subscribes to for the routes in force.
+fn mqtt_filters(cfg: &Config) -> Vec<String> {
+    cfg.active_routes()
+        .map(|(_, r)| r)
+        .filter(|r| r.channel == "mqtt")
+        .flat_map(|r| std::iter::once(r.filter()).chain(r.presence_filter()))
+        .collect()
+}
+
+/// The mailboxes the SMTP server takes mail for, for the routes in force.
+fn mailboxes(cfg: &Config) -> Vec<String> {
+    cfg.active_routes()
+        .map(|(_, r)| r)
+        .filter(|r| r.is_email())
+        .map(|r| r.subscribe.clone())
+        .collect()
+}
+
+/// How long a reload in place waits for the NATS server to confirm a new subscription.
+const NATS_SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
+
+/// What a reload in place changed.
+struct Change {
+    /// One line for the log and the operator.
+    summary: String,
+    /// Slots of the routes it dropped.
+    retired: Vec<usize>,
 }
 
 /// Why a message could not be carried, as its dead-letter record says.
@@ -341,9 +386,21 @@ struct Endpoint {
     retry: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
 }
 
+/// Per route slot: what wakes its queue worker, whether it is stalled, its NATS subscription.
+#[derive(Default)]
+struct Slot {
+    work: Notify,
+    /// Since when its deliveries keep failing, and the last reason.
+    stalled: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Its NATS subscription (aborted when a reload drops or changes the route).
+    nats: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
 /// Shared bridge state.
 pub struct Bridge {
-    cfg: Config,
+    /// The configuration in force: swapped whole by a reload in place (work in progress keeps
+    /// the snapshot it started with). Route indices are slots: a reload keeps them.
+    cfg: std::sync::RwLock<Arc<Config>>,
     seed: [u8; 32],
     /// The bridge store (sealed: damage is found at the next start).
     db: Arc<gatehouse_store::Sealed>,
@@ -356,8 +413,8 @@ pub struct Bridge {
     inflight: sled::Tree,
     /// Why the daemon is not ready (not taking in messages), if it is not.
     not_ready: std::sync::Mutex<Option<String>>,
-    /// Per route: since when its deliveries keep failing, and the last reason.
-    stalled: Vec<std::sync::Mutex<Option<(std::time::Instant, String)>>>,
+    /// One per route slot.
+    slots: std::sync::RwLock<Vec<Arc<Slot>>>,
     /// The XMTP node in use.
     node_url: String,
     /// Our recent publishes to topics a route subscribes to (echo prevention).
@@ -373,11 +430,10 @@ pub struct Bridge {
     mqtt: Option<MqttHandle>,
     /// The NATS connection.
     nats: Option<nats::NatsHandle>,
-    /// NATS subscription index → route index.
-    nats_subs: Vec<usize>,
-    /// JetStream routes: the highest stream sequence stored (shared with the driver, which
-    /// resumes its consumer after it).
-    nats_stored: HashMap<usize, Arc<std::sync::atomic::AtomicU64>>,
+    /// JetStream routes (by slot; NATS subscriptions are tagged with their route's slot): the
+    /// highest stream sequence stored (shared with the driver, which resumes its consumer
+    /// after it).
+    nats_stored: std::sync::Mutex<HashMap<usize, Arc<std::sync::atomic::AtomicU64>>>,
     /// JetStream routes: route name → that sequence, written with the records.
     nats_js: sled::Tree,
     /// Requests waiting for the agent's answer (`route ‖ device ‖ queue id`).
@@ -391,6 +447,8 @@ pub struct Bridge {
     retained: sled::Tree,
     /// The outbound mail relay (when `channels.email.relay` is set).
     relay: Option<email::Relay>,
+    /// The SMTP server (when an email route was configured at the start).
+    smtp: Option<email::EmailHandle>,
     /// Mail already stored, by sender and Message-ID (a client retrying after a lost 250).
     mail_seen: sled::Tree,
     /// Mail threads (`route ‖ device ‖ thread`, the thread named by its first Message-ID):
@@ -409,8 +467,6 @@ pub struct Bridge {
     bridge_key: gatehouse_protocol::identity::InstallationKey,
     bridge_inbox: String,
     bridge_registered: Mutex<bool>,
-    /// One per route: wakes that route's queue worker.
-    work: Vec<Notify>,
     started: std::time::Instant,
 }
 
@@ -426,7 +482,9 @@ impl Bridge {
             .filter_map(|r| r.ok())
             .filter_map(|(_, v)| serde_json::from_slice::<EndpointInfo>(&v).ok())
             .map(|mut e| {
-                if let Some(route) = self.cfg.routes.iter().find(|r| r.name == e.route) {
+                if let Some((_, route)) =
+                    self.cfg().active_routes().find(|(_, r)| r.name == e.route)
+                {
                     e.state = self
                         .retained
                         .get(Self::endpoint_key(route, &e.device, "state"))
@@ -447,10 +505,10 @@ impl Bridge {
             "bridge_inbox": self.bridge_inbox,
             "endpoints": self.endpoint_index.len(),
             "inbox_depth": self.inbox.len(),
-            "inbox_by_route": self.cfg.routes.iter().map(|r| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
+            "inbox_by_route": self.cfg().active_routes().map(|(_, r)| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "dead_letters": self.dead.len(),
             "node": {
-                "embedded": self.cfg.node.embedded,
+                "embedded": self.cfg().node.embedded,
                 "url": self.node_url,
             },
             "plugins": self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(name, s)| (name.clone(), serde_json::json!({
@@ -478,14 +536,17 @@ impl Bridge {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         store.or_else(|| {
-            let limit = Duration::from_secs(self.cfg.stalled_after_secs);
-            for (idx, s) in self.stalled.iter().enumerate() {
-                if let Some((since, reason)) = &*s.lock().unwrap_or_else(|p| p.into_inner())
+            let live = self.cfg();
+            let limit = Duration::from_secs(live.stalled_after_secs);
+            for (idx, route) in live.active_routes() {
+                let slot = self.slot(idx);
+                if let Some((since, reason)) =
+                    &*slot.stalled.lock().unwrap_or_else(|p| p.into_inner())
                     && since.elapsed() >= limit
                 {
                     return Some(format!(
                         "route {} has not delivered for {} s: {reason}",
-                        self.cfg.routes[idx].name,
+                        route.name,
                         since.elapsed().as_secs()
                     ));
                 }
@@ -508,10 +569,9 @@ impl Bridge {
 
     /// Routes for the admin API: what config.yaml says, and each one's queue depth.
     pub fn routes(&self) -> serde_json::Value {
-        self.cfg
-            .routes
-            .iter()
-            .map(|r| {
+        self.cfg()
+            .active_routes()
+            .map(|(_, r)| {
                 serde_json::json!({
                     "name": r.name,
                     "channel": r.channel,
@@ -533,7 +593,7 @@ impl Bridge {
     pub fn metrics_text(&self) -> String {
         crate::metrics::render(|| {
             use crate::metrics::gauge;
-            for r in &self.cfg.routes {
+            for (_, r) in self.cfg().active_routes() {
                 gauge(
                     "gatehouse_queue_depth",
                     &[("route", r.name.clone())],
@@ -567,7 +627,7 @@ impl Bridge {
                 );
             }
             let stats = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
-            for name in self.cfg.plugins.keys() {
+            for name in self.cfg().plugins.keys() {
                 let q = stats.get(name).is_some_and(|s| s.quarantined);
                 gauge(
                     "gatehouse_plugin_quarantined",
@@ -580,15 +640,313 @@ impl Bridge {
 
     /// Records whether a route's deliveries keep failing (`Some(reason)`) or got through.
     fn set_stalled(&self, idx: usize, reason: Option<String>) {
-        let Some(slot) = self.stalled.get(idx) else {
-            return;
-        };
-        let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self.slot(idx);
+        let mut s = slot.stalled.lock().unwrap_or_else(|p| p.into_inner());
         match (reason, s.as_mut()) {
             (None, _) => *s = None,
             (Some(r), Some((_, last))) => *last = r,
             (Some(r), None) => *s = Some((std::time::Instant::now(), r)),
         }
+    }
+
+    /// The configuration in force.
+    fn cfg(&self) -> Arc<Config> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A route slot's state (one exists for every index of `cfg().routes`).
+    fn slot(&self, idx: usize) -> Arc<Slot> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots.get(idx).cloned().unwrap_or_default()
+    }
+
+    /// Starts route `idx`'s NATS subscription (if it is a NATS route in force), tagged with
+    /// its slot; a JetStream consumer resumes after the highest sequence stored. The
+    /// receiver resolves once the server has the subscription.
+    fn subscribe_nats(&self, idx: usize) -> anyhow::Result<Option<oneshot::Receiver<()>>> {
+        let live = self.cfg();
+        let (Some(r), Some(handle)) = (live.routes.get(idx), &self.nats) else {
+            return Ok(None);
+        };
+        if r.retired || !r.is_nats() {
+            return Ok(None);
+        }
+        let jetstream = match &r.stream {
+            Some(stream) => {
+                let stored = self
+                    .nats_js
+                    .get(r.name.as_bytes())?
+                    .and_then(|v| v.as_ref().try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                let stored = Arc::new(std::sync::atomic::AtomicU64::new(stored));
+                self.nats_stored
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(idx, stored.clone());
+                Some(nats::JetStreamSub {
+                    stream: stream.clone(),
+                    durable: r
+                        .durable
+                        .clone()
+                        .unwrap_or_else(|| format!("gatehouse-{}", r.name)),
+                    deliver: match r.deliver.as_deref() {
+                        None | Some("all") => nats::Deliver::All,
+                        Some("new") => nats::Deliver::New,
+                        Some(t) => nats::Deliver::Since(t.to_string()),
+                    },
+                    stored,
+                })
+            }
+            None => None,
+        };
+        let (sub, subscribed) = handle.subscribe(
+            idx,
+            nats::Subscription {
+                subject: r.nats_filter(),
+                queue_group: r.queue_group.clone(),
+                jetstream,
+            },
+        );
+        let old = self
+            .slot(idx)
+            .nats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(sub);
+        if let Some(old) = old {
+            old.abort();
+        }
+        Ok(Some(subscribed))
+    }
+
+    /// Stops route `idx`'s NATS subscription, if it has one.
+    fn unsubscribe_nats(&self, idx: usize) {
+        let sub = self
+            .slot(idx)
+            .nats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(sub) = sub {
+            sub.abort();
+        }
+        self.nats_stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&idx);
+    }
+
+    /// Applies a new configuration without stopping what it leaves alone, if the change is
+    /// confined to routes, plugins and the settings read as they are used
+    /// (`poll_interval_ms`, `stalled_after_secs`, `shutdown_grace_secs`): routes and plugins
+    /// that did not change keep running (same connections, same plugin instances, no gap);
+    /// a changed route takes its new settings from its next message (its endpoints apply its
+    /// consent policy again), a changed plugin is loaded again, an added route starts, a
+    /// dropped one stops (the caller stops its worker). Anything else (channels, node,
+    /// storage, admin, data_dir; the first route of a channel that had none) needs a restart:
+    /// `Err` says why, and nothing was changed.
+    async fn reload_config(&self, mut new: Config) -> Result<Change, Reloaded> {
+        let restart = |why: String| Reloaded::NeedsRestart(why);
+        let old = self.cfg();
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        for (key, a, b) in [
+            (
+                "data_dir",
+                &old.data_dir as &dyn std::fmt::Debug,
+                &new.data_dir as &dyn std::fmt::Debug,
+            ),
+            ("node", &old.node, &new.node),
+            ("admin", &old.admin, &new.admin),
+            ("channels", &old.channels, &new.channels),
+            ("storage", &old.storage, &new.storage),
+        ] {
+            if !same(a, b) {
+                return Err(restart(format!("{key} changed")));
+            }
+        }
+        let metered = |c: &Config| c.plugins.values().any(|p| p.fuel.is_some());
+        if metered(&old) != metered(&new) {
+            return Err(restart("plugin fuel metering was turned on or off".into()));
+        }
+        if !same(&old.log, &new.log) {
+            tracing::warn!("log settings changed: they apply from the next start");
+        }
+        let needs = |channel: &str| new.routes.iter().any(|r| r.channel == channel);
+        if needs("mqtt") && self.mqtt.is_none() {
+            return Err(restart(
+                "the first MQTT route needs the broker connection".into(),
+            ));
+        }
+        if new.routes.iter().any(|r| r.is_email()) && self.smtp.is_none() {
+            return Err(restart(
+                "the first email route needs the SMTP server".into(),
+            ));
+        }
+        // Route slots: kept (same name and channel) at their index, changed in place, added
+        // at the end, dropped ones retired (their index stays taken).
+        let mut slots = old.routes.clone();
+        let (mut order, mut changed, mut added, mut retired) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in std::mem::take(&mut new.routes) {
+            let at = slots
+                .iter()
+                .position(|o| !o.retired && o.name == r.name && o.channel == r.channel);
+            match at {
+                Some(i) => {
+                    if !same(&slots[i], &r) {
+                        changed.push(i);
+                        slots[i] = r;
+                    }
+                    order.push(i);
+                }
+                None => {
+                    added.push(slots.len());
+                    order.push(slots.len());
+                    slots.push(r);
+                }
+            }
+        }
+        for (i, r) in slots.iter_mut().enumerate() {
+            if !r.retired && !order.contains(&i) {
+                r.retired = true;
+                retired.push(i);
+            }
+        }
+        new.routes = slots;
+        new.route_order = order;
+        // Plugins: loaded again only where what they are loaded from changed.
+        let reload: Vec<String> = new
+            .plugins
+            .keys()
+            .filter(|n| plugin_inputs(&old, n) != plugin_inputs(&new, n))
+            .cloned()
+            .collect();
+        let dropped: Vec<String> = old
+            .plugins
+            .keys()
+            .filter(|n| !new.plugins.contains_key(*n))
+            .cloned()
+            .collect();
+        let mut loaded = Vec::new();
+        for name in &reload {
+            let (host, db) = (self.host.clone(), self.db.clone());
+            let l = tokio::task::block_in_place(|| load_plugin(&host, &new, &db, name))
+                .map_err(|e| format!("{e:#}"))
+                .map_err(|e| format!("plugin {name} did not load: {e}"));
+            match l {
+                Ok(l) => loaded.push((name.clone(), l)),
+                // Not a reason to restart: the running configuration stays.
+                Err(e) => return Err(Reloaded::Refused(e)),
+            }
+        }
+        // Commit.
+        let new = Arc::new(new);
+        {
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            while slots.len() < new.routes.len() {
+                slots.push(Default::default());
+            }
+        }
+        {
+            let mut plugins = self.plugins.write().unwrap_or_else(|p| p.into_inner());
+            let mut stats = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
+            for name in &dropped {
+                plugins.remove(name);
+                stats.remove(name);
+            }
+            for (name, l) in loaded {
+                tracing::info!(plugin = %name, sha256 = %l.sha256, "plugin loaded (configuration reload)");
+                if plugins.insert(name.clone(), Arc::new(l)).is_some() {
+                    stats.entry(name).or_default().reloaded();
+                } else {
+                    stats.insert(name, Default::default());
+                }
+            }
+        }
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = new.clone();
+        // Endpoints: a dropped route's stop being read; a changed route's apply its consent
+        // policy again (and pick up the new settings) at their next use.
+        let endpoints: Vec<Arc<Endpoint>> = {
+            let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+            map.retain(|_, e| !retired.contains(&e.route));
+            map.values()
+                .filter(|e| changed.contains(&e.route))
+                .cloned()
+                .collect()
+        };
+        for e in endpoints {
+            *e.registered.lock().await = false;
+        }
+        if let Some(m) = &self.mqtt {
+            m.set_filters(mqtt_filters(&new)).await;
+        }
+        if let Some(smtp) = &self.smtp {
+            smtp.set_mailboxes(mailboxes(&new));
+        }
+        for &i in retired.iter().chain(&changed) {
+            self.unsubscribe_nats(i);
+        }
+        let mut subscribing = Vec::new();
+        for &i in changed.iter().chain(&added) {
+            match self.subscribe_nats(i) {
+                Ok(Some(s)) => subscribing.push((i, s)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(route = %new.routes[i].name, error = %format!("{e:#}"), "NATS subscription not started")
+                }
+            }
+        }
+        // Reported done once the server has them (a disconnected server: they follow on
+        // reconnection).
+        for (i, s) in subscribing {
+            if tokio::time::timeout(NATS_SUBSCRIBE_WAIT, s).await.is_err() {
+                tracing::warn!(route = %new.routes[i].name, "NATS subscription not confirmed yet (is the server reachable?); it starts when it is");
+            }
+        }
+        self.wake_all();
+        let names = |v: &[usize]| {
+            v.iter()
+                .map(|&i| new.routes[i].name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut summary = Vec::new();
+        for (what, v) in [
+            ("added", &added),
+            ("changed", &changed),
+            ("dropped", &retired),
+        ] {
+            if !v.is_empty() {
+                summary.push(format!("routes {what}: {}", names(v)));
+            }
+        }
+        if !reload.is_empty() {
+            summary.push(format!("plugins loaded: {}", reload.join(", ")));
+        }
+        if !dropped.is_empty() {
+            summary.push(format!("plugins dropped: {}", dropped.join(", ")));
+        }
+        if summary.is_empty() {
+            summary.push("no route or plugin changed".into());
+        }
+        Ok(Change {
+            summary: summary.join("; "),
+            retired,
+        })
+    }
+
+    /// Wakes every route's queue worker.
+    fn wake_all(&self) {
+        for s in self.slots.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            s.work.notify_one();
+        }
+    }
+
+    /// A JetStream route's highest stored stream sequence.
+    fn nats_stored(&self, idx: usize) -> Option<Arc<std::sync::atomic::AtomicU64>> {
+        let stored = self.nats_stored.lock().unwrap_or_else(|p| p.into_inner());
+        stored.get(&idx).cloned()
     }
 
     /// Records readiness; logs each change once.
@@ -608,24 +966,25 @@ impl Bridge {
 
     /// Whether `data_dir` has room for more (at least `storage.min_free_mb` free).
     fn storage_room(&self) -> Result<(), String> {
-        let min = self.cfg.storage.min_free_mb.saturating_mul(1 << 20);
-        match fs2::available_space(&self.cfg.data_dir) {
+        let min = self.cfg().storage.min_free_mb.saturating_mul(1 << 20);
+        match fs2::available_space(&self.cfg().data_dir) {
             Ok(free) if free >= min => Ok(()),
             Ok(free) => Err(format!(
                 "data_dir {} has {} MiB free, below storage.min_free_mb ({} MiB)",
-                self.cfg.data_dir.display(),
+                self.cfg().data_dir.display(),
                 free >> 20,
-                self.cfg.storage.min_free_mb
+                self.cfg().storage.min_free_mb
             )),
             Err(e) => Err(format!(
                 "cannot read the free space of data_dir {}: {e}",
-                self.cfg.data_dir.display()
+                self.cfg().data_dir.display()
             )),
         }
     }
 
     fn endpoint(&self, route_idx: usize, device: &str) -> anyhow::Result<Arc<Endpoint>> {
-        let route = &self.cfg.routes[route_idx];
+        let live = self.cfg();
+        let route = &live.routes[route_idx];
         let name = endpoint_name(route, device);
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = map.get(&name) {
@@ -677,12 +1036,10 @@ impl Bridge {
         let mut counted: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
         let mut already = Vec::new();
         let mut routes = std::collections::BTreeSet::new();
+        let live = self.cfg();
         for msg in batch {
-            let presence_of = self
-                .cfg
-                .routes
-                .iter()
-                .enumerate()
+            let presence_of = live
+                .active_routes()
                 .find_map(|(i, r)| r.presence_device_of(&msg.topic).map(|d| (i, r, d)));
             if let Some((_, route, _)) = &presence_of
                 && presence_state(&msg.payload).is_none()
@@ -692,10 +1049,7 @@ impl Bridge {
                 continue;
             }
             let Some((idx, route, device)) = presence_of.or_else(|| {
-                self.cfg
-                    .routes
-                    .iter()
-                    .enumerate()
+                live.active_routes()
                     .find_map(|(i, r)| r.device_of(&msg.topic).map(|d| (i, r, d)))
             }) else {
                 tracing::debug!(topic = %msg.topic, "no route for topic");
@@ -811,7 +1165,7 @@ impl Bridge {
                 nats: None,
                 mqtt: msg.props.clone(),
                 presence: self
-                    .cfg
+                    .cfg()
                     .routes
                     .get(idx)
                     .and_then(|r| r.presence_device_of(&msg.topic))
@@ -844,10 +1198,10 @@ impl Bridge {
             self.ack(msg).await?;
         }
         for (idx, bytes) in counted {
-            crate::metrics::received(&self.cfg.routes[idx].name, "mqtt", bytes);
+            crate::metrics::received(&self.cfg().routes[idx].name, "mqtt", bytes);
         }
         for idx in routes {
-            self.work[idx].notify_one();
+            self.slot(idx).work.notify_one();
         }
         Ok(())
     }
@@ -863,7 +1217,11 @@ impl Bridge {
         props: Option<mqtt::Properties>,
         key: gatehouse_channels::mqtt::PublishKey,
     ) -> anyhow::Result<gatehouse_channels::mqtt::PublishAck> {
-        if self.cfg.routes.iter().any(|r| r.device_of(topic).is_some()) {
+        if self
+            .cfg()
+            .active_routes()
+            .any(|(_, r)| r.device_of(topic).is_some())
+        {
             let digest = echo_digest(topic, &payload);
             let mut own = self.own_publishes.lock().unwrap_or_else(|p| p.into_inner());
             let now = std::time::Instant::now();
@@ -926,7 +1284,7 @@ impl Bridge {
     /// redeliveries of what is stored (by sequence) are acknowledged without being stored.
     async fn accept_nats(&self, batch: Vec<nats::NatsIn>) -> anyhow::Result<()> {
         let limit = self
-            .cfg
+            .cfg()
             .channels
             .nats
             .as_ref()
@@ -939,8 +1297,13 @@ impl Bridge {
         let mut requests: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut counted: Vec<(usize, usize)> = Vec::new();
         for msg in batch {
-            let idx = self.nats_subs[msg.sub];
-            let route = &self.cfg.routes[idx];
+            let idx = msg.sub;
+            let live = self.cfg();
+            let Some(route) = live.routes.get(idx).filter(|r| !r.retired) else {
+                // Its route was dropped by a reload: not taken in, not acknowledged
+                // (JetStream keeps it for the route's return).
+                continue;
+            };
             let Some(device) = route.nats_device_of(&msg.subject) else {
                 tracing::debug!(subject = %msg.subject, "no endpoint in the subject");
                 done.push(msg);
@@ -960,7 +1323,8 @@ impl Bridge {
                 done.push(msg);
                 continue;
             }
-            if let (Some(seq), Some(stored)) = (msg.stream_seq, self.nats_stored.get(&idx)) {
+            let stored = self.nats_stored(idx);
+            if let (Some(seq), Some(stored)) = (msg.stream_seq, stored) {
                 let floor = maxseq
                     .get(&idx)
                     .copied()
@@ -1016,7 +1380,7 @@ impl Bridge {
             use sled::Transactional as _;
             let js: Vec<(Vec<u8>, u64)> = maxseq
                 .iter()
-                .map(|(idx, seq)| (self.cfg.routes[*idx].name.as_bytes().to_vec(), *seq))
+                .map(|(idx, seq)| (self.cfg().routes[*idx].name.as_bytes().to_vec(), *seq))
                 .collect();
             (&self.inbox, &self.requests, &self.nats_js)
                 .transaction(|(inbox, req, pos)| {
@@ -1040,12 +1404,12 @@ impl Bridge {
                 std::process::abort();
             }
             for (idx, seq) in &maxseq {
-                if let Some(s) = self.nats_stored.get(idx) {
+                if let Some(s) = self.nats_stored(*idx) {
                     s.fetch_max(*seq, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             for (idx, bytes) in &counted {
-                crate::metrics::received(&self.cfg.routes[*idx].name, "nats", *bytes);
+                crate::metrics::received(&self.cfg().routes[*idx].name, "nats", *bytes);
             }
         }
         for msg in keep.iter().chain(&done) {
@@ -1055,7 +1419,7 @@ impl Bridge {
             }
         }
         for idx in routes {
-            self.work[idx].notify_one();
+            self.slot(idx).work.notify_one();
         }
         Ok(())
     }
@@ -1129,7 +1493,7 @@ impl Bridge {
     /// and dropped (with a log line); unverified senders meet the configured policy; the rest
     /// is stored durably, once per sender and Message-ID, before the client hears 250.
     async fn accept_mail(&self, mail: email::MailIn) -> anyhow::Result<()> {
-        let Some(ecfg) = &self.cfg.channels.email else {
+        let Some(ecfg) = &self.cfg().channels.email else {
             mail.answer(email::Verdict::TryLater("email is not configured".into()));
             return Ok(());
         };
@@ -1156,7 +1520,8 @@ impl Bridge {
             ));
             return Ok(());
         };
-        let found = self.cfg.routes.iter().enumerate().find_map(|(i, r)| {
+        let live = self.cfg();
+        let found = live.active_routes().find_map(|(i, r)| {
             let rcpt = mail
                 .rcpt
                 .iter()
@@ -1171,10 +1536,9 @@ impl Bridge {
             return Ok(());
         };
         if self
-            .cfg
-            .routes
-            .iter()
-            .any(|r| r.is_email() && email::mailbox_matches(&r.subscribe, &from))
+            .cfg()
+            .active_routes()
+            .any(|(_, r)| r.is_email() && email::mailbox_matches(&r.subscribe, &from))
         {
             tracing::info!(route = %route.name, "mail from one of our own mailboxes not taken in (a loop)");
             mail.answer(email::Verdict::Stored);
@@ -1272,7 +1636,7 @@ impl Bridge {
         tracing::info!(route = %route.name, bytes = rec.payload.len(), verified = mail.auth.verified, "mail stored");
         crate::metrics::received(&route.name, "email", rec.payload.len());
         mail.answer(email::Verdict::Stored);
-        self.work[idx].notify_one();
+        self.slot(idx).work.notify_one();
         Ok(())
     }
 
@@ -1413,7 +1777,7 @@ impl Bridge {
         p: &gatehouse_host::Publish,
         key: &[u8; 32],
     ) -> Result<(), Carry> {
-        let (Some(ecfg), Some(relay)) = (&self.cfg.channels.email, &self.relay) else {
+        let (Some(ecfg), Some(relay)) = (&self.cfg().channels.email, &self.relay) else {
             return Err(Carry::Dead(Fault::new(
                 "channel",
                 "no outbound relay: set channels.email.relay to send mail",
@@ -1521,7 +1885,9 @@ impl Bridge {
         .unwrap_or_else(|e| Err(PluginError::Trap(format!("plugin task failed: {e}"))));
         let call = started.elapsed();
         let faulted = match &result {
-            Ok(actions) => crate::grants::check_limits(&self.cfg.plugins[&name], actions).is_err(),
+            Ok(actions) => {
+                crate::grants::check_limits(&self.cfg().plugins[&name], actions).is_err()
+            }
             Err(PluginError::Refused { .. }) => false,
             Err(_) => true,
         };
@@ -1532,13 +1898,15 @@ impl Bridge {
             call: Some(call),
         };
         match result {
-            Ok(actions) => match crate::grants::check_limits(&self.cfg.plugins[&name], &actions) {
-                Ok(()) => Ok(actions),
-                Err(reason) => {
-                    self.fault(&name, &reason, actions.len() as u64);
-                    Err(PluginOutcome::Failed(fault("limits", reason)))
+            Ok(actions) => {
+                match crate::grants::check_limits(&self.cfg().plugins[&name], &actions) {
+                    Ok(()) => Ok(actions),
+                    Err(reason) => {
+                        self.fault(&name, &reason, actions.len() as u64);
+                        Err(PluginOutcome::Failed(fault("limits", reason)))
+                    }
                 }
-            },
+            }
             // The plugin refused the input (e.g. malformed): the message is bad, not the plugin.
             Err(e @ PluginError::Refused { .. }) => {
                 self.stats(&name, |s| s.dead_letters += 1);
@@ -1560,7 +1928,7 @@ impl Bridge {
 
     /// Counts a fault (and refused actions); quarantines the plugin past its threshold.
     fn fault(&self, name: &str, reason: &str, refused: u64) {
-        let cfg = &self.cfg.plugins[name];
+        let cfg = &self.cfg().plugins[name];
         let quarantined = self.stats(name, |s| {
             s.refused_actions += refused;
             s.dead_letters += 1;
@@ -1582,7 +1950,7 @@ impl Bridge {
             .collect();
         let all = self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner());
         let list: Vec<serde_json::Value> = self
-            .cfg
+            .cfg()
             .plugins
             .iter()
             .map(|(name, p)| {
@@ -1619,7 +1987,12 @@ impl Bridge {
     /// Processes route `idx`'s queued inbound messages in order. Returns false when it
     /// should retry later.
     async fn drain(&self, idx: usize) -> bool {
-        let route = &self.cfg.routes[idx];
+        let live = self.cfg();
+        let route = &live.routes[idx];
+        if route.retired {
+            // Dropped by a reload: what it still holds is dead-lettered once its worker stops.
+            return true;
+        }
         let prefix = inbox_prefix(&route.name);
         loop {
             let batch: Vec<(sled::IVec, sled::IVec)> = self
@@ -1808,7 +2181,8 @@ impl Bridge {
     /// carries out its publishes, and returns the conversation messages to send (with their
     /// idempotency keys, stable across retries: the queue id and the action's position).
     async fn prepare(&self, idx: usize, id: u64, rec: &Queued) -> Result<Vec<Outgoing>, Failure> {
-        let route = &self.cfg.routes[idx];
+        let live = self.cfg();
+        let route = &live.routes[idx];
         let idempotency_key = format!("gatehouse-in-{id}");
         if let Some(online) = rec.presence {
             return self
@@ -1885,7 +2259,7 @@ impl Bridge {
         for action in &actions {
             if let Action::Publish(p) = action
                 && let Err(reason) = crate::grants::check_publish(
-                    &self.cfg.plugins[&route.plugin],
+                    &self.cfg().plugins[&route.plugin],
                     route,
                     &rec.device,
                     &p.channel,
@@ -1899,7 +2273,7 @@ impl Bridge {
             }
             if let Action::Send(s) = action {
                 if let Err(reason) =
-                    crate::grants::check_send(&self.cfg.plugins[&route.plugin], &s.content_type)
+                    crate::grants::check_send(&self.cfg().plugins[&route.plugin], &s.content_type)
                 {
                     tracing::warn!(route = %route.name, plugin = %route.plugin, %reason, "refused an action outside the plugin's grants");
                     self.fault(&route.plugin, &reason, 1);
@@ -1982,7 +2356,7 @@ impl Bridge {
         // A mail's attachments (and, if asked, its HTML) follow the plugin's text as XMTP
         // attachments, within the size cap.
         if let (Some(meta), Some(ecfg), false) =
-            (&rec.mail, &self.cfg.channels.email, out.is_empty())
+            (&rec.mail, &self.cfg().channels.email, out.is_empty())
         {
             let parsed = email::parse(&rec.payload, meta.mail_from.is_empty()).unwrap_or_default();
             let mut files: Vec<(String, String, Vec<u8>)> = parsed
@@ -2086,7 +2460,8 @@ impl Bridge {
         idx: usize,
         ready: &[(sled::IVec, String, Vec<Outgoing>)],
     ) -> Result<(), Failure> {
-        let route = &self.cfg.routes[idx];
+        let live = self.cfg();
+        let route = &live.routes[idx];
         // Devices in order of first appearance; each device's messages in queue order.
         let mut devices: Vec<(&str, Vec<&Outgoing>)> = Vec::new();
         for (_, device, out) in ready {
@@ -2126,7 +2501,8 @@ impl Bridge {
         device: &str,
         items: Vec<&Outgoing>,
     ) -> Result<(), Failure> {
-        let route = &self.cfg.routes[idx];
+        let live = self.cfg();
+        let route = &live.routes[idx];
         let endpoint = self
             .endpoint(idx, device)
             .map_err(|e| Failure::Transient(format!("{e:#}")))?;
@@ -2298,7 +2674,8 @@ impl Bridge {
         client: &mut Client,
     ) -> anyhow::Result<()> {
         use gatehouse_protocol::consent::{Entity, Record, State};
-        let route = &self.cfg.routes[endpoint.route];
+        let live = self.cfg();
+        let route = &live.routes[endpoint.route];
         let policy = &route.consent;
         client.set_surface_requests(false);
         client.set_request_policy(
@@ -2319,7 +2696,7 @@ impl Bridge {
                 kind: Entity::InboxId,
                 entity: self.resolve(client, who).await?,
                 state,
-                at_ns: self.cfg.written_at_ns,
+                at_ns: self.cfg().written_at_ns,
             });
         }
         client.apply_policy(records)?;
@@ -2341,7 +2718,7 @@ impl Bridge {
             let client = ep.client.lock().await;
             let mut v = describe(&client);
             v["endpoint"] = ep.device.clone().into();
-            v["route"] = self.cfg.routes[ep.route].name.clone().into();
+            v["route"] = self.cfg().routes[ep.route].name.clone().into();
             out.push(v);
         }
         serde_json::Value::Array(out)
@@ -2426,8 +2803,9 @@ impl Bridge {
     /// (keyed by id alone) move to their route's queue; records of a route that is no longer
     /// in config.yaml are dead-lettered, not dropped.
     fn adopt_queued(&self) {
+        let live = self.cfg();
         let names: std::collections::HashSet<&str> =
-            self.cfg.routes.iter().map(|r| r.name.as_str()).collect();
+            live.active_routes().map(|(_, r)| r.name.as_str()).collect();
         for (key, value) in self.inbox.iter().flatten() {
             let route_name = match key.len() {
                 8 => None,
@@ -2439,7 +2817,7 @@ impl Bridge {
             }
             let rec: Option<Queued> = serde_json::from_slice(&value).ok();
             let legacy_route = (key.len() == 8)
-                .then(|| rec.as_ref().and_then(|r| self.cfg.routes.get(r.route)))
+                .then(|| rec.as_ref().and_then(|r| live.routes.get(r.route)))
                 .flatten();
             match legacy_route {
                 Some(route) => {
@@ -2478,7 +2856,8 @@ impl Bridge {
     }
 
     async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<()> {
-        let route = &self.cfg.routes[ep.route];
+        let live = self.cfg();
+        let route = &live.routes[ep.route];
         if !route.fail_open && self.stats(&route.plugin, |s| s.quarantined) {
             // Fail closed: the conversations are not read, so their messages wait on the node
             // (the cursors do not move) until the plugin is reloaded.
@@ -2652,7 +3031,7 @@ impl Bridge {
         for action in &actions {
             if let Action::Publish(p) = action
                 && let Err(reason) = crate::grants::check_publish(
-                    &self.cfg.plugins[&route.plugin],
+                    &self.cfg().plugins[&route.plugin],
                     route,
                     &ep.device,
                     &p.channel,
@@ -2799,13 +3178,11 @@ impl Bridge {
             None => anyhow::bail!("no dead letter with id {id}"),
         };
         let route_name = v["route"].as_str().unwrap_or_default();
-        let idx = self
-            .cfg
-            .routes
-            .iter()
-            .position(|r| r.name == route_name)
+        let live = self.cfg();
+        let (idx, route) = live
+            .active_routes()
+            .find(|(_, r)| r.name == route_name)
             .with_context(|| format!("route {route_name:?} is no longer in config.yaml"))?;
-        let route = &self.cfg.routes[idx];
         let device = v["device"]
             .as_str()
             .context("the record names no device")?
@@ -2839,7 +3216,7 @@ impl Bridge {
                     .insert(inbox_key(&route.name, qid), serde_json::to_vec(&rec)?)?;
                 self.dead.remove(key)?;
                 gatehouse_client::flush_tree(&self.inbox).await?;
-                self.work[idx].notify_one();
+                self.slot(idx).work.notify_one();
             }
             Some("outbound") => {
                 let ep = self.endpoint(idx, &device)?;
@@ -2884,15 +3261,15 @@ impl Bridge {
     /// leaves the old one serving, and the error says why. A successful reload lifts a
     /// quarantine.
     pub async fn reload(&self, name: &str) -> anyhow::Result<serde_json::Value> {
-        if !self.cfg.plugins.contains_key(name) {
+        if !self.cfg().plugins.contains_key(name) {
             anyhow::bail!(
                 "no plugin named {name:?} (configured: {:?})",
-                self.cfg.plugins.keys().collect::<Vec<_>>()
+                self.cfg().plugins.keys().collect::<Vec<_>>()
             );
         }
         let (host, db, cfg_name) = (self.host.clone(), self.db.clone(), name.to_string());
-        let cfg = &self.cfg;
-        let loaded = tokio::task::block_in_place(|| load_plugin(&host, cfg, &db, &cfg_name));
+        let cfg = self.cfg();
+        let loaded = tokio::task::block_in_place(|| load_plugin(&host, &cfg, &db, &cfg_name));
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
@@ -2913,15 +3290,13 @@ impl Bridge {
             .map(|l| l.sha256.clone());
         self.stats(name, |s| s.reloaded());
         tracing::info!(plugin = %name, sha256 = %sha256, previous = previous.as_deref().unwrap_or(""), "plugin reloaded");
-        for w in &self.work {
-            w.notify_one();
-        }
+        self.wake_all();
         Ok(serde_json::json!({"plugin": name, "sha256": sha256, "previous": previous}))
     }
 
     /// Reloads path plugins whose file changed (`watch`, the default).
     async fn watch_plugins(&self) {
-        for (name, p) in &self.cfg.plugins {
+        for (name, p) in &self.cfg().plugins {
             let Some(path) = p.path.as_ref().filter(|_| p.watch) else {
                 continue;
             };
@@ -3001,7 +3376,104 @@ fn passthrough_inbound(payload: &[u8]) -> Result<Action, String> {
 }
 
 /// Starts everything and runs until `shutdown` turns true.
-pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_reloadable(cfg, shutdown, None).await
+}
+
+/// A configuration to apply while running (SIGHUP), and where the outcome goes.
+pub struct Reload {
+    /// The new configuration (already validated).
+    pub cfg: Config,
+    /// The outcome.
+    pub done: tokio::sync::oneshot::Sender<Reloaded>,
+}
+
+/// What became of a [`Reload`].
+#[derive(Debug)]
+pub enum Reloaded {
+    /// Applied in place; what changed.
+    InPlace(String),
+    /// Cannot be applied in place (why): the running configuration is untouched, the caller
+    /// restarts on the new one.
+    NeedsRestart(String),
+    /// Refused (why; a plugin that does not load): the running configuration goes on.
+    Refused(String),
+}
+
+async fn next_reload(reloads: &mut Option<mpsc::Receiver<Reload>>) -> Option<Reload> {
+    match reloads {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A route slot's queue worker.
+struct Worker {
+    /// Stops it (the route was dropped by a reload).
+    retire: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn spawn_worker(bridge: &Arc<Bridge>, idx: usize, shutdown: &watch::Receiver<bool>) -> Worker {
+    let (retire, mut retired) = watch::channel(false);
+    let (b, mut stop) = (bridge.clone(), shutdown.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let done = b.drain(idx).await;
+            let wait = if done {
+                Duration::from_secs(3600)
+            } else {
+                RETRY_DELAY
+            };
+            let slot = b.slot(idx);
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = retired.changed() => return,
+                _ = slot.work.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    });
+    Worker { retire, task }
+}
+
+/// Applies `new` to the running bridge if it can be (see [`Bridge::reload_config`]): starts
+/// the workers of added routes, stops those of dropped ones, then dead-letters what was still
+/// queued for a dropped route (as a restart would).
+async fn reload_in_place(
+    bridge: &Arc<Bridge>,
+    new: Config,
+    workers: &mut Vec<Worker>,
+    shutdown: &watch::Receiver<bool>,
+) -> Reloaded {
+    let change = match bridge.reload_config(new).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    while workers.len() < bridge.cfg().routes.len() {
+        let idx = workers.len();
+        workers.push(spawn_worker(bridge, idx, shutdown));
+    }
+    for &idx in &change.retired {
+        let w = &mut workers[idx];
+        let _ = w.retire.send(true);
+        // Whatever it is delivering now finishes first (its records stay queued otherwise).
+        let task = std::mem::replace(&mut w.task, tokio::spawn(async {}));
+        let _ = task.await;
+    }
+    if !change.retired.is_empty() {
+        bridge.adopt_queued();
+    }
+    Reloaded::InPlace(change.summary)
+}
+
+/// Runs the bridge until `shutdown`; with `reloads`, configurations sent there are applied
+/// in place where possible.
+pub async fn run_reloadable(
+    cfg: Config,
+    mut shutdown: watch::Receiver<bool>,
+    mut reloads: Option<mpsc::Receiver<Reload>>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     // What in-flight work needs to finish — the embedded node, the broker and NATS
@@ -3095,12 +3567,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     }
     let mqtt = match &mqtt_cfg {
         Some(m) if cfg.routes.iter().any(|r| r.channel == "mqtt") => {
-            let filters = cfg
-                .routes
-                .iter()
-                .filter(|r| r.channel == "mqtt")
-                .flat_map(|r| std::iter::once(r.filter()).chain(r.presence_filter()))
-                .collect();
+            let filters = mqtt_filters(&cfg);
             // QoS 2 publishes are journalled (exactly-once across restarts).
             let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?, &cfg.data_dir)
                 .context("opening the MQTT QoS 2 journal")?;
@@ -3111,75 +3578,34 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         }
         _ => None,
     };
-    // NATS: one subscription per route; JetStream routes resume after what is stored.
+    // NATS: one subscription per route (started below, once the bridge exists); JetStream
+    // routes resume after what is stored.
     let nats_js = db.open_tree("nats-js")?;
     let nats_requests = db.open_tree("nats-requests")?;
     let presence = db.open_tree("presence")?;
     let retained_tree = db.open_tree("retained")?;
     let (nats_tx, mut nats_rx) = mpsc::channel::<nats::NatsIn>(INBOUND_CAPACITY);
-    let mut nats_subs = Vec::new();
-    let mut nats_stored = HashMap::new();
-    let mut subscriptions = Vec::new();
-    for (idx, r) in cfg.routes.iter().enumerate().filter(|(_, r)| r.is_nats()) {
-        let jetstream = match &r.stream {
-            Some(stream) => {
-                let stored = nats_js
-                    .get(r.name.as_bytes())?
-                    .and_then(|v| v.as_ref().try_into().ok())
-                    .map_or(0, u64::from_be_bytes);
-                let stored = Arc::new(std::sync::atomic::AtomicU64::new(stored));
-                nats_stored.insert(idx, stored.clone());
-                Some(nats::JetStreamSub {
-                    stream: stream.clone(),
-                    durable: r
-                        .durable
-                        .clone()
-                        .unwrap_or_else(|| format!("gatehouse-{}", r.name)),
-                    deliver: match r.deliver.as_deref() {
-                        None | Some("all") => nats::Deliver::All,
-                        Some("new") => nats::Deliver::New,
-                        Some(t) => nats::Deliver::Since(t.to_string()),
-                    },
-                    stored,
-                })
-            }
-            None => None,
-        };
-        subscriptions.push(nats::Subscription {
-            subject: r.nats_filter(),
-            queue_group: r.queue_group.clone(),
-            jetstream,
-        });
-        nats_subs.push(idx);
-    }
-    let nats_handle = match (&cfg.channels.nats, subscriptions.is_empty()) {
-        (Some(n), false) => Some(
-            nats::start(n, subscriptions, nats_tx, late.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("channels.nats: {e}"))?,
-        ),
-        (Some(n), true) => Some(
+    let nats_handle = match &cfg.channels.nats {
+        Some(n) => Some(
             nats::start(n, Vec::new(), nats_tx, late.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("channels.nats: {e}"))?,
         ),
-        _ => None,
+        None => None,
     };
     let (mail_tx, mut mail_rx) = mpsc::channel::<email::MailIn>(64);
     let mut relay = None;
+    let mut smtp = None;
     if let Some(e) = &cfg.channels.email {
-        let mailboxes: Vec<String> = cfg
-            .routes
-            .iter()
-            .filter(|r| r.is_email())
-            .map(|r| r.subscribe.clone())
-            .collect();
+        let mailboxes = mailboxes(&cfg);
         if !mailboxes.is_empty() {
-            email::start(e, mailboxes, mail_tx, shutdown.clone())
-                .await
-                .with_context(|| {
-                    format!("channels.email.listen: cannot serve SMTP on {}", e.listen)
-                })?;
+            smtp = Some(
+                email::start(e, mailboxes, mail_tx, shutdown.clone())
+                    .await
+                    .with_context(|| {
+                        format!("channels.email.listen: cannot serve SMTP on {}", e.listen)
+                    })?,
+            );
         }
         if let Some(r) = &e.relay {
             relay = Some(
@@ -3213,7 +3639,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         inflight: db.open_tree("mqtt-inflight")?,
         own_publishes: Default::default(),
         not_ready: Default::default(),
-        stalled: cfg.routes.iter().map(|_| Default::default()).collect(),
+        slots: std::sync::RwLock::new(cfg.routes.iter().map(|_| Default::default()).collect()),
         node_url: node_url.clone(),
         dead: db.open_tree("dead_letters")?,
         endpoint_index: db.open_tree("endpoints")?,
@@ -3229,9 +3655,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         plugins: std::sync::RwLock::new(plugins),
         mqtt,
         relay,
+        smtp,
         nats: nats_handle,
-        nats_subs,
-        nats_stored,
+        nats_stored: Default::default(),
         nats_js,
         requests: nats_requests,
         presence,
@@ -3243,21 +3669,29 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         mail_gids,
         endpoints: Default::default(),
         resolved: Default::default(),
-        work: cfg.routes.iter().map(|_| Notify::new()).collect(),
         started: std::time::Instant::now(),
-        cfg,
+        cfg: std::sync::RwLock::new(Arc::new(cfg)),
     });
+    for idx in 0..bridge.cfg().routes.len() {
+        bridge.subscribe_nats(idx)?;
+    }
     // Endpoints known from earlier runs resume reading their conversations at once.
     for info in bridge.endpoints() {
-        if let Some(idx) = bridge.cfg.routes.iter().position(|r| r.name == info.route) {
+        if let Some(idx) = bridge
+            .cfg()
+            .routes
+            .iter()
+            .position(|r| r.name == info.route)
+        {
             // Registered (and given its consent policy) by its first poll.
             bridge.endpoint(idx, &info.device)?;
         }
     }
 
-    let admin = tokio::net::TcpListener::bind(bridge.cfg.admin.listen)
+    let admin_listen = bridge.cfg().admin.listen;
+    let admin = tokio::net::TcpListener::bind(admin_listen)
         .await
-        .with_context(|| format!("admin.listen: cannot bind {}", bridge.cfg.admin.listen))?;
+        .with_context(|| format!("admin.listen: cannot bind {admin_listen}"))?;
     tokio::spawn(crate::admin::serve(admin, bridge.clone(), shutdown.clone()));
 
     let b = bridge.clone();
@@ -3336,22 +3770,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     });
     bridge.adopt_queued();
     // One worker per route: each drains its own queue in order.
-    let mut workers = Vec::new();
-    for idx in 0..bridge.cfg.routes.len() {
-        let b = bridge.clone();
-        let mut stop = shutdown.clone();
-        workers.push(tokio::spawn(async move {
-            loop {
-                let done = b.drain(idx).await;
-                let wait = if done {
-                    Duration::from_secs(3600)
-                } else {
-                    RETRY_DELAY
-                };
-                tokio::select! { _ = stop.changed() => return, _ = b.work[idx].notified() => {}, _ = tokio::time::sleep(wait) => {} }
-            }
-        }));
-    }
+    let mut workers: Vec<Worker> = (0..bridge.cfg().routes.len())
+        .map(|idx| spawn_worker(&bridge, idx, &shutdown))
+        .collect();
     let b = bridge.clone();
     let mut stop = shutdown.clone();
     let watcher = tokio::spawn(async move {
@@ -3364,40 +3785,46 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     });
     let b = bridge.clone();
     let mut stop = shutdown.clone();
-    let poll = Duration::from_millis(b.cfg.poll_interval_ms.max(20));
     let outbound = tokio::spawn(async move {
         loop {
             b.poll_outbound().await;
+            let poll = Duration::from_millis(b.cfg().poll_interval_ms.max(20));
             tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(poll) => {} }
         }
     });
-    tracing::info!(admin = %bridge.cfg.admin.listen, routes = bridge.cfg.routes.len(), "gatehouse running");
+    tracing::info!(admin = %admin_listen, routes = bridge.cfg().routes.len(), "gatehouse running");
     // The intake ends on its own only without a channel (fine: wait for the signal) or on a
     // store failure (stop, with the error).
     let mut mail_intake = mail_intake;
     let mut nats_intake = nats_intake;
-    let (intake_done, mail_done, nats_done) = tokio::select! {
-        _ = shutdown.changed() => (false, false, false),
-        r = &mut accept => {
-            r??;
-            let _ = shutdown.changed().await;
-            (true, false, false)
-        }
-        r = &mut mail_intake => {
-            r??;
-            let _ = shutdown.changed().await;
-            (false, true, false)
-        }
-        r = &mut nats_intake => {
-            r??;
-            let _ = shutdown.changed().await;
-            (false, false, true)
+    let (intake_done, mail_done, nats_done) = loop {
+        tokio::select! {
+            _ = shutdown.changed() => break (false, false, false),
+            r = &mut accept => {
+                r??;
+                let _ = shutdown.changed().await;
+                break (true, false, false);
+            }
+            r = &mut mail_intake => {
+                r??;
+                let _ = shutdown.changed().await;
+                break (false, true, false);
+            }
+            r = &mut nats_intake => {
+                r??;
+                let _ = shutdown.changed().await;
+                break (false, false, true);
+            }
+            Some(req) = next_reload(&mut reloads) => {
+                let outcome = reload_in_place(&bridge, req.cfg, &mut workers, &shutdown).await;
+                let _ = req.done.send(outcome);
+            }
         }
     };
     // Each task stops at its next step; what it is doing now (a batch being stored, mapped,
     // sent) finishes first, within the grace period.
     tracing::info!(
-        grace_secs = bridge.cfg.shutdown_grace_secs,
+        grace_secs = bridge.cfg().shutdown_grace_secs,
         "finishing in-flight work"
     );
     let drain = async move {
@@ -3419,13 +3846,13 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             },
             outbound,
             watcher,
-            futures::future::join_all(workers)
+            futures::future::join_all(workers.into_iter().map(|w| w.task))
         )
     };
-    match tokio::time::timeout(Duration::from_secs(bridge.cfg.shutdown_grace_secs), drain).await {
+    match tokio::time::timeout(Duration::from_secs(bridge.cfg().shutdown_grace_secs), drain).await {
         Ok(_) => tracing::info!("in-flight work finished"),
         Err(_) => tracing::warn!(
-            grace_secs = bridge.cfg.shutdown_grace_secs,
+            grace_secs = bridge.cfg().shutdown_grace_secs,
             "shutdown grace period over with work still running; what it held stays queued and is carried after the next start"
         ),
     }

@@ -57,6 +57,25 @@ pub struct Config {
     /// How the daemon logs.
     #[serde(default)]
     pub log: LogConfig,
+    /// After a reload in place: the route slots in the file's order (matching order). Empty:
+    /// the slots are in file order.
+    #[serde(skip)]
+    pub route_order: Vec<usize>,
+}
+
+impl Config {
+    /// The routes in force with their slot index, in matching (file) order.
+    pub fn active_routes(&self) -> impl Iterator<Item = (usize, &Route)> {
+        let order: Vec<usize> = if self.route_order.is_empty() {
+            (0..self.routes.len()).collect()
+        } else {
+            self.route_order.clone()
+        };
+        order
+            .into_iter()
+            .map(|i| (i, &self.routes[i]))
+            .filter(|(_, r)| !r.retired)
+    }
 }
 
 /// `log`: format and levels. `GATEHOUSE_LOG` (the whole filter) and then `RUST_LOG` take
@@ -307,9 +326,13 @@ fn default_memory() -> usize {
 }
 
 /// A route: a channel address pattern bound to endpoint identities, a plugin and peers.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// Dropped by a configuration reload: its slot stays (route indices held by running work
+    /// stay valid) but nothing matches, queues or delivers on it.
+    #[serde(skip)]
+    pub retired: bool,
     /// Name used in logs.
     pub name: String,
     /// Channel kind (`mqtt`).

@@ -406,22 +406,26 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 
 /// `gatehouse run`: the bridge until SIGTERM/SIGINT. SIGHUP reads the config file again: an
 /// invalid one is refused (logged with file:line:column) and the daemon goes on with the
-/// old; a valid one is applied by a graceful restart inside the process — in-flight work
-/// finishes as on SIGTERM, then everything starts again on the new configuration (queues and
-/// cursors are on disk, sources redeliver what was not acknowledged: nothing is lost).
+/// old. A valid one is applied in place when it changes only routes, plugins and the settings
+/// read as they are used — routes and plugins that did not change keep running, untouched —
+/// and otherwise by a graceful restart inside the process: in-flight work finishes as on
+/// SIGTERM, then everything starts again on the new configuration (queues and cursors are on
+/// disk, sources redeliver what was not acknowledged: nothing is lost).
 async fn run_daemon(path: &std::path::Path, mut cfg: config::Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
         let mut next: Option<config::Config> = None;
-        let mut running = std::pin::pin!(bridge::run(cfg, stop_rx));
+        let mut running = tokio::spawn(bridge::run_reloadable(cfg, stop_rx, Some(reload_rx)));
         let result = loop {
             tokio::select! {
                 r = &mut running => break r,
                 _ = tokio::signal::ctrl_c() => {
                     tracing::info!("shutting down (SIGINT)");
+                    next = None;
                     let _ = stop_tx.send(true);
                 }
                 _ = term.recv() => {
@@ -429,17 +433,36 @@ async fn run_daemon(path: &std::path::Path, mut cfg: config::Config) -> anyhow::
                     next = None;
                     let _ = stop_tx.send(true);
                 }
-                _ = hup.recv() => match config::Config::load(path) {
+                _ = hup.recv(), if !*stop_tx.borrow() => match config::Config::load(path) {
                     Ok(new) => {
-                        tracing::info!(config = %path.display(), "SIGHUP: the new configuration is valid; restarting on it (in-flight work finishes first)");
-                        next = Some(new);
-                        let _ = stop_tx.send(true);
+                        let (done, outcome) = tokio::sync::oneshot::channel();
+                        if reload_tx.send(bridge::Reload { cfg: new, done }).await.is_err() {
+                            continue;
+                        }
+                        match outcome.await {
+                            Ok(bridge::Reloaded::InPlace(what)) => {
+                                tracing::info!(config = %path.display(), changes = %what, "SIGHUP: configuration reloaded in place (unchanged routes and plugins kept running)");
+                            }
+                            Ok(bridge::Reloaded::Refused(why)) => {
+                                tracing::error!(config = %path.display(), error = %why, "SIGHUP: the new configuration was refused; going on with the old one");
+                            }
+                            Ok(bridge::Reloaded::NeedsRestart(why)) => match config::Config::load(path) {
+                                Ok(new) => {
+                                    tracing::info!(config = %path.display(), reason = %why, "SIGHUP: the new configuration needs a restart; restarting on it (in-flight work finishes first)");
+                                    next = Some(new);
+                                    let _ = stop_tx.send(true);
+                                }
+                                Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the new configuration is not valid; going on with the old one"),
+                            },
+                            // The bridge stopped meanwhile; its result comes next.
+                            Err(_) => {}
+                        }
                     }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: the new configuration is not valid; going on with the old one"),
                 },
             }
         };
-        result?;
+        result.context("the bridge task failed")??;
         match next {
             Some(new) => {
                 cfg = new;

@@ -65,6 +65,18 @@ impl MailIn {
 pub struct EmailHandle {
     /// Where it listens (the port chosen when `listen` said 0).
     pub local_addr: std::net::SocketAddr,
+    mailboxes: Mailboxes,
+}
+
+/// The mailbox patterns served, shared with every session (a reload changes them in place).
+type Mailboxes = Arc<std::sync::RwLock<Vec<String>>>;
+
+impl EmailHandle {
+    /// Changes the mailboxes served (a configuration reload); sessions check the new set from
+    /// their next RCPT TO.
+    pub fn set_mailboxes(&self, mailboxes: Vec<String>) {
+        *self.mailboxes.write().unwrap_or_else(|p| p.into_inner()) = mailboxes;
+    }
 }
 
 /// Whether `addr` is served: a mailbox matches exactly (case-insensitive) or as `*@domain`.
@@ -104,7 +116,7 @@ fn null_sender(line: &[u8]) -> Option<Vec<u8>> {
 }
 
 struct SessionHandler {
-    mailboxes: Arc<Vec<String>>,
+    mailboxes: Mailboxes,
     max_bytes: usize,
     max_rcpt: usize,
     tx: Arc<Mutex<Transaction>>,
@@ -133,7 +145,13 @@ impl Handler for SessionHandler {
         if t.rcpt.len() >= self.max_rcpt {
             return Response::custom(452, "4.5.3 Too many recipients".into());
         }
-        if self.mailboxes.iter().any(|m| mailbox_matches(m, to)) {
+        let served = self
+            .mailboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|m| mailbox_matches(m, to));
+        if served {
             t.rcpt.push(to.to_ascii_lowercase());
             mailin::response::OK
         } else {
@@ -199,7 +217,8 @@ pub async fn start(
         ));
     }
     let cfg = Arc::new(cfg.clone());
-    let mailboxes = Arc::new(mailboxes);
+    let mailboxes: Mailboxes = Arc::new(std::sync::RwLock::new(mailboxes));
+    let served = mailboxes.clone();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let rates: Rates = Default::default();
     tracing::info!(listen = %local_addr, "SMTP listening");
@@ -253,7 +272,10 @@ pub async fn start(
             });
         }
     });
-    Ok(EmailHandle { local_addr })
+    Ok(EmailHandle {
+        local_addr,
+        mailboxes: served,
+    })
 }
 
 fn rate_ok(rates: &Rates, ip: IpAddr, per_minute: u32) -> bool {
@@ -314,7 +336,7 @@ async fn serve(
     stream: TcpStream,
     peer: IpAddr,
     cfg: &EmailConfig,
-    mailboxes: Arc<Vec<String>>,
+    mailboxes: Mailboxes,
     inbound: mpsc::Sender<MailIn>,
     verifier: &Verifier,
     rates: Rates,
@@ -493,7 +515,10 @@ pub(crate) fn fuzz_session(data: &[u8]) {
     let mut session = SessionBuilder::new("fuzz.test").build(
         ip,
         SessionHandler {
-            mailboxes: Arc::new(vec!["support@bridge.test".into(), "*@bridge.test".into()]),
+            mailboxes: Arc::new(std::sync::RwLock::new(vec![
+                "support@bridge.test".into(),
+                "*@bridge.test".into(),
+            ])),
             max_bytes: 4096,
             max_rcpt: 4,
             tx: tx.clone(),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -72,6 +73,9 @@ pub struct MqttHandle {
     publishes: mpsc::Sender<Outgoing>,
     refusals: mpsc::UnboundedSender<(RawPublish, String)>,
     protocol: Protocol,
+    /// What the connection subscribes to (again after every reconnect).
+    filters: Arc<std::sync::Mutex<Vec<String>>>,
+    sub_qos: u8,
 }
 
 /// A publish handed to the driver, and who waits for its acknowledgement.
@@ -152,6 +156,45 @@ impl MqttHandle {
             .map_err(|_| DriverStopped)
     }
 
+    /// Changes what the connection subscribes to (a configuration reload): subscribes to the
+    /// new filters and unsubscribes from those no longer wanted, on the same connection (the
+    /// routes that keep their filters see no gap). Reconnects subscribe to the new set.
+    pub async fn set_filters(&self, filters: Vec<String>) {
+        let (added, removed) = {
+            let mut current = self.filters.lock().unwrap_or_else(|p| p.into_inner());
+            let added: Vec<String> = filters
+                .iter()
+                .filter(|f| !current.contains(f))
+                .cloned()
+                .collect();
+            let removed: Vec<String> = current
+                .iter()
+                .filter(|f| !filters.contains(f))
+                .cloned()
+                .collect();
+            *current = filters;
+            (added, removed)
+        };
+        for f in &added {
+            if let Err(e) = self.client.subscribe(f, self.sub_qos).await {
+                tracing::error!(filter = %f, error = %e, "MQTT subscribe failed");
+            }
+        }
+        for f in &removed {
+            if let Err(e) = self.client.unsubscribe(f).await {
+                tracing::error!(filter = %f, error = %e, "MQTT unsubscribe failed");
+            }
+        }
+    }
+
+    /// The filters subscribed to.
+    pub fn filters(&self) -> Vec<String> {
+        self.filters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The protocol version in use.
     pub fn protocol(&self) -> Protocol {
         self.protocol
@@ -206,12 +249,16 @@ pub fn start(
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
     let (publish_tx, mut publish_rx) = mpsc::channel::<Outgoing>(REQUEST_CAPACITY);
     let (refusal_tx, mut refusal_rx) = mpsc::unbounded_channel::<(RawPublish, String)>();
+    let sub_qos = if config.subscribe_qos == 2 { 2 } else { 1 };
+    let filters = Arc::new(std::sync::Mutex::new(filters));
     let handle = MqttHandle {
         client: client.clone(),
         state: state_rx,
         publishes: publish_tx,
         refusals: refusal_tx,
         protocol: config.protocol,
+        filters: filters.clone(),
+        sub_qos,
     };
     // Journalled publishes a crash interrupted go first, in their order, under their ids.
     let mut unacked: HashMap<u16, InFlight> = HashMap::new();
@@ -244,7 +291,6 @@ pub fn start(
         // PUBLISH could go out twice, the second after its exchange completed, and the broker
         // would then take it as new and the next publish under that id as its duplicate).
     }
-    let sub_qos = if config.subscribe_qos == 2 { 2 } else { 1 };
     let base_window = if qos == 2 {
         QOS2_WINDOW
     } else {
@@ -385,7 +431,8 @@ pub fn start(
                     }
                     // Queued from a task of its own: this loop must keep polling, or a full
                     // request queue would never drain.
-                    let (c, fs, b) = (client.clone(), filters.clone(), broker.clone());
+                    let fs = filters.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let (c, b) = (client.clone(), broker.clone());
                     tokio::spawn(async move {
                         for f in fs {
                             if let Err(e) = c.subscribe(&f, sub_qos).await {

@@ -281,6 +281,13 @@ impl Client {
         }
     }
 
+    pub async fn unsubscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            Client::V4(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+        }
+    }
+
     pub async fn disconnect(&self) {
         match self {
             Client::V4(c) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::config::NatsConfig;
 use crate::mqtt::ConnectionState;
@@ -111,6 +111,8 @@ pub struct NatsHandle {
     state: watch::Receiver<ConnectionState>,
     max_payload: usize,
     disconnects: Arc<AtomicU64>,
+    inbound: mpsc::Sender<NatsIn>,
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Whether `name` can be a NATS header name (visible ASCII, no colon).
@@ -215,10 +217,10 @@ fn headers_of(h: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
 }
 
 /// Connects (in the background: the daemon starts while the servers are away) and starts one
-/// task per subscription; messages go to `inbound`.
+/// task per subscription (tagged with the id it comes with); messages go to `inbound`.
 pub async fn start(
     cfg: &NatsConfig,
-    subs: Vec<Subscription>,
+    subs: Vec<(usize, Subscription)>,
     inbound: mpsc::Sender<NatsIn>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<NatsHandle, String> {
@@ -305,29 +307,47 @@ pub async fn start(
         .await
         .map_err(|e| format!("NATS {servers}: {e}"))?;
     let js = jetstream::new(client.clone());
-    for (i, s) in subs.into_iter().enumerate() {
-        let (client, js, inbound, stop) = (
-            client.clone(),
-            js.clone(),
-            inbound.clone(),
-            shutdown.clone(),
-        );
-        match s.jetstream.clone() {
-            None => {
-                tokio::spawn(core_subscription(i, s, client, inbound, stop));
-            }
-            Some(j) => {
-                tokio::spawn(jetstream_subscription(i, s.subject, j, js, inbound, stop));
-            }
-        }
-    }
-    Ok(NatsHandle {
+    let handle = NatsHandle {
         client,
         js,
         state: state_rx,
         max_payload: cfg.max_payload,
         disconnects,
-    })
+        inbound,
+        shutdown,
+    };
+    for (id, s) in subs {
+        handle.subscribe(id, s);
+    }
+    Ok(handle)
+}
+
+impl NatsHandle {
+    /// Starts one subscription; its messages reach the inbound channel tagged `id`. Runs until
+    /// the shutdown signal, or until the returned handle aborts it (a configuration reload
+    /// dropping the route: the server is told to unsubscribe; JetStream keeps what was not
+    /// acknowledged). The receiver resolves once the server has the subscription (or the
+    /// JetStream consumer is ready).
+    pub fn subscribe(
+        &self,
+        id: usize,
+        s: Subscription,
+    ) -> (tokio::task::AbortHandle, oneshot::Receiver<()>) {
+        let (client, js, inbound, stop) = (
+            self.client.clone(),
+            self.js.clone(),
+            self.inbound.clone(),
+            self.shutdown.clone(),
+        );
+        let (ready, subscribed) = oneshot::channel();
+        let task = match s.jetstream.clone() {
+            None => tokio::spawn(core_subscription(id, s, client, inbound, stop, ready)),
+            Some(j) => tokio::spawn(jetstream_subscription(
+                id, s.subject, j, js, inbound, stop, ready,
+            )),
+        };
+        (task.abort_handle(), subscribed)
+    }
 }
 
 async fn core_subscription(
@@ -336,8 +356,10 @@ async fn core_subscription(
     client: async_nats::Client,
     inbound: mpsc::Sender<NatsIn>,
     mut stop: watch::Receiver<bool>,
+    ready: oneshot::Sender<()>,
 ) {
     let mut failures = 0u32;
+    let mut ready = Some(ready);
     loop {
         let sub = match &s.queue_group {
             Some(g) => client.queue_subscribe(s.subject.clone(), g.clone()).await,
@@ -352,6 +374,11 @@ async fn core_subscription(
                 tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
             }
         };
+        if let Some(r) = ready.take() {
+            // The SUB is on the server once a flush (PING/PONG) after it returns.
+            let _ = client.flush().await;
+            let _ = r.send(());
+        }
         loop {
             let m = tokio::select! { _ = stop.changed() => return, m = sub.next() => m };
             let Some(m) = m else { break };
@@ -421,8 +448,10 @@ async fn jetstream_subscription(
     js: jetstream::Context,
     inbound: mpsc::Sender<NatsIn>,
     mut stop: watch::Receiver<bool>,
+    ready: oneshot::Sender<()>,
 ) {
     let mut failures = 0u32;
+    let mut ready = Some(ready);
     loop {
         let messages = match consumer_for(&js, &subject, &j).await {
             Ok(c) => c.messages().await.map_err(|e| e.to_string()),
@@ -432,6 +461,9 @@ async fn jetstream_subscription(
             Ok(m) => {
                 failures = 0;
                 tracing::info!(stream = %j.stream, consumer = %j.durable, after = j.stored.load(Ordering::SeqCst), "JetStream consumer ready");
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
                 m
             }
             Err(e) => {
