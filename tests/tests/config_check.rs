@@ -13,7 +13,7 @@ fn each_broken_config_is_reported_at_its_line_and_column() {
         ),
         (
             "02-unknown-top-level.yaml",
-            "4:1: rotes: unknown key `rotes`; did you mean `routes`? (valid: data_dir, node, admin, channels, plugins, routes, poll_interval_ms, storage, shutdown_grace_secs, stalled_after_secs, log)",
+            "4:1: rotes: unknown key `rotes`; did you mean `routes`? (valid: data_dir, node, admin, channels, plugins, routes, poll_interval_ms, resync_interval_secs, storage, shutdown_grace_secs, stalled_after_secs, log)",
         ),
         (
             "03-wrong-type.yaml",

@@ -659,3 +659,227 @@ fn print_table(r: &Report) {
         println!("  {stage:<34} {calls:>8} calls {secs:>9.3} s");
     }
 }
+
+/// The scale check's figures.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct IdleReport {
+    /// Endpoints on disk.
+    pub endpoints: usize,
+    /// How long creating them took (each: registration, a DM with the agent), seconds.
+    pub create_secs: f64,
+    /// The daemon's resident memory once they were created and it was idle, MiB.
+    pub rss_mib_after_create: f64,
+    /// Its start with them on disk: until the admin API answered (endpoints loaded), seconds.
+    pub start_secs: f64,
+    /// Until `/ready` said 200, seconds.
+    pub ready_secs: f64,
+    /// Resident memory after the restart once idle, MiB.
+    pub rss_mib_after_start: f64,
+    /// CPU the idle daemon used over `idle_window_secs` after the start's first full read.
+    pub idle_cpu_percent: f64,
+    /// The idle window, seconds.
+    pub idle_window_secs: f64,
+    /// The build profile.
+    pub build: &'static str,
+}
+
+/// Reads a process's resident memory (MiB) and CPU time (seconds) from /proc.
+fn proc_usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let after = stat.rsplit_once(") ").map(|(_, a)| a).context("stat")?;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok((rss_kib / 1024.0, ticks / 100.0))
+}
+
+/// One HTTP GET to the daemon's admin API: the status code and body.
+async fn admin_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// Starts `gatehouse run` on `config` as a child process (its output to `log`).
+fn spawn_daemon(config: &Path, log: &Path) -> anyhow::Result<std::process::Child> {
+    let log = std::fs::File::create(log)?;
+    Ok(std::process::Command::new(std::env::current_exe()?)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+/// Waits until the admin API answers `path` with 200 and `ok(body)`.
+async fn wait_admin(
+    port: u16,
+    path: &str,
+    limit: Duration,
+    mut ok: impl FnMut(&str) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some((200, body)) = admin_get(port, path).await
+            && ok(&body)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon's {path} did not come up within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The scale check: `n` endpoints (each a device that spoke once, with its DM to the agent)
+/// created through a real `gatehouse run`; then its memory, its start with them on disk and
+/// its CPU while idle.
+pub async fn idle(n: usize, json: bool) -> anyhow::Result<IdleReport> {
+    if which("mosquitto").is_none() {
+        bail!("gatehouse bench needs mosquitto: install the Debian package `mosquitto`");
+    }
+    let dir: PathBuf = std::env::temp_dir().join(format!(
+        "gatehouse-bench-idle-{}-{}",
+        std::process::id(),
+        now_ns()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let result = async {
+        let broker = start_broker(&dir)?;
+        let (node_port, admin_port) = (free_port()?, free_port()?);
+        let node_url = format!("http://127.0.0.1:{node_port}");
+        let agent_db = sled::Config::new().path(dir.join("agent")).open()?;
+        let channel = gatehouse_client::connect(&node_url).await?;
+        let mut agent =
+            gatehouse_client::Client::open_owned(agent_db.open_tree("agent")?, channel, None, None)?;
+        let config = format!(
+            "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
+             log: {{level: warn}}\n\
+             channels: {{mqtt: {{port: {}, client_id: gatehouse-bench}}}}\n\
+             plugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{}\"]}}\n",
+            dir.join("data").display(),
+            broker.port,
+            agent.inbox_id()
+        );
+        let path = dir.join("config.yaml");
+        std::fs::write(&path, config)?;
+        let mut daemon = spawn_daemon(&path, &dir.join("daemon-1.log"))?;
+        wait_admin(admin_port, "/ready", Duration::from_secs(60), |_| true).await?;
+        agent.register().await?;
+
+        eprintln!("creating {n} endpoints (each registers and starts a DM with the agent)…");
+        let started = Instant::now();
+        let (device, _rx) = mqtt_client(broker.port, "bench-idle-devices", None).await?;
+        for d in 0..n {
+            device
+                .publish(format!("devices/d{d}/up"), QoS::AtLeastOnce, false, "{\"hello\":1}")
+                .await?;
+        }
+        let mut last_report = Instant::now();
+        loop {
+            let status = admin_get(admin_port, "/status").await;
+            let v: serde_json::Value = status
+                .and_then(|(_, b)| serde_json::from_str(&b).ok())
+                .unwrap_or_default();
+            let (made, queued) = (
+                v["endpoints"].as_u64().unwrap_or(0) as usize,
+                v["inbox_depth"].as_u64().unwrap_or(u64::MAX),
+            );
+            if made >= n && queued == 0 {
+                break;
+            }
+            if last_report.elapsed() > Duration::from_secs(10) {
+                eprintln!("  {made} of {n} endpoints, {queued} queued, {:.0} s", started.elapsed().as_secs_f64());
+                last_report = Instant::now();
+            }
+            if let Some(s) = daemon.try_wait()? {
+                bail!("the daemon exited ({s}); see {}", dir.join("daemon-1.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let create_secs = started.elapsed().as_secs_f64();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let (rss_mib_after_create, _) = proc_usage(daemon.id())?;
+
+        eprintln!("restarting the daemon with {n} endpoints on disk…");
+        // SAFETY-free: a plain kill(2) of our own child.
+        std::process::Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status()?;
+        daemon.wait()?;
+        let started = Instant::now();
+        let mut daemon = spawn_daemon(&path, &dir.join("daemon-2.log"))?;
+        wait_admin(admin_port, "/status", Duration::from_secs(300), |_| true).await?;
+        let start_secs = started.elapsed().as_secs_f64();
+        wait_admin(admin_port, "/ready", Duration::from_secs(300), |_| true).await?;
+        let ready_secs = started.elapsed().as_secs_f64();
+        // The start reads every endpoint once (news from while it was down); then it idles.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let window = Duration::from_secs(20);
+        let (_, cpu0) = proc_usage(daemon.id())?;
+        tokio::time::sleep(window).await;
+        let (rss_mib_after_start, cpu1) = proc_usage(daemon.id())?;
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        drop(broker);
+        Ok::<_, anyhow::Error>(IdleReport {
+            endpoints: n,
+            create_secs,
+            rss_mib_after_create,
+            start_secs,
+            ready_secs,
+            rss_mib_after_start,
+            idle_cpu_percent: (cpu1 - cpu0) / window.as_secs_f64() * 100.0,
+            idle_window_secs: window.as_secs_f64(),
+            build: if cfg!(debug_assertions) { "debug" } else { "release" },
+        })
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = result?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "gatehouse bench --idle-endpoints {} ({} build)",
+            r.endpoints, r.build
+        );
+        println!("  created in                     {:>9.1} s", r.create_secs);
+        println!(
+            "  resident memory, after creating {:>8.1} MiB",
+            r.rss_mib_after_create
+        );
+        println!(
+            "  start with them on disk        {:>9.2} s (admin API up; /ready after {:.2} s)",
+            r.start_secs, r.ready_secs
+        );
+        println!(
+            "  resident memory, after start   {:>9.1} MiB",
+            r.rss_mib_after_start
+        );
+        println!(
+            "  idle CPU                       {:>9.1} % of one core over {:.0} s",
+            r.idle_cpu_percent, r.idle_window_secs
+        );
+    }
+    Ok(r)
+}

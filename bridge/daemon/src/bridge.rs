@@ -153,6 +153,10 @@ fn mailboxes(cfg: &Config) -> Vec<String> {
         .collect()
 }
 
+/// How long the news watcher lets new endpoints and conversations gather before it opens its
+/// streams again to cover them.
+const REOPEN_DEBOUNCE: Duration = Duration::from_millis(100);
+
 /// How long a reload in place waits for the NATS server to confirm a new subscription.
 const NATS_SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
@@ -378,6 +382,8 @@ pub struct EndpointInfo {
 }
 
 struct Endpoint {
+    /// `channel/route/device`: its key in `Bridge::endpoints`.
+    name: String,
     route: usize,
     device: String,
     client: Mutex<Client>,
@@ -394,6 +400,15 @@ struct Slot {
     stalled: std::sync::Mutex<Option<(std::time::Instant, String)>>,
     /// Its NATS subscription (aborted when a reload drops or changes the route).
     nats: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+/// What the node's streams watch (see [`Bridge::watch_news`]).
+#[derive(Default)]
+struct NewsIndex {
+    /// Installation key → endpoint name (welcomes: a conversation was started with it).
+    installations: HashMap<[u8; 32], String>,
+    /// Conversation → endpoint name (a message or commit in it).
+    groups: HashMap<Vec<u8>, String>,
 }
 
 /// Shared bridge state.
@@ -415,6 +430,17 @@ pub struct Bridge {
     not_ready: std::sync::Mutex<Option<String>>,
     /// One per route slot.
     slots: std::sync::RwLock<Vec<Arc<Slot>>>,
+    /// What the node's streams watch: installation keys and conversations → endpoint.
+    news: std::sync::Mutex<NewsIndex>,
+    /// Bumped when `news` gained something (the streams are opened again to cover it).
+    topology: watch::Sender<u64>,
+    /// Endpoints with news on the node, read by the next outbound pass.
+    dirty: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Wakes the outbound pass (news arrived).
+    outbound_wake: Notify,
+    /// Whether the node's streams are up (otherwise every endpoint is read each
+    /// `poll_interval_ms`).
+    streaming: std::sync::atomic::AtomicBool,
     /// The XMTP node in use.
     node_url: String,
     /// Our recent publishes to topics a route subscribes to (echo prevention).
@@ -510,6 +536,7 @@ impl Bridge {
             "node": {
                 "embedded": self.cfg().node.embedded,
                 "url": self.node_url,
+                "streaming": self.streaming.load(std::sync::atomic::Ordering::Relaxed),
             },
             "plugins": self.plugin_stats.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(name, s)| (name.clone(), serde_json::json!({
                 "calls": s.calls,
@@ -1007,6 +1034,7 @@ impl Bridge {
         self.endpoint_index
             .insert(name.as_bytes(), serde_json::to_vec(&info)?)?;
         let e = Arc::new(Endpoint {
+            name: name.clone(),
             route: route_idx,
             device: device.to_string(),
             client: Mutex::new(client),
@@ -1014,6 +1042,11 @@ impl Bridge {
             retry: Default::default(),
         });
         map.insert(name, e.clone());
+        drop(map);
+        // Its installation (and conversations from earlier runs) are watched from now on.
+        if let Ok(client) = e.client.try_lock() {
+            self.note_topology(&e, &client);
+        }
         Ok(e)
     }
 
@@ -2501,13 +2534,29 @@ impl Bridge {
         device: &str,
         items: Vec<&Outgoing>,
     ) -> Result<(), Failure> {
-        let live = self.cfg();
-        let route = &live.routes[idx];
         let endpoint = self
             .endpoint(idx, device)
             .map_err(|e| Failure::Transient(format!("{e:#}")))?;
         let mut client = endpoint.client.lock().await;
-        self.ensure_registered(&endpoint, &mut client).await?;
+        let sent = self
+            .send_as_endpoint(idx, device, &endpoint, &mut client, items)
+            .await;
+        // Conversations it started are watched from now on.
+        self.note_topology(&endpoint, &client);
+        sent
+    }
+
+    async fn send_as_endpoint(
+        &self,
+        idx: usize,
+        device: &str,
+        endpoint: &Endpoint,
+        client: &mut Client,
+        items: Vec<&Outgoing>,
+    ) -> Result<(), Failure> {
+        let live = self.cfg();
+        let route = &live.routes[idx];
+        self.ensure_registered(endpoint, client).await?;
         // Mail threads: each thread is a conversation of its own (a group of the endpoint
         // and the route's agents), created with the thread's first message.
         let mut threads: Vec<(&str, &str, Vec<&Outgoing>)> = Vec::new();
@@ -2534,7 +2583,7 @@ impl Bridge {
                     let mut members = Vec::new();
                     for agent in &route.agents {
                         let inbox = self
-                            .resolve(&mut client, agent)
+                            .resolve(client, agent)
                             .await
                             .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
                         if client
@@ -2597,7 +2646,7 @@ impl Bridge {
         }
         for agent in &route.agents {
             let inbox = self
-                .resolve(&mut client, agent)
+                .resolve(client, agent)
                 .await
                 .map_err(|e| Failure::Transient(format!("resolving {agent}: {e:#}")))?;
             // External messages go only to peers this endpoint allows.
@@ -2787,6 +2836,9 @@ impl Bridge {
         client.set_consent(kind, &entity, state).await?;
         tracing::info!(endpoint = %device, %entity, ?state, "consent decided by the operator");
         drop(client);
+        // Messages it held as requests are released by the next read, at once.
+        self.mark_dirty(&ep.name);
+        self.outbound_wake.notify_one();
         Ok(serde_json::json!({"endpoint": device, "entity": entity, "state": state}))
     }
 
@@ -2844,24 +2896,237 @@ impl Bridge {
 
     /// One pass of the way back for every endpoint, [`OUTBOUND_PARALLEL`] at a time (one
     /// endpoint's conversations stay in order; a slow plugin delays only its own endpoints).
-    async fn poll_outbound(&self) {
+    async fn poll_outbound(&self, endpoints: Vec<Arc<Endpoint>>) {
         use futures::StreamExt as _;
-        futures::stream::iter(self.all_endpoints())
+        futures::stream::iter(endpoints)
             .for_each_concurrent(OUTBOUND_PARALLEL, |ep| async move {
-                if let Err(e) = self.poll_endpoint(&ep).await {
-                    tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
+                match self.poll_endpoint(&ep).await {
+                    Ok(true) => {}
+                    // Not read now (backing off, a quarantined plugin): read it later.
+                    Ok(false) => self.mark_dirty(&ep.name),
+                    Err(e) => {
+                        self.mark_dirty(&ep.name);
+                        tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
+                    }
                 }
             })
             .await;
     }
 
-    async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<()> {
+    /// The endpoints with news (taken: the set starts empty again).
+    fn take_dirty(&self) -> Vec<Arc<Endpoint>> {
+        let names = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        names.iter().filter_map(|n| map.get(n).cloned()).collect()
+    }
+
+    fn mark_dirty(&self, name: &str) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+    }
+
+    /// Records what the node's streams must watch for this endpoint (its installation and
+    /// conversations); new entries make the watcher open its streams again.
+    fn note_topology(&self, ep: &Endpoint, client: &Client) {
+        let Ok(conversations) = client.conversations() else {
+            return;
+        };
+        let mut news = self.news.lock().unwrap_or_else(|p| p.into_inner());
+        let mut grew = news
+            .installations
+            .insert(client.installation_key(), ep.name.clone())
+            .is_none();
+        for (gid, _) in conversations {
+            grew |= news.groups.insert(gid, ep.name.clone()).is_none();
+        }
+        drop(news);
+        if grew {
+            self.topology.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Follows the node's streams of welcomes (for every endpoint's installation) and
+    /// conversation messages (for every endpoint's conversations), marking the endpoint they
+    /// concern for the next outbound pass and waking it: endpoints are read when something
+    /// arrived, not polled. The streams are opened again (the new ones before the old ones
+    /// close, so nothing falls between) when endpoints or conversations were added; what a
+    /// stream covers for the first time is read once. While the streams are down every
+    /// endpoint is read each `poll_interval_ms`, as without them.
+    async fn watch_news(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        use futures::StreamExt as _;
+        use gatehouse_wire::mls_api as mpb;
+        let mut topology = self.topology.subscribe();
+        let mut failures = 0u32;
+        let mut covered: (
+            std::collections::HashSet<[u8; 32]>,
+            std::collections::HashSet<Vec<u8>>,
+        ) = Default::default();
+        let mut streams = None;
+        loop {
+            topology.borrow_and_update();
+            let (installations, groups): (Vec<[u8; 32]>, Vec<Vec<u8>>) = {
+                let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
+                (
+                    n.installations.keys().copied().collect(),
+                    n.groups.keys().cloned().collect(),
+                )
+            };
+            if installations.is_empty() {
+                tokio::select! { _ = stop.changed() => return, _ = topology.changed() => continue }
+            }
+            let mut mls =
+                gatehouse_wire::mls_api::mls_api_client::MlsApiClient::new(self.channel.clone())
+                    .max_decoding_message_size(32 << 20);
+            let opened = async {
+                let w = mls
+                    .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
+                        filters: installations
+                            .iter()
+                            .map(|k| mpb::subscribe_welcome_messages_request::Filter {
+                                installation_key: k.to_vec(),
+                                id_cursor: 0,
+                            })
+                            .collect(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                let g = mls
+                    .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest {
+                        filters: groups
+                            .iter()
+                            .map(|g| mpb::subscribe_group_messages_request::Filter {
+                                group_id: g.clone(),
+                                id_cursor: 0,
+                            })
+                            .collect(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+                Ok::<_, String>((w, g))
+            }
+            .await;
+            match opened {
+                Ok(s) => {
+                    // What these streams cover for the first time may have news from before
+                    // they opened: read those endpoints once.
+                    {
+                        let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                        for k in installations.iter().filter(|k| !covered.0.contains(*k)) {
+                            if let Some(name) = n.installations.get(k) {
+                                dirty.insert(name.clone());
+                            }
+                        }
+                        for g in groups.iter().filter(|g| !covered.1.contains(*g)) {
+                            if let Some(name) = n.groups.get(g) {
+                                dirty.insert(name.clone());
+                            }
+                        }
+                    }
+                    covered = (
+                        installations.into_iter().collect(),
+                        groups.into_iter().collect(),
+                    );
+                    // The previous streams close only now.
+                    streams = Some(s);
+                    if !self
+                        .streaming
+                        .swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tracing::info!(node = %self.node_url, "following the node's streams: endpoints are read when news arrives");
+                    }
+                    failures = 0;
+                    self.outbound_wake.notify_one();
+                }
+                Err(e) => {
+                    if self
+                        .streaming
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                        || failures == 0
+                    {
+                        tracing::warn!(node = %self.node_url, error = %e, "the node's streams are not available; reading every endpoint each poll_interval_ms meanwhile");
+                    }
+                    drop(streams.take());
+                    covered = Default::default();
+                    let wait = gatehouse_channels::backoff(
+                        failures,
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                    );
+                    failures += 1;
+                    tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
+                }
+            }
+            let Some((w, g)) = streams.as_mut() else {
+                continue;
+            };
+            let ended = loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = topology.changed() => {
+                        // A burst of new endpoints opens the streams once.
+                        tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(REOPEN_DEBOUNCE) => {} }
+                        break false;
+                    }
+                    m = w.next() => match m {
+                        Some(Ok(m)) => {
+                            let key = match m.version {
+                                Some(mpb::welcome_message::Version::V1(v)) => v.installation_key,
+                                Some(mpb::welcome_message::Version::WelcomePointer(p)) => p.installation_key,
+                                None => continue,
+                            };
+                            let name = <[u8; 32]>::try_from(key.as_slice()).ok().and_then(|k| {
+                                self.news.lock().unwrap_or_else(|p| p.into_inner()).installations.get(&k).cloned()
+                            });
+                            if let Some(name) = name {
+                                self.mark_dirty(&name);
+                                self.outbound_wake.notify_one();
+                            }
+                        }
+                        _ => break true,
+                    },
+                    m = g.next() => match m {
+                        Some(Ok(m)) => {
+                            let Some(mpb::group_message::Version::V1(v)) = m.version else { continue };
+                            let name = self.news.lock().unwrap_or_else(|p| p.into_inner()).groups.get(&v.group_id).cloned();
+                            if let Some(name) = name {
+                                self.mark_dirty(&name);
+                                self.outbound_wake.notify_one();
+                            }
+                        }
+                        _ => break true,
+                    },
+                }
+            };
+            if ended {
+                tracing::warn!(node = %self.node_url, "the node's streams ended; reading every endpoint each poll_interval_ms until they are back");
+                self.streaming
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                drop(streams.take());
+                covered = Default::default();
+                self.outbound_wake.notify_one();
+                let wait = gatehouse_channels::backoff(
+                    failures,
+                    Duration::from_millis(200),
+                    Duration::from_secs(10),
+                );
+                failures += 1;
+                tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => {} }
+            }
+        }
+    }
+
+    async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<bool> {
         let live = self.cfg();
         let route = &live.routes[ep.route];
         if !route.fail_open && self.stats(&route.plugin, |s| s.quarantined) {
             // Fail closed: the conversations are not read, so their messages wait on the node
             // (the cursors do not move) until the plugin is reloaded.
-            return Ok(());
+            return Ok(false);
         }
         if ep
             .retry
@@ -2870,13 +3135,13 @@ impl Bridge {
             .1
             .is_some_and(|t| std::time::Instant::now() < t)
         {
-            return Ok(());
+            return Ok(false);
         }
         let mut client = ep.client.lock().await;
         if !*ep.registered.lock().await {
             // Endpoints known from before a restart register (and get their policy) here.
             if self.ensure_registered(ep, &mut client).await.is_err() {
-                return Ok(());
+                return Ok(false);
             }
         }
         // Consent gates what comes back: only allowed senders' messages are returned; unknown
@@ -2886,10 +3151,11 @@ impl Bridge {
         let started = std::time::Instant::now();
         client.sync_all().await?;
         crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
+        self.note_topology(ep, &client);
         let pending = client.undelivered()?;
         drop(client);
         if pending.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH").is_some() {
             // Fault injection for the crash tests: die between reading and publishing.
@@ -2899,6 +3165,7 @@ impl Bridge {
         // Published in order, then marked done in order once the broker acknowledged each
         // (a crash before the PUBACK publishes it again: at-least-once towards the device).
         let mut carried: Vec<(Option<u64>, Vec<Confirmation>)> = Vec::new();
+        let mut later = false;
         for r in pending {
             let mut acks = Vec::new();
             if !r.is_transcript() {
@@ -2919,6 +3186,7 @@ impl Bridge {
                         retry.1 = Some(std::time::Instant::now() + wait);
                         tracing::warn!(route = %route.name, device = %ep.device, %reason, retry_in_ms = wait.as_millis() as u64, "conversation message not published yet; will retry");
                         crate::metrics::retry(&route.name, "outbound");
+                        later = true;
                         break;
                     }
                 }
@@ -2944,7 +3212,7 @@ impl Bridge {
             *ep.retry.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
             ep.client.lock().await.flush().await?;
         }
-        Ok(())
+        Ok(!later)
     }
 
     /// One conversation message through the plugin to the channel; returns what resolves
@@ -3640,6 +3908,11 @@ pub async fn run_reloadable(
         own_publishes: Default::default(),
         not_ready: Default::default(),
         slots: std::sync::RwLock::new(cfg.routes.iter().map(|_| Default::default()).collect()),
+        news: Default::default(),
+        topology: watch::channel(0).0,
+        dirty: Default::default(),
+        outbound_wake: Notify::new(),
+        streaming: Default::default(),
         node_url: node_url.clone(),
         dead: db.open_tree("dead_letters")?,
         endpoint_index: db.open_tree("endpoints")?,
@@ -3786,12 +4059,36 @@ pub async fn run_reloadable(
     let b = bridge.clone();
     let mut stop = shutdown.clone();
     let outbound = tokio::spawn(async move {
+        // With the node's streams up, endpoints are read when they have news, and all of them
+        // every `resync_interval_secs`; without, all of them every `poll_interval_ms`.
+        let mut last_full: Option<std::time::Instant> = None;
         loop {
-            b.poll_outbound().await;
-            let poll = Duration::from_millis(b.cfg().poll_interval_ms.max(20));
-            tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(poll) => {} }
+            let live = b.cfg();
+            let poll = Duration::from_millis(live.poll_interval_ms.max(20));
+            let resync = Duration::from_secs(live.resync_interval_secs.max(1));
+            let streaming = b.streaming.load(std::sync::atomic::Ordering::SeqCst);
+            if !streaming || last_full.is_none_or(|t| t.elapsed() >= resync) {
+                last_full = Some(std::time::Instant::now());
+                b.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                b.poll_outbound(b.all_endpoints()).await;
+            } else {
+                let dirty = b.take_dirty();
+                b.poll_outbound(dirty).await;
+            }
+            let wait =
+                if !streaming || !b.dirty.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+                    poll
+                } else {
+                    resync.saturating_sub(last_full.map_or(Duration::ZERO, |t| t.elapsed()))
+                };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = b.outbound_wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
         }
     });
+    tokio::spawn(bridge.clone().watch_news(shutdown.clone()));
     tracing::info!(admin = %admin_listen, routes = bridge.cfg().routes.len(), "gatehouse running");
     // The intake ends on its own only without a channel (fine: wait for the signal) or on a
     // store failure (stop, with the error).

@@ -38,9 +38,16 @@ pub struct Config {
     /// Routes: which channel addresses become which endpoint identities.
     #[serde(default)]
     pub routes: Vec<Route>,
-    /// How often endpoints read their conversations, milliseconds.
+    /// While the node's streams are unavailable: how often every endpoint reads its
+    /// conversations, milliseconds (with them, an endpoint is read as soon as it has news).
+    /// Also how long an endpoint whose read was put off (backing off, a quarantined plugin)
+    /// waits before the next try.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// With the node's streams up: how often every endpoint still reads all its conversations
+    /// (a safety net, and the membership checks of quiet conversations), seconds.
+    #[serde(default = "default_resync")]
+    pub resync_interval_secs: u64,
     /// Limits of the local store.
     #[serde(default)]
     pub storage: StorageConfig,
@@ -138,6 +145,10 @@ impl Default for StorageConfig {
 fn default_data_dir() -> PathBuf {
     PathBuf::from("gatehouse-data")
 }
+fn default_resync() -> u64 {
+    30
+}
+
 fn default_poll_ms() -> u64 {
     250
 }

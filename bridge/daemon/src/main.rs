@@ -201,6 +201,11 @@ enum Command {
         /// The daemon's poll_interval_ms (how often endpoints read their conversations).
         #[arg(long, default_value_t = 250)]
         poll_ms: u64,
+        /// Instead of the four paths, the scale check: create this many endpoints through a
+        /// `gatehouse run` child process, then report its memory, its start with them on disk
+        /// and its CPU while idle.
+        #[arg(long)]
+        idle_endpoints: Option<usize>,
     },
     /// List the daemon's endpoint identities.
     Endpoints {
@@ -802,8 +807,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             rate,
             json,
             poll_ms,
+            idle_endpoints,
         } => {
             init_logging("warn");
+            if let Some(n) = idle_endpoints {
+                bench::idle(n, json).await?;
+                return Ok(0);
+            }
             bench::run(bench::Opts {
                 devices,
                 messages,
