@@ -441,3 +441,48 @@ fn a_stalled_route_makes_the_daemon_not_ready() {
     let m = &a.listen(1)[0];
     assert_eq!(m["text"], r#"{"n":2}"#);
 }
+
+/// The way back is driven by the node's streams, not by polling: with polling and the
+/// periodic full read both set to ten minutes, an agent's messages still reach the device at
+/// once — also after the node went away and came back (the streams are opened again and
+/// what was sent meanwhile is read).
+#[test]
+fn agent_messages_reach_the_device_by_the_nodes_streams_not_by_polling() {
+    let s = Setup::new("ops-streams");
+    let node_port = free_port();
+    let node = StandaloneNode::start_on(&s.dir, node_port);
+    let a = Agent::at(s.dir.join("agent"), node.url.clone());
+    let inbox = a.inbox_id();
+    let config = s.write_config_external(&node.url, &[&inbox]);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("poll_interval_ms: 100", "poll_interval_ms: 600000")
+        + "resync_interval_secs: 600\n";
+    std::fs::write(&config, text).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":1}"#);
+    let endpoint = a.listen(1)[0]["sender_inbox"].as_str().unwrap().to_string();
+    wait_for("the daemon to follow the node's streams", || {
+        (d.status()["node"]["streaming"] == true).then_some(())
+    });
+    let down = s.broker.subscribe("devices/d1/down");
+    for n in 0..3 {
+        a.send(&endpoint, &format!("cmd {n}"));
+    }
+    for n in 0..3 {
+        assert_eq!(down.next_message(), format!("cmd {n}"));
+    }
+
+    // The node goes away and comes back: the streams follow it.
+    drop(node);
+    wait_for("the daemon to notice the streams ended", || {
+        (d.status()["node"]["streaming"] == false).then_some(())
+    });
+    let _node = StandaloneNode::start_on(&s.dir, node_port);
+    wait_for("the streams to be followed again", || {
+        (d.status()["node"]["streaming"] == true).then_some(())
+    });
+    a.send(&endpoint, "after the restart");
+    assert_eq!(down.next_message(), "after the restart");
+}

@@ -402,6 +402,25 @@ struct Slot {
     nats: std::sync::Mutex<Option<tokio::task::AbortHandle>>,
 }
 
+/// One item of the node's streams.
+enum News {
+    /// A welcome for this installation.
+    Welcome([u8; 32]),
+    /// A message or commit in this conversation.
+    Group(Vec<u8>),
+    /// Nothing the bridge follows.
+    Other,
+    /// The stream ended.
+    Ended,
+}
+
+fn key32(b: &[u8]) -> Option<[u8; 32]> {
+    b.try_into().ok()
+}
+
+/// How many streams the news watcher holds before it merges them into one.
+const MAX_NEWS_STREAMS: usize = 32;
+
 /// What the node's streams watch (see [`Bridge::watch_news`]).
 #[derive(Default)]
 struct NewsIndex {
@@ -2950,164 +2969,145 @@ impl Bridge {
     /// Follows the node's streams of welcomes (for every endpoint's installation) and
     /// conversation messages (for every endpoint's conversations), marking the endpoint they
     /// concern for the next outbound pass and waking it: endpoints are read when something
-    /// arrived, not polled. The streams are opened again (the new ones before the old ones
-    /// close, so nothing falls between) when endpoints or conversations were added; what a
-    /// stream covers for the first time is read once. While the streams are down every
-    /// endpoint is read each `poll_interval_ms`, as without them.
+    /// arrived, not polled. Endpoints and conversations added later get streams of their own
+    /// (what a stream covers for the first time is read once, so nothing falls between);
+    /// past [`MAX_NEWS_STREAMS`] they are merged into one (the new one opened before the old
+    /// ones close). While the streams are down every endpoint is read each
+    /// `poll_interval_ms`, as without them.
     async fn watch_news(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         use futures::StreamExt as _;
-        use gatehouse_wire::mls_api as mpb;
         let mut topology = self.topology.subscribe();
         let mut failures = 0u32;
         let mut covered: (
             std::collections::HashSet<[u8; 32]>,
             std::collections::HashSet<Vec<u8>>,
         ) = Default::default();
-        let mut streams = None;
+        let mut streams = futures::stream::SelectAll::new();
+        let mut opened = 0usize;
         loop {
             topology.borrow_and_update();
-            let (installations, groups): (Vec<[u8; 32]>, Vec<Vec<u8>>) = {
+            let (fresh_i, fresh_g, all_i, all_g) = {
                 let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
-                (
-                    n.installations.keys().copied().collect(),
-                    n.groups.keys().cloned().collect(),
-                )
+                let fresh_i: Vec<[u8; 32]> = n
+                    .installations
+                    .keys()
+                    .filter(|k| !covered.0.contains(*k))
+                    .copied()
+                    .collect();
+                let fresh_g: Vec<Vec<u8>> = n
+                    .groups
+                    .keys()
+                    .filter(|g| !covered.1.contains(*g))
+                    .cloned()
+                    .collect();
+                let merge =
+                    opened >= MAX_NEWS_STREAMS && !(fresh_i.is_empty() && fresh_g.is_empty());
+                let (all_i, all_g) = if merge {
+                    (
+                        n.installations.keys().copied().collect(),
+                        n.groups.keys().cloned().collect(),
+                    )
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                (fresh_i, fresh_g, all_i, all_g)
             };
-            if installations.is_empty() {
+            if !(fresh_i.is_empty() && fresh_g.is_empty()) {
+                let merge = !all_i.is_empty();
+                let (open_i, open_g) = if merge {
+                    (&all_i, &all_g)
+                } else {
+                    (&fresh_i, &fresh_g)
+                };
+                match self.open_news(open_i, open_g).await {
+                    Ok(parts) => {
+                        // What these streams cover for the first time may have news from
+                        // before they opened: read those endpoints once.
+                        {
+                            let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
+                            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                            for name in fresh_i
+                                .iter()
+                                .filter_map(|k| n.installations.get(k))
+                                .chain(fresh_g.iter().filter_map(|g| n.groups.get(g)))
+                            {
+                                dirty.insert(name.clone());
+                            }
+                        }
+                        if merge {
+                            // The old streams close only now.
+                            streams = futures::stream::SelectAll::new();
+                            opened = 0;
+                        }
+                        opened += parts.len();
+                        for part in parts {
+                            streams.push(part);
+                        }
+                        covered.0.extend(fresh_i);
+                        covered.1.extend(fresh_g);
+                        if !self
+                            .streaming
+                            .swap(true, std::sync::atomic::Ordering::SeqCst)
+                        {
+                            tracing::info!(node = %self.node_url, "following the node's streams: endpoints are read when news arrives");
+                        }
+                        failures = 0;
+                        self.outbound_wake.notify_one();
+                    }
+                    Err(e) => {
+                        if self
+                            .streaming
+                            .swap(false, std::sync::atomic::Ordering::SeqCst)
+                            || failures == 0
+                        {
+                            tracing::warn!(node = %self.node_url, error = %e, "the node's streams are not available; reading every endpoint each poll_interval_ms meanwhile");
+                        }
+                        streams = futures::stream::SelectAll::new();
+                        (opened, covered) = (0, Default::default());
+                        let wait = gatehouse_channels::backoff(
+                            failures,
+                            Duration::from_millis(200),
+                            Duration::from_secs(10),
+                        );
+                        failures += 1;
+                        tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
+                    }
+                }
+            }
+            if streams.is_empty() {
                 tokio::select! { _ = stop.changed() => return, _ = topology.changed() => continue }
             }
-            let mut mls =
-                gatehouse_wire::mls_api::mls_api_client::MlsApiClient::new(self.channel.clone())
-                    .max_decoding_message_size(32 << 20);
-            let opened = async {
-                let w = mls
-                    .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
-                        filters: installations
-                            .iter()
-                            .map(|k| mpb::subscribe_welcome_messages_request::Filter {
-                                installation_key: k.to_vec(),
-                                id_cursor: 0,
-                            })
-                            .collect(),
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                let g = mls
-                    .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest {
-                        filters: groups
-                            .iter()
-                            .map(|g| mpb::subscribe_group_messages_request::Filter {
-                                group_id: g.clone(),
-                                id_cursor: 0,
-                            })
-                            .collect(),
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_inner();
-                Ok::<_, String>((w, g))
-            }
-            .await;
-            match opened {
-                Ok(s) => {
-                    // What these streams cover for the first time may have news from before
-                    // they opened: read those endpoints once.
-                    {
-                        let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
-                        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-                        for k in installations.iter().filter(|k| !covered.0.contains(*k)) {
-                            if let Some(name) = n.installations.get(k) {
-                                dirty.insert(name.clone());
-                            }
-                        }
-                        for g in groups.iter().filter(|g| !covered.1.contains(*g)) {
-                            if let Some(name) = n.groups.get(g) {
-                                dirty.insert(name.clone());
-                            }
-                        }
-                    }
-                    covered = (
-                        installations.into_iter().collect(),
-                        groups.into_iter().collect(),
-                    );
-                    // The previous streams close only now.
-                    streams = Some(s);
-                    if !self
-                        .streaming
-                        .swap(true, std::sync::atomic::Ordering::SeqCst)
-                    {
-                        tracing::info!(node = %self.node_url, "following the node's streams: endpoints are read when news arrives");
-                    }
-                    failures = 0;
-                    self.outbound_wake.notify_one();
-                }
-                Err(e) => {
-                    if self
-                        .streaming
-                        .swap(false, std::sync::atomic::Ordering::SeqCst)
-                        || failures == 0
-                    {
-                        tracing::warn!(node = %self.node_url, error = %e, "the node's streams are not available; reading every endpoint each poll_interval_ms meanwhile");
-                    }
-                    drop(streams.take());
-                    covered = Default::default();
-                    let wait = gatehouse_channels::backoff(
-                        failures,
-                        Duration::from_millis(200),
-                        Duration::from_secs(10),
-                    );
-                    failures += 1;
-                    tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
-                }
-            }
-            let Some((w, g)) = streams.as_mut() else {
-                continue;
-            };
             let ended = loop {
                 tokio::select! {
                     _ = stop.changed() => return,
                     _ = topology.changed() => {
-                        // A burst of new endpoints opens the streams once.
+                        // A burst of new endpoints gets one stream.
                         tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(REOPEN_DEBOUNCE) => {} }
                         break false;
                     }
-                    m = w.next() => match m {
-                        Some(Ok(m)) => {
-                            let key = match m.version {
-                                Some(mpb::welcome_message::Version::V1(v)) => v.installation_key,
-                                Some(mpb::welcome_message::Version::WelcomePointer(p)) => p.installation_key,
-                                None => continue,
-                            };
-                            let name = <[u8; 32]>::try_from(key.as_slice()).ok().and_then(|k| {
-                                self.news.lock().unwrap_or_else(|p| p.into_inner()).installations.get(&k).cloned()
-                            });
-                            if let Some(name) = name {
-                                self.mark_dirty(&name);
-                                self.outbound_wake.notify_one();
+                    m = streams.next() => {
+                        let name = {
+                            let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
+                            match m {
+                                Some(News::Welcome(k)) => n.installations.get(&k).cloned(),
+                                Some(News::Group(g)) => n.groups.get(&g).cloned(),
+                                Some(News::Other) => None,
+                                Some(News::Ended) | None => break true,
                             }
+                        };
+                        if let Some(name) = name {
+                            self.mark_dirty(&name);
+                            self.outbound_wake.notify_one();
                         }
-                        _ => break true,
-                    },
-                    m = g.next() => match m {
-                        Some(Ok(m)) => {
-                            let Some(mpb::group_message::Version::V1(v)) = m.version else { continue };
-                            let name = self.news.lock().unwrap_or_else(|p| p.into_inner()).groups.get(&v.group_id).cloned();
-                            if let Some(name) = name {
-                                self.mark_dirty(&name);
-                                self.outbound_wake.notify_one();
-                            }
-                        }
-                        _ => break true,
-                    },
+                    }
                 }
             };
             if ended {
                 tracing::warn!(node = %self.node_url, "the node's streams ended; reading every endpoint each poll_interval_ms until they are back");
                 self.streaming
                     .store(false, std::sync::atomic::Ordering::SeqCst);
-                drop(streams.take());
-                covered = Default::default();
+                streams = futures::stream::SelectAll::new();
+                (opened, covered) = (0, Default::default());
                 self.outbound_wake.notify_one();
                 let wait = gatehouse_channels::backoff(
                     failures,
@@ -3118,6 +3118,76 @@ impl Bridge {
                 tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => {} }
             }
         }
+    }
+
+    /// Opens the node's streams for these installations and conversations; each ends with
+    /// [`News::Ended`] (an error or the node closing it).
+    async fn open_news(
+        &self,
+        installations: &[[u8; 32]],
+        groups: &[Vec<u8>],
+    ) -> Result<Vec<futures::stream::BoxStream<'static, News>>, String> {
+        use futures::StreamExt as _;
+        use gatehouse_wire::mls_api as mpb;
+        let mut mls =
+            gatehouse_wire::mls_api::mls_api_client::MlsApiClient::new(self.channel.clone())
+                .max_decoding_message_size(32 << 20);
+        let ended = || futures::stream::once(async { News::Ended });
+        let mut parts = Vec::new();
+        if !installations.is_empty() {
+            let w = mls
+                .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
+                    filters: installations
+                        .iter()
+                        .map(|k| mpb::subscribe_welcome_messages_request::Filter {
+                            installation_key: k.to_vec(),
+                            id_cursor: 0,
+                        })
+                        .collect(),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            parts.push(
+                w.map(|m| match m.map(|m| m.version) {
+                    Ok(Some(mpb::welcome_message::Version::V1(v))) => {
+                        key32(&v.installation_key).map_or(News::Other, News::Welcome)
+                    }
+                    Ok(Some(mpb::welcome_message::Version::WelcomePointer(p))) => {
+                        key32(&p.installation_key).map_or(News::Other, News::Welcome)
+                    }
+                    Ok(None) => News::Other,
+                    Err(_) => News::Ended,
+                })
+                .chain(ended())
+                .boxed(),
+            );
+        }
+        if !groups.is_empty() {
+            let g = mls
+                .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest {
+                    filters: groups
+                        .iter()
+                        .map(|g| mpb::subscribe_group_messages_request::Filter {
+                            group_id: g.clone(),
+                            id_cursor: 0,
+                        })
+                        .collect(),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            parts.push(
+                g.map(|m| match m.map(|m| m.version) {
+                    Ok(Some(mpb::group_message::Version::V1(v))) => News::Group(v.group_id),
+                    Ok(None) => News::Other,
+                    Err(_) => News::Ended,
+                })
+                .chain(ended())
+                .boxed(),
+            );
+        }
+        Ok(parts)
     }
 
     async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<bool> {
@@ -3752,7 +3822,10 @@ pub async fn run_reloadable(
     let mut node_store = None;
     let mut node_task = None;
     let node_url = if cfg.node.embedded {
-        let store = gatehouse_node::Store::open(&cfg.data_dir.join("node"))?;
+        let store = gatehouse_node::Store::open_with_cache(
+            &cfg.data_dir.join("node"),
+            Some(cfg.storage.cache_mb << 20),
+        )?;
         node_store = Some(store.clone());
         let listener = tokio::net::TcpListener::bind(cfg.node.listen)
             .await
@@ -3781,6 +3854,7 @@ pub async fn run_reloadable(
     let db = gatehouse_store::open(
         sled::Config::new()
             .path(cfg.data_dir.join("bridge"))
+            .cache_capacity(cfg.storage.cache_mb << 20)
             .flush_every_ms(Some(200)),
         &cfg.data_dir.join("bridge"),
         "the bridge store",

@@ -128,6 +128,14 @@ pub struct StorageConfig {
     /// store cannot continue after a write that failed for lack of space.
     #[serde(default = "default_min_free_mb")]
     pub min_free_mb: u64,
+    /// Page cache of each store (the bridge's, and the embedded node's), MiB: most of the
+    /// daemon's memory beyond its endpoints.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+fn default_cache_mb() -> u64 {
+    64
 }
 
 fn default_min_free_mb() -> u64 {
@@ -138,6 +146,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             min_free_mb: default_min_free_mb(),
+            cache_mb: default_cache_mb(),
         }
     }
 }

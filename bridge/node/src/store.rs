@@ -79,9 +79,18 @@ pub struct LoggedUpdate {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, with sled's default page cache (1 GiB at most).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let config = sled::Config::new().path(dir).flush_every_ms(Some(200));
+        Self::open_with_cache(dir, None)
+    }
+
+    /// Opens (or creates) the store in `dir`; `cache_bytes` bounds sled's page cache (the
+    /// largest part of the store's memory).
+    pub fn open_with_cache(dir: &Path, cache_bytes: Option<u64>) -> Result<Self, StoreError> {
+        let mut config = sled::Config::new().path(dir).flush_every_ms(Some(200));
+        if let Some(bytes) = cache_bytes {
+            config = config.cache_capacity(bytes);
+        }
         let sealed = gatehouse_store::open(config, dir, "the node's store")?;
         let mut store = Self::from_db(sealed.db().clone())?;
         store.sealed = Some(sealed);
