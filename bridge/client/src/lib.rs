@@ -146,6 +146,24 @@ pub async fn connect(url: &str) -> Result<Channel> {
     Ok(endpoint.connect_lazy())
 }
 
+/// Digests ([`published_digest`]) of group messages clients published, recorded before each
+/// publish, so that whoever follows the node's streams can tell its own messages coming back
+/// from news (and remove them as they come back).
+pub type PublishedSink = std::sync::Arc<std::sync::Mutex<std::collections::HashSet<u64>>>;
+
+/// The digest of a group message's bytes as published (and as the node's streams return
+/// them).
+pub fn published_digest(data: &[u8]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    data.hash(&mut h);
+    h.finish()
+}
+
+/// Past this many digests not seen back, a sink is emptied (bounded memory; the cost is a
+/// read that finds only our own messages).
+const PUBLISHED_SINK_MAX: usize = 100_000;
+
 /// One installation of one inbox.
 pub struct Client {
     tree: sled::Tree,
@@ -161,6 +179,8 @@ pub struct Client {
     key_package_grace: std::time::Duration,
     /// Fault injection: fail right after publishing a commit, before merging it.
     crash_after_commit_publish: bool,
+    /// Where the digests of the group messages it publishes go (see [`PublishedSink`]).
+    published: Option<PublishedSink>,
     /// Whether messages from `unknown` conversations are held (else dropped).
     hold_unknown: bool,
     /// Whether returned messages are also kept (`deliv/`) until [`Client::delivered`].
@@ -321,6 +341,7 @@ impl Client {
             inbox_id,
             key_package_grace: KEY_PACKAGE_GRACE,
             crash_after_commit_publish: false,
+            published: None,
             hold_unknown: true,
             retain: false,
             surface_requests: true,
@@ -823,7 +844,24 @@ impl Client {
     }
 
     /// Publishes one MLS message to the node.
+    /// Records what is about to be published in the sink, if there is one.
+    fn record_published<'a>(&self, data: impl Iterator<Item = &'a [u8]>) {
+        if let Some(sink) = &self.published {
+            let mut set = sink.lock().unwrap_or_else(|p| p.into_inner());
+            if set.len() > PUBLISHED_SINK_MAX {
+                set.clear();
+            }
+            set.extend(data.map(published_digest));
+        }
+    }
+
+    /// Has the digests of the group messages this client publishes recorded in `sink`.
+    pub fn set_published_sink(&mut self, sink: PublishedSink) {
+        self.published = Some(sink);
+    }
+
     async fn publish_group_message(&mut self, data: Vec<u8>, should_push: bool) -> Result<()> {
+        self.record_published(std::iter::once(data.as_slice()));
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest {
                 messages: vec![mpb::GroupMessageInput {
@@ -1107,6 +1145,11 @@ impl Client {
         }
         // Written before publishing: a crash after the publish never reuses a ratchet step.
         self.persist_mls()?;
+        self.record_published(inputs.iter().filter_map(|i| {
+            i.version
+                .as_ref()
+                .map(|mpb::group_message_input::Version::V1(v)| v.data.as_slice())
+        }));
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest { messages: inputs })
             .await?;

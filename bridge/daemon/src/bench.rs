@@ -447,7 +447,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
         .await?;
     }
     let mut conversations: BTreeMap<String, String> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60 + o.devices as u64 / 10);
     while conversations.len() < o.devices {
         for m in agent.sync_all().await? {
             if let Some(d) = m.delivery {
@@ -458,7 +458,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
             }
             conversations.insert(m.sender_inbox.clone(), m.conversation.clone());
         }
-        if Instant::now() > deadline {
+        if conversations.len() < o.devices && Instant::now() > deadline {
             bail!(
                 "warm-up: {} of {} devices reached the agent",
                 conversations.len(),

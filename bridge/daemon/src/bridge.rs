@@ -390,6 +390,8 @@ struct Endpoint {
     registered: Mutex<bool>,
     /// Outbound retry state: failures in a row, and not before when to try again.
     retry: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
+    /// When its conversations were last read through.
+    last_read: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Per route slot: what wakes its queue worker, whether it is stalled, its NATS subscription.
@@ -406,8 +408,8 @@ struct Slot {
 enum News {
     /// A welcome for this installation.
     Welcome([u8; 32]),
-    /// A message or commit in this conversation.
-    Group(Vec<u8>),
+    /// A message or commit in this conversation, and the digest of its bytes.
+    Group(Vec<u8>, u64),
     /// Nothing the bridge follows.
     Other,
     /// The stream ended.
@@ -457,6 +459,9 @@ pub struct Bridge {
     dirty: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Wakes the outbound pass (news arrived).
     outbound_wake: Notify,
+    /// Digests of the group messages the endpoints published: coming back on the node's
+    /// stream they are not news (no read of that endpoint follows).
+    published: gatehouse_client::PublishedSink,
     /// Whether the node's streams are up (otherwise every endpoint is read each
     /// `poll_interval_ms`).
     streaming: std::sync::atomic::AtomicBool,
@@ -1041,6 +1046,7 @@ impl Bridge {
         let mut client = Client::open(tree, self.channel.clone(), Some(wallet), Some(key))?;
         // What an endpoint reads stays owed until it is published (or dead-lettered).
         client.set_retain_deliveries(true);
+        client.set_published_sink(self.published.clone());
         let info = EndpointInfo {
             route: route.name.clone(),
             channel: route.channel.clone(),
@@ -1059,6 +1065,7 @@ impl Bridge {
             client: Mutex::new(client),
             registered: Mutex::new(false),
             retry: Default::default(),
+            last_read: Default::default(),
         });
         map.insert(name, e.clone());
         drop(map);
@@ -3090,12 +3097,23 @@ impl Bridge {
                             let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
                             match m {
                                 Some(News::Welcome(k)) => n.installations.get(&k).cloned(),
-                                Some(News::Group(g)) => n.groups.get(&g).cloned(),
+                                Some(News::Group(_, digest))
+                                    if self
+                                        .published
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .remove(&digest) =>
+                                {
+                                    // One of ours coming back: nothing to read.
+                                    None
+                                }
+                                Some(News::Group(g, _)) => n.groups.get(&g).cloned(),
                                 Some(News::Other) => None,
                                 Some(News::Ended) | None => break true,
                             }
                         };
                         if let Some(name) = name {
+                            tracing::debug!(endpoint = %name, "news on the node");
                             self.mark_dirty(&name);
                             self.outbound_wake.notify_one();
                         }
@@ -3179,7 +3197,9 @@ impl Bridge {
                 .into_inner();
             parts.push(
                 g.map(|m| match m.map(|m| m.version) {
-                    Ok(Some(mpb::group_message::Version::V1(v))) => News::Group(v.group_id),
+                    Ok(Some(mpb::group_message::Version::V1(v))) => {
+                        News::Group(v.group_id, gatehouse_client::published_digest(&v.data))
+                    }
                     Ok(None) => News::Other,
                     Err(_) => News::Ended,
                 })
@@ -3220,6 +3240,7 @@ impl Bridge {
         // crash between reading and publishing loses nothing.
         let started = std::time::Instant::now();
         client.sync_all().await?;
+        *ep.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
         crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
         self.note_topology(ep, &client);
         let pending = client.undelivered()?;
@@ -3986,6 +4007,7 @@ pub async fn run_reloadable(
         topology: watch::channel(0).0,
         dirty: Default::default(),
         outbound_wake: Notify::new(),
+        published: Default::default(),
         streaming: Default::default(),
         node_url: node_url.clone(),
         dead: db.open_tree("dead_letters")?,
@@ -4141,10 +4163,27 @@ pub async fn run_reloadable(
             let poll = Duration::from_millis(live.poll_interval_ms.max(20));
             let resync = Duration::from_secs(live.resync_interval_secs.max(1));
             let streaming = b.streaming.load(std::sync::atomic::Ordering::SeqCst);
-            if !streaming || last_full.is_none_or(|t| t.elapsed() >= resync) {
-                last_full = Some(std::time::Instant::now());
+            if !streaming {
+                last_full = None;
                 b.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 b.poll_outbound(b.all_endpoints()).await;
+            } else if last_full.is_none_or(|t| t.elapsed() >= resync) {
+                // The safety net: what has not been read within the interval, and the news.
+                last_full = Some(std::time::Instant::now());
+                let mut due = b.take_dirty();
+                let quiet: Vec<Arc<Endpoint>> = b
+                    .all_endpoints()
+                    .into_iter()
+                    .filter(|e| {
+                        e.last_read
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .is_none_or(|t| t.elapsed() >= resync)
+                            && !due.iter().any(|d| Arc::ptr_eq(d, e))
+                    })
+                    .collect();
+                due.extend(quiet);
+                b.poll_outbound(due).await;
             } else {
                 let dirty = b.take_dirty();
                 b.poll_outbound(dirty).await;

@@ -44,8 +44,8 @@ pub struct Config {
     /// waits before the next try.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
-    /// With the node's streams up: how often every endpoint still reads all its conversations
-    /// (a safety net, and the membership checks of quiet conversations), seconds.
+    /// With the node's streams up: how often an endpoint not read within this time is read
+    /// anyway (a safety net, and the membership checks of quiet conversations), seconds.
     #[serde(default = "default_resync")]
     pub resync_interval_secs: u64,
     /// Limits of the local store.
@@ -155,7 +155,7 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("gatehouse-data")
 }
 fn default_resync() -> u64 {
-    30
+    300
 }
 
 fn default_poll_ms() -> u64 {

@@ -274,12 +274,17 @@ fn print_status(v: &serde_json::Value) {
         v["bridge_inbox"].as_str().unwrap_or("?")
     );
     println!(
-        "node           {}{}",
+        "node           {}{}, {}",
         v["node"]["url"].as_str().unwrap_or("?"),
         if v["node"]["embedded"] == true {
             " (embedded)"
         } else {
             ""
+        },
+        if v["node"]["streaming"] == true {
+            "streams followed (endpoints read on news)"
+        } else {
+            "streams down (every endpoint read each poll_interval_ms)"
         }
     );
     println!("endpoints      {}", v["endpoints"]);
