@@ -821,7 +821,7 @@ pub async fn idle(n: usize, json: bool) -> anyhow::Result<IdleReport> {
         let (rss_mib_after_create, _) = proc_usage(daemon.id())?;
 
         eprintln!("restarting the daemon with {n} endpoints on disk…");
-        // SAFETY-free: a plain kill(2) of our own child.
+        // A graceful stop (SIGTERM), as an operator would do it.
         std::process::Command::new("kill")
             .args(["-TERM", &daemon.id().to_string()])
             .status()?;
