@@ -65,6 +65,9 @@ pub struct Inbound {
     raw: RawPublish,
 }
 
+/// How long a filter change waits for the broker to confirm new subscriptions.
+const SUBACK_WAIT: Duration = Duration::from_secs(5);
+
 /// Talks to the running driver.
 #[derive(Clone)]
 pub struct MqttHandle {
@@ -76,6 +79,8 @@ pub struct MqttHandle {
     /// What the connection subscribes to (again after every reconnect).
     filters: Arc<std::sync::Mutex<Vec<String>>>,
     sub_qos: u8,
+    /// SUBACKs received so far (a filter change waits for its own).
+    subacks: watch::Receiver<u64>,
 }
 
 /// A publish handed to the driver, and who waits for its acknowledgement.
@@ -160,6 +165,8 @@ impl MqttHandle {
     /// new filters and unsubscribes from those no longer wanted, on the same connection (the
     /// routes that keep their filters see no gap). Reconnects subscribe to the new set.
     pub async fn set_filters(&self, filters: Vec<String>) {
+        let mut subacks = self.subacks.clone();
+        let before = *subacks.borrow_and_update();
         let (added, removed) = {
             let mut current = self.filters.lock().unwrap_or_else(|p| p.into_inner());
             let added: Vec<String> = filters
@@ -183,6 +190,17 @@ impl MqttHandle {
         for f in &removed {
             if let Err(e) = self.client.unsubscribe(f).await {
                 tracing::error!(filter = %f, error = %e, "MQTT unsubscribe failed");
+            }
+        }
+        // Done once the broker confirmed the new subscriptions (or, disconnected, they follow
+        // with the reconnection).
+        if !added.is_empty() {
+            let want = before + added.len() as u64;
+            if tokio::time::timeout(SUBACK_WAIT, subacks.wait_for(|n| *n >= want))
+                .await
+                .is_err()
+            {
+                tracing::warn!(filters = ?added, "the broker has not confirmed the new subscriptions yet; they take effect when it does");
             }
         }
     }
@@ -251,6 +269,7 @@ pub fn start(
     let (refusal_tx, mut refusal_rx) = mpsc::unbounded_channel::<(RawPublish, String)>();
     let sub_qos = if config.subscribe_qos == 2 { 2 } else { 1 };
     let filters = Arc::new(std::sync::Mutex::new(filters));
+    let (suback_tx, subacks) = watch::channel(0u64);
     let handle = MqttHandle {
         client: client.clone(),
         state: state_rx,
@@ -259,6 +278,7 @@ pub fn start(
         protocol: config.protocol,
         filters: filters.clone(),
         sub_qos,
+        subacks,
     };
     // Journalled publishes a crash interrupted go first, in their order, under their ids.
     let mut unacked: HashMap<u16, InFlight> = HashMap::new();
@@ -490,6 +510,7 @@ pub fn start(
                         raw,
                     });
                 }
+                Ok(Ev::SubAck) => suback_tx.send_modify(|n| *n += 1),
                 Ok(Ev::Other) => {}
                 Err(e) => {
                     // Through the relay rumqttc only sees its connection closed; the relay

@@ -111,6 +111,8 @@ pub(crate) enum Ev {
         refused: Option<String>,
     },
     PubComp(u16),
+    /// The broker confirmed a subscription.
+    SubAck,
     Publish {
         topic: String,
         payload: Vec<u8>,
@@ -320,6 +322,7 @@ impl Events {
                         refused: None,
                     }),
                     Ok(Event::Incoming(Packet::PubComp(c))) => Ok(Ev::PubComp(c.pkid)),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => Ok(Ev::SubAck),
                     Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Publish {
                         topic: p.topic.clone(),
                         payload: p.payload.to_vec(),
@@ -375,6 +378,7 @@ impl Events {
                         }),
                     }),
                     Ok(Event::Incoming(Packet::PubComp(c))) => Ok(Ev::PubComp(c.pkid)),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => Ok(Ev::SubAck),
                     Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Publish {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload.to_vec(),
