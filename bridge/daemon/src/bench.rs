@@ -557,15 +557,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
     if o.devices == 0 || o.messages == 0 {
         bail!("--devices and --messages must be at least 1");
     }
-    if which("mosquitto").is_none() {
-        bail!("gatehouse bench needs mosquitto: install the Debian package `mosquitto`");
-    }
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "gatehouse-bench-{}-{}",
-        std::process::id(),
-        now_ns()
-    ));
-    std::fs::create_dir_all(&dir)?;
+    let dir = work_dir("gatehouse-bench")?;
     let result = async {
         let broker = start_broker(&dir)?;
         eprintln!("1/4 raw broker hop ({} messages)…", o.messages);
@@ -609,6 +601,16 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
         print_table(&report);
     }
     Ok(report)
+}
+
+/// A fresh temporary directory for a run (which needs mosquitto: checked first).
+fn work_dir(prefix: &str) -> anyhow::Result<PathBuf> {
+    if which("mosquitto").is_none() {
+        bail!("gatehouse bench needs mosquitto: install the Debian package `mosquitto`");
+    }
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), now_ns()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -753,15 +755,7 @@ async fn wait_admin(
 /// created through a real `gatehouse run`; then its memory, its start with them on disk and
 /// its CPU while idle.
 pub async fn idle(n: usize, json: bool) -> anyhow::Result<IdleReport> {
-    if which("mosquitto").is_none() {
-        bail!("gatehouse bench needs mosquitto: install the Debian package `mosquitto`");
-    }
-    let dir: PathBuf = std::env::temp_dir().join(format!(
-        "gatehouse-bench-idle-{}-{}",
-        std::process::id(),
-        now_ns()
-    ));
-    std::fs::create_dir_all(&dir)?;
+    let dir = work_dir("gatehouse-bench-idle")?;
     let result = async {
         let broker = start_broker(&dir)?;
         let (node_port, admin_port) = (free_port()?, free_port()?);

@@ -3062,21 +3062,13 @@ impl Bridge {
                         self.outbound_wake.notify_one();
                     }
                     Err(e) => {
-                        if self
-                            .streaming
-                            .swap(false, std::sync::atomic::Ordering::SeqCst)
-                            || failures == 0
+                        if self.streaming.load(std::sync::atomic::Ordering::SeqCst) || failures == 0
                         {
                             tracing::warn!(node = %self.node_url, error = %e, "the node's streams are not available; reading every endpoint each poll_interval_ms meanwhile");
                         }
                         streams = futures::stream::SelectAll::new();
                         (opened, covered) = (0, Default::default());
-                        let wait = gatehouse_channels::backoff(
-                            failures,
-                            Duration::from_millis(200),
-                            Duration::from_secs(10),
-                        );
-                        failures += 1;
+                        let wait = self.news_down(&mut failures);
                         tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
                     }
                 }
@@ -3122,20 +3114,28 @@ impl Bridge {
             };
             if ended {
                 tracing::warn!(node = %self.node_url, "the node's streams ended; reading every endpoint each poll_interval_ms until they are back");
-                self.streaming
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 streams = futures::stream::SelectAll::new();
                 (opened, covered) = (0, Default::default());
-                self.outbound_wake.notify_one();
-                let wait = gatehouse_channels::backoff(
-                    failures,
-                    Duration::from_millis(200),
-                    Duration::from_secs(10),
-                );
-                failures += 1;
+                let wait = self.news_down(&mut failures);
                 tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => {} }
             }
         }
+    }
+
+    /// The node's streams are down: the outbound pass falls back to reading every endpoint
+    /// (woken, so it does not sleep out a resync interval first). Returns how long to wait
+    /// before opening them again.
+    fn news_down(&self, failures: &mut u32) -> Duration {
+        self.streaming
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.outbound_wake.notify_one();
+        let wait = gatehouse_channels::backoff(
+            *failures,
+            Duration::from_millis(200),
+            Duration::from_secs(10),
+        );
+        *failures += 1;
+        wait
     }
 
     /// Opens the node's streams for these installations and conversations; each ends with
