@@ -247,6 +247,57 @@ const K_WELCOME_CURSOR: &[u8] = b"cursor/welcome";
 /// publish arrives within moments; this covers far more than any retry window).
 pub const SEEN_WINDOW: u64 = 100_000;
 
+fn stored_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
+    Ok(tree
+        .get(key)?
+        .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0))
+}
+
+/// The conversations an installation's store knows (group id → peer inbox for DMs), read
+/// without opening it (see [`Client::conversations`]).
+pub fn stored_conversations(tree: &sled::Tree) -> Result<Vec<(Vec<u8>, String)>> {
+    let mut out = Vec::new();
+    for item in tree.scan_prefix(b"conv/") {
+        let (k, v) = item?;
+        out.push((k[5..].to_vec(), String::from_utf8_lossy(&v).into_owned()));
+    }
+    Ok(out)
+}
+
+/// The node id of the last message of `gid` the installation in `tree` has read (0: none).
+pub fn stored_group_cursor(tree: &sled::Tree, gid: &[u8]) -> Result<u64> {
+    stored_u64(tree, &[b"cursor/g/".as_slice(), gid].concat())
+}
+
+/// The node id of the last welcome the installation in `tree` has read (0: none).
+pub fn stored_welcome_cursor(tree: &sled::Tree) -> Result<u64> {
+    stored_u64(tree, K_WELCOME_CURSOR)
+}
+
+/// The public installation key stored in `tree`, if it holds an installation.
+pub fn stored_installation_key(tree: &sled::Tree) -> Result<Option<[u8; 32]>> {
+    let Some(seed) = tree.get(K_INSTALLATION)? else {
+        return Ok(None);
+    };
+    let seed: [u8; 32] = seed
+        .as_ref()
+        .try_into()
+        .map_err(|_| ClientError::Peer("stored installation key is corrupt".into()))?;
+    Ok(Some(InstallationKey::from_seed(&seed).public()))
+}
+
+/// Whether the installation in `tree` has work of its own waiting, whatever the node holds:
+/// retained messages not yet marked delivered, or a re-add or leave request to carry out.
+pub fn stored_work_waiting(tree: &sled::Tree) -> Result<bool> {
+    for prefix in [b"deliv/".as_slice(), b"readd/", b"leave/"] {
+        if tree.scan_prefix(prefix).next().transpose()?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 impl Client {
     /// Opens the installation stored in `tree`, creating keys on first use (the wallet from
     /// `wallet` when given, else random). Does not talk to the node; call `register`.
@@ -814,11 +865,7 @@ impl Client {
 
     /// This installation's read position in a conversation (the last node id it processed).
     fn read_cursor(&self, gid: &[u8]) -> Result<u64> {
-        Ok(self
-            .tree
-            .get([b"cursor/g/".as_slice(), gid].concat())?
-            .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-            .unwrap_or(0))
+        stored_group_cursor(&self.tree, gid)
     }
 
     /// Up to `limit` group messages with ids greater than `cursor`, in node order.
@@ -899,11 +946,7 @@ impl Client {
     pub async fn sync_welcomes(&mut self) -> Result<Vec<Vec<u8>>> {
         let mut joined = Vec::new();
         loop {
-            let cursor = self
-                .tree
-                .get(K_WELCOME_CURSOR)?
-                .map(|v| u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
+            let cursor = stored_welcome_cursor(&self.tree)?;
             let resp = self
                 .mls
                 .query_welcome_messages(mpb::QueryWelcomeMessagesRequest {
@@ -1060,12 +1103,7 @@ impl Client {
 
     /// Known conversations (hex group id → peer inbox for DMs).
     pub fn conversations(&self) -> Result<Vec<(Vec<u8>, String)>> {
-        let mut out = Vec::new();
-        for item in self.tree.scan_prefix(b"conv/") {
-            let (k, v) = item?;
-            out.push((k[5..].to_vec(), String::from_utf8_lossy(&v).into_owned()));
-        }
-        Ok(out)
+        stored_conversations(&self.tree)
     }
 
     /// Sends content into a conversation. Returns the idempotency key used and XMTP's id of
@@ -1145,15 +1183,58 @@ impl Client {
         }
         // Written before publishing: a crash after the publish never reuses a ratchet step.
         self.persist_mls()?;
+        let digests: Vec<u64> = inputs
+            .iter()
+            .filter_map(|i| {
+                i.version
+                    .as_ref()
+                    .map(|mpb::group_message_input::Version::V1(v)| published_digest(&v.data))
+            })
+            .collect();
         self.record_published(inputs.iter().filter_map(|i| {
             i.version
                 .as_ref()
                 .map(|mpb::group_message_input::Version::V1(v)| v.data.as_slice())
         }));
+        let before = self.read_cursor(gid)?;
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest { messages: inputs })
             .await?;
+        self.skip_own(gid, before, &digests).await;
         Ok(sent)
+    }
+
+    /// After publishing application messages (their `digests`) into `gid` with its cursor at
+    /// `before`: when they are all that followed the cursor, it moves past them, as a read
+    /// would (our own messages cannot be decrypted by us), so the conversation holds nothing
+    /// unread for this installation and a check of the node's newest message finds no news.
+    /// Anything else there is left to the next read; a failure here only costs that read.
+    async fn skip_own(&mut self, gid: &[u8], before: u64, digests: &[u64]) {
+        let limit = u32::try_from(digests.len() + 1).unwrap_or(u32::MAX);
+        let Ok(after) = self.messages_after(gid, before, limit).await else {
+            return;
+        };
+        if after.len() != digests.len() {
+            return;
+        }
+        let mut last = None;
+        for (m, digest) in after.iter().zip(digests) {
+            match &m.version {
+                Some(mpb::group_message::Version::V1(v))
+                    if !v.is_commit && published_digest(&v.data) == *digest =>
+                {
+                    last = Some(v.id)
+                }
+                _ => return,
+            }
+        }
+        if let Some(id) = last
+            && self.read_cursor(gid).is_ok_and(|c| c == before)
+        {
+            let _ = self
+                .tree
+                .insert([b"cursor/g/".as_slice(), gid].concat(), &id.to_be_bytes());
+        }
     }
 
     /// Encrypts content on the group's current epoch and publishes it (no read first).
@@ -1171,7 +1252,10 @@ impl Client {
             &content::seal_envelope(c, &key),
         )?;
         self.persist_mls()?;
+        let gid = g.group_id().as_slice().to_vec();
+        let (before, digest) = (self.read_cursor(&gid)?, published_digest(&data));
         self.publish_group_message(data, true).await?;
+        self.skip_own(&gid, before, &[digest]).await;
         Ok(Sent {
             message_id: content::message_id(g.group_id().as_slice(), &c.encode_to_vec(), &key),
             idempotency_key: key,

@@ -386,12 +386,19 @@ struct Endpoint {
     name: String,
     route: usize,
     device: String,
-    client: Mutex<Client>,
+    /// Its installation's store: what the news watcher needs (installation key,
+    /// conversations, cursors) is read from it without opening the client.
+    tree: sled::Tree,
+    inbox_id: String,
+    installation: [u8; 32],
+    /// Its client while open ([`Bridge::client`] opens it on use; the least recently used
+    /// close past `storage.open_endpoints`, their state being all in `tree`).
+    client: Mutex<Option<Client>>,
     registered: Mutex<bool>,
     /// Outbound retry state: failures in a row, and not before when to try again.
     retry: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
-    /// When its conversations were last read through.
-    last_read: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When its conversations were last read through, or checked for news without a read.
+    last_checked: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Per route slot: what wakes its queue worker, whether it is stalled, its NATS subscription.
@@ -422,6 +429,25 @@ fn key32(b: &[u8]) -> Option<[u8; 32]> {
 
 /// How many streams the news watcher holds before it merges them into one.
 const MAX_NEWS_STREAMS: usize = 32;
+
+/// Stream filters with their cursors: installations, conversations.
+type StreamCursors = (Vec<([u8; 32], u64)>, Vec<(Vec<u8>, u64)>);
+
+/// Conversations per newest-message query when checking endpoints for news.
+const PROBE_BATCH: usize = 1000;
+
+/// Welcome queries in flight at once when checking endpoints for news.
+const PROBE_PARALLEL: usize = 16;
+
+/// The endpoints whose clients are open, least recently used first.
+#[derive(Default)]
+struct OpenClients {
+    tick: u64,
+    /// Endpoint name → the tick of its last use.
+    by_name: HashMap<String, u64>,
+    /// Tick of last use → endpoint name.
+    order: BTreeMap<u64, String>,
+}
 
 /// What the node's streams watch (see [`Bridge::watch_news`]).
 #[derive(Default)]
@@ -511,6 +537,11 @@ pub struct Bridge {
     /// Conversation (hex group id) → the thread it carries.
     mail_gids: sled::Tree,
     endpoints: std::sync::Mutex<HashMap<String, Arc<Endpoint>>>,
+    /// Which endpoints' clients are open (bounded by `storage.open_endpoints`).
+    open_clients: std::sync::Mutex<OpenClients>,
+    /// Set once the news watcher has tried its streams (the outbound pass waits for it, so a
+    /// start does not read every endpoint before it knows whether the streams are up).
+    news_tried: watch::Sender<bool>,
     resolved: Mutex<HashMap<String, String>>,
     /// The bridge's own XMTP identity: it signs endpoint attestations.
     bridge_identity: Mutex<Client>,
@@ -518,6 +549,17 @@ pub struct Bridge {
     bridge_inbox: String,
     bridge_registered: Mutex<bool>,
     started: std::time::Instant,
+}
+
+/// The route's handling of unknown senders, on an endpoint's client (held in memory: set
+/// whenever the client is opened, and again when the route changes).
+fn configure_client(route: &Route, client: &mut Client) {
+    let policy = &route.consent;
+    client.set_surface_requests(false);
+    client.set_request_policy(
+        policy.default == crate::config::UnknownSenders::Request,
+        policy.max_requests,
+    );
 }
 
 fn endpoint_name(route: &Route, device: &str) -> String {
@@ -554,6 +596,8 @@ impl Bridge {
             "uptime_secs": self.started.elapsed().as_secs(),
             "bridge_inbox": self.bridge_inbox,
             "endpoints": self.endpoint_index.len(),
+            // Whose protocol state is in memory (at most `storage.open_endpoints`).
+            "open_endpoints": self.open_clients.lock().unwrap_or_else(|p| p.into_inner()).by_name.len(),
             "inbox_depth": self.inbox.len(),
             "inbox_by_route": self.cfg().active_routes().map(|(_, r)| (r.name.clone(), self.inbox.scan_prefix(inbox_prefix(&r.name)).count().into())).collect::<serde_json::Map<String, serde_json::Value>>(),
             "dead_letters": self.dead.len(),
@@ -1033,6 +1077,9 @@ impl Bridge {
         }
     }
 
+    /// The endpoint of `device` on route `route_idx`. One known from an earlier run is set up
+    /// from the store without opening its client (a start with many endpoints on disk costs
+    /// a few reads each); a new one is created (its keys derived from the bridge seed).
     fn endpoint(&self, route_idx: usize, device: &str) -> anyhow::Result<Arc<Endpoint>> {
         let live = self.cfg();
         let route = &live.routes[route_idx];
@@ -1041,39 +1088,162 @@ impl Bridge {
         if let Some(e) = map.get(&name) {
             return Ok(e.clone());
         }
-        let (wallet, key) = identity::endpoint_keys(&self.seed, &name);
         let tree = self.db.open_tree(format!("ep/{name}"))?;
-        let mut client = Client::open(tree, self.channel.clone(), Some(wallet), Some(key))?;
-        // What an endpoint reads stays owed until it is published (or dead-lettered).
-        client.set_retain_deliveries(true);
-        client.set_published_sink(self.published.clone());
-        let info = EndpointInfo {
-            route: route.name.clone(),
-            channel: route.channel.clone(),
-            device: device.to_string(),
-            address: route.endpoint_address(device),
-            wallet_address: client.address(),
-            inbox_id: client.inbox_id().to_string(),
-            state: None,
+        let stored: Option<EndpointInfo> = self
+            .endpoint_index
+            .get(name.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok());
+        let known = match (stored, gatehouse_client::stored_installation_key(&tree)?) {
+            (Some(info), Some(key)) => Some((info, key)),
+            _ => None,
         };
-        self.endpoint_index
-            .insert(name.as_bytes(), serde_json::to_vec(&info)?)?;
+        let stored_address = known.as_ref().map(|(info, _)| info.address.clone());
+        let (client, info, installation) = match known {
+            Some((info, key)) => (None, info, key),
+            None => {
+                let client = self.open_client(route, &name, &tree)?;
+                let info = EndpointInfo {
+                    route: route.name.clone(),
+                    channel: route.channel.clone(),
+                    device: device.to_string(),
+                    address: route.endpoint_address(device),
+                    wallet_address: client.address(),
+                    inbox_id: client.inbox_id().to_string(),
+                    state: None,
+                };
+                let key = client.installation_key();
+                (Some(client), info, key)
+            }
+        };
+        // Written when new, and when the route's address pattern changed since.
+        let fresh = EndpointInfo {
+            address: route.endpoint_address(device),
+            state: None,
+            ..info
+        };
+        if stored_address.as_ref() != Some(&fresh.address) {
+            self.endpoint_index
+                .insert(name.as_bytes(), serde_json::to_vec(&fresh)?)?;
+        }
+        let opened = client.is_some();
         let e = Arc::new(Endpoint {
             name: name.clone(),
             route: route_idx,
             device: device.to_string(),
+            tree,
+            inbox_id: fresh.inbox_id,
+            installation,
             client: Mutex::new(client),
             registered: Mutex::new(false),
             retry: Default::default(),
-            last_read: Default::default(),
+            // Checked for news when the node's streams first cover it (see `watch_news`).
+            last_checked: std::sync::Mutex::new(Some(std::time::Instant::now())),
         });
-        map.insert(name, e.clone());
+        map.insert(name.clone(), e.clone());
         drop(map);
-        // Its installation (and conversations from earlier runs) are watched from now on.
-        if let Ok(client) = e.client.try_lock() {
-            self.note_topology(&e, &client);
+        if opened {
+            self.note_open(&name);
         }
+        // Its installation (and conversations from earlier runs) are watched from now on.
+        self.note_topology(&e);
         Ok(e)
+    }
+
+    /// Opens an endpoint's client from its store, set up as the bridge uses it.
+    fn open_client(&self, route: &Route, name: &str, tree: &sled::Tree) -> anyhow::Result<Client> {
+        let (wallet, key) = identity::endpoint_keys(&self.seed, name);
+        let mut client = Client::open(tree.clone(), self.channel.clone(), Some(wallet), Some(key))?;
+        // What an endpoint reads stays owed until it is published (or dead-lettered).
+        client.set_retain_deliveries(true);
+        client.set_published_sink(self.published.clone());
+        configure_client(route, &mut client);
+        Ok(client)
+    }
+
+    /// The endpoint's client, locked; opened from its store if it was closed.
+    async fn client<'a>(
+        &self,
+        ep: &'a Endpoint,
+    ) -> anyhow::Result<tokio::sync::MappedMutexGuard<'a, Client>> {
+        let mut slot = ep.client.lock().await;
+        let client = match slot.take() {
+            Some(c) => c,
+            None => {
+                let live = self.cfg();
+                self.open_client(&live.routes[ep.route], &ep.name, &ep.tree)
+                    .with_context(|| format!("opening the store of endpoint {}", ep.name))?
+            }
+        };
+        self.note_open(&ep.name);
+        Ok(tokio::sync::MutexGuard::map(slot, |s| s.insert(client)))
+    }
+
+    /// Records a use of an endpoint's open client; past `storage.open_endpoints` open ones,
+    /// the least recently used that nobody holds are closed.
+    fn note_open(&self, name: &str) {
+        {
+            let mut open = self.open_clients.lock().unwrap_or_else(|p| p.into_inner());
+            open.tick += 1;
+            let tick = open.tick;
+            if let Some(before) = open.by_name.insert(name.to_string(), tick) {
+                open.order.remove(&before);
+            }
+            open.order.insert(tick, name.to_string());
+        }
+        self.trim_open();
+    }
+
+    /// Closes the least recently used open clients that nobody holds, down to
+    /// `storage.open_endpoints` (those in use are closed by a later call: after each pass).
+    fn trim_open(&self) {
+        let cap = self.cfg().storage.open_endpoints.max(1);
+        let (excess, oldest) = {
+            let open = self.open_clients.lock().unwrap_or_else(|p| p.into_inner());
+            let excess = open.by_name.len().saturating_sub(cap);
+            if excess == 0 {
+                return;
+            }
+            // Some may be in use: a few more candidates than needed.
+            let oldest: Vec<(u64, String)> = open
+                .order
+                .iter()
+                .take(excess + 8)
+                .map(|(t, n)| (*t, n.clone()))
+                .collect();
+            (excess, oldest)
+        };
+        let mut closed = 0;
+        for (tick, victim) in oldest {
+            if closed == excess {
+                break;
+            }
+            let ep = self
+                .endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&victim)
+                .cloned();
+            let done = match &ep {
+                // Its route was dropped: only the record is left.
+                None => true,
+                Some(ep) => match ep.client.try_lock() {
+                    Ok(mut slot) => {
+                        // Everything it holds is in its store already.
+                        slot.take();
+                        true
+                    }
+                    Err(_) => false,
+                },
+            };
+            if done {
+                let mut open = self.open_clients.lock().unwrap_or_else(|p| p.into_inner());
+                if open.by_name.get(&victim) == Some(&tick) {
+                    open.by_name.remove(&victim);
+                    open.order.remove(&tick);
+                }
+                closed += 1;
+            }
+        }
     }
 
     async fn resolve(&self, client: &mut Client, who: &str) -> anyhow::Result<String> {
@@ -2494,7 +2664,7 @@ impl Bridge {
         self.ensure_bridge_registered().await?;
         let attestation = gatehouse_protocol::attestation::EndpointAttestation {
             bridge: self.bridge_inbox.clone(),
-            endpoint: endpoint.client.lock().await.inbox_id().to_string(),
+            endpoint: endpoint.inbox_id.clone(),
             channel: route.channel.clone(),
             address: route.endpoint_address(&rec.device),
             sender_auth: rec
@@ -2548,6 +2718,7 @@ impl Bridge {
             .buffer_unordered(OUTBOUND_PARALLEL)
             .collect()
             .await;
+        self.trim_open();
         results.into_iter().collect::<Result<Vec<()>, Failure>>()?;
         Ok(())
     }
@@ -2563,12 +2734,16 @@ impl Bridge {
         let endpoint = self
             .endpoint(idx, device)
             .map_err(|e| Failure::Transient(format!("{e:#}")))?;
-        let mut client = endpoint.client.lock().await;
+        let mut client = self
+            .client(&endpoint)
+            .await
+            .map_err(|e| Failure::Transient(format!("{e:#}")))?;
         let sent = self
             .send_as_endpoint(idx, device, &endpoint, &mut client, items)
             .await;
+        drop(client);
         // Conversations it started are watched from now on.
-        self.note_topology(&endpoint, &client);
+        self.note_topology(&endpoint);
         sent
     }
 
@@ -2752,11 +2927,7 @@ impl Bridge {
         let live = self.cfg();
         let route = &live.routes[endpoint.route];
         let policy = &route.consent;
-        client.set_surface_requests(false);
-        client.set_request_policy(
-            policy.default == crate::config::UnknownSenders::Request,
-            policy.max_requests,
-        );
+        configure_client(route, client);
         let mut records = Vec::new();
         let allowed = route
             .agents
@@ -2790,8 +2961,10 @@ impl Bridge {
             if device.is_some_and(|d| d != ep.device) {
                 continue;
             }
-            let client = ep.client.lock().await;
-            let mut v = describe(&client);
+            let mut v = match self.client(&ep).await {
+                Ok(client) => describe(&client),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            };
             v["endpoint"] = ep.device.clone().into();
             v["route"] = self.cfg().routes[ep.route].name.clone().into();
             out.push(v);
@@ -2844,7 +3017,7 @@ impl Bridge {
             .ok_or_else(|| {
                 anyhow::anyhow!("no endpoint named {device:?} (see `gatehouse endpoints`)")
             })?;
-        let mut client = ep.client.lock().await;
+        let mut client = self.client(&ep).await?;
         self.ensure_registered(&ep, &mut client)
             .await
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -2937,6 +3110,7 @@ impl Bridge {
                 }
             })
             .await;
+        self.trim_open();
     }
 
     /// The endpoints with news (taken: the set starts empty again).
@@ -2955,14 +3129,14 @@ impl Bridge {
 
     /// Records what the node's streams must watch for this endpoint (its installation and
     /// conversations); new entries make the watcher open its streams again.
-    fn note_topology(&self, ep: &Endpoint, client: &Client) {
-        let Ok(conversations) = client.conversations() else {
+    fn note_topology(&self, ep: &Endpoint) {
+        let Ok(conversations) = gatehouse_client::stored_conversations(&ep.tree) else {
             return;
         };
         let mut news = self.news.lock().unwrap_or_else(|p| p.into_inner());
         let mut grew = news
             .installations
-            .insert(client.installation_key(), ep.name.clone())
+            .insert(ep.installation, ep.name.clone())
             .is_none();
         for (gid, _) in conversations {
             grew |= news.groups.insert(gid, ep.name.clone()).is_none();
@@ -3026,21 +3200,44 @@ impl Bridge {
                 } else {
                     (&fresh_i, &fresh_g)
                 };
-                match self.open_news(open_i, open_g).await {
+                let (cursors_i, cursors_g) = self.stream_cursors(open_i, open_g);
+                match self.open_news(&cursors_i, &cursors_g).await {
                     Ok(parts) => {
                         // What these streams cover for the first time may have news from
-                        // before they opened: read those endpoints once.
-                        {
+                        // before they opened: the node replays what followed each cursor;
+                        // what was never read (cursor 0) and work of their own are checked
+                        // (in the background: the streams are followed meanwhile).
+                        let fresh = {
                             let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
-                            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-                            for name in fresh_i
+                            let names: Vec<String> = fresh_i
                                 .iter()
                                 .filter_map(|k| n.installations.get(k))
                                 .chain(fresh_g.iter().filter_map(|g| n.groups.get(g)))
-                            {
-                                dirty.insert(name.clone());
+                                .cloned()
+                                .collect();
+                            drop(n);
+                            self.named_endpoints(names.iter())
+                        };
+                        let b = self.clone();
+                        tokio::spawn(async move {
+                            let checked = fresh.len();
+                            let due = match b.probe(&fresh, false).await {
+                                Ok(due) => due,
+                                // Read them: that finds what there is, or retries.
+                                Err(_) => fresh,
+                            };
+                            tracing::debug!(
+                                checked,
+                                to_read = due.len(),
+                                "endpoints newly followed checked for news"
+                            );
+                            for e in &due {
+                                b.mark_dirty(&e.name);
                             }
-                        }
+                            if !due.is_empty() {
+                                b.outbound_wake.notify_one();
+                            }
+                        });
                         if merge {
                             // The old streams close only now.
                             streams = futures::stream::SelectAll::new();
@@ -3069,10 +3266,12 @@ impl Bridge {
                         streams = futures::stream::SelectAll::new();
                         (opened, covered) = (0, Default::default());
                         let wait = self.news_down(&mut failures);
+                        self.news_tried.send_replace(true);
                         tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
                     }
                 }
             }
+            self.news_tried.send_replace(true);
             if streams.is_empty() {
                 tokio::select! { _ = stop.changed() => return, _ = topology.changed() => continue }
             }
@@ -3138,12 +3337,137 @@ impl Bridge {
         wait
     }
 
+    /// Which of these endpoints have something to read, found without opening them (a read
+    /// costs loading the endpoint's protocol state; this costs a few store reads and node
+    /// queries): work of their own in their store (messages owed to the device, membership
+    /// requests), a conversation whose newest message on the node is past its cursor (one
+    /// batched query), a welcome past the welcome cursor (one query per installation: the
+    /// API has no batch form). `all`: every conversation and installation; else only those
+    /// never read (cursor 0), the node's streams replaying what follows a non-zero cursor.
+    /// `Err` when the node could not be asked.
+    async fn probe(&self, eps: &[Arc<Endpoint>], all: bool) -> Result<Vec<Arc<Endpoint>>, String> {
+        use futures::StreamExt as _;
+        use gatehouse_wire::mls_api as mpb;
+        let mut due = vec![false; eps.len()];
+        let mut welcomes: Vec<(usize, u64)> = Vec::new();
+        let mut groups: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+        for (i, ep) in eps.iter().enumerate() {
+            if gatehouse_client::stored_work_waiting(&ep.tree).unwrap_or(true) {
+                due[i] = true;
+                continue;
+            }
+            let cursor = gatehouse_client::stored_welcome_cursor(&ep.tree).unwrap_or(0);
+            if all || cursor == 0 {
+                welcomes.push((i, cursor));
+            }
+            for (gid, _) in gatehouse_client::stored_conversations(&ep.tree).unwrap_or_default() {
+                let cursor = gatehouse_client::stored_group_cursor(&ep.tree, &gid).unwrap_or(0);
+                if all || cursor == 0 {
+                    groups.push((i, gid, cursor));
+                }
+            }
+        }
+        let mls = mpb::mls_api_client::MlsApiClient::new(self.channel.clone())
+            .max_decoding_message_size(32 << 20);
+        for chunk in groups.chunks(PROBE_BATCH) {
+            let newest = mls
+                .clone()
+                .get_newest_group_message(mpb::GetNewestGroupMessageRequest {
+                    group_ids: chunk.iter().map(|(_, g, _)| g.clone()).collect(),
+                    include_content: false,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner()
+                .responses;
+            for ((i, _, cursor), r) in chunk.iter().zip(newest) {
+                let id = r
+                    .group_message
+                    .and_then(|m| m.version)
+                    .map(|mpb::group_message::Version::V1(v)| v.id)
+                    .unwrap_or(0);
+                due[*i] |= id > *cursor;
+            }
+        }
+        let welcomes: Vec<(usize, u64)> = welcomes.into_iter().filter(|(i, _)| !due[*i]).collect();
+        let found: Vec<Result<Option<usize>, String>> = futures::stream::iter(welcomes)
+            .map(|(i, cursor)| {
+                let mut mls = mls.clone();
+                let key = eps[i].installation.to_vec();
+                async move {
+                    let r = mls
+                        .query_welcome_messages(mpb::QueryWelcomeMessagesRequest {
+                            installation_key: key,
+                            paging_info: Some(mpb::PagingInfo {
+                                direction: mpb::SortDirection::Ascending as i32,
+                                limit: 1,
+                                id_cursor: cursor,
+                            }),
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok((!r.into_inner().messages.is_empty()).then_some(i))
+                }
+            })
+            .buffer_unordered(PROBE_PARALLEL)
+            .collect()
+            .await;
+        for f in found {
+            if let Some(i) = f? {
+                due[i] = true;
+            }
+        }
+        Ok(eps
+            .iter()
+            .zip(due)
+            .filter(|(_, d)| *d)
+            .map(|(e, _)| e.clone())
+            .collect())
+    }
+
+    /// The endpoints named (those still configured).
+    fn named_endpoints<'a>(&self, names: impl Iterator<Item = &'a String>) -> Vec<Arc<Endpoint>> {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        names
+            .filter(|n| seen.insert(*n))
+            .filter_map(|n| map.get(n).cloned())
+            .collect()
+    }
+
+    /// Each stream filter's cursor: the last item the endpoint read there (the node replays
+    /// what came after it; 0, nothing read yet, starts at the present).
+    fn stream_cursors(&self, installations: &[[u8; 32]], groups: &[Vec<u8>]) -> StreamCursors {
+        let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let tree = |name: Option<&String>| name.and_then(|n| map.get(n)).map(|e| e.tree.clone());
+        let i = installations
+            .iter()
+            .map(|k| {
+                let c = tree(n.installations.get(k))
+                    .and_then(|t| gatehouse_client::stored_welcome_cursor(&t).ok())
+                    .unwrap_or(0);
+                (*k, c)
+            })
+            .collect();
+        let g = groups
+            .iter()
+            .map(|gid| {
+                let c = tree(n.groups.get(gid))
+                    .and_then(|t| gatehouse_client::stored_group_cursor(&t, gid).ok())
+                    .unwrap_or(0);
+                (gid.clone(), c)
+            })
+            .collect();
+        (i, g)
+    }
+
     /// Opens the node's streams for these installations and conversations; each ends with
     /// [`News::Ended`] (an error or the node closing it).
     async fn open_news(
         &self,
-        installations: &[[u8; 32]],
-        groups: &[Vec<u8>],
+        installations: &[([u8; 32], u64)],
+        groups: &[(Vec<u8>, u64)],
     ) -> Result<Vec<futures::stream::BoxStream<'static, News>>, String> {
         use futures::StreamExt as _;
         use gatehouse_wire::mls_api as mpb;
@@ -3157,9 +3481,9 @@ impl Bridge {
                 .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
                     filters: installations
                         .iter()
-                        .map(|k| mpb::subscribe_welcome_messages_request::Filter {
+                        .map(|(k, c)| mpb::subscribe_welcome_messages_request::Filter {
                             installation_key: k.to_vec(),
-                            id_cursor: 0,
+                            id_cursor: *c,
                         })
                         .collect(),
                 })
@@ -3186,9 +3510,9 @@ impl Bridge {
                 .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest {
                     filters: groups
                         .iter()
-                        .map(|g| mpb::subscribe_group_messages_request::Filter {
+                        .map(|(g, c)| mpb::subscribe_group_messages_request::Filter {
                             group_id: g.clone(),
-                            id_cursor: 0,
+                            id_cursor: *c,
                         })
                         .collect(),
                 })
@@ -3227,7 +3551,7 @@ impl Bridge {
         {
             return Ok(false);
         }
-        let mut client = ep.client.lock().await;
+        let mut client = self.client(ep).await?;
         if !*ep.registered.lock().await {
             // Endpoints known from before a restart register (and get their policy) here.
             if self.ensure_registered(ep, &mut client).await.is_err() {
@@ -3240,11 +3564,11 @@ impl Bridge {
         // crash between reading and publishing loses nothing.
         let started = std::time::Instant::now();
         client.sync_all().await?;
-        *ep.last_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+        *ep.last_checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
         crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
-        self.note_topology(ep, &client);
         let pending = client.undelivered()?;
         drop(client);
+        self.note_topology(ep);
         if pending.is_empty() {
             return Ok(true);
         }
@@ -3295,13 +3619,13 @@ impl Bridge {
                 tracing::trace!(route = %route.name, device = %ep.device, bytes, "publish confirmed by the broker");
             }
             if let Some(seq) = delivery {
-                ep.client.lock().await.delivered(seq)?;
+                self.client(ep).await?.delivered(seq)?;
             }
             done += 1;
         }
         if done > 0 {
             *ep.retry.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
-            ep.client.lock().await.flush().await?;
+            self.client(ep).await?.flush().await?;
         }
         Ok(!later)
     }
@@ -4037,6 +4361,8 @@ pub async fn run_reloadable(
         mail_convs,
         mail_gids,
         endpoints: Default::default(),
+        open_clients: Default::default(),
+        news_tried: watch::channel(false).0,
         resolved: Default::default(),
         started: std::time::Instant::now(),
         cfg: std::sync::RwLock::new(Arc::new(cfg)),
@@ -4155,8 +4481,11 @@ pub async fn run_reloadable(
     let b = bridge.clone();
     let mut stop = shutdown.clone();
     let outbound = tokio::spawn(async move {
-        // With the node's streams up, endpoints are read when they have news, and all of them
-        // every `resync_interval_secs`; without, all of them every `poll_interval_ms`.
+        // With the node's streams up, endpoints are read when they have news, and the others
+        // checked for news every `resync_interval_secs`; without, all of them are checked
+        // every `poll_interval_ms` (the checks read an endpoint only when it has news).
+        let mut tried = b.news_tried.subscribe();
+        tokio::select! { _ = stop.changed() => return, _ = tried.wait_for(|t| *t) => {} }
         let mut last_full: Option<std::time::Instant> = None;
         loop {
             let live = b.cfg();
@@ -4165,24 +4494,46 @@ pub async fn run_reloadable(
             let streaming = b.streaming.load(std::sync::atomic::Ordering::SeqCst);
             if !streaming {
                 last_full = None;
-                b.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
-                b.poll_outbound(b.all_endpoints()).await;
+                let mut due = b.take_dirty();
+                let all = b.all_endpoints();
+                match b.probe(&all, true).await {
+                    Ok(found) => {
+                        let more: Vec<Arc<Endpoint>> = found
+                            .into_iter()
+                            .filter(|e| !due.iter().any(|d| Arc::ptr_eq(d, e)))
+                            .collect();
+                        due.extend(more);
+                    }
+                    // The node cannot be asked: reading is what retries (and reports why).
+                    Err(_) => due = all,
+                }
+                b.poll_outbound(due).await;
             } else if last_full.is_none_or(|t| t.elapsed() >= resync) {
-                // The safety net: what has not been read within the interval, and the news.
+                // The safety net: endpoints not read within the interval are checked for news
+                // (read if they have some), with the news.
                 last_full = Some(std::time::Instant::now());
                 let mut due = b.take_dirty();
                 let quiet: Vec<Arc<Endpoint>> = b
                     .all_endpoints()
                     .into_iter()
                     .filter(|e| {
-                        e.last_read
+                        e.last_checked
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .is_none_or(|t| t.elapsed() >= resync)
                             && !due.iter().any(|d| Arc::ptr_eq(d, e))
                     })
                     .collect();
-                due.extend(quiet);
+                match b.probe(&quiet, true).await {
+                    Ok(found) => {
+                        let now = std::time::Instant::now();
+                        for e in &quiet {
+                            *e.last_checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+                        }
+                        due.extend(found);
+                    }
+                    Err(_) => due.extend(quiet),
+                }
                 b.poll_outbound(due).await;
             } else {
                 let dirty = b.take_dirty();

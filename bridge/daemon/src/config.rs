@@ -132,6 +132,15 @@ pub struct StorageConfig {
     /// daemon's memory beyond its endpoints.
     #[serde(default = "default_cache_mb")]
     pub cache_mb: u64,
+    /// How many endpoints keep their protocol state (MLS groups, keys) in memory at once.
+    /// The others are loaded from the store when they are used, the least recently used one
+    /// closing in exchange; nothing is lost by closing (their state is all in the store).
+    #[serde(default = "default_open_endpoints")]
+    pub open_endpoints: usize,
+}
+
+fn default_open_endpoints() -> usize {
+    1024
 }
 
 fn default_cache_mb() -> u64 {
@@ -147,6 +156,7 @@ impl Default for StorageConfig {
         Self {
             min_free_mb: default_min_free_mb(),
             cache_mb: default_cache_mb(),
+            open_endpoints: default_open_endpoints(),
         }
     }
 }
@@ -941,6 +951,11 @@ impl Config {
         if !self.node.embedded && self.node.url.is_none() {
             bail!("node: embedded is false, so node.url must name an XMTP node");
         }
+        if self.storage.open_endpoints == 0 {
+            bail!(
+                "storage.open_endpoints: must be at least 1 (endpoints kept open in memory; 1024 by default)"
+            );
+        }
         if let Some(m) = &self.channels.mqtt {
             if m.publish_qos > 2 {
                 bail!(
@@ -1194,6 +1209,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("defualt"), "{e}");
+    }
+
+    /// `storage.open_endpoints` defaults to 1024 and must leave room for one.
+    #[test]
+    fn open_endpoints() {
+        assert_eq!(Config::parse("").unwrap().storage.open_endpoints, 1024);
+        assert_eq!(
+            Config::parse("storage: {open_endpoints: 10}\n")
+                .unwrap()
+                .storage
+                .open_endpoints,
+            10
+        );
+        let e = Config::parse("storage: {open_endpoints: 0}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage.open_endpoints: must be at least 1"),
+            "{e}"
+        );
     }
 
     /// A NATS route's endpoint token may have any name; the reply fills the same one.

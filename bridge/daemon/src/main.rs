@@ -284,10 +284,13 @@ fn print_status(v: &serde_json::Value) {
         if v["node"]["streaming"] == true {
             "streams followed (endpoints read on news)"
         } else {
-            "streams down (every endpoint read each poll_interval_ms)"
+            "streams down (every endpoint checked each poll_interval_ms)"
         }
     );
-    println!("endpoints      {}", v["endpoints"]);
+    println!(
+        "endpoints      {} ({} open in memory)",
+        v["endpoints"], v["open_endpoints"]
+    );
     let by_route = v["inbox_by_route"]
         .as_object()
         .map(|m| {
