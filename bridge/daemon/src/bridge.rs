@@ -3204,9 +3204,11 @@ impl Bridge {
                 match self.open_news(&cursors_i, &cursors_g).await {
                     Ok(parts) => {
                         // What these streams cover for the first time may have news from
-                        // before they opened: the node replays what followed each cursor;
-                        // what was never read (cursor 0) and work of their own are checked
-                        // (in the background: the streams are followed meanwhile).
+                        // before they opened: our node replays what followed each non-zero
+                        // cursor, and those endpoints are checked for news besides (in the
+                        // background: the streams are followed meanwhile), which also covers
+                        // what was never read (cursor 0: from now on) and nodes that do not
+                        // replay.
                         let fresh = {
                             let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
                             let names: Vec<String> = fresh_i
@@ -3221,7 +3223,7 @@ impl Bridge {
                         let b = self.clone();
                         tokio::spawn(async move {
                             let checked = fresh.len();
-                            let due = match b.probe(&fresh, false).await {
+                            let due = match b.probe(&fresh).await {
                                 Ok(due) => due,
                                 // Read them: that finds what there is, or retries.
                                 Err(_) => fresh,
@@ -3342,10 +3344,8 @@ impl Bridge {
     /// queries): work of their own in their store (messages owed to the device, membership
     /// requests), a conversation whose newest message on the node is past its cursor (one
     /// batched query), a welcome past the welcome cursor (one query per installation: the
-    /// API has no batch form). `all`: every conversation and installation; else only those
-    /// never read (cursor 0), the node's streams replaying what follows a non-zero cursor.
-    /// `Err` when the node could not be asked.
-    async fn probe(&self, eps: &[Arc<Endpoint>], all: bool) -> Result<Vec<Arc<Endpoint>>, String> {
+    /// API has no batch form). `Err` when the node could not be asked.
+    async fn probe(&self, eps: &[Arc<Endpoint>]) -> Result<Vec<Arc<Endpoint>>, String> {
         use futures::StreamExt as _;
         use gatehouse_wire::mls_api as mpb;
         let mut due = vec![false; eps.len()];
@@ -3356,15 +3356,13 @@ impl Bridge {
                 due[i] = true;
                 continue;
             }
-            let cursor = gatehouse_client::stored_welcome_cursor(&ep.tree).unwrap_or(0);
-            if all || cursor == 0 {
-                welcomes.push((i, cursor));
-            }
+            welcomes.push((
+                i,
+                gatehouse_client::stored_welcome_cursor(&ep.tree).unwrap_or(0),
+            ));
             for (gid, _) in gatehouse_client::stored_conversations(&ep.tree).unwrap_or_default() {
                 let cursor = gatehouse_client::stored_group_cursor(&ep.tree, &gid).unwrap_or(0);
-                if all || cursor == 0 {
-                    groups.push((i, gid, cursor));
-                }
+                groups.push((i, gid, cursor));
             }
         }
         let mls = mpb::mls_api_client::MlsApiClient::new(self.channel.clone())
@@ -4496,13 +4494,11 @@ pub async fn run_reloadable(
                 last_full = None;
                 let mut due = b.take_dirty();
                 let all = b.all_endpoints();
-                match b.probe(&all, true).await {
+                match b.probe(&all).await {
                     Ok(found) => {
-                        let more: Vec<Arc<Endpoint>> = found
-                            .into_iter()
-                            .filter(|e| !due.iter().any(|d| Arc::ptr_eq(d, e)))
-                            .collect();
-                        due.extend(more);
+                        let names: std::collections::HashSet<String> =
+                            due.iter().map(|e| e.name.clone()).collect();
+                        due.extend(found.into_iter().filter(|e| !names.contains(&e.name)));
                     }
                     // The node cannot be asked: reading is what retries (and reports why).
                     Err(_) => due = all,
@@ -4513,6 +4509,8 @@ pub async fn run_reloadable(
                 // (read if they have some), with the news.
                 last_full = Some(std::time::Instant::now());
                 let mut due = b.take_dirty();
+                let names: std::collections::HashSet<String> =
+                    due.iter().map(|e| e.name.clone()).collect();
                 let quiet: Vec<Arc<Endpoint>> = b
                     .all_endpoints()
                     .into_iter()
@@ -4521,10 +4519,10 @@ pub async fn run_reloadable(
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .is_none_or(|t| t.elapsed() >= resync)
-                            && !due.iter().any(|d| Arc::ptr_eq(d, e))
+                            && !names.contains(&e.name)
                     })
                     .collect();
-                match b.probe(&quiet, true).await {
+                match b.probe(&quiet).await {
                     Ok(found) => {
                         let now = std::time::Instant::now();
                         for e in &quiet {
