@@ -677,6 +677,9 @@ pub struct IdleReport {
     pub ready_secs: f64,
     /// Resident memory after the restart once idle, MiB.
     pub rss_mib_after_start: f64,
+    /// Endpoints whose protocol state the restarted daemon had open once idle (those it read:
+    /// news, or work of their own).
+    pub open_after_start: u64,
     /// CPU the idle daemon used over `idle_window_secs` after the start's first full read.
     pub idle_cpu_percent: f64,
     /// The idle window, seconds.
@@ -832,6 +835,11 @@ pub async fn idle(n: usize, json: bool) -> anyhow::Result<IdleReport> {
         let (_, cpu0) = proc_usage(daemon.id())?;
         tokio::time::sleep(window).await;
         let (rss_mib_after_start, cpu1) = proc_usage(daemon.id())?;
+        let open_after_start = admin_get(admin_port, "/status")
+            .await
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["open_endpoints"].as_u64())
+            .unwrap_or(0);
         let _ = daemon.kill();
         let _ = daemon.wait();
         drop(broker);
@@ -842,6 +850,7 @@ pub async fn idle(n: usize, json: bool) -> anyhow::Result<IdleReport> {
             start_secs,
             ready_secs,
             rss_mib_after_start,
+            open_after_start,
             idle_cpu_percent: (cpu1 - cpu0) / window.as_secs_f64() * 100.0,
             idle_window_secs: window.as_secs_f64(),
             build: if cfg!(debug_assertions) { "debug" } else { "release" },
@@ -870,6 +879,7 @@ pub async fn idle(n: usize, json: bool) -> anyhow::Result<IdleReport> {
             "  resident memory, after start   {:>9.1} MiB",
             r.rss_mib_after_start
         );
+        println!("  endpoints open after start     {:>9}", r.open_after_start);
         println!(
             "  idle CPU                       {:>9.1} % of one core over {:.0} s",
             r.idle_cpu_percent, r.idle_window_secs
