@@ -890,15 +890,15 @@ impl Client {
             .messages)
     }
 
-    /// Publishes one MLS message to the node.
-    /// Records what is about to be published in the sink, if there is one.
-    fn record_published<'a>(&self, data: impl Iterator<Item = &'a [u8]>) {
+    /// Records the digests ([`published_digest`]) of what is about to be published in the
+    /// sink, if there is one.
+    fn record_published(&self, digests: &[u64]) {
         if let Some(sink) = &self.published {
             let mut set = sink.lock().unwrap_or_else(|p| p.into_inner());
             if set.len() > PUBLISHED_SINK_MAX {
                 set.clear();
             }
-            set.extend(data.map(published_digest));
+            set.extend(digests.iter().copied());
         }
     }
 
@@ -907,8 +907,9 @@ impl Client {
         self.published = Some(sink);
     }
 
+    /// Publishes one MLS message to the node.
     async fn publish_group_message(&mut self, data: Vec<u8>, should_push: bool) -> Result<()> {
-        self.record_published(std::iter::once(data.as_slice()));
+        self.record_published(&[published_digest(&data)]);
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest {
                 messages: vec![mpb::GroupMessageInput {
@@ -1191,11 +1192,7 @@ impl Client {
                     .map(|mpb::group_message_input::Version::V1(v)| published_digest(&v.data))
             })
             .collect();
-        self.record_published(inputs.iter().filter_map(|i| {
-            i.version
-                .as_ref()
-                .map(|mpb::group_message_input::Version::V1(v)| v.data.as_slice())
-        }));
+        self.record_published(&digests);
         let before = self.read_cursor(gid)?;
         self.mls
             .send_group_messages(mpb::SendGroupMessagesRequest { messages: inputs })
