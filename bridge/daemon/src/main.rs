@@ -283,6 +283,8 @@ fn print_status(v: &serde_json::Value) {
         },
         if v["node"]["streaming"] == true {
             "streams followed (endpoints read on news)"
+        } else if v["endpoints"] == 0 {
+            "no endpoint to follow yet"
         } else {
             "streams down (every endpoint checked each poll_interval_ms)"
         }
