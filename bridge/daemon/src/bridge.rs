@@ -4500,8 +4500,11 @@ pub async fn run_reloadable(
                             due.iter().map(|e| e.name.clone()).collect();
                         due.extend(found.into_iter().filter(|e| !names.contains(&e.name)));
                     }
-                    // The node cannot be asked: reading is what retries (and reports why).
-                    Err(_) => due = all,
+                    // The node cannot be asked, so reads would fail too (and opening every
+                    // endpoint for them would cost the most): the next pass asks again.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot check the endpoints for news; trying again next poll")
+                    }
                 }
                 b.poll_outbound(due).await;
             } else if last_full.is_none_or(|t| t.elapsed() >= resync) {
@@ -4530,7 +4533,11 @@ pub async fn run_reloadable(
                         }
                         due.extend(found);
                     }
-                    Err(_) => due.extend(quiet),
+                    // Left for the next interval (their `last_checked` did not move); the
+                    // streams are up meanwhile.
+                    Err(e) => {
+                        tracing::warn!(error = %e, endpoints = quiet.len(), "checking quiet endpoints for news failed; trying again next resync interval")
+                    }
                 }
                 b.poll_outbound(due).await;
             } else {
