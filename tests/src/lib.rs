@@ -14,13 +14,22 @@ use std::time::{Duration, Instant};
 /// How long a test waits for any single event before failing.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A free loopback TCP port.
+/// A free loopback TCP port, never one this process handed out before: the tests of one file
+/// run in parallel threads, and the kernel can give two of them the same port between one's
+/// probe here and its server's bind (two tests would then share a broker).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 /// The `gatehouse` binary built by `cargo test --workspace`.
@@ -132,18 +141,18 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts one in `dir`.
     pub fn start(dir: &Path) -> Self {
-        Self::start_on(dir, free_port())
+        Self::start_with(dir, None, false)
     }
 
     /// Starts one on a given port.
     pub fn start_on(dir: &Path, port: u16) -> Self {
-        Self::start_with(dir, port, false)
+        Self::start_with(dir, Some(port), false)
     }
 
     /// Starts one that saves its sessions and queued messages in `dir` when it stops (as a
     /// production broker does), so [`Mosquitto::restart`] keeps them.
     pub fn start_persistent(dir: &Path) -> Self {
-        Self::start_with(dir, free_port(), true)
+        Self::start_with(dir, None, true)
     }
 
     /// A mosquitto password file in `dir` with these `(user, password)` accounts.
@@ -180,7 +189,7 @@ impl Mosquitto {
         let file = Self::password_file(dir, users);
         Self::start_with_extra(
             dir,
-            free_port(),
+            None,
             false,
             &format!("allow_anonymous false\npassword_file {}\n", file.display()),
         )
@@ -196,7 +205,7 @@ impl Mosquitto {
         let file = Self::password_file(dir, users);
         Self::start_with_extra(
             dir,
-            free_port(),
+            None,
             false,
             &format!(
                 "certfile {}\nkeyfile {}\nallow_anonymous false\npassword_file {}\n",
@@ -207,11 +216,30 @@ impl Mosquitto {
         )
     }
 
-    fn start_with(dir: &Path, port: u16, persistent: bool) -> Self {
+    fn start_with(dir: &Path, port: Option<u16>, persistent: bool) -> Self {
         Self::start_with_extra(dir, port, persistent, "allow_anonymous true\n")
     }
 
-    fn start_with_extra(dir: &Path, port: u16, persistent: bool, access: &str) -> Self {
+    /// Writes its configuration and starts it on `port`, or on a free port: one that someone
+    /// else took before mosquitto bound it is replaced by another (5 tries).
+    fn start_with_extra(dir: &Path, port: Option<u16>, persistent: bool, access: &str) -> Self {
+        let given = port;
+        let mut port = port.unwrap_or_else(free_port);
+        for _ in 0..5 {
+            let conf = Self::configure(dir, port, persistent, access);
+            match Self::spawn(&conf) {
+                Ok(proc) => return Mosquitto { port, conf, proc },
+                Err(log) if given.is_none() && log.contains("Address already in use") => {
+                    port = free_port()
+                }
+                Err(log) => panic!("mosquitto did not start: {log}"),
+            }
+        }
+        panic!("mosquitto could not bind any of 5 free ports");
+    }
+
+    /// Writes its configuration file for `port`.
+    fn configure(dir: &Path, port: u16, persistent: bool, access: &str) -> PathBuf {
         require("mosquitto", "mosquitto");
         let conf = dir.join(format!("mosquitto-{port}.conf"));
         let persistence = if persistent {
@@ -239,20 +267,21 @@ impl Mosquitto {
             format!("listener {port} 127.0.0.1\n{access}max_queued_messages 0\n{persistence}"),
         )
         .unwrap();
-        Mosquitto {
-            port,
-            proc: Self::spawn(&conf, port),
-            conf,
-        }
+        conf
     }
 
-    fn spawn(conf: &Path, port: u16) -> Proc {
+    /// Starts mosquitto on `conf` and waits until it says it runs (its own log line, not a TCP
+    /// connect, which could reach whoever else holds the port); `Err` with what it logged when
+    /// it exited instead.
+    fn spawn(conf: &Path) -> Result<Proc, String> {
         // Its log (connections, subscriptions, errors) beside its config, for a failed test.
+        let path = conf.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(conf.with_extension("log"))
+            .open(&path)
             .unwrap();
+        let from = log.metadata().unwrap().len() as usize;
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(conf)
@@ -261,11 +290,19 @@ impl Mosquitto {
             .stderr(log)
             .spawn()
             .unwrap();
-        let proc = Proc(child);
+        let mut proc = Proc(child);
         wait_for("mosquitto to listen", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        proc
+            let text = std::fs::read(&path).unwrap_or_default();
+            let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+            if text.contains(" running") {
+                Some(Ok(()))
+            } else if proc.0.try_wait().unwrap().is_some() {
+                Some(Err(text.into_owned()))
+            } else {
+                None
+            }
+        })?;
+        Ok(proc)
     }
 
     /// Stops the broker with SIGTERM (it saves its state if persistent), waits for it to exit,
@@ -284,7 +321,8 @@ impl Mosquitto {
 
     /// Starts a stopped broker again on the same port and configuration.
     pub fn start_again(&mut self) {
-        self.proc = Self::spawn(&self.conf, self.port);
+        self.proc = Self::spawn(&self.conf)
+            .unwrap_or_else(|log| panic!("mosquitto did not start again: {log}"));
     }
 
     /// Publishes a retained message (QoS 1) through `mosquitto_pub -r`.
