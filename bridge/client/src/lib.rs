@@ -247,6 +247,32 @@ const K_WELCOME_CURSOR: &[u8] = b"cursor/welcome";
 /// publish arrives within moments; this covers far more than any retry window).
 pub const SEEN_WINDOW: u64 = 100_000;
 
+/// How a stored MLS state begins when it is compressed (a zstd frame). One stored raw, by
+/// an earlier version, begins with the length of its first key (a few bytes, so `00 00`).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The MLS state as stored: compressed. openmls' store serialises its values as JSON, byte
+/// strings as arrays of numbers (≈ 70 KiB for an endpoint with one DM, ≈ 18 KiB compressed);
+/// it is rewritten at every send and read, and it shares the endpoint's pages with the small
+/// entries a start reads.
+fn encode_mls_state(raw: &[u8]) -> Result<Vec<u8>> {
+    zstd::bulk::compress(raw, 1)
+        .map_err(|e| ClientError::Peer(format!("compressing the MLS state: {e}")))
+}
+
+/// The MLS state from its stored form (compressed, or raw from an earlier version).
+fn decode_mls_state(stored: &[u8]) -> Result<Vec<u8>> {
+    if stored.starts_with(&ZSTD_MAGIC) {
+        zstd::stream::decode_all(stored).map_err(|e| {
+            ClientError::Peer(format!(
+                "the stored MLS state is corrupt (decompressing: {e})"
+            ))
+        })
+    } else {
+        Ok(stored.to_vec())
+    }
+}
+
 fn stored_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
     Ok(tree
         .get(key)?
@@ -379,7 +405,11 @@ impl Client {
             }
         };
         let provider = group::provider_from_storage(
-            &tree.get(K_MLS)?.map(|v| v.to_vec()).unwrap_or_default(),
+            &tree
+                .get(K_MLS)?
+                .map(|v| decode_mls_state(&v))
+                .transpose()?
+                .unwrap_or_default(),
         )?;
         let inbox_id = identity::inbox_id(&owner.identifier(), 1);
         Ok(Self {
@@ -422,8 +452,10 @@ impl Client {
     }
 
     fn persist_mls(&self) -> Result<()> {
-        self.tree
-            .insert(K_MLS, group::export_storage(&self.provider))?;
+        self.tree.insert(
+            K_MLS,
+            encode_mls_state(&group::export_storage(&self.provider))?,
+        )?;
         Ok(())
     }
 
