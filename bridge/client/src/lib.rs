@@ -201,10 +201,24 @@ pub struct Client {
     last_sync_group_check: Option<std::time::Instant>,
     /// When each conversation's membership was last brought up to date (in this process).
     membership_checked: std::collections::HashMap<Vec<u8>, std::time::Instant>,
+    /// Attestations whose signature verified, by value: a bridge signs the same statement for
+    /// every message of an endpoint (Ed25519 is deterministic), so each is verified once.
+    /// Bounded by [`ATTESTATION_CACHE`]; liveness of the signing key is still checked per read.
+    attestations: std::collections::HashMap<
+        String,
+        (
+            gatehouse_protocol::attestation::EndpointAttestation,
+            Vec<u8>,
+        ),
+    >,
 }
 
-/// How often a read brings a quiet conversation's membership up to date (new or revoked
-/// installations, leave and re-add requests); a conversation with new messages always is.
+/// Verified attestations kept (see `Client::attestations`); the cache is emptied when full.
+const ATTESTATION_CACHE: usize = 1024;
+
+/// How often a read or a send brings a conversation's membership up to date (new or revoked
+/// installations; leave and re-add requests are acted on at once); a read of a conversation
+/// with new messages always does. libxmtp looks before a send at most every 5 s.
 const MEMBERSHIP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Who owns (and recovers) the inbox: a wallet or a passkey.
@@ -432,6 +446,7 @@ impl Client {
             released_version: 0,
             last_sync_group_check: None,
             membership_checked: Default::default(),
+            attestations: Default::default(),
             unsaved_seen: Vec::new(),
         })
     }
@@ -1162,7 +1177,13 @@ impl Client {
         self.send_welcomes_at(&[b"created_welcome/".as_slice(), gid].concat(), gid)
             .await?;
         self.sync_group_inner(&mut g).await?;
-        self.maintain_membership(&mut g).await?;
+        // As libxmtp does before a send, the membership is looked at only when it was not
+        // lately (a node round trip per send batch otherwise), or when work is asked of it.
+        if self.membership_due(gid) {
+            self.maintain_membership(&mut g).await?;
+            self.membership_checked
+                .insert(gid.to_vec(), std::time::Instant::now());
+        }
         if !group::is_active(&g) {
             return Err(ClientError::Peer(format!(
                 "this installation is no longer a member of conversation {} (revoked or removed)",
@@ -1311,28 +1332,51 @@ impl Client {
             let cursor = self.read_cursor(&gid)?;
             let messages = self.messages_after(&gid, cursor, 100).await?;
             let n = messages.len();
+            // One atomic write per page: the retained copies, the "seen" marks, the cursor
+            // and the MLS state move together, so a crash keeps all or none of the page (a
+            // durable "seen" without the copy would drop a message when it is read again; a
+            // cursor without the state would leave messages the ratchet has moved past).
+            let mut batch = sled::Batch::default();
+            let mut last = None;
+            let mut failed = None;
             for m in messages {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
                 };
                 saw_commit |= v.is_commit;
-                let mut batch = sled::Batch::default();
-                if let Some(mut r) = self.handle_message(g, &gid, &v, &mut states).await? {
-                    // Kept as the cursor moves past it: the retained copy, the "seen" mark
-                    // and the cursor are one atomic write, so a crash keeps all or none (a
-                    // durable "seen" without the copy would drop the message when it is read
-                    // again).
-                    self.retain_delivery(&mut r, &mut batch)?;
-                    out.push(r);
+                // A message that fails is not marked seen: it is read again.
+                let seen_before = self.unsaved_seen.len();
+                match self.handle_message(g, &gid, &v, &mut states).await {
+                    Ok(Some(mut r)) => {
+                        if let Err(e) = self.retain_delivery(&mut r, &mut batch) {
+                            self.unsaved_seen.truncate(seen_before);
+                            failed = Some(e);
+                            break;
+                        }
+                        out.push(r);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.unsaved_seen.truncate(seen_before);
+                        failed = Some(e);
+                        break;
+                    }
                 }
+                last = Some(v.id);
+            }
+            // What was processed before a failure is written too: the ratchet has moved
+            // past it, so it could not be read again.
+            if let Some(id) = last {
                 self.save_seen(&mut batch)?;
-                batch.insert(ckey.as_slice(), &v.id.to_be_bytes());
+                batch.insert(ckey.as_slice(), &id.to_be_bytes());
+                batch.insert(
+                    K_MLS,
+                    encode_mls_state(&group::export_storage(&self.provider))?,
+                );
                 self.tree.apply_batch(batch)?;
             }
-            // The MLS store is written back only when messages were processed (the read loop
-            // runs every poll interval for every conversation).
-            if n > 0 {
-                self.persist_mls()?;
+            if let Some(e) = failed {
+                return Err(e);
             }
             if n < 100 {
                 break;
@@ -1640,7 +1684,16 @@ impl Client {
         states: &mut BTreeMap<String, identity::InboxState>,
     ) -> Result<SenderEndpoint> {
         use gatehouse_protocol::attestation::EndpointAttestation;
-        let (claim, verified) = match EndpointAttestation::verify_signature(value) {
+        let checked = match self.attestations.get(value) {
+            Some(hit) => Ok(hit.clone()),
+            None => EndpointAttestation::verify_signature(value).inspect(|ok| {
+                if self.attestations.len() >= ATTESTATION_CACHE {
+                    self.attestations.clear();
+                }
+                self.attestations.insert(value.to_string(), ok.clone());
+            }),
+        };
+        let (claim, verified) = match checked {
             Ok((claim, key)) => {
                 let live = claim.endpoint == sender_inbox
                     && self.live(states, &claim.bridge, &key).await?;
@@ -2105,6 +2158,27 @@ impl Client {
         }))
     }
 
+    /// Whether a conversation's membership is due to be brought up to date: not looked at
+    /// within [`MEMBERSHIP_CHECK_INTERVAL`] (in this process), or a re-add (after a fork) or
+    /// leave request waits.
+    fn membership_due(&self, gid: &[u8]) -> bool {
+        let recent = self
+            .membership_checked
+            .get(gid)
+            .is_some_and(|t| t.elapsed() < MEMBERSHIP_CHECK_INTERVAL);
+        let requested = || {
+            [b"readd/".as_slice(), b"leave/".as_slice()]
+                .iter()
+                .any(|kind| {
+                    self.tree
+                        .scan_prefix([kind, gid, b"/"].concat())
+                        .next()
+                        .is_some()
+                })
+        };
+        !recent || requested()
+    }
+
     /// Joins new conversations, then reads every conversation.
     pub async fn sync_all(&mut self) -> Result<Vec<Received>> {
         self.sync_welcomes().await?;
@@ -2112,22 +2186,7 @@ impl Client {
         for (gid, _) in self.conversations()? {
             // A conversation with nothing new whose membership was looked at lately is skipped
             // without loading its MLS state (the costly part of a read that finds nothing).
-            let recent = self
-                .membership_checked
-                .get(&gid)
-                .is_some_and(|t| t.elapsed() < MEMBERSHIP_CHECK_INTERVAL);
-            // Re-add (after a fork) and leave requests are membership work due now.
-            let requested = self
-                .tree
-                .scan_prefix([b"readd/".as_slice(), &gid, b"/"].concat())
-                .next()
-                .is_some()
-                || self
-                    .tree
-                    .scan_prefix([b"leave/".as_slice(), &gid, b"/"].concat())
-                    .next()
-                    .is_some();
-            if recent && !requested {
+            if !self.membership_due(&gid) {
                 let cursor = self.read_cursor(&gid)?;
                 if self.messages_after(&gid, cursor, 1).await?.is_empty() {
                     continue;

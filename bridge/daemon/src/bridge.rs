@@ -548,8 +548,16 @@ pub struct Bridge {
     bridge_key: gatehouse_protocol::identity::InstallationKey,
     bridge_inbox: String,
     bridge_registered: Mutex<bool>,
+    /// Signed attestations by statement: an endpoint's statement is the same for each of its
+    /// messages (for email, unless the sender checks differ), and Ed25519 is deterministic,
+    /// so each is signed once. Emptied when it reaches [`ATTESTATION_CACHE`] entries.
+    attestations:
+        std::sync::Mutex<HashMap<gatehouse_protocol::attestation::EndpointAttestation, String>>,
     started: std::time::Instant,
 }
+
+/// Signed attestations the bridge keeps (see `Bridge::attestations`).
+const ATTESTATION_CACHE: usize = 4096;
 
 /// The route's handling of unknown senders, on an endpoint's client (held in memory: set
 /// whenever the client is opened, and again when the route changes).
@@ -2675,10 +2683,22 @@ impl Bridge {
                     verified: m.auth.verified,
                 }),
         };
-        c.parameters.insert(
-            gatehouse_protocol::attestation::PARAMETER.into(),
-            attestation.sign(&self.bridge_key),
-        );
+        let signed = {
+            let mut cache = self.attestations.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(&attestation) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = attestation.sign(&self.bridge_key);
+                    if cache.len() >= ATTESTATION_CACHE {
+                        cache.clear();
+                    }
+                    cache.insert(attestation, s.clone());
+                    s
+                }
+            }
+        };
+        c.parameters
+            .insert(gatehouse_protocol::attestation::PARAMETER.into(), signed);
         Ok(())
     }
 
@@ -4319,6 +4339,7 @@ pub async fn run_reloadable(
         bridge_key,
         bridge_inbox,
         bridge_registered: Mutex::new(false),
+        attestations: Default::default(),
         seed,
         inbox: db.open_tree("inbox")?,
         inflight: db.open_tree("mqtt-inflight")?,

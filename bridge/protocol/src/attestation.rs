@@ -23,7 +23,7 @@ pub const PARAMETER: &str = "gatehouse.attestation";
 pub const CONTEXT: &[u8] = b"GATEHOUSE ENDPOINT ATTESTATION";
 
 /// What a bridge asserts about one endpoint.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EndpointAttestation {
     /// The bridge's own inbox id.
     pub bridge: String,
@@ -40,7 +40,7 @@ pub struct EndpointAttestation {
 }
 
 /// The bridge's finding about a message's sender.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct SenderAuth {
     /// What the checks found, e.g. `dkim=pass spf=none dmarc=pass`.
     pub results: String,
@@ -78,15 +78,12 @@ impl EndpointAttestation {
     pub fn sign(&self, bridge_key: &InstallationKey) -> String {
         let mut prehash = Sha512::new();
         prehash.update(self.text().as_bytes());
-        let sig = ed25519_dalek::SigningKey::from_bytes(&bridge_key.seed())
-            .sign_prehashed(prehash, Some(CONTEXT))
-            // The context is a short constant, so signing cannot fail.
-            .expect("Ed25519ph context is short");
+        let sig = bridge_key.sign_prehashed(prehash, CONTEXT);
         let signed = Signed {
             v: 1,
             claim: self.clone(),
             key: hex::encode(bridge_key.public()),
-            sig: hex::encode(sig.to_bytes()),
+            sig: hex::encode(sig),
         };
         URL_SAFE_NO_PAD.encode(serde_json::to_vec(&signed).unwrap_or_default())
     }

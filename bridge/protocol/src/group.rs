@@ -17,7 +17,6 @@ use gatehouse_wire::message_contents as mc;
 use gatehouse_wire::xmtp::identity::MlsCredential;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
-use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use rand_core::CryptoRngCore;
 
@@ -53,13 +52,24 @@ fn mls_err(e: impl std::fmt::Display) -> ProtocolError {
     ProtocolError::Mls(e.to_string())
 }
 
-/// The installation key as an openmls signer.
-pub fn signer(key: &InstallationKey) -> SignatureKeyPair {
-    SignatureKeyPair::from_raw(
-        SignatureScheme::ED25519,
-        key.seed().to_vec(),
-        key.public().to_vec(),
-    )
+/// The installation key as an openmls signer. It signs with the key as held, expanded once:
+/// `SignatureKeyPair` rebuilds the key from its seed for every signature, which doubles the cost
+/// of signing a message.
+pub fn signer(key: &InstallationKey) -> &InstallationKey {
+    key
+}
+
+impl openmls_traits::signatures::Signer for InstallationKey {
+    fn sign(
+        &self,
+        payload: &[u8],
+    ) -> std::result::Result<Vec<u8>, openmls_traits::signatures::SignerError> {
+        Ok(self.sign_raw(payload))
+    }
+
+    fn signature_scheme(&self) -> SignatureScheme {
+        SignatureScheme::ED25519
+    }
 }
 
 /// XMTP's credential for an inbox.
@@ -160,7 +170,7 @@ pub fn build_key_package(
         .build(
             PQ_CIPHERSUITE,
             provider,
-            &signer,
+            signer,
             CredentialWithKey {
                 credential: credential(inbox_id),
                 signature_key: key.public().to_vec().into(),
@@ -181,7 +191,7 @@ pub fn build_key_package(
         .build(
             CIPHERSUITE,
             provider,
-            &signer,
+            signer,
             CredentialWithKey {
                 credential: credential(inbox_id),
                 signature_key: key.public().to_vec().into(),
@@ -751,7 +761,7 @@ pub fn commit_extensions(
         .map_err(mls_err)?
         .load_psks(provider.storage())
         .map_err(mls_err)?
-        .build(provider.rand(), provider.crypto(), &signer, |_| true)
+        .build(provider.rand(), provider.crypto(), signer, |_| true)
         .map_err(mls_err)?
         .stage_commit(provider)
         .map_err(mls_err)?;
@@ -987,7 +997,7 @@ pub fn create(
     let signer = signer(key);
     let mut group = MlsGroup::new_with_group_id(
         provider,
-        &signer,
+        signer,
         &config,
         GroupId::from_slice(&gid),
         CredentialWithKey {
@@ -997,7 +1007,7 @@ pub fn create(
     )
     .map_err(mls_err)?;
     let (commit, welcome, _) = group
-        .add_members(provider, &signer, &key_packages)
+        .add_members(provider, signer, &key_packages)
         .map_err(mls_err)?;
     group.merge_pending_commit(provider).map_err(mls_err)?;
     Ok(Created {
@@ -1055,7 +1065,7 @@ pub fn encrypt(
     plaintext: &[u8],
 ) -> Result<Vec<u8>> {
     let out = group
-        .create_message(provider, &signer(key), plaintext)
+        .create_message(provider, signer(key), plaintext)
         .map_err(mls_err)?;
     out.tls_serialize_detached().map_err(mls_err)
 }
@@ -1331,7 +1341,7 @@ pub fn commit_membership(
         .map_err(mls_err)?
         .load_psks(provider.storage())
         .map_err(mls_err)?
-        .build(provider.rand(), provider.crypto(), &signer, |_| true)
+        .build(provider.rand(), provider.crypto(), signer, |_| true)
         .map_err(mls_err)?
         .stage_commit(provider)
         .map_err(mls_err)?;

@@ -20,7 +20,7 @@ fn template_bundle() -> KeyPackageBundle {
         .build(
             group::CIPHERSUITE,
             &p,
-            &group::signer(&key),
+            group::signer(&key),
             CredentialWithKey {
                 credential: group::credential("x"),
                 signature_key: key.public().to_vec().into(),

@@ -254,6 +254,15 @@ impl InstallationKey {
             .to_vec()
     }
 
+    /// Ed25519ph with the given context over a SHA-512 prehash. Panics only on a context
+    /// longer than 255 bytes (callers pass constants).
+    pub fn sign_prehashed(&self, prehash: Sha512, context: &[u8]) -> [u8; 64] {
+        self.0
+            .sign_prehashed(prehash, Some(context))
+            .expect("Ed25519ph context is short")
+            .to_bytes()
+    }
+
     /// A plain Ed25519 signature (as MLS uses it).
     pub fn sign_raw(&self, msg: &[u8]) -> Vec<u8> {
         self.0.sign(msg).to_bytes().to_vec()
