@@ -1476,6 +1476,27 @@ mod tests {
     use super::*;
     use crate::content;
 
+    /// The installation key signs for openmls exactly as openmls' own Ed25519 key pair does
+    /// (same scheme, byte-identical signatures), only without rebuilding the key each time.
+    #[test]
+    fn signer_matches_openmls_key_pair() {
+        use openmls_traits::signatures::Signer as _;
+        let key = InstallationKey::from_seed(&[9; 32]);
+        let reference = openmls_basic_credential::SignatureKeyPair::from_raw(
+            SignatureScheme::ED25519,
+            key.seed().to_vec(),
+            key.public().to_vec(),
+        );
+        let ours = signer(&key);
+        assert_eq!(ours.signature_scheme(), reference.signature_scheme());
+        for payload in [&b""[..], b"MLS 1.0 FramedContentTBS", &[0xab; 1000]] {
+            assert_eq!(
+                ours.sign(payload).unwrap(),
+                reference.sign(payload).unwrap()
+            );
+        }
+    }
+
     /// A commit that breaks the group's policy is caught by the receiver: in a default group a
     /// non-admin member's commit removing another member is a violation; the creator's is not.
     #[test]

@@ -246,11 +246,7 @@ impl InstallationKey {
     pub fn sign_text(&self, text: &str) -> Vec<u8> {
         let mut prehash = Sha512::new();
         prehash.update(text.as_bytes());
-        // The context is a constant shorter than 255 bytes, so signing cannot fail.
-        self.0
-            .sign_prehashed(prehash, Some(INSTALLATION_KEY_SIGNATURE_CONTEXT))
-            .expect("Ed25519ph context is short")
-            .to_bytes()
+        self.sign_prehashed(prehash, INSTALLATION_KEY_SIGNATURE_CONTEXT)
             .to_vec()
     }
 
