@@ -450,6 +450,7 @@ impl Client {
         let gid = created.group.group_id().as_slice().to_vec();
         self.announce_created(created, b"", wrappers).await?;
         self.tree.remove([b"conv/".as_slice(), &gid].concat())?;
+        self.conversations_gen += 1;
         self.tree
             .insert([b"sync/".as_slice(), &gid].concat(), b"")?;
         tracing::info!(conversation = %hex::encode(&gid), "device-sync group created");

@@ -211,6 +211,9 @@ pub struct Client {
             Vec<u8>,
         ),
     >,
+    /// Bumped whenever a conversation is added or removed: a [`Listener`] subscribed to an
+    /// older set subscribes again.
+    conversations_gen: u64,
 }
 
 /// Verified attestations kept (see `Client::attestations`); the cache is emptied when full.
@@ -447,6 +450,7 @@ impl Client {
             last_sync_group_check: None,
             membership_checked: Default::default(),
             attestations: Default::default(),
+            conversations_gen: 0,
             unsaved_seen: Vec::new(),
         })
     }
@@ -820,6 +824,7 @@ impl Client {
         self.persist_mls()?;
         self.tree
             .insert([b"conv/".as_slice(), &gid].concat(), peer)?;
+        self.conversations_gen += 1;
         self.publish_group_message(created.commit, false).await?;
         // Our own commit is already applied: start reading after it.
         let newest = self.newest_id(&gid).await?;
@@ -1130,6 +1135,7 @@ impl Client {
             self.tree
                 .insert([b"conv/".as_slice(), &gid].concat(), b"")?;
         }
+        self.conversations_gen += 1;
         let cursor = unwrapped.metadata.map(|m| m.message_cursor).unwrap_or(0);
         self.tree.insert(
             [b"cursor/g/".as_slice(), &gid].concat(),
@@ -2223,6 +2229,9 @@ impl Client {
 mod consent;
 mod deliveries;
 mod forks;
+mod listen;
+
+pub use listen::{FULL_READ_EVERY, Listener};
 
 pub use consent::MAX_REQUESTS;
 

@@ -328,8 +328,9 @@ async fn resolve_all(client: &mut Client, members: &[String]) -> anyhow::Result<
     Ok(out)
 }
 
-/// How often `listen` asks the node for news.
-const LISTEN_POLL: Duration = Duration::from_millis(200);
+/// The longest `listen` waits on the node's streams before looking at its deadline again
+/// (news ends the wait at once).
+const LISTEN_WAIT: Duration = Duration::from_secs(1);
 
 async fn open(
     home: &Path,
@@ -804,9 +805,15 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t));
             let mut seen = 0usize;
             let mut owed = client.undelivered()?;
+            // The node's streams say which conversation has news (as XMTP clients stream);
+            // a full read still runs every few seconds and after each new conversation.
+            let mut listener = gatehouse_client::Listener::new();
             loop {
                 let batch = if owed.is_empty() {
-                    client.sync_all().await?
+                    let wait = deadline.map_or(LISTEN_WAIT, |d| {
+                        LISTEN_WAIT.min(d.saturating_duration_since(Instant::now()))
+                    });
+                    client.listen(&mut listener, wait).await?
                 } else {
                     std::mem::take(&mut owed)
                 };
@@ -858,7 +865,6 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                     }
                     return Ok(0);
                 }
-                tokio::time::sleep(LISTEN_POLL).await;
             }
         }
     }

@@ -446,10 +446,15 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
         )
         .await?;
     }
+    // The agent streams, as XMTP agents do: the node says which conversation has news.
+    let mut listener = gatehouse_client::Listener::new();
     let mut conversations: BTreeMap<String, String> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(60 + o.devices as u64 / 10);
     while conversations.len() < o.devices {
-        for m in agent.sync_all().await? {
+        for m in agent
+            .listen(&mut listener, Duration::from_millis(100))
+            .await?
+        {
             if let Some(d) = m.delivery {
                 agent.delivered(d)?;
             }
@@ -465,7 +470,6 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
                 o.devices
             );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // A real agent allows the devices it talks to (their messages are then not requests).
     for inbox in conversations.keys() {
@@ -486,10 +490,11 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
     let mut last = Instant::now();
     let mut quiet_since = Instant::now();
     while seen.len() < o.messages && quiet_since.elapsed() < Duration::from_secs(30) {
-        let batch = agent.sync_all().await?;
+        let batch = agent
+            .listen(&mut listener, Duration::from_millis(100))
+            .await?;
         let arrived = now_ns();
         if batch.is_empty() {
-            tokio::time::sleep(Duration::from_millis(2)).await;
             continue;
         }
         quiet_since = Instant::now();

@@ -372,21 +372,28 @@ fn init_logging_as(default: &str, level: Option<&str>, format: config::LogFormat
     // - below these levels, sled logs whole write batches (the stores hold decrypted
     //   messages), the SMTP, MQTT and HTTP/2 clients their traffic, and cranelift/wasmtime
     //   every compiled instruction: no plaintext or keys in the log, at any level.
+    //
+    // The caps never go above what the filter can let through: the `log` crate's global level
+    // follows the most verbose of the two, and below it `log` macros evaluate their arguments
+    // (openmls' in-memory store captures a backtrace in a `log::trace!` on every read and
+    // write — with RUST_BACKTRACE=1 a twentieth of all CPU — even though the caps drop it).
+    let most = filter.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let cap = |level: LevelFilter| level.min(most);
     let caps = capped.then(|| {
         Targets::new()
-            .with_default(LevelFilter::TRACE)
+            .with_default(cap(LevelFilter::TRACE))
             .with_target("openmls", LevelFilter::OFF)
             .with_target("rumqttd", LevelFilter::OFF)
-            .with_target("sled", LevelFilter::INFO)
-            .with_target("cranelift", LevelFilter::WARN)
-            .with_target("wasmtime", LevelFilter::INFO)
-            .with_target("lettre", LevelFilter::INFO)
-            .with_target("rumqttc", LevelFilter::DEBUG)
-            .with_target("async_nats", LevelFilter::DEBUG)
-            .with_target("h2", LevelFilter::INFO)
-            .with_target("hyper", LevelFilter::INFO)
-            .with_target("tonic", LevelFilter::INFO)
-            .with_target("tower", LevelFilter::INFO)
+            .with_target("sled", cap(LevelFilter::INFO))
+            .with_target("cranelift", cap(LevelFilter::WARN))
+            .with_target("wasmtime", cap(LevelFilter::INFO))
+            .with_target("lettre", cap(LevelFilter::INFO))
+            .with_target("rumqttc", cap(LevelFilter::DEBUG))
+            .with_target("async_nats", cap(LevelFilter::DEBUG))
+            .with_target("h2", cap(LevelFilter::INFO))
+            .with_target("hyper", cap(LevelFilter::INFO))
+            .with_target("tonic", cap(LevelFilter::INFO))
+            .with_target("tower", cap(LevelFilter::INFO))
     });
     use std::io::IsTerminal as _;
     let output = match format {

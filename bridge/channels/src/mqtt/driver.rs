@@ -354,9 +354,10 @@ pub fn start(
                     }
                     let mut ready = Vec::new();
                     let mut journalled = Vec::new();
+                    let mut at_most_once = Vec::new();
                     for out in batch {
                         if qos == 0 {
-                            eventloop.push_publish(&OutPublish { pkid: 0, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props });
+                            at_most_once.push(OutPublish { pkid: 0, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props });
                             let _ = out.acked.send(());
                             continue;
                         }
@@ -400,11 +401,10 @@ pub fn start(
                             unacked.remove(&pkid);
                         }
                     }
-                    for pkid in ready {
-                        if let Some(f) = unacked.get(&pkid) {
-                            eventloop.push_publish(&f.publish);
-                        }
-                    }
+                    // One write for the batch (not one poll each: see `send_publishes`).
+                    let mut now: Vec<OutPublish> = at_most_once;
+                    now.extend(ready.iter().filter_map(|pkid| unacked.get(pkid).map(|f| f.publish.clone())));
+                    eventloop.send_publishes(&now).await;
                     continue;
                 }
                 permit = inbound.reserve(), if !pending.is_empty() => {

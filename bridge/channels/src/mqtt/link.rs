@@ -455,6 +455,65 @@ impl Events {
         }
     }
 
+    /// Sends new publishes (each under its own packet id) now, in one write, when connected
+    /// and nothing is queued before them; queues them like [`Events::push_publish`] otherwise.
+    /// rumqttc sends its queue of pending requests one per poll after a zero-length timer sleep
+    /// that every incoming packet restarts (rumqtt#814): with acknowledgements streaming in,
+    /// about one publish per millisecond. Written here they go through rumqttc's session state
+    /// as a queued request would (kept for a resend until acknowledged), so a write that fails
+    /// is sent again after the reconnect, as rumqttc does with everything its session holds.
+    /// (MQTT 5: queued; rumqttc's MQTT 5 event loop does not expose its connection.)
+    pub async fn send_publishes(&mut self, ps: &[OutPublish]) {
+        match self {
+            Events::V4(e) => {
+                let e = &mut **e;
+                // Behind what is queued (a resend after a reconnect), in order.
+                if e.network.is_none() || !e.pending.is_empty() {
+                    for p in ps {
+                        let mut out =
+                            rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
+                        out.pkid = p.pkid;
+                        out.dup = p.dup;
+                        e.pending.push_back(rumqttc::Request::Publish(out));
+                    }
+                    return;
+                }
+                for p in ps {
+                    let mut out = rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
+                    out.pkid = p.pkid;
+                    out.dup = p.dup;
+                    match e
+                        .state
+                        .handle_outgoing_packet(rumqttc::Request::Publish(out.clone()))
+                    {
+                        Ok(Some(packet)) => {
+                            if let Some(net) = e.network.as_mut()
+                                && let Err(err) = net.write(packet).await
+                            {
+                                tracing::debug!(error = %err, "MQTT write failed; the session resends after the reconnect");
+                            }
+                        }
+                        // Held by the session until the packet id is free (cannot happen: the
+                        // driver never reuses an unacknowledged id).
+                        Ok(None) => {}
+                        Err(_) => e.pending.push_back(rumqttc::Request::Publish(out)),
+                    }
+                }
+                if let Some(net) = e.network.as_mut()
+                    && let Err(err) = net.flush().await
+                {
+                    tracing::debug!(error = %err, "MQTT flush failed; the session resends after the reconnect");
+                }
+            }
+            // rumqttc's MQTT 5 event loop does not expose its connection: queued, one per poll.
+            Events::V5(_) => {
+                for p in ps {
+                    self.push_publish(p);
+                }
+            }
+        }
+    }
+
     /// Queues the PUBREL of a QoS 2 exchange the broker already received.
     pub fn push_pubrel(&mut self, pkid: u16) {
         match self {

@@ -1,0 +1,236 @@
+//! Listening: the node's streams say which conversation has something new, and only that one
+//! is read — as XMTP clients stream rather than poll. A full read ([`Client::sync_all`]: new
+//! conversations, consent from sibling installations, membership of every conversation) still
+//! runs when the listener first subscribes, after a stream ended, after a welcome and every
+//! [`Listener::full_read_every`], so nothing depends on the streams alone: a missed or ended
+//! stream costs latency, never a message. When the client's conversations change (it started
+//! one), the streams start again from the read cursors and only conversations without one are
+//! read at once (an agent with thousands of conversations is not read whole for each new one).
+
+use std::time::{Duration, Instant};
+
+use futures::FutureExt as _;
+use gatehouse_wire::mls_api as mpb;
+use tonic::Streaming;
+
+use crate::{Client, Received, Result, flush_tree, group};
+
+/// How often [`Client::listen`] does a full read by default.
+pub const FULL_READ_EVERY: Duration = Duration::from_secs(5);
+
+/// The state of a [`Client::listen`] loop: the node's streams and when the last full read was.
+/// One listener belongs to one client.
+pub struct Listener {
+    groups: Option<Streaming<mpb::GroupMessage>>,
+    welcomes: Option<Streaming<mpb::WelcomeMessage>>,
+    /// The client's conversation set the streams cover (see `Client::conversations_gen`).
+    subscribed: Option<u64>,
+    last_full: Option<Instant>,
+    full_every: Duration,
+    full_reads: u64,
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What one stream item says.
+enum News {
+    /// A message in this conversation, at this node id.
+    Group(Vec<u8>, u64),
+    /// A welcome for this installation (a new conversation), at this node id.
+    Welcome(u64),
+    /// Something this client does not read.
+    Other,
+}
+
+impl Listener {
+    /// A listener that is not subscribed yet (the first [`Client::listen`] subscribes).
+    pub fn new() -> Self {
+        Listener {
+            groups: None,
+            welcomes: None,
+            subscribed: None,
+            last_full: None,
+            full_every: FULL_READ_EVERY,
+            full_reads: 0,
+        }
+    }
+
+    /// Sets how often a full read runs besides the streamed news ([`FULL_READ_EVERY`]).
+    pub fn full_read_every(mut self, every: Duration) -> Self {
+        self.full_every = every;
+        self
+    }
+
+    /// How many full reads this listener has done (the rest came from the streams).
+    pub fn full_reads(&self) -> u64 {
+        self.full_reads
+    }
+
+    /// The next stream item; `None` when a stream ended or failed (subscribe again).
+    async fn next(&mut self) -> Option<News> {
+        let (Some(g), Some(w)) = (self.groups.as_mut(), self.welcomes.as_mut()) else {
+            return None;
+        };
+        tokio::select! {
+            m = g.message() => match m {
+                Ok(Some(m)) => Some(match m.version {
+                    Some(mpb::group_message::Version::V1(v)) => News::Group(v.group_id, v.id),
+                    None => News::Other,
+                }),
+                _ => None,
+            },
+            m = w.message() => match m {
+                Ok(Some(m)) => Some(match m.version {
+                    Some(mpb::welcome_message::Version::V1(v)) => News::Welcome(v.id),
+                    Some(mpb::welcome_message::Version::WelcomePointer(p)) => News::Welcome(p.id),
+                    None => News::Other,
+                }),
+                _ => None,
+            },
+        }
+    }
+
+    fn ended(&mut self) {
+        self.groups = None;
+        self.welcomes = None;
+        self.subscribed = None;
+    }
+}
+
+impl Client {
+    /// Waits up to `wait` for the node to report something new and returns what it reads, like
+    /// [`Client::sync_all`] (consent-gated, deliveries retained) but reading only the
+    /// conversations the node's streams named. Returns early with a full read on the first
+    /// call, after a stream ended, when a welcome arrives and every
+    /// [`Listener::full_read_every`]. An empty result means nothing arrived within `wait`.
+    pub async fn listen(&mut self, l: &mut Listener, wait: Duration) -> Result<Vec<Received>> {
+        if l.subscribed.is_none() {
+            // Subscribe first, then read everything: what arrives in between is both read
+            // and streamed (the second is skipped by its id).
+            self.subscribe(l).await?;
+            return self.full_read(l).await;
+        }
+        if l.subscribed != Some(self.conversations_gen) {
+            // A conversation came or went: the streams start again from the read cursors,
+            // so only what has none (the node starts those at the present) is read now.
+            let (fresh, no_welcome_cursor) = self.subscribe(l).await?;
+            if no_welcome_cursor {
+                self.sync_welcomes().await?;
+            }
+            return self.read_groups(fresh).await;
+        }
+        if l.last_full.is_none_or(|t| t.elapsed() >= l.full_every) {
+            return self.full_read(l).await;
+        }
+        let until = l
+            .last_full
+            .map_or(wait, |t| wait.min(l.full_every.saturating_sub(t.elapsed())));
+        let mut news = Vec::new();
+        match tokio::time::timeout(until, l.next()).await {
+            Err(_) => return Ok(Vec::new()),
+            Ok(None) => {
+                l.ended();
+                return Ok(Vec::new());
+            }
+            Ok(Some(n)) => news.push(n),
+        }
+        // Whatever else has already arrived is read in the same pass.
+        loop {
+            match l.next().now_or_never() {
+                Some(Some(n)) => news.push(n),
+                Some(None) => {
+                    l.ended();
+                    break;
+                }
+                None => break,
+            }
+        }
+        let mut groups: Vec<Vec<u8>> = Vec::new();
+        for n in news {
+            match n {
+                News::Welcome(id) => {
+                    if id > crate::stored_welcome_cursor(&self.tree)? {
+                        return self.full_read(l).await;
+                    }
+                }
+                News::Group(gid, id) => {
+                    if !groups.contains(&gid) && id > self.read_cursor(&gid)? {
+                        groups.push(gid);
+                    }
+                }
+                News::Other => {}
+            }
+        }
+        self.read_groups(groups).await
+    }
+
+    /// Reads `groups` (consent-gated, membership kept up to date as a read does).
+    async fn read_groups(&mut self, groups: Vec<Vec<u8>>) -> Result<Vec<Received>> {
+        let mut out = Vec::new();
+        for gid in groups {
+            let Some(mut g) = group::load(&self.provider, &gid)? else {
+                continue;
+            };
+            out.extend(self.sync_group_inner(&mut g).await?);
+            if self.membership_due(&gid) {
+                if let Err(e) = self.maintain_membership(&mut g).await {
+                    tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
+                }
+                self.membership_checked.insert(gid, Instant::now());
+            }
+        }
+        let out = self.gate(out)?;
+        flush_tree(&self.tree).await?;
+        Ok(out)
+    }
+
+    async fn full_read(&mut self, l: &mut Listener) -> Result<Vec<Received>> {
+        l.last_full = Some(Instant::now());
+        l.full_reads += 1;
+        self.sync_all().await
+    }
+
+    /// Opens the node's streams for this installation's welcomes and every known
+    /// conversation, from the read cursors. Returns the conversations without a cursor and
+    /// whether welcomes have none (for those the node's streams start at the present).
+    async fn subscribe(&mut self, l: &mut Listener) -> Result<(Vec<Vec<u8>>, bool)> {
+        l.ended();
+        let gen_at = self.conversations_gen;
+        let mut filters = Vec::new();
+        let mut fresh = Vec::new();
+        for (gid, _) in self.conversations()? {
+            let id_cursor = self.read_cursor(&gid)?;
+            if id_cursor == 0 {
+                fresh.push(gid.clone());
+            }
+            filters.push(mpb::subscribe_group_messages_request::Filter {
+                group_id: gid,
+                id_cursor,
+            });
+        }
+        let groups = self
+            .mls
+            .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest { filters })
+            .await?
+            .into_inner();
+        let welcome_cursor = crate::stored_welcome_cursor(&self.tree)?;
+        let welcomes = self
+            .mls
+            .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
+                filters: vec![mpb::subscribe_welcome_messages_request::Filter {
+                    installation_key: self.key.public().to_vec(),
+                    id_cursor: welcome_cursor,
+                }],
+            })
+            .await?
+            .into_inner();
+        l.groups = Some(groups);
+        l.welcomes = Some(welcomes);
+        l.subscribed = Some(gen_at);
+        Ok((fresh, welcome_cursor == 0))
+    }
+}

@@ -1,0 +1,62 @@
+//! Listening on the node's streams: with the periodic full read pushed out of reach, a message
+//! still arrives — in a conversation a welcome brought, and in one this client started itself
+//! after it subscribed — so the streams alone carry it.
+
+mod common;
+
+use std::time::Duration;
+
+use gatehouse_client::{Client, Listener};
+use gatehouse_protocol::content;
+
+/// Listens until a message with `text` arrives; fails after `calls` listens that each waited
+/// up to 10 s (each returns as soon as the node reports news).
+async fn until_text(c: &mut Client, l: &mut Listener, text: &str, calls: usize) {
+    let mut seen = Vec::new();
+    for _ in 0..calls {
+        for m in c.listen(l, Duration::from_secs(10)).await.unwrap() {
+            if m.text.as_deref() == Some(text) {
+                return;
+            }
+            seen.push(m.text);
+        }
+    }
+    panic!("{text:?} did not arrive; got {seen:?}");
+}
+
+#[tokio::test]
+async fn messages_arrive_through_the_streams() {
+    let url = common::node().await;
+    let mut a = common::client(&url, 1).await;
+    let mut b = common::client(&url, 2).await;
+    let mut c = common::client(&url, 3).await;
+    // No full read after the first ones: only the streams can bring news.
+    let mut l = Listener::new().full_read_every(Duration::from_secs(3600));
+    assert!(b.listen(&mut l, Duration::ZERO).await.unwrap().is_empty());
+
+    // A new conversation (a welcome), then a message in it.
+    let gid = a.dm(b.inbox_id()).await.unwrap();
+    a.send(&gid, &content::text("one"), None).await.unwrap();
+    until_text(&mut b, &mut l, "one", 4).await;
+    let full = l.full_reads();
+    a.send(&gid, &content::text("two"), None).await.unwrap();
+    until_text(&mut b, &mut l, "two", 2).await;
+    assert_eq!(l.full_reads(), full, "\"two\" came from the stream");
+
+    // A conversation b starts itself after subscribing is covered too (it subscribes again).
+    let gid_c = b.dm(c.inbox_id()).await.unwrap();
+    c.sync_all().await.unwrap();
+    assert!(b.listen(&mut l, Duration::ZERO).await.unwrap().is_empty());
+    let full = l.full_reads();
+    c.send(&gid_c, &content::text("three"), None).await.unwrap();
+    until_text(&mut b, &mut l, "three", 2).await;
+    assert_eq!(l.full_reads(), full, "\"three\" came from the stream");
+
+    // Nothing is read twice.
+    assert!(
+        b.listen(&mut l, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
