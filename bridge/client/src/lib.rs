@@ -211,6 +211,9 @@ pub struct Client {
             Vec<u8>,
         ),
     >,
+    /// Identity states folded from the node's logs, with the sequence id they reach (see
+    /// [`Client::inbox_state`]).
+    identities: std::collections::HashMap<String, (identity::InboxState, u64)>,
     /// Bumped whenever a conversation is added or removed: a [`Listener`] subscribed to an
     /// older set subscribes again.
     conversations_gen: u64,
@@ -218,6 +221,9 @@ pub struct Client {
 
 /// Verified attestations kept (see `Client::attestations`); the cache is emptied when full.
 const ATTESTATION_CACHE: usize = 1024;
+
+/// Inboxes whose folded identity state is kept (see [`Client::inbox_state`]); emptied when full.
+const IDENTITY_CACHE: usize = 1024;
 
 /// How often a read or a send brings a conversation's membership up to date (new or revoked
 /// installations; leave and re-add requests are acted on at once); a read of a conversation
@@ -451,6 +457,7 @@ impl Client {
             membership_checked: Default::default(),
             attestations: Default::default(),
             conversations_gen: 0,
+            identities: Default::default(),
             unsaved_seen: Vec::new(),
         })
     }
@@ -481,7 +488,7 @@ impl Client {
     /// Registers the inbox and this installation on the node if needed, and makes sure the
     /// node has a key package for it.
     pub async fn register(&mut self) -> Result<()> {
-        let log = self.identity_log(&self.inbox_id.clone()).await?;
+        let log = self.identity_log(&self.inbox_id.clone(), 0).await?;
         let state = identity::fold(log.iter().map(|(_, u)| u))?;
         let registered = state
             .as_ref()
@@ -706,17 +713,18 @@ impl Client {
         self.publish(update).await
     }
 
-    /// An inbox's identity log: `(sequence id, update)`.
+    /// An inbox's identity log after sequence id `after`: `(sequence id, update)`.
     async fn identity_log(
         &mut self,
         inbox: &str,
+        after: u64,
     ) -> Result<Vec<(u64, gatehouse_wire::associations::IdentityUpdate)>> {
         let resp = self
             .ids
             .get_identity_updates(ipb::GetIdentityUpdatesRequest {
                 requests: vec![ipb::get_identity_updates_request::Request {
                     inbox_id: inbox.into(),
-                    sequence_id: 0,
+                    sequence_id: after,
                 }],
             })
             .await?
@@ -729,12 +737,28 @@ impl Client {
             .collect())
     }
 
-    /// The verified state of another inbox and its latest sequence id.
+    /// The verified state of another inbox and its latest sequence id. The log is read from the node every time (a revocation counts at once), but only past
+    /// the last update this client already verified for the inbox: identity logs only grow,
+    /// so the state folded so far is kept ([`IDENTITY_CACHE`]) and the new updates applied to
+    /// it — not the whole log's signatures checked again on every read.
     pub async fn inbox_state(&mut self, inbox: &str) -> Result<(identity::InboxState, u64)> {
-        let log = self.identity_log(inbox).await?;
-        let last = log.last().map(|(s, _)| *s).unwrap_or(0);
-        let st = identity::fold(log.iter().map(|(_, u)| u))?
-            .ok_or_else(|| ClientError::Peer(format!("inbox {inbox} is not registered")))?;
+        let (mut st, after) = match self.identities.get(inbox) {
+            Some((st, seq)) => (Some(st.clone()), *seq),
+            None => (None, 0),
+        };
+        let mut last = after;
+        for (seq, update) in self.identity_log(inbox, after).await? {
+            st = Some(identity::apply_update(st.as_ref(), &update)?);
+            last = seq;
+        }
+        let st = st.ok_or_else(|| ClientError::Peer(format!("inbox {inbox} is not registered")))?;
+        if last != after || !self.identities.contains_key(inbox) {
+            if self.identities.len() >= IDENTITY_CACHE {
+                self.identities.clear();
+            }
+            self.identities
+                .insert(inbox.to_string(), (st.clone(), last));
+        }
         Ok((st, last))
     }
 

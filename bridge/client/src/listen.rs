@@ -1,11 +1,12 @@
 //! Listening: the node's streams say which conversation has something new, and only that one
 //! is read — as XMTP clients stream rather than poll. A full read ([`Client::sync_all`]: new
 //! conversations, consent from sibling installations, membership of every conversation) still
-//! runs when the listener first subscribes, after a stream ended, after a welcome and every
-//! [`Listener::full_read_every`], so nothing depends on the streams alone: a missed or ended
-//! stream costs latency, never a message. When the client's conversations change (it started
-//! one), the streams start again from the read cursors and only conversations without one are
-//! read at once (an agent with thousands of conversations is not read whole for each new one).
+//! runs when the listener first subscribes, after a stream ended and
+//! [`Listener::full_read_every`] after the last one, so nothing depends on the streams alone:
+//! a missed or ended stream costs latency, never a message. When the client's conversations
+//! change (a welcome joined, or it started one), the streams start again from the read cursors
+//! and only conversations without one are read at once (an agent with thousands of
+//! conversations is not read whole for each new one).
 
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,10 @@ use tonic::Streaming;
 
 use crate::{Client, Received, Result, flush_tree, group};
 
-/// How often [`Client::listen`] does a full read by default.
-pub const FULL_READ_EVERY: Duration = Duration::from_secs(5);
+/// How long after the end of one full read [`Client::listen`] does the next, by default. A
+/// full read asks the node about every conversation, so with thousands of them it takes
+/// seconds; counted from its end, the streams are always served in between.
+pub const FULL_READ_EVERY: Duration = Duration::from_secs(30);
 
 /// The state of a [`Client::listen`] loop: the node's streams and when the last full read was.
 /// One listener belongs to one client.
@@ -104,9 +107,10 @@ impl Listener {
 impl Client {
     /// Waits up to `wait` for the node to report something new and returns what it reads, like
     /// [`Client::sync_all`] (consent-gated, deliveries retained) but reading only the
-    /// conversations the node's streams named. Returns early with a full read on the first
-    /// call, after a stream ended, when a welcome arrives and every
-    /// [`Listener::full_read_every`]. An empty result means nothing arrived within `wait`.
+    /// conversations the node's streams named (a welcome is joined, and its conversation
+    /// followed from the next call on). Returns early with a full read on the first call,
+    /// after a stream ended and [`Listener::full_read_every`] after the last one. An empty
+    /// result means nothing arrived within `wait`.
     pub async fn listen(&mut self, l: &mut Listener, wait: Duration) -> Result<Vec<Received>> {
         if l.subscribed.is_none() {
             // Subscribe first, then read everything: what arrives in between is both read
@@ -150,12 +154,11 @@ impl Client {
             }
         }
         let mut groups: Vec<Vec<u8>> = Vec::new();
+        let mut welcomed = false;
         for n in news {
             match n {
                 News::Welcome(id) => {
-                    if id > crate::stored_welcome_cursor(&self.tree)? {
-                        return self.full_read(l).await;
-                    }
+                    welcomed |= id > crate::stored_welcome_cursor(&self.tree)?;
                 }
                 News::Group(gid, id) => {
                     if !groups.contains(&gid) && id > self.read_cursor(&gid)? {
@@ -164,6 +167,11 @@ impl Client {
                 }
                 News::Other => {}
             }
+        }
+        if welcomed {
+            // New conversations: joined now; the next call follows them (their messages
+            // replayed from their cursors, or read at once when they have none).
+            self.sync_welcomes().await?;
         }
         self.read_groups(groups).await
     }
@@ -189,9 +197,10 @@ impl Client {
     }
 
     async fn full_read(&mut self, l: &mut Listener) -> Result<Vec<Received>> {
-        l.last_full = Some(Instant::now());
         l.full_reads += 1;
-        self.sync_all().await
+        let read = self.sync_all().await;
+        l.last_full = Some(Instant::now());
+        read
     }
 
     /// Opens the node's streams for this installation's welcomes and every known
