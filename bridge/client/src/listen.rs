@@ -154,6 +154,7 @@ impl Client {
             }
         }
         let mut groups: Vec<Vec<u8>> = Vec::new();
+        let mut named = std::collections::HashSet::new();
         let mut welcomed = false;
         for n in news {
             match n {
@@ -161,7 +162,8 @@ impl Client {
                     welcomed |= id > crate::stored_welcome_cursor(&self.tree)?;
                 }
                 News::Group(gid, id) => {
-                    if !groups.contains(&gid) && id > self.read_cursor(&gid)? {
+                    if !named.contains(&gid) && id > self.read_cursor(&gid)? {
+                        named.insert(gid.clone());
                         groups.push(gid);
                     }
                 }
