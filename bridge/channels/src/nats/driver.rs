@@ -350,6 +350,25 @@ impl NatsHandle {
     }
 }
 
+/// Returns once the server has processed everything this connection sent before (or after
+/// `SERVER_ROUND_TRIP`): async-nats' `flush` only writes the socket, so a SUB could still be
+/// unprocessed when another connection publishes to it — and core NATS drops a message that
+/// no subscription matched. A message to a fresh inbox of our own, received back, proves the
+/// server is past our SUB (it handles a connection's operations in order).
+async fn server_has_seen_our_ops(client: &async_nats::Client) {
+    let probe = client.new_inbox();
+    let Ok(mut echo) = client.subscribe(probe.clone()).await else {
+        return;
+    };
+    if client.publish(probe, Default::default()).await.is_ok() {
+        let _ = tokio::time::timeout(SERVER_ROUND_TRIP, echo.next()).await;
+    }
+    let _ = echo.unsubscribe().await;
+}
+
+/// The longest [`server_has_seen_our_ops`] waits.
+const SERVER_ROUND_TRIP: Duration = Duration::from_secs(5);
+
 async fn core_subscription(
     i: usize,
     s: Subscription,
@@ -375,8 +394,7 @@ async fn core_subscription(
             }
         };
         if let Some(r) = ready.take() {
-            // The SUB is on the server once a flush (PING/PONG) after it returns.
-            let _ = client.flush().await;
+            server_has_seen_our_ops(&client).await;
             let _ = r.send(());
         }
         loop {
