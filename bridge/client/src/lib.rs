@@ -226,8 +226,9 @@ const ATTESTATION_CACHE: usize = 1024;
 const IDENTITY_CACHE: usize = 1024;
 
 /// How often a read or a send brings a conversation's membership up to date (new or revoked
-/// installations; leave and re-add requests are acted on at once); a read of a conversation
-/// with new messages always does. libxmtp looks before a send at most every 5 s.
+/// installations; leave and re-add requests are acted on at once); a full read
+/// ([`Client::sync_all`]) of a conversation with new messages always does, a streamed read
+/// ([`Client::listen`]) at this interval. libxmtp looks before a send at most every 5 s.
 const MEMBERSHIP_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Who owns (and recovers) the inbox: a wallet or a passkey.
@@ -737,10 +738,11 @@ impl Client {
             .collect())
     }
 
-    /// The verified state of another inbox and its latest sequence id. The log is read from the node every time (a revocation counts at once), but only past
-    /// the last update this client already verified for the inbox: identity logs only grow,
-    /// so the state folded so far is kept ([`IDENTITY_CACHE`]) and the new updates applied to
-    /// it — not the whole log's signatures checked again on every read.
+    /// The verified state of another inbox and its latest sequence id. The log is read from
+    /// the node every time (a revocation counts at once), but only past the last update this
+    /// client already verified for the inbox: identity logs only grow, so the state folded so
+    /// far is kept ([`IDENTITY_CACHE`]) and the new updates applied to it — not the whole
+    /// log's signatures checked again on every read.
     pub async fn inbox_state(&mut self, inbox: &str) -> Result<(identity::InboxState, u64)> {
         let (mut st, after) = match self.identities.get(inbox) {
             Some((st, seq)) => (Some(st.clone()), *seq),
@@ -2222,21 +2224,35 @@ impl Client {
                     continue;
                 }
             }
-            let Some(mut g) = group::load(&self.provider, &gid)? else {
-                continue;
-            };
-            out.extend(self.sync_group_inner(&mut g).await?);
-            if let Err(e) = self.maintain_membership(&mut g).await {
-                tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
-            }
-            self.membership_checked
-                .insert(gid, std::time::Instant::now());
+            out.extend(self.read_conversation(&gid, true).await?);
         }
         if let Err(e) = self.sync_consent().await {
             tracing::warn!(error = %e, "consent sync failed; will retry");
         }
         let out = self.gate(out)?;
         flush_tree(&self.tree).await?;
+        Ok(out)
+    }
+
+    /// Reads one conversation's new messages (not yet consent-gated) and brings its
+    /// membership up to date — always, or (`always_membership` false) only when it was not
+    /// within [`MEMBERSHIP_CHECK_INTERVAL`]. An unknown conversation reads as nothing.
+    pub(crate) async fn read_conversation(
+        &mut self,
+        gid: &[u8],
+        always_membership: bool,
+    ) -> Result<Vec<Received>> {
+        let Some(mut g) = group::load(&self.provider, gid)? else {
+            return Ok(Vec::new());
+        };
+        let out = self.sync_group_inner(&mut g).await?;
+        if always_membership || self.membership_due(gid) {
+            if let Err(e) = self.maintain_membership(&mut g).await {
+                tracing::warn!(conversation = %hex::encode(gid), error = %e, "membership update failed");
+            }
+            self.membership_checked
+                .insert(gid.to_vec(), std::time::Instant::now());
+        }
         Ok(out)
     }
 

@@ -14,7 +14,7 @@ use futures::FutureExt as _;
 use gatehouse_wire::mls_api as mpb;
 use tonic::Streaming;
 
-use crate::{Client, Received, Result, flush_tree, group};
+use crate::{Client, Received, Result, flush_tree};
 
 /// How long after the end of one full read [`Client::listen`] does the next, by default. A
 /// full read asks the node about every conversation, so with thousands of them it takes
@@ -178,20 +178,11 @@ impl Client {
         self.read_groups(groups).await
     }
 
-    /// Reads `groups` (consent-gated, membership kept up to date as a read does).
+    /// Reads `groups`, consent-gated (membership looked at every `MEMBERSHIP_CHECK_INTERVAL`).
     async fn read_groups(&mut self, groups: Vec<Vec<u8>>) -> Result<Vec<Received>> {
         let mut out = Vec::new();
         for gid in groups {
-            let Some(mut g) = group::load(&self.provider, &gid)? else {
-                continue;
-            };
-            out.extend(self.sync_group_inner(&mut g).await?);
-            if self.membership_due(&gid) {
-                if let Err(e) = self.maintain_membership(&mut g).await {
-                    tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
-                }
-                self.membership_checked.insert(gid, Instant::now());
-            }
+            out.extend(self.read_conversation(&gid, false).await?);
         }
         let out = self.gate(out)?;
         flush_tree(&self.tree).await?;

@@ -234,6 +234,14 @@ pub(crate) fn open(
     }
 }
 
+/// An MQTT 3.1.1 PUBLISH under the driver's own packet id.
+fn v4_publish(p: &OutPublish) -> rumqttc::Publish {
+    let mut out = rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
+    out.pkid = p.pkid;
+    out.dup = p.dup;
+    out
+}
+
 fn qos4(q: u8) -> rumqttc::QoS {
     match q {
         0 => rumqttc::QoS::AtMostOnce,
@@ -435,12 +443,9 @@ impl Events {
     /// Queues a publish (under its own packet id).
     pub fn push_publish(&mut self, p: &OutPublish) {
         match self {
-            Events::V4(e) => {
-                let mut out = rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
-                out.pkid = p.pkid;
-                out.dup = p.dup;
-                e.pending.push_back(rumqttc::Request::Publish(out));
-            }
+            Events::V4(e) => e
+                .pending
+                .push_back(rumqttc::Request::Publish(v4_publish(p))),
             Events::V5(e) => {
                 let mut out = p5::Publish::new(
                     &p.topic,
@@ -470,18 +475,13 @@ impl Events {
                 // Behind what is queued (a resend after a reconnect), in order.
                 if e.network.is_none() || !e.pending.is_empty() {
                     for p in ps {
-                        let mut out =
-                            rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
-                        out.pkid = p.pkid;
-                        out.dup = p.dup;
-                        e.pending.push_back(rumqttc::Request::Publish(out));
+                        e.pending
+                            .push_back(rumqttc::Request::Publish(v4_publish(p)));
                     }
                     return;
                 }
                 for p in ps {
-                    let mut out = rumqttc::Publish::new(&p.topic, qos4(p.qos), p.payload.clone());
-                    out.pkid = p.pkid;
-                    out.dup = p.dup;
+                    let out = v4_publish(p);
                     match e
                         .state
                         .handle_outgoing_packet(rumqttc::Request::Publish(out.clone()))
