@@ -271,21 +271,30 @@ const K_WELCOME_CURSOR: &[u8] = b"cursor/welcome";
 /// publish arrives within moments; this covers far more than any retry window).
 pub const SEEN_WINDOW: u64 = 100_000;
 
-/// How a stored MLS state begins when it is compressed (a zstd frame). One stored raw, by
-/// an earlier version, begins with the length of its first key (a few bytes, so `00 00`).
+/// Where each entry of the MLS state is stored: this prefix, then the entry's key.
+const MLS_ENTRY_PREFIX: &[u8] = b"mlsk/";
+/// Entries at least this long are stored compressed.
+const COMPRESS_FROM: usize = 512;
+
+/// How a stored MLS entry (or an earlier version's whole state) begins when it is compressed
+/// (a zstd frame). An uncompressed entry is JSON and never begins so; an uncompressed whole
+/// state begins with the length of its first key (a few bytes, so `00 00`).
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// The MLS state as stored: compressed. openmls' store serialises its values as JSON, byte
-/// strings as arrays of numbers (≈ 70 KiB for an endpoint with one DM, ≈ 18 KiB compressed);
-/// it is rewritten at every send and read, and it shares the endpoint's pages with the small
-/// entries a start reads.
-fn encode_mls_state(raw: &[u8]) -> Result<Vec<u8>> {
+/// An MLS state entry as stored. Entries in the binary encoding are mostly keys and secrets
+/// and stored as they are; long JSON ones (byte strings as arrays of numbers, as openmls and
+/// earlier versions encoded them: the tree, key packages and message secrets of a DM are
+/// 3–16 KiB each) are compressed, to about a quarter.
+fn encode_mls_entry(raw: &[u8]) -> Result<Vec<u8>> {
+    if raw.len() < COMPRESS_FROM || raw.first() == Some(&gatehouse_protocol::mls_store::BINARY) {
+        return Ok(raw.to_vec());
+    }
     zstd::bulk::compress(raw, 1)
         .map_err(|e| ClientError::Peer(format!("compressing the MLS state: {e}")))
 }
 
-/// The MLS state from its stored form (compressed, or raw from an earlier version).
-fn decode_mls_state(stored: &[u8]) -> Result<Vec<u8>> {
+/// An MLS entry (or an earlier version's whole state) from its stored form.
+fn decode_mls_entry(stored: &[u8]) -> Result<Vec<u8>> {
     if stored.starts_with(&ZSTD_MAGIC) {
         zstd::stream::decode_all(stored).map_err(|e| {
             ClientError::Peer(format!(
@@ -295,6 +304,31 @@ fn decode_mls_state(stored: &[u8]) -> Result<Vec<u8>> {
     } else {
         Ok(stored.to_vec())
     }
+}
+
+/// The MLS state stored in `tree`. Earlier versions stored it whole under one key, rewritten
+/// at every send and read; such a state is split into entries here, once, atomically.
+fn load_mls_store(tree: &sled::Tree) -> Result<group::MlsStore> {
+    if let Some(whole) = tree.get(K_MLS)? {
+        let entries = group::storage_entries(&decode_mls_entry(&whole)?)?;
+        let mut batch = sled::Batch::default();
+        // Entries left by a newer version that this state's writer did not know are stale.
+        for item in tree.scan_prefix(MLS_ENTRY_PREFIX) {
+            batch.remove(item?.0);
+        }
+        for (k, v) in &entries {
+            batch.insert([MLS_ENTRY_PREFIX, k].concat(), encode_mls_entry(v)?);
+        }
+        batch.remove(K_MLS);
+        tree.apply_batch(batch)?;
+        return Ok(group::MlsStore::from_entries(entries));
+    }
+    let mut entries = Vec::new();
+    for item in tree.scan_prefix(MLS_ENTRY_PREFIX) {
+        let (k, v) = item?;
+        entries.push((k[MLS_ENTRY_PREFIX.len()..].to_vec(), decode_mls_entry(&v)?));
+    }
+    Ok(group::MlsStore::from_entries(entries))
 }
 
 fn stored_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64> {
@@ -428,13 +462,7 @@ impl Client {
                 k
             }
         };
-        let provider = group::provider_from_storage(
-            &tree
-                .get(K_MLS)?
-                .map(|v| decode_mls_state(&v))
-                .transpose()?
-                .unwrap_or_default(),
-        )?;
+        let provider = group::Provider::with_storage(load_mls_store(&tree)?);
         let inbox_id = identity::inbox_id(&owner.identifier(), 1);
         Ok(Self {
             tree,
@@ -478,12 +506,32 @@ impl Client {
         self.key.public()
     }
 
+    /// Saves the MLS state's entries changed since the last save.
     fn persist_mls(&self) -> Result<()> {
-        self.tree.insert(
-            K_MLS,
-            encode_mls_state(&group::export_storage(&self.provider))?,
-        )?;
-        Ok(())
+        self.apply_with_mls(sled::Batch::default())
+    }
+
+    /// Applies `batch` with the MLS state's changed entries added to it, atomically. If the
+    /// write fails, the entries count as unsaved and go with the next one.
+    fn apply_with_mls(&self, mut batch: sled::Batch) -> Result<()> {
+        let store = self.provider.store();
+        let changes = store.take_changes();
+        let mut keys = Vec::with_capacity(changes.len());
+        let mut staged = Ok(());
+        for (k, v) in changes {
+            let stored_key = [MLS_ENTRY_PREFIX, &k].concat();
+            match v.as_deref().map(encode_mls_entry).transpose() {
+                Ok(Some(v)) => batch.insert(stored_key, v),
+                Ok(None) => batch.remove(stored_key),
+                Err(e) => staged = Err(e),
+            }
+            keys.push(k);
+        }
+        let result = staged.and_then(|()| Ok(self.tree.apply_batch(batch)?));
+        if result.is_err() {
+            store.mark_unsaved(keys);
+        }
+        result
     }
 
     /// Registers the inbox and this installation on the node if needed, and makes sure the
@@ -1401,11 +1449,7 @@ impl Client {
             if let Some(id) = last {
                 self.save_seen(&mut batch)?;
                 batch.insert(ckey.as_slice(), &id.to_be_bytes());
-                batch.insert(
-                    K_MLS,
-                    encode_mls_state(&group::export_storage(&self.provider))?,
-                );
-                self.tree.apply_batch(batch)?;
+                self.apply_with_mls(std::mem::take(&mut batch))?;
             }
             if let Some(e) = failed {
                 return Err(e);

@@ -46,10 +46,12 @@ async fn retries_with_the_same_key_show_once() {
     assert_eq!(texts, ["z"]);
 }
 
-/// The MLS state is stored compressed; one stored uncompressed by an earlier version is read
-/// as it is, and the conversation goes on both ways from there.
+/// The MLS state is stored entry by entry, in the binary encoding. A state stored whole by an
+/// earlier version is split into entries when the store opens, and the conversation goes on
+/// both ways from there. (That JSON values of earlier versions read: `gatehouse-protocol`'s
+/// `group::tests::json_state_of_earlier_versions_reads`.)
 #[tokio::test]
-async fn mls_state_is_stored_compressed_and_an_uncompressed_one_still_reads() {
+async fn mls_state_is_stored_per_entry_and_an_earlier_whole_state_is_migrated() {
     let url = common::node().await;
     let mut a = common::client(&url, 1).await;
     let b_tree = common::tree();
@@ -61,32 +63,62 @@ async fn mls_state_is_stored_compressed_and_an_uncompressed_one_still_reads() {
     };
     assert_eq!(texts(b.sync_all().await.unwrap()), ["before"]);
     drop(b);
-    let stored = b_tree.get(b"mls").unwrap().unwrap();
+    let zstd_magic = [0x28, 0xb5, 0x2f, 0xfd];
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = b_tree
+        .scan_prefix(b"mlsk/")
+        .map(|item| {
+            let (k, v) = item.unwrap();
+            (k[5..].to_vec(), v.to_vec())
+        })
+        .collect();
+    assert!(b_tree.get(b"mls").unwrap().is_none());
     assert!(
-        stored.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]),
-        "a zstd frame"
+        entries
+            .iter()
+            .any(|(k, _)| k.starts_with(b"MessageSecrets"))
     );
-    let raw = zstd::stream::decode_all(stored.as_ref()).unwrap();
-    assert!(
-        raw.len() > 3 * stored.len(),
-        "{} bytes stored for {} raw",
-        stored.len(),
-        raw.len()
-    );
+    // Binary (first byte 0) but for the join configuration, which is short JSON.
+    for (k, v) in &entries {
+        assert!(
+            v[0] == 0 || (k.starts_with(b"MlsGroupJoinConfig") && v[0] == b'{'),
+            "{}",
+            String::from_utf8_lossy(k)
+        );
+    }
 
-    // As an earlier version left it: uncompressed.
-    b_tree.insert(b"mls", raw).unwrap();
+    // As an earlier version left it: one compressed blob of (length, key, length, value).
+    let mut whole = Vec::new();
+    for (k, v) in &entries {
+        let v = if v.starts_with(&zstd_magic) {
+            zstd::stream::decode_all(v.as_slice()).unwrap()
+        } else {
+            v.clone()
+        };
+        for part in [k, &v] {
+            whole.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            whole.extend_from_slice(part);
+        }
+    }
+    for (k, _) in &entries {
+        b_tree.remove([b"mlsk/".as_slice(), k].concat()).unwrap();
+    }
+    b_tree
+        .insert(b"mls", zstd::bulk::compress(&whole, 1).unwrap())
+        .unwrap();
+    // An entry the earlier version's state does not have is dropped.
+    b_tree.insert(b"mlsk/stale", b"{}".as_slice()).unwrap();
+
     let mut b = common::open(&url, &b_tree, 2, 2).await;
+    assert!(b_tree.get(b"mls").unwrap().is_none(), "migrated");
+    assert!(b_tree.get(b"mlsk/stale").unwrap().is_none());
+    assert_eq!(b_tree.scan_prefix(b"mlsk/").count(), entries.len());
     a.send(&gid, &content::text("after"), None).await.unwrap();
     assert_eq!(texts(b.sync_all().await.unwrap()), ["after"]);
     b.send(&gid, &content::text("reply"), None).await.unwrap();
     assert_eq!(texts(a.sync_all().await.unwrap()), ["reply"]);
-    assert!(
-        b_tree
-            .get(b"mls")
-            .unwrap()
-            .unwrap()
-            .starts_with(&[0x28, 0xb5, 0x2f, 0xfd]),
-        "written back compressed"
-    );
+    drop(b);
+    // And from the entries as now stored.
+    let mut b = common::open(&url, &b_tree, 2, 2).await;
+    a.send(&gid, &content::text("again"), None).await.unwrap();
+    assert_eq!(texts(b.sync_all().await.unwrap()), ["again"]);
 }

@@ -17,7 +17,6 @@ use gatehouse_wire::message_contents as mc;
 use gatehouse_wire::xmtp::identity::MlsCredential;
 use openmls::prelude::tls_codec::{Deserialize as _, Serialize as _};
 use openmls::prelude::*;
-use openmls_rust_crypto::OpenMlsRustCrypto;
 use rand_core::CryptoRngCore;
 
 use crate::error::{ProtocolError, Result};
@@ -45,8 +44,9 @@ pub const PQ_CIPHERSUITE: Ciphersuite =
 /// (Gatehouse private use; provisional, XMTP clients ignore it).
 pub const EXT_PQ_KEY_PACKAGE: u16 = 0xfa01;
 
-/// The openmls provider: RustCrypto plus in-memory key-value storage that the caller persists.
-pub type Provider = OpenMlsRustCrypto;
+/// The openmls provider: RustCrypto plus in-memory key-value storage that the caller persists
+/// (see [`crate::mls_store`]).
+pub use crate::mls_store::{MlsStore, Provider};
 
 fn mls_err(e: impl std::fmt::Display) -> ProtocolError {
     ProtocolError::Mls(e.to_string())
@@ -1385,33 +1385,21 @@ pub fn load(provider: &Provider, group_id: &[u8]) -> Result<Option<MlsGroup>> {
     MlsGroup::load(provider.storage(), &GroupId::from_slice(group_id)).map_err(mls_err)
 }
 
-/// Serialises the provider's whole key-value store (for the caller to persist).
+/// Serialises the provider's whole key-value store as one blob (the form earlier versions
+/// stored; see [`provider_from_storage`]).
 pub fn export_storage(provider: &Provider) -> Vec<u8> {
-    let values = provider
-        .storage()
-        .values
-        .read()
-        .unwrap_or_else(|p| p.into_inner());
-    let mut entries: Vec<_> = values.iter().collect();
-    entries.sort();
     let mut out = Vec::new();
-    for (k, v) in entries {
+    for (k, v) in provider.storage().entries() {
         out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k);
+        out.extend_from_slice(&k);
         out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(v);
+        out.extend_from_slice(&v);
     }
     out
 }
 
-/// A provider whose store is restored from `export_storage` bytes.
-pub fn provider_from_storage(bytes: &[u8]) -> Result<Provider> {
-    let provider = Provider::default();
-    let mut values = provider
-        .storage()
-        .values
-        .write()
-        .unwrap_or_else(|p| p.into_inner());
+/// The entries of an [`export_storage`] blob.
+pub fn storage_entries(bytes: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let mut r = bytes;
     let take = |r: &mut &[u8]| -> Result<Vec<u8>> {
         let bad = || ProtocolError::malformed("stored MLS state", "truncated");
@@ -1421,13 +1409,20 @@ pub fn provider_from_storage(bytes: &[u8]) -> Result<Provider> {
         *r = &r[4 + len..];
         Ok(v)
     };
+    let mut out = Vec::new();
     while !r.is_empty() {
         let k = take(&mut r)?;
         let v = take(&mut r)?;
-        values.insert(k, v);
+        out.push((k, v));
     }
-    drop(values);
-    Ok(provider)
+    Ok(out)
+}
+
+/// A provider whose store is restored from `export_storage` bytes.
+pub fn provider_from_storage(bytes: &[u8]) -> Result<Provider> {
+    Ok(Provider::with_storage(
+        crate::mls_store::MlsStore::from_entries(storage_entries(bytes)?),
+    ))
 }
 
 /// The openmls group type, re-exported so callers need not depend on openmls.
@@ -1735,5 +1730,155 @@ mod tests {
         let h = crate::mls::read_header(&back).unwrap();
         assert_eq!(h.group_id, gb2.group_id().as_slice());
         assert!(!h.is_commit());
+    }
+
+    /// The store hands out what changed since it was last asked, and only that: after the
+    /// setup is taken, a message changes the sender's and the receiver's message secrets and
+    /// nothing else; a store rebuilt from the saved entries plus those changes reads on.
+    #[test]
+    fn store_reports_only_what_changed() {
+        let mut rng = rand::rngs::OsRng;
+        let (pa, pb) = (Provider::default(), Provider::default());
+        let (ka, kb) = (
+            InstallationKey::from_seed(&[1; 32]),
+            InstallationKey::from_seed(&[2; 32]),
+        );
+        let kp_b = validate_key_package(
+            &pa,
+            &build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap().tls,
+        )
+        .unwrap();
+        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
+        let mut created = create_best(
+            &pa,
+            &ka,
+            "aaaa",
+            Kind::Dm { peer: "bbbb" },
+            vec![kp_b],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
+        let mut gb = join(&pb, &created.welcome).unwrap();
+        // What a caller saved so far: everything.
+        let saved_b: Vec<_> = pb
+            .storage()
+            .take_changes()
+            .into_iter()
+            .map(|(k, v)| (k, v.expect("nothing deleted yet")))
+            .collect();
+        assert_eq!(saved_b.len(), pb.storage().len());
+        assert!(pa.storage().take_changes().len() > 3);
+        assert!(!pa.storage().has_changes() && !pb.storage().has_changes());
+
+        let ct = encrypt(
+            &pa,
+            &ka,
+            &mut created.group,
+            &content::seal_envelope(&content::text("one"), "1"),
+        )
+        .unwrap();
+        process(&pb, &mut gb, &ct).unwrap();
+        let label = |k: &[u8]| {
+            let end = k.iter().position(|&b| b == b'{').unwrap();
+            String::from_utf8_lossy(&k[..end]).into_owned()
+        };
+        let mut changes_b = Vec::new();
+        for p in [&pa, &pb] {
+            let changes = p.storage().take_changes();
+            let labels: Vec<_> = changes.iter().map(|(k, _)| label(k)).collect();
+            assert_eq!(labels, ["MessageSecrets"]);
+            changes_b = changes;
+        }
+        // B restarts from what it saved plus the change: it reads A's next message.
+        let mut on_disk: BTreeMap<_, _> = saved_b.into_iter().collect();
+        for (k, v) in changes_b {
+            on_disk.insert(k, v.expect("changed, not deleted"));
+        }
+        let pb2 = Provider::with_storage(MlsStore::from_entries(on_disk));
+        let mut gb2 = load(&pb2, gb.group_id().as_slice()).unwrap().unwrap();
+        let ct = encrypt(
+            &pa,
+            &ka,
+            &mut created.group,
+            &content::seal_envelope(&content::text("two"), "2"),
+        )
+        .unwrap();
+        assert!(matches!(
+            process(&pb2, &mut gb2, &ct).unwrap(),
+            Processed::Application { .. }
+        ));
+        assert!(pb2.storage().has_changes());
+    }
+
+    /// State written as JSON by earlier versions (openmls' own store, then Gatehouse's whole
+    /// stored blob) reads with today's store: a conversation goes on across a commit and both
+    /// ways, and what is rewritten is rewritten in the binary encoding.
+    #[test]
+    fn json_state_of_earlier_versions_reads() {
+        use crate::mls_store::BINARY;
+        let mut rng = rand::rngs::OsRng;
+        let pa = Provider::with_storage(MlsStore::writing_json_as_earlier_versions());
+        let pb = Provider::default();
+        let (ka, kb) = (
+            InstallationKey::from_seed(&[1; 32]),
+            InstallationKey::from_seed(&[2; 32]),
+        );
+        let kp_b = validate_key_package(
+            &pa,
+            &build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap().tls,
+        )
+        .unwrap();
+        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
+        let created = create_best(
+            &pa,
+            &ka,
+            "aaaa",
+            Kind::Dm { peer: "bbbb" },
+            vec![kp_b],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
+        let mut gb = join(&pb, &created.welcome).unwrap();
+        let gid = gb.group_id().as_slice().to_vec();
+        let old = pa.storage().entries();
+        assert!(old.iter().all(|(_, v)| v[0] != BINARY));
+
+        // A restarts on today's store from what the earlier version left.
+        let pa = Provider::with_storage(MlsStore::from_entries(old));
+        let mut ga = load(&pa, &gid).unwrap().unwrap();
+        let exts = updated_extensions(
+            &ga,
+            &MetadataUpdate::Attribute("group_name".into(), "renamed".into()),
+        )
+        .unwrap();
+        let commit = commit_extensions(&pa, &ka, &mut ga, exts).unwrap();
+        merge_pending(&pa, &mut ga).unwrap();
+        let Processed::PendingCommit { staged, .. } =
+            process(&pb, &mut gb, &commit.commit).unwrap()
+        else {
+            panic!("not a commit")
+        };
+        merge_commit(&pb, &mut gb, *staged).unwrap();
+        let seal = |t: &str| content::seal_envelope(&content::text(t), t);
+        let ct = encrypt(&pa, &ka, &mut ga, &seal("after")).unwrap();
+        assert!(matches!(
+            process(&pb, &mut gb, &ct).unwrap(),
+            Processed::Application { .. }
+        ));
+        let back = encrypt(&pb, &kb, &mut gb, &seal("back")).unwrap();
+        assert!(matches!(
+            process(&pa, &mut ga, &back).unwrap(),
+            Processed::Application { .. }
+        ));
+        let secrets: Vec<_> = pa
+            .storage()
+            .entries()
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(b"MessageSecrets"))
+            .collect();
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets[0].1[0], BINARY, "rewritten in the binary encoding");
     }
 }
