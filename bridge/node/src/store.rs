@@ -45,6 +45,8 @@ pub struct Store {
     welcomes: sled::Tree,
     commit_log: sled::Tree,
     meta: sled::Tree,
+    /// Concurrent requests' flushes, shared.
+    flushes: std::sync::Arc<gatehouse_store::GroupFlush>,
 }
 
 fn prefixed(prefix: &[u8], id: u64) -> Vec<u8> {
@@ -126,6 +128,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             db,
             sealed: None,
+            flushes: Default::default(),
         })
     }
 
@@ -144,18 +147,11 @@ impl Store {
         out
     }
 
-    /// Flushes everything to disk, on tokio's blocking pool: sled 0.34's `flush_async`
-    /// deadlocks when several run at once (spacejam/sled#1308).
+    /// Flushes everything written so far to disk (one flush shared by concurrent callers;
+    /// on tokio's blocking pool: sled 0.34's `flush_async` deadlocks when several run at
+    /// once, spacejam/sled#1308).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .unwrap_or_else(|e| {
-                Err(sled::Error::ReportableBug(format!(
-                    "flush task failed: {e}"
-                )))
-            })?;
-        gatehouse_store::note_flush();
+        self.flushes.flush(&self.db).await?;
         Ok(())
     }
 
