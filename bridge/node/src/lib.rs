@@ -59,6 +59,13 @@ pub async fn serve(
             .context("configuring TLS")?;
     }
     tracing::info!(%addr, tls = tls.is_some(), "XMTP node listening");
+    // A graceful shutdown waits for every open response to end; subscriptions end only
+    // when told to (their clients would otherwise hold the stop up indefinitely).
+    let closer = node.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_streams();
+    };
     builder
         .add_service(
             MlsApiServer::new(node.mls())

@@ -52,6 +52,9 @@ pub struct Node {
     events: broadcast::Sender<Event>,
     // Serialises identity appends so that validation and append see the same log.
     identity_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Set when the server stops: live subscriptions end, so a graceful shutdown does not
+    /// wait for clients to hang up.
+    closing: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Node {
@@ -62,7 +65,13 @@ impl Node {
             store,
             events,
             identity_lock: Default::default(),
+            closing: std::sync::Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+
+    /// Ends every live subscription (and any opened later): the server is stopping.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The store (for tests and admin).
@@ -489,73 +498,82 @@ fn subscribe<T: Send + 'static>(
 ) -> BoxStream<T> {
     let (tx, rx) = mpsc::channel::<Result<T, Status>>(STREAM_BUFFER);
     let mut events = node.events.subscribe();
+    let mut closing = node.closing.subscribe();
     tokio::spawn(async move {
-        let read = |key: &[u8], after: u64| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-            if groups {
-                node.store.group_messages(key, after, false, MAX_PAGE)
-            } else {
-                node.store.welcomes(key, after, false, MAX_PAGE)
-            }
-        };
-        // New subscriptions with a zero cursor start at the present.
-        for (key, cursor) in cursors.iter_mut() {
-            if *cursor == 0 {
-                let newest = if groups {
-                    node.store.group_messages(key, 0, true, 1)
-                } else {
-                    node.store.welcomes(key, 0, true, 1)
-                };
-                *cursor = newest
-                    .ok()
-                    .and_then(|p| p.first().map(|(id, _)| *id))
-                    .unwrap_or(0);
-                continue;
-            }
-            loop {
-                let Ok(page) = read(key, *cursor) else { return };
-                if page.is_empty() {
-                    break;
-                }
-                for (id, b) in page {
-                    *cursor = id;
-                    if let Some(item) = decode(&b)
-                        && tx.send(Ok(item)).await.is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        }
-        loop {
-            let key = match events.recv().await {
-                Ok(Event::Group(g)) if groups => g,
-                Ok(Event::Welcome(k)) if !groups => k,
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Catch up every filter from the store.
-                    let keys: Vec<_> = cursors.keys().cloned().collect();
-                    for k in keys {
-                        if catch_up(&read, &tx, &mut cursors, &k, decode)
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    continue;
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            if cursors.contains_key(&key)
-                && catch_up(&read, &tx, &mut cursors, &key, decode)
-                    .await
-                    .is_err()
-            {
-                return;
-            }
+        tokio::select! {
+            _ = closing.wait_for(|&c| c) => {}
+            _ = follow(node, &mut cursors, groups, decode, &tx, &mut events) => {}
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// A subscription's work: the replay, then live items, until the subscriber goes away.
+async fn follow<T: Send + 'static>(
+    node: Node,
+    cursors: &mut HashMap<Vec<u8>, u64>,
+    groups: bool,
+    decode: fn(&[u8]) -> Option<T>,
+    tx: &mpsc::Sender<Result<T, Status>>,
+    events: &mut broadcast::Receiver<Event>,
+) {
+    let read = |key: &[u8], after: u64| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        if groups {
+            node.store.group_messages(key, after, false, MAX_PAGE)
+        } else {
+            node.store.welcomes(key, after, false, MAX_PAGE)
+        }
+    };
+    // New subscriptions with a zero cursor start at the present.
+    for (key, cursor) in cursors.iter_mut() {
+        if *cursor == 0 {
+            let newest = if groups {
+                node.store.group_messages(key, 0, true, 1)
+            } else {
+                node.store.welcomes(key, 0, true, 1)
+            };
+            *cursor = newest
+                .ok()
+                .and_then(|p| p.first().map(|(id, _)| *id))
+                .unwrap_or(0);
+            continue;
+        }
+        loop {
+            let Ok(page) = read(key, *cursor) else { return };
+            if page.is_empty() {
+                break;
+            }
+            for (id, b) in page {
+                *cursor = id;
+                if let Some(item) = decode(&b)
+                    && tx.send(Ok(item)).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+    loop {
+        let key = match events.recv().await {
+            Ok(Event::Group(g)) if groups => g,
+            Ok(Event::Welcome(k)) if !groups => k,
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                // Catch up every filter from the store.
+                let keys: Vec<_> = cursors.keys().cloned().collect();
+                for k in keys {
+                    if catch_up(&read, tx, cursors, &k, decode).await.is_err() {
+                        return;
+                    }
+                }
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if cursors.contains_key(&key) && catch_up(&read, tx, cursors, &key, decode).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn catch_up<T>(

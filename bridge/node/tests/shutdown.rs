@@ -1,0 +1,62 @@
+//! Stopping the server ends live subscriptions: a client holding a stream open does not hold
+//! the stop up.
+
+use gatehouse_node::{Node, Store};
+use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
+use gatehouse_wire::xmtp::mls::api::v1 as mpb;
+
+#[tokio::test]
+async fn stop_ends_subscriptions_held_by_clients() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gatehouse_node::serve(
+        listener,
+        Node::new(Store::temporary().unwrap()),
+        None,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut client = MlsApiClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let mut groups = client
+        .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest {
+            filters: vec![mpb::subscribe_group_messages_request::Filter {
+                group_id: vec![7; 16],
+                id_cursor: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut welcomes = client
+        .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
+            filters: vec![mpb::subscribe_welcome_messages_request::Filter {
+                installation_key: vec![9; 32],
+                id_cursor: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    stop_tx.send(()).unwrap();
+    // Both streams end cleanly while the client still holds them, and the server returns.
+    // (The timeout only turns a hang into a failure; nothing here is timed.)
+    let guard = std::time::Duration::from_secs(60);
+    let ended = tokio::time::timeout(guard, async {
+        (groups.message().await, welcomes.message().await)
+    })
+    .await
+    .expect("the streams did not end");
+    assert!(matches!(ended.0, Ok(None)), "{:?}", ended.0);
+    assert!(matches!(ended.1, Ok(None)), "{:?}", ended.1);
+    tokio::time::timeout(guard, server)
+        .await
+        .expect("the server did not stop")
+        .unwrap()
+        .unwrap();
+    drop((groups, welcomes, client));
+}
