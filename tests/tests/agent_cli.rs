@@ -137,3 +137,62 @@ fn consent_requests_and_deny() {
     c.send(&ia, "thanks");
     assert_eq!(a.listen(1)[0]["text"], "thanks");
 }
+
+/// `agent listen` waits out a node that goes away and comes back, as `mosquitto_sub` waits out
+/// its broker: it says on stderr what it is waiting for, and the message sent after the restart
+/// is printed (it used to exit with the connection error).
+#[test]
+fn listen_waits_out_a_node_restart() {
+    use std::io::BufRead as _;
+    let dir = std::env::temp_dir().join(format!(
+        "gatehouse-e2e-listen-restart-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = StandaloneNode::start(&dir);
+    let port: u16 = node.url.rsplit(':').next().unwrap().parse().unwrap();
+    let (a, c) = (
+        Agent::at(dir.join("a"), node.url.clone()),
+        Agent::at(dir.join("c"), node.url.clone()),
+    );
+    let (ia, _) = (a.init(), c.init());
+    let stderr = dir.join("listen.err");
+    let mut listen = Proc(
+        std::process::Command::new(gatehouse_bin())
+            .args(["agent", "--home"])
+            .arg(&a.home)
+            .args(["--node", &node.url, "listen", "--json", "--count", "2"])
+            .args(["--timeout", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(listen.0.stdout.take().unwrap()).lines();
+    let mut next_text = || {
+        let line = lines.next().expect("listen ended early").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["text"].as_str().unwrap().to_string()
+    };
+    c.send(&ia, "before");
+    assert_eq!(next_text(), "before");
+
+    drop(node);
+    wait_for("listen to notice the node is gone", || {
+        std::fs::read_to_string(&stderr)
+            .unwrap_or_default()
+            .contains("the node is unreachable")
+            .then_some(())
+    });
+    let _node = StandaloneNode::start_on(&dir, port);
+    c.send(&ia, "after");
+    assert_eq!(next_text(), "after");
+    let status = listen.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&stderr).unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -43,6 +43,21 @@ pub enum ClientError {
     Peer(String),
 }
 
+impl ClientError {
+    /// Whether the node could not be reached or the connection to it broke (it stopped or is
+    /// restarting): worth trying again later, unlike a refusal or local trouble.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            ClientError::Connect(_) => true,
+            ClientError::Node(s) => {
+                matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Cancelled)
+                    || (s.code() == tonic::Code::Unknown && s.message().contains("transport"))
+            }
+            _ => false,
+        }
+    }
+}
+
 impl From<identity::AssociationError> for ClientError {
     fn from(e: identity::AssociationError) -> Self {
         ClientError::Protocol(e.into())

@@ -331,6 +331,9 @@ async fn resolve_all(client: &mut Client, members: &[String]) -> anyhow::Result<
 /// The longest `listen` waits on the node's streams before looking at its deadline again
 /// (news ends the wait at once).
 const LISTEN_WAIT: Duration = Duration::from_secs(1);
+/// First and longest wait of `agent listen` before it tries an unreachable node again.
+const LISTEN_RETRY_FIRST: Duration = Duration::from_secs(1);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(30);
 
 async fn open(
     home: &Path,
@@ -808,12 +811,37 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             // The node's streams say which conversation has news (as XMTP clients stream);
             // a full read still runs every few seconds and after each new conversation.
             let mut listener = gatehouse_client::Listener::new();
+            // The node stopping or restarting is waited out, as `mosquitto_sub` waits out its
+            // broker: nothing is lost (what was read but not printed stays owed).
+            let mut backoff = LISTEN_RETRY_FIRST;
             loop {
                 let batch = if owed.is_empty() {
                     let wait = deadline.map_or(LISTEN_WAIT, |d| {
                         LISTEN_WAIT.min(d.saturating_duration_since(Instant::now()))
                     });
-                    client.listen(&mut listener, wait).await?
+                    match client.listen(&mut listener, wait).await {
+                        Ok(batch) => {
+                            backoff = LISTEN_RETRY_FIRST;
+                            batch
+                        }
+                        Err(e) if e.is_unreachable() => {
+                            eprintln!(
+                                "the node is unreachable ({e}); trying again in {} s",
+                                backoff.as_secs()
+                            );
+                            let until = Instant::now() + backoff;
+                            tokio::time::sleep_until(
+                                deadline.map_or(until, |d| until.min(d)).into(),
+                            )
+                            .await;
+                            backoff = (backoff * 2).min(LISTEN_RETRY_MAX);
+                            // Streams opened afresh, with a full read.
+                            listener = gatehouse_client::Listener::new();
+                            owed = client.undelivered()?;
+                            Vec::new()
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 } else {
                     std::mem::take(&mut owed)
                 };
