@@ -292,8 +292,8 @@ const MLS_ENTRY_PREFIX: &[u8] = b"mlsk/";
 const COMPRESS_FROM: usize = 512;
 
 /// How a stored MLS entry (or an earlier version's whole state) begins when it is compressed
-/// (a zstd frame). An uncompressed entry is JSON and never begins so; an uncompressed whole
-/// state begins with the length of its first key (a few bytes, so `00 00`).
+/// (a zstd frame). An uncompressed entry is binary (first byte 0) or JSON and never begins so;
+/// an uncompressed whole state begins with the length of its first key (so `00 00`).
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// An MLS state entry as stored. Entries in the binary encoding are mostly keys and secrets

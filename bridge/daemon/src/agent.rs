@@ -825,8 +825,16 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                             batch
                         }
                         Err(e) if e.is_unreachable() => {
+                            let why = match &e {
+                                gatehouse_client::ClientError::Node(s)
+                                    if !s.message().is_empty() =>
+                                {
+                                    s.message().to_string()
+                                }
+                                other => other.to_string(),
+                            };
                             eprintln!(
-                                "the node is unreachable ({e}); trying again in {} s",
+                                "the node is unreachable ({why}); trying again in {} s",
                                 backoff.as_secs()
                             );
                             let until = Instant::now() + backoff;
