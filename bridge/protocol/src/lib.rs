@@ -19,6 +19,7 @@ pub mod group;
 pub mod hpke;
 pub mod identity;
 pub mod mls;
+pub mod mls_crypto;
 pub mod mls_store;
 pub mod tlsread;
 pub mod welcome;

@@ -817,10 +817,11 @@ impl StorageProvider<V> for MlsStore {
     }
 }
 
-/// The openmls provider: RustCrypto for crypto and randomness, [`MlsStore`] for state.
+/// The openmls provider: RustCrypto for crypto and randomness (with decoded signer keys kept,
+/// [`crate::mls_crypto::Crypto`]), [`MlsStore`] for state.
 #[derive(Debug, Default)]
 pub struct Provider {
-    crypto: RustCrypto,
+    crypto: crate::mls_crypto::Crypto,
     storage: MlsStore,
 }
 
@@ -828,7 +829,7 @@ impl Provider {
     /// A provider over `storage`.
     pub fn with_storage(storage: MlsStore) -> Self {
         Self {
-            crypto: RustCrypto::default(),
+            crypto: Default::default(),
             storage,
         }
     }
@@ -840,7 +841,7 @@ impl Provider {
 }
 
 impl OpenMlsProvider for Provider {
-    type CryptoProvider = RustCrypto;
+    type CryptoProvider = crate::mls_crypto::Crypto;
     type RandProvider = RustCrypto;
     type StorageProvider = MlsStore;
 
@@ -848,11 +849,11 @@ impl OpenMlsProvider for Provider {
         &self.storage
     }
 
-    fn crypto(&self) -> &RustCrypto {
+    fn crypto(&self) -> &crate::mls_crypto::Crypto {
         &self.crypto
     }
 
     fn rand(&self) -> &RustCrypto {
-        &self.crypto
+        self.crypto.rust_crypto()
     }
 }
