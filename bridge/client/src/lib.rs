@@ -232,7 +232,20 @@ pub struct Client {
     /// Bumped whenever a conversation is added or removed: a [`Listener`] subscribed to an
     /// older set subscribes again.
     conversations_gen: u64,
+    /// The inboxes whose identity states the last messages read in each conversation needed
+    /// (senders, attesting bridges): a streamed read pass asks for them all in one request
+    /// ([`Client::read_pages`]). Hints only; emptied when [`SENDER_HINTS`] is reached.
+    senders: std::collections::HashMap<Vec<u8>, Vec<String>>,
 }
+
+/// Conversations whose recent senders are kept (see `Client::senders`).
+const SENDER_HINTS: usize = 4096;
+
+/// Messages asked of the node per query when reading a conversation.
+const PAGE: u32 = 100;
+
+/// Conversations whose first pages a read pass asks the node for at once.
+const READ_AHEAD: usize = 32;
 
 /// Verified attestations kept (see `Client::attestations`); the cache is emptied when full.
 const ATTESTATION_CACHE: usize = 1024;
@@ -502,6 +515,7 @@ impl Client {
             attestations: Default::default(),
             conversations_gen: 0,
             identities: Default::default(),
+            senders: Default::default(),
             unsaved_seen: Vec::new(),
         })
     }
@@ -807,12 +821,63 @@ impl Client {
     /// far is kept ([`IDENTITY_CACHE`]) and the new updates applied to it — not the whole
     /// log's signatures checked again on every read.
     pub async fn inbox_state(&mut self, inbox: &str) -> Result<(identity::InboxState, u64)> {
-        let (mut st, after) = match self.identities.get(inbox) {
-            Some((st, seq)) => (Some(st.clone()), *seq),
-            None => (None, 0),
+        let after = self.identities.get(inbox).map_or(0, |(_, seq)| *seq);
+        let updates = self.identity_log(inbox, after).await?;
+        self.fold_identity(inbox, after, updates)
+    }
+
+    /// Folds a batched identity-log answer for `wanted` (asked from the sequence ids kept
+    /// for them) into states, as [`Client::inbox_state`] does one. An inbox whose log is
+    /// missing or does not verify is left out, and so is everything when the node could not
+    /// answer: asking for one alone later says why.
+    fn fold_states(
+        &mut self,
+        wanted: &[String],
+        answer: std::result::Result<
+            tonic::Response<ipb::GetIdentityUpdatesResponse>,
+            tonic::Status,
+        >,
+    ) -> BTreeMap<String, identity::InboxState> {
+        let mut out = BTreeMap::new();
+        let Ok(answer) = answer else {
+            return out;
+        };
+        for r in answer.into_inner().responses {
+            if !wanted.contains(&r.inbox_id) {
+                continue;
+            }
+            let after = self.identities.get(&r.inbox_id).map_or(0, |(_, seq)| *seq);
+            let updates = r
+                .updates
+                .into_iter()
+                .filter_map(|u| u.update.map(|up| (u.sequence_id, up)))
+                .collect();
+            if let Ok((st, _)) = self.fold_identity(&r.inbox_id, after, updates) {
+                out.insert(r.inbox_id, st);
+            }
+        }
+        out
+    }
+
+    /// Applies an inbox's log updates that follow `after` to the state kept for it (none when
+    /// `after` is 0) and keeps the result.
+    fn fold_identity(
+        &mut self,
+        inbox: &str,
+        after: u64,
+        updates: Vec<(u64, gatehouse_wire::associations::IdentityUpdate)>,
+    ) -> Result<(identity::InboxState, u64)> {
+        let mut st = match self.identities.get(inbox) {
+            Some((st, seq)) if *seq == after => Some(st.clone()),
+            _ if after == 0 => None,
+            _ => {
+                return Err(ClientError::Peer(format!(
+                    "inbox {inbox}: its kept identity state moved while it was read"
+                )));
+            }
         };
         let mut last = after;
-        for (seq, update) in self.identity_log(inbox, after).await? {
+        for (seq, update) in updates {
             st = Some(identity::apply_update(st.as_ref(), &update)?);
             last = seq;
         }
@@ -1261,9 +1326,17 @@ impl Client {
         self.encrypt_and_publish(&mut g, c, idempotency_key).await
     }
 
-    /// Loads a conversation for sending: applies whatever arrived first (so we send on the
-    /// current epoch, to the current members), refuses when this installation is no longer a
-    /// member or the conversation forked, and records the reply as consent.
+    /// Loads a conversation for sending: refuses when this installation is no longer a member
+    /// or the conversation forked, and records the reply as consent.
+    ///
+    /// As libxmtp does (it publishes an application message before it receives), messages are
+    /// encrypted on the epoch this installation holds, without asking the node first: members
+    /// keep [`group::MAX_PAST_EPOCHS`] past epochs, so a commit published meanwhile does not
+    /// make them unreadable, and what arrived is read when the installation's owner reads
+    /// (the bridge: when the node's stream names the conversation). What arrived is applied
+    /// first when the membership is looked at (a commit has to be made on the current epoch):
+    /// the first send of a process, every [`MEMBERSHIP_CHECK_INTERVAL`] after, and when a
+    /// leave or re-add waits — so a removal or revocation is noticed within that interval.
     async fn ready_to_send(&mut self, gid: &[u8]) -> Result<openmls_group::MlsGroup> {
         let mut g = group::load(&self.provider, gid)?.ok_or_else(|| {
             ClientError::Peer(format!("unknown conversation {}", hex::encode(gid)))
@@ -1271,10 +1344,10 @@ impl Client {
         // Created, but the process stopped before the welcomes went out.
         self.send_welcomes_at(&[b"created_welcome/".as_slice(), gid].concat(), gid)
             .await?;
-        self.sync_group_inner(&mut g).await?;
         // As libxmtp does before a send, the membership is looked at only when it was not
-        // lately (a node round trip per send batch otherwise), or when work is asked of it.
+        // lately (node round trips per send batch otherwise), or when work is asked of it.
         if self.membership_due(gid) {
+            self.sync_group_inner(&mut g).await?;
             self.maintain_membership(&mut g).await?;
             self.membership_checked
                 .insert(gid.to_vec(), std::time::Instant::now());
@@ -1417,16 +1490,36 @@ impl Client {
     }
 
     async fn sync_group_inner(&mut self, g: &mut openmls_group::MlsGroup) -> Result<Vec<Received>> {
+        // Identity states fetched during this read, so each inbox is asked for once.
+        let mut states = BTreeMap::new();
+        self.sync_group_with(g, &mut states, None).await
+    }
+
+    /// Reads what follows the conversation's cursor, page by page. `states` holds the identity
+    /// states already fetched in this read pass (each inbox is asked for once per pass);
+    /// `first`, when given, is the first page, fetched ahead (see [`Client::read_pages`]):
+    /// whatever of it is at or below the cursor by now is skipped.
+    async fn sync_group_with(
+        &mut self,
+        g: &mut openmls_group::MlsGroup,
+        states: &mut BTreeMap<String, identity::InboxState>,
+        mut first: Option<Vec<mpb::GroupMessage>>,
+    ) -> Result<Vec<Received>> {
         let gid = g.group_id().as_slice().to_vec();
         let ckey = [b"cursor/g/".as_slice(), &gid].concat();
         let mut out = Vec::new();
-        // Identity states fetched during this pass, so each inbox is read once.
-        let mut states: BTreeMap<String, identity::InboxState> = BTreeMap::new();
         let mut saw_commit = false;
         loop {
             let cursor = self.read_cursor(&gid)?;
-            let messages = self.messages_after(&gid, cursor, 100).await?;
+            let messages = match first.take() {
+                Some(page) => page,
+                None => self.messages_after(&gid, cursor, PAGE).await?,
+            };
             let n = messages.len();
+            let messages = messages.into_iter().filter(|m| match &m.version {
+                Some(mpb::group_message::Version::V1(v)) => v.id > cursor,
+                None => true,
+            });
             // One atomic write per page: the retained copies, the "seen" marks, the cursor
             // and the MLS state move together, so a crash keeps all or none of the page (a
             // durable "seen" without the copy would drop a message when it is read again; a
@@ -1441,13 +1534,14 @@ impl Client {
                 saw_commit |= v.is_commit;
                 // A message that fails is not marked seen: it is read again.
                 let seen_before = self.unsaved_seen.len();
-                match self.handle_message(g, &gid, &v, &mut states).await {
+                match self.handle_message(g, &gid, &v, states).await {
                     Ok(Some(mut r)) => {
                         if let Err(e) = self.retain_delivery(&mut r, &mut batch) {
                             self.unsaved_seen.truncate(seen_before);
                             failed = Some(e);
                             break;
                         }
+                        self.note_senders(&gid, &r);
                         out.push(r);
                     }
                     Ok(None) => {}
@@ -1469,7 +1563,7 @@ impl Client {
             if let Some(e) = failed {
                 return Err(e);
             }
-            if n < 100 {
+            if n < PAGE as usize {
                 break;
             }
         }
@@ -1480,6 +1574,106 @@ impl Client {
                 tracing::warn!(conversation = %hex::encode(&gid), error = %e, "publishing the commit log failed; will retry");
             }
             self.check_fork(g).await?;
+        }
+        Ok(out)
+    }
+
+    /// Records the inboxes whose states reading `r` needed (see `Client::senders`).
+    fn note_senders(&mut self, gid: &[u8], r: &Received) {
+        let bridge = r.sender_endpoint.as_ref().map(|e| e.bridge.as_str());
+        let known = self.senders.get(gid);
+        let fresh = |i: &str| known.is_none_or(|k| !k.iter().any(|x| x == i));
+        if !fresh(&r.sender_inbox) && bridge.is_none_or(|b| !fresh(b)) {
+            return;
+        }
+        if self.senders.len() >= SENDER_HINTS && !self.senders.contains_key(gid) {
+            self.senders.clear();
+        }
+        let list = self.senders.entry(gid.to_vec()).or_default();
+        for inbox in std::iter::once(r.sender_inbox.as_str()).chain(bridge) {
+            if !inbox.is_empty() && !list.iter().any(|x| x == inbox) {
+                // A few per conversation: the latest senders.
+                if list.len() >= 4 {
+                    list.remove(0);
+                }
+                list.push(inbox.to_string());
+            }
+        }
+    }
+
+    /// Reads several conversations with the node asked once for all of them: their first
+    /// pages are fetched together, and the identity states their recent senders need in one
+    /// request. Then each is read in turn (further pages, and inboxes not foreseen, as a
+    /// single read asks for them); one with nothing new whose membership was looked at
+    /// lately is skipped without loading its MLS state (the costly part of a read that finds
+    /// nothing). A conversation with new messages has its membership brought up to date
+    /// always, or (`always_membership` false) when it is due. Returns what was read, not yet
+    /// consent-gated.
+    pub(crate) async fn read_pages(
+        &mut self,
+        gids: Vec<Vec<u8>>,
+        always_membership: bool,
+    ) -> Result<Vec<Received>> {
+        // Identity states fetched during this pass, so each inbox is asked for once.
+        let mut states = BTreeMap::new();
+        let mut out = Vec::new();
+        for chunk in gids.chunks(READ_AHEAD) {
+            let mut cursors = Vec::with_capacity(chunk.len());
+            for gid in chunk {
+                cursors.push(self.read_cursor(gid)?);
+            }
+            let pages =
+                futures::future::join_all(chunk.iter().zip(&cursors).map(|(gid, cursor)| {
+                    let mut mls = self.mls.clone();
+                    let request = mpb::QueryGroupMessagesRequest {
+                        group_id: gid.clone(),
+                        paging_info: Some(mpb::PagingInfo {
+                            direction: mpb::SortDirection::Ascending as i32,
+                            limit: PAGE,
+                            id_cursor: *cursor,
+                        }),
+                    };
+                    async move { mls.query_group_messages(request).await }
+                }));
+            let mut wanted: Vec<String> = chunk
+                .iter()
+                .flat_map(|g| self.senders.get(g).into_iter().flatten())
+                .filter(|inbox| !states.contains_key(*inbox))
+                .cloned()
+                .collect();
+            wanted.sort();
+            wanted.dedup();
+            let pages = if wanted.is_empty() {
+                pages.await
+            } else {
+                let mut ids = self.ids.clone();
+                let request = ipb::GetIdentityUpdatesRequest {
+                    requests: wanted
+                        .iter()
+                        .map(|inbox| ipb::get_identity_updates_request::Request {
+                            inbox_id: inbox.clone(),
+                            sequence_id: self.identities.get(inbox).map_or(0, |(_, seq)| *seq),
+                        })
+                        .collect(),
+                };
+                let (pages, answer) =
+                    futures::join!(
+                        pages,
+                        async move { ids.get_identity_updates(request).await }
+                    );
+                states.extend(self.fold_states(&wanted, answer));
+                pages
+            };
+            for (gid, page) in chunk.iter().zip(pages) {
+                let page = page?.into_inner().messages;
+                if page.is_empty() && !self.membership_due(gid) {
+                    continue;
+                }
+                out.extend(
+                    self.read_conversation(gid, always_membership, &mut states, Some(page))
+                        .await?,
+                );
+            }
         }
         Ok(out)
     }
@@ -2273,18 +2467,8 @@ impl Client {
     /// Joins new conversations, then reads every conversation.
     pub async fn sync_all(&mut self) -> Result<Vec<Received>> {
         self.sync_welcomes().await?;
-        let mut out = Vec::new();
-        for (gid, _) in self.conversations()? {
-            // A conversation with nothing new whose membership was looked at lately is skipped
-            // without loading its MLS state (the costly part of a read that finds nothing).
-            if !self.membership_due(&gid) {
-                let cursor = self.read_cursor(&gid)?;
-                if self.messages_after(&gid, cursor, 1).await?.is_empty() {
-                    continue;
-                }
-            }
-            out.extend(self.read_conversation(&gid, true).await?);
-        }
+        let gids = self.conversations()?.into_iter().map(|(g, _)| g).collect();
+        let out = self.read_pages(gids, true).await?;
         if let Err(e) = self.sync_consent().await {
             tracing::warn!(error = %e, "consent sync failed; will retry");
         }
@@ -2295,16 +2479,20 @@ impl Client {
 
     /// Reads one conversation's new messages (not yet consent-gated) and brings its
     /// membership up to date — always, or (`always_membership` false) only when it was not
-    /// within [`MEMBERSHIP_CHECK_INTERVAL`]. An unknown conversation reads as nothing.
-    pub(crate) async fn read_conversation(
+    /// within [`MEMBERSHIP_CHECK_INTERVAL`]. `states` are the identity states the read pass
+    /// fetched so far, `first` the first page, fetched ahead. An unknown conversation reads as
+    /// nothing.
+    async fn read_conversation(
         &mut self,
         gid: &[u8],
         always_membership: bool,
+        states: &mut BTreeMap<String, identity::InboxState>,
+        first: Option<Vec<mpb::GroupMessage>>,
     ) -> Result<Vec<Received>> {
         let Some(mut g) = group::load(&self.provider, gid)? else {
             return Ok(Vec::new());
         };
-        let out = self.sync_group_inner(&mut g).await?;
+        let out = self.sync_group_with(&mut g, states, first).await?;
         if always_membership || self.membership_due(gid) {
             if let Err(e) = self.maintain_membership(&mut g).await {
                 tracing::warn!(conversation = %hex::encode(gid), error = %e, "membership update failed");

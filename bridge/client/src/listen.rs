@@ -178,12 +178,10 @@ impl Client {
         self.read_groups(groups).await
     }
 
-    /// Reads `groups`, consent-gated (membership looked at every `MEMBERSHIP_CHECK_INTERVAL`).
+    /// Reads `groups`, consent-gated (membership looked at every `MEMBERSHIP_CHECK_INTERVAL`),
+    /// with the node asked once for all of them ([`Client::read_pages`]).
     async fn read_groups(&mut self, groups: Vec<Vec<u8>>) -> Result<Vec<Received>> {
-        let mut out = Vec::new();
-        for gid in groups {
-            out.extend(self.read_conversation(&gid, false).await?);
-        }
+        let out = self.read_pages(groups, false).await?;
         let out = self.gate(out)?;
         flush_tree(&self.tree).await?;
         Ok(out)

@@ -1,0 +1,113 @@
+//! Sends that do not read first, and read passes that ask the node once for many
+//! conversations, against an in-process node.
+
+mod common;
+
+use gatehouse_client::{Client, Received};
+use gatehouse_protocol::content;
+use gatehouse_protocol::group::MetadataUpdate;
+
+fn texts(r: &[Received]) -> Vec<String> {
+    r.iter()
+        .filter(|m| !m.is_transcript())
+        .filter_map(|m| m.text.clone())
+        .collect()
+}
+
+fn epoch(c: &Client, gid: &[u8]) -> u64 {
+    c.conversation_info(gid).unwrap()["epoch"].as_u64().unwrap()
+}
+
+/// As libxmtp does, a send encrypts on the epoch this installation holds, without reading
+/// first (after the first send of a process, until membership is due again). A commit
+/// published in between leaves the sender an epoch behind, and its message still reads for
+/// everyone, who keep past epochs; the sender catches up on its next read and goes on.
+#[tokio::test]
+async fn a_send_on_the_epoch_it_holds_reads_after_a_commit() {
+    let url = common::node().await;
+    let mut a = common::client(&url, 1).await;
+    let mut b = common::client(&url, 2).await;
+    let mut c = common::client(&url, 3).await;
+    let gid = a
+        .create_group(
+            "team",
+            "",
+            &[b.inbox_id().to_string(), c.inbox_id().to_string()],
+        )
+        .await
+        .unwrap();
+    b.sync_all().await.unwrap();
+    c.sync_all().await.unwrap();
+    // B's first send reads the conversation and looks at its membership.
+    b.send(&gid, &content::text("first"), None).await.unwrap();
+    assert_eq!(texts(&a.sync_all().await.unwrap()), ["first"]);
+
+    a.update_metadata(
+        &gid,
+        MetadataUpdate::Attribute("group_name".into(), "renamed".into()),
+    )
+    .await
+    .unwrap();
+    let held = epoch(&b, &gid);
+    b.send(&gid, &content::text("second"), None).await.unwrap();
+    assert!(
+        epoch(&b, &gid) < epoch(&a, &gid),
+        "the send did not read A's commit first ({} against {})",
+        epoch(&b, &gid),
+        epoch(&a, &gid)
+    );
+    assert_eq!(epoch(&b, &gid), held);
+    assert_eq!(texts(&a.sync_all().await.unwrap()), ["second"]);
+    assert_eq!(texts(&c.sync_all().await.unwrap()), ["first", "second"]);
+
+    // B's next read applies the commit; what it sends then is on the current epoch.
+    b.sync_all().await.unwrap();
+    assert_eq!(epoch(&b, &gid), epoch(&a, &gid));
+    b.send(&gid, &content::text("third"), None).await.unwrap();
+    assert_eq!(texts(&a.sync_all().await.unwrap()), ["third"]);
+    assert_eq!(texts(&c.sync_all().await.unwrap()), ["third"]);
+}
+
+/// A read pass over more conversations than it asks the node about at once (32) reads every
+/// one of them, the first time (no sender known yet) and the next (the senders' identity
+/// states asked for in one request, up to date: a sender revoked in between is refused).
+#[tokio::test]
+async fn a_pass_over_many_conversations_reads_them_all() {
+    const PEERS: u8 = 34;
+    let url = common::node().await;
+    let mut agent = common::client(&url, 1).await;
+    let mut peers = Vec::new();
+    for n in 0..PEERS {
+        let mut p = common::client(&url, 10 + n).await;
+        let gid = p.dm(agent.inbox_id()).await.unwrap();
+        p.send(&gid, &content::text(&format!("hello {n}")), None)
+            .await
+            .unwrap();
+        peers.push((p, gid));
+    }
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let want = |word: &str| sorted((0..PEERS).map(|n| format!("{word} {n}")).collect());
+    let got = agent.sync_all().await.unwrap();
+    // Not allowed yet: they come as requests, and are read all the same.
+    assert_eq!(sorted(texts(&got)), want("hello"));
+
+    for (n, (p, gid)) in peers.iter_mut().enumerate() {
+        p.send(gid, &content::text(&format!("again {n}")), None)
+            .await
+            .unwrap();
+    }
+    // The first peer's installation is revoked (by a second one of its inbox) after it sent:
+    // the state the pass asks for alongside the pages says so, and its message is refused.
+    let mut second = common::open(&url, &common::tree(), 10, 99).await;
+    second
+        .revoke_installation(&peers[0].0.installation_key())
+        .await
+        .unwrap();
+    let mut again = want("again");
+    again.retain(|t| t != "again 0");
+    assert_eq!(sorted(texts(&agent.sync_all().await.unwrap())), again);
+    assert!(agent.sync_all().await.unwrap().is_empty(), "nothing twice");
+}
