@@ -247,6 +247,18 @@ const PAGE: u32 = 100;
 /// Conversations whose first pages a read pass asks the node for at once.
 const READ_AHEAD: usize = 32;
 
+/// The query for up to `limit` messages of a conversation after `cursor`, oldest first.
+fn page_query(gid: &[u8], cursor: u64, limit: u32) -> mpb::QueryGroupMessagesRequest {
+    mpb::QueryGroupMessagesRequest {
+        group_id: gid.to_vec(),
+        paging_info: Some(mpb::PagingInfo {
+            direction: mpb::SortDirection::Ascending as i32,
+            limit,
+            id_cursor: cursor,
+        }),
+    }
+}
+
 /// Verified attestations kept (see `Client::attestations`); the cache is emptied when full.
 const ATTESTATION_CACHE: usize = 1024;
 
@@ -1083,14 +1095,7 @@ impl Client {
     ) -> Result<Vec<mpb::GroupMessage>> {
         Ok(self
             .mls
-            .query_group_messages(mpb::QueryGroupMessagesRequest {
-                group_id: gid.to_vec(),
-                paging_info: Some(mpb::PagingInfo {
-                    direction: mpb::SortDirection::Ascending as i32,
-                    limit,
-                    id_cursor: cursor,
-                }),
-            })
+            .query_group_messages(page_query(gid, cursor, limit))
             .await?
             .into_inner()
             .messages)
@@ -1625,14 +1630,7 @@ impl Client {
             let pages =
                 futures::future::join_all(chunk.iter().zip(&cursors).map(|(gid, cursor)| {
                     let mut mls = self.mls.clone();
-                    let request = mpb::QueryGroupMessagesRequest {
-                        group_id: gid.clone(),
-                        paging_info: Some(mpb::PagingInfo {
-                            direction: mpb::SortDirection::Ascending as i32,
-                            limit: PAGE,
-                            id_cursor: *cursor,
-                        }),
-                    };
+                    let request = page_query(gid, *cursor, PAGE);
                     async move { mls.query_group_messages(request).await }
                 }));
             let mut wanted: Vec<String> = chunk
