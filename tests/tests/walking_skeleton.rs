@@ -302,3 +302,41 @@ fn bridge_consent_gate() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no endpoint named"));
 }
+
+/// What queued up while the route could not deliver (its agent had no inbox yet) is mapped as
+/// one batch when it can: the malformed messages among it are dead-lettered, each alone, and
+/// the others reach the agent once each, in order.
+#[test]
+fn malformed_messages_in_a_mapped_batch_are_set_apart() {
+    let s = Setup::new("batch");
+    let a = s.agent("agent-a");
+    let inbox_a = a.inbox_id();
+    let config = s.write_config(&[&inbox_a]);
+    let d = s.start_daemon(&config);
+    let lines: Vec<String> = [
+        r#"{"n":1}"#,
+        "not json{",
+        r#"{"n":2}"#,
+        "also not json",
+        r#"{"n":3}"#,
+    ]
+    .iter()
+    .map(|l| l.to_string())
+    .collect();
+    s.broker.publish_lines("devices/b1/up", &lines);
+    d.wait_log(&["delivery failed; will retry"]);
+    a.init();
+    let got = a.listen(3);
+    let texts: Vec<&str> = got.iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, [r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":3}"#]);
+    let dead = d.dead_letters();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead.iter().all(|x| x["kind"] == "refused"), "{dead:?}");
+    let more = a.run(&["listen", "--json", "--count", "1", "--timeout", "1"]);
+    assert_eq!(more.status.code(), Some(3), "nothing else, nothing twice");
+    assert!(
+        more.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&more.stdout)
+    );
+}
