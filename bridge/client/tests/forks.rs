@@ -1,7 +1,7 @@
 //! Forks and crashes around commits, against an in-process node.
 
 mod common;
-use common::{node, tree};
+use common::{epoch, node, texts, tree};
 
 use gatehouse_client::Client;
 use gatehouse_protocol::content;
@@ -9,17 +9,6 @@ use gatehouse_protocol::group::MetadataUpdate;
 
 async fn open(url: &str, tree: &sled::Tree, n: u8) -> Client {
     common::open(url, tree, n, n).await
-}
-
-fn texts(r: &[gatehouse_client::Received]) -> Vec<String> {
-    r.iter()
-        .filter(|m| !m.is_transcript())
-        .filter_map(|m| m.text.clone())
-        .collect()
-}
-
-fn epoch(c: &Client, gid: &[u8]) -> u64 {
-    c.conversation_info(gid).unwrap()["epoch"].as_u64().unwrap()
 }
 
 /// Two members merge different commits for the same epoch. The forked one finds out from the

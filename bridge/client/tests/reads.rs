@@ -2,21 +2,10 @@
 //! conversations, against an in-process node.
 
 mod common;
+use common::{epoch, texts};
 
-use gatehouse_client::{Client, Received};
 use gatehouse_protocol::content;
 use gatehouse_protocol::group::MetadataUpdate;
-
-fn texts(r: &[Received]) -> Vec<String> {
-    r.iter()
-        .filter(|m| !m.is_transcript())
-        .filter_map(|m| m.text.clone())
-        .collect()
-}
-
-fn epoch(c: &Client, gid: &[u8]) -> u64 {
-    c.conversation_info(gid).unwrap()["epoch"].as_u64().unwrap()
-}
 
 /// As libxmtp does, a send encrypts on the epoch this installation holds, without reading
 /// first (after the first send of a process, until membership is due again). A commit

@@ -1471,6 +1471,41 @@ mod tests {
     use super::*;
     use crate::content;
 
+    /// A and B (inboxes `aaaa` and `bbbb`, installation seeds 1 and 2): their providers and
+    /// keys, B's key package as A validated it, and the membership of a conversation of two.
+    struct Two {
+        pa: Provider,
+        pb: Provider,
+        ka: InstallationKey,
+        kb: InstallationKey,
+        kp_b: VerifiedKeyPackage,
+        membership: BTreeMap<String, u64>,
+    }
+
+    fn two() -> Two {
+        let (pa, pb) = (Provider::default(), Provider::default());
+        let (ka, kb) = (
+            InstallationKey::from_seed(&[1; 32]),
+            InstallationKey::from_seed(&[2; 32]),
+        );
+        let kp_b = validate_key_package(
+            &pa,
+            &build_key_package(&pb, "bbbb", &kb, &mut rand::rngs::OsRng)
+                .unwrap()
+                .tls,
+        )
+        .unwrap();
+        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
+        Two {
+            pa,
+            pb,
+            ka,
+            kb,
+            kp_b,
+            membership,
+        }
+    }
+
     /// The installation key signs for openmls exactly as openmls' own Ed25519 key pair does
     /// (same scheme, byte-identical signatures), only without rebuilding the key each time.
     #[test]
@@ -1604,18 +1639,15 @@ mod tests {
     #[test]
     fn post_quantum_when_everyone_can() {
         let mut rng = rand::rngs::OsRng;
-        let (pa, pb) = (Provider::default(), Provider::default());
-        let (ka, kb) = (
-            InstallationKey::from_seed(&[1; 32]),
-            InstallationKey::from_seed(&[2; 32]),
-        );
-        let kp_b = validate_key_package(
-            &pa,
-            &build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap().tls,
-        )
-        .unwrap();
+        let Two {
+            pa,
+            pb,
+            ka,
+            kp_b,
+            membership,
+            ..
+        } = two();
         assert!(kp_b.pq_key_package.is_some());
-        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
         let kind = Kind::Group {
             name: "g",
             description: "",
@@ -1665,16 +1697,16 @@ mod tests {
     #[test]
     fn dm_round_trip() {
         let mut rng = rand::rngs::OsRng;
-        let (pa, pb) = (Provider::default(), Provider::default());
-        let (ka, kb) = (
-            InstallationKey::from_seed(&[1; 32]),
-            InstallationKey::from_seed(&[2; 32]),
-        );
-        let kp_b = build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap();
-        let v = validate_key_package(&pa, &kp_b.tls).unwrap();
+        let Two {
+            pa,
+            pb,
+            ka,
+            kb,
+            kp_b: v,
+            membership,
+        } = two();
         assert_eq!(v.inbox_id, "bbbb");
         assert_eq!(v.installation_key, kb.public());
-        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
         let mut created = create_dm(
             &pa,
             &ka,
@@ -1738,17 +1770,14 @@ mod tests {
     #[test]
     fn store_reports_only_what_changed() {
         let mut rng = rand::rngs::OsRng;
-        let (pa, pb) = (Provider::default(), Provider::default());
-        let (ka, kb) = (
-            InstallationKey::from_seed(&[1; 32]),
-            InstallationKey::from_seed(&[2; 32]),
-        );
-        let kp_b = validate_key_package(
-            &pa,
-            &build_key_package(&pb, "bbbb", &kb, &mut rng).unwrap().tls,
-        )
-        .unwrap();
-        let membership = [("aaaa".to_string(), 1u64), ("bbbb".to_string(), 2u64)].into();
+        let Two {
+            pa,
+            pb,
+            ka,
+            kp_b,
+            membership,
+            ..
+        } = two();
         let mut created = create_best(
             &pa,
             &ka,

@@ -47,3 +47,16 @@ pub async fn open(url: &str, tree: &sled::Tree, owner: u8, inst: u8) -> Client {
 pub async fn client(url: &str, n: u8) -> Client {
     open(url, &tree(), n, n).await
 }
+
+/// The texts of what was read, group changes left out.
+pub fn texts(r: &[gatehouse_client::Received]) -> Vec<String> {
+    r.iter()
+        .filter(|m| !m.is_transcript())
+        .filter_map(|m| m.text.clone())
+        .collect()
+}
+
+/// The conversation's epoch as `c` holds it.
+pub fn epoch(c: &Client, gid: &[u8]) -> u64 {
+    c.conversation_info(gid).unwrap()["epoch"].as_u64().unwrap()
+}
