@@ -157,6 +157,10 @@ fn faulty_plugins_are_contained_and_quarantined() {
     wait_for("the held message in the queue", || {
         (d.status()["inbox_by_route"]["bad"] == 1).then_some(())
     });
+    // ...and the way back is not read: these wait on the node, to be read in one pass after
+    // the reload (mapped together), with a trap among them.
+    let down = s.broker.subscribe("bad/b1/down");
+    a.send_lines(&bad_endpoint, "back-1\ntrap\nback-2\nback-3\n");
     // ...while the good route delivers, and the fail-open route passes its message unmapped.
     good(9);
     expect_good(9);
@@ -179,6 +183,18 @@ fn faulty_plugins_are_contained_and_quarantined() {
     assert_eq!(p["quarantined"], false);
     assert_eq!(p["reloads"], 1);
     assert_eq!(d.status()["inbox_by_route"]["bad"], 0);
+    // The held conversation messages: the trap is set apart, the others reach the device once
+    // each, in order.
+    let got: Vec<String> = (0..3).map(|_| down.next_message()).collect();
+    assert_eq!(got, ["back-1", "back-2", "back-3"]);
+    let dl = d.wait_dead_letter("the trap on the way back", |d| {
+        d["kind"] == "trap" && d["direction"] == "outbound"
+    });
+    assert_eq!(dl["route"], "bad", "{dl}");
+    assert!(
+        down.drain(Duration::from_millis(200)).is_empty(),
+        "nothing twice"
+    );
     // Every faulty message is in the dead-letter store, none twice.
     let kinds: Vec<String> = d
         .dead_letters()
@@ -187,7 +203,9 @@ fn faulty_plugins_are_contained_and_quarantined() {
         .collect();
     assert_eq!(
         kinds,
-        ["timeout", "memory", "trap", "limits", "denied", "grants"]
+        [
+            "timeout", "memory", "trap", "limits", "denied", "grants", "trap"
+        ]
     );
     // The operator drops one; the others stay.
     let timeout_id = d.dead_letters()[0]["id"].to_string();
@@ -197,6 +215,6 @@ fn faulty_plugins_are_contained_and_quarantined() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(d.dead_letters().len(), 5);
+    assert_eq!(d.dead_letters().len(), 6);
     assert_eq!(d.dead_letters()[0]["kind"], "memory");
 }

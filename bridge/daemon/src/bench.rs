@@ -513,6 +513,13 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
     }
     sender.await??;
     let up = PathStats::from(&mut lat, started, last);
+    // The agent no longer reads its stream: closed, rather than left to fill up with news of
+    // its own sends (an unread stream holds the node's stop until the daemon gives up on it).
+    drop(listener);
+    // One poll interval of quiet between the paths: the daemon finishes the first path's
+    // tail (its last deliveries' bookkeeping, the endpoints' reads of their own sends), so
+    // the way back's first messages are not measured against it (they were, by up to 20 ms).
+    tokio::time::sleep(Duration::from_millis(o.poll_ms.max(100))).await;
 
     // Agent → devices: the agent writes into each device's DM, 64 messages per publish.
     let (_sink, mut rx) = mqtt_client(port, "bench-devices-down", Some("devices/+/down")).await?;

@@ -2157,9 +2157,10 @@ impl Bridge {
         self.plugin_outcome(route, result, started.elapsed())
     }
 
-    /// Maps several external messages of a route, in order, on one blocking thread: a hand-off
-    /// to the blocking pool per message cost more than the call itself (≈ 200 µs of waiting
-    /// for a thread on a busy machine against ≈ 4 µs of mapping). Each call has its own limits
+    /// Maps several messages of a route (`external`: from devices; else conversation messages),
+    /// in order, on one blocking thread: a hand-off to the blocking pool per message cost more
+    /// than the call itself (≈ 200 µs of waiting for a thread on a busy machine against ≈ 4 µs
+    /// of mapping). Each call has its own limits
     /// and outcome, as in [`Bridge::run_plugin`]; the calls stop after the first that did not
     /// map, so the results may be fewer than the messages (map the rest one by one: that sees
     /// a quarantine the failure caused). Empty when the plugin is quarantined or not loaded.
@@ -2167,6 +2168,7 @@ impl Bridge {
         &self,
         route: &Route,
         msgs: Vec<Message>,
+        external: bool,
     ) -> Vec<Result<Vec<Action>, PluginOutcome>> {
         if msgs.is_empty() {
             return Vec::new();
@@ -2178,7 +2180,11 @@ impl Bridge {
             let mut out = Vec::with_capacity(msgs.len());
             for msg in &msgs {
                 let started = std::time::Instant::now();
-                let result = plugin.on_external(msg);
+                let result = if external {
+                    plugin.on_external(msg)
+                } else {
+                    plugin.on_conversation(msg)
+                };
                 let stop = result.is_err();
                 out.push((result, started.elapsed()));
                 if stop {
@@ -2374,7 +2380,7 @@ impl Bridge {
                 .take_while(|(_, _, r)| r.presence.is_none() && r.mail.is_none())
                 .map(|(_, id, r)| device_message(r, &inbound_key(*id)))
                 .collect();
-            let mut mapped = self.run_plugin_batch(route, plain).await.into_iter();
+            let mut mapped = self.run_plugin_batch(route, plain, true).await.into_iter();
             for (key, id, rec) in records {
                 match self.prepare(idx, id, &rec, mapped.next()).await {
                     Ok(out) => ready.push((key, rec.device, out)),
@@ -3689,10 +3695,11 @@ impl Bridge {
         // (a crash before the PUBACK publishes it again: at-least-once towards the device).
         let mut carried: Vec<(Option<u64>, Vec<Confirmation>)> = Vec::new();
         let mut later = false;
+        let mut mapped = self.map_outbound(route, ep, &pending).await.into_iter();
         for r in pending {
             let mut acks = Vec::new();
             if !r.is_transcript() {
-                match self.carry_outbound(route, ep, &r).await {
+                match self.carry_outbound(route, ep, &r, mapped.next()).await {
                     Ok(a) => acks = a,
                     Err(Carry::Dead(fault)) => {
                         self.dead_letter_outbound(&r, route, &ep.device, fault)
@@ -3738,14 +3745,15 @@ impl Bridge {
         Ok(!later)
     }
 
-    /// One conversation message through the plugin to the channel; returns what resolves
-    /// when the broker has acknowledged each of its publishes.
-    async fn carry_outbound(
+    /// What the plugin is given for a conversation message, and the endpoint's oldest open
+    /// MQTT 5 request when `requests` (its response topic is the message's `reply_topic`).
+    fn outbound_message(
         &self,
         route: &Route,
         ep: &Endpoint,
         r: &gatehouse_client::Received,
-    ) -> Result<Vec<Confirmation>, Carry> {
+        requests: bool,
+    ) -> (Message, Option<(sled::IVec, PendingRequest)>) {
         let mut request: Option<(sled::IVec, PendingRequest)> = None;
         // A mail thread's subject, for the plugin's `Re:`.
         let metadata = match route
@@ -3764,7 +3772,9 @@ impl Bridge {
             // placeholders are filled by the host, which knows the endpoint's parts), or the
             // response topic of the endpoint's oldest open MQTT 5 request.
             None if route.channel == "mqtt" => {
-                request = self.open_mqtt_request(route, &ep.device);
+                if requests {
+                    request = self.open_mqtt_request(route, &ep.device);
+                }
                 let mut m = vec![(
                     "reply_topic".to_string(),
                     request
@@ -3788,7 +3798,50 @@ impl Bridge {
             verified: true,
             idempotency_key: r.idempotency_key.clone(),
         };
-        let actions = match self.run_plugin(route, msg, false).await {
+        (msg, request)
+    }
+
+    /// Maps an endpoint's conversation messages together (one hand-off to the blocking pool,
+    /// as on the way in) where what each is given does not depend on the one before: not for
+    /// mail (thread subjects) nor while the endpoint has an open MQTT 5 request (each answer
+    /// consumes one). Aligned with the messages that are not transcripts; may be shorter.
+    async fn map_outbound(
+        &self,
+        route: &Route,
+        ep: &Endpoint,
+        pending: &[gatehouse_client::Received],
+    ) -> Vec<Result<Vec<Action>, PluginOutcome>> {
+        let carried = pending.iter().filter(|r| !r.is_transcript());
+        if carried.clone().nth(1).is_none()
+            || route.is_email()
+            || (route.channel == "mqtt" && self.open_mqtt_request(route, &ep.device).is_some())
+        {
+            return Vec::new();
+        }
+        let msgs = carried
+            .map(|r| self.outbound_message(route, ep, r, false).0)
+            .collect();
+        self.run_plugin_batch(route, msgs, false).await
+    }
+
+    /// One conversation message through the plugin to the channel; returns what resolves
+    /// when the broker has acknowledged each of its publishes. `mapped` is the plugin's
+    /// outcome when it was already called for this message ([`Bridge::map_outbound`]).
+    async fn carry_outbound(
+        &self,
+        route: &Route,
+        ep: &Endpoint,
+        r: &gatehouse_client::Received,
+        mapped: Option<Result<Vec<Action>, PluginOutcome>>,
+    ) -> Result<Vec<Confirmation>, Carry> {
+        let (request, mapped) = match mapped {
+            Some(m) => (None, m),
+            None => {
+                let (msg, request) = self.outbound_message(route, ep, r, true);
+                (request, self.run_plugin(route, msg, false).await)
+            }
+        };
+        let actions = match mapped {
             Ok(a) => a,
             Err(PluginOutcome::Quarantined(name)) => {
                 let passable = r.content_type.starts_with("xmtp.org/text:")
@@ -4026,7 +4079,7 @@ impl Bridge {
                     sender_endpoint: None,
                     delivery: None,
                 };
-                match self.carry_outbound(route, &ep, &r).await {
+                match self.carry_outbound(route, &ep, &r, None).await {
                     Ok(acks) => {
                         // Kept as a dead letter until the broker has it.
                         for (ack, _) in acks {

@@ -22,6 +22,12 @@ pub use store::Store;
 /// XMTP's payload limit per request (25 MiB); larger requests get `RESOURCE_EXHAUSTED`.
 pub const MAX_MESSAGE_BYTES: usize = 25 * 1024 * 1024;
 
+/// How long a stopping node waits for its connections to finish what they are doing (answers
+/// in flight) before it closes them: a client that stops reading a stream without closing it
+/// would otherwise hold the stop up for as long as it lives (its flow-control window is full,
+/// so the stream's end cannot be sent).
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// TLS material for the listener.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
@@ -60,13 +66,34 @@ pub async fn serve(
     }
     tracing::info!(%addr, tls = tls.is_some(), "XMTP node listening");
     // A graceful shutdown waits for every open response to end; subscriptions end only
-    // when told to (their clients would otherwise hold the stop up indefinitely).
+    // when told to (their clients would otherwise hold the stop up indefinitely), and
+    // connections still open `STOP_GRACE` later are closed.
+    let open = Connections::default();
+    let (stopping, mut stopped) = tokio::sync::watch::channel(false);
     let closer = node.clone();
     let shutdown = async move {
         shutdown.await;
         closer.close_streams();
+        stopping.send_replace(true);
     };
-    builder
+    let cut = {
+        let open = open.clone();
+        tokio::spawn(async move {
+            if stopped.wait_for(|&s| s).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(STOP_GRACE).await;
+            let n = open.close_all();
+            if n > 0 {
+                tracing::warn!(
+                    connections = n,
+                    grace_ms = STOP_GRACE.as_millis() as u64,
+                    "closed connections still open after the stop's grace period (a client not reading its stream)"
+                );
+            }
+        })
+    };
+    let served = builder
         .add_service(
             MlsApiServer::new(node.mls())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -83,15 +110,122 @@ pub async fn serve(
         .serve_with_incoming_shutdown(
             tokio_stream::StreamExt::map(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
-                |conn| {
-                    if let Ok(c) = &conn {
-                        let _ = c.set_nodelay(true);
-                    }
-                    conn
+                move |conn| {
+                    let conn = conn?;
+                    let _ = conn.set_nodelay(true);
+                    open.track(conn)
                 },
             ),
             shutdown,
         )
-        .await?;
+        .await;
+    cut.abort();
+    served?;
     Ok(())
+}
+
+/// The node's open connections, so that a stop can close those its grace period did not end.
+#[derive(Clone, Default)]
+struct Connections(std::sync::Arc<std::sync::Mutex<Open>>);
+
+#[derive(Default)]
+struct Open {
+    next: u64,
+    /// A second handle on each connection's socket (shutting it down ends the connection
+    /// under the server's feet: its reads see the end, its writes fail).
+    sockets: std::collections::HashMap<u64, std::net::TcpStream>,
+}
+
+impl Connections {
+    fn track(&self, conn: tokio::net::TcpStream) -> std::io::Result<Connection> {
+        let std = conn.into_std()?;
+        let handle = std.try_clone()?;
+        let io = tokio::net::TcpStream::from_std(std)?;
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let id = open.next;
+        open.next += 1;
+        open.sockets.insert(id, handle);
+        Ok(Connection {
+            io,
+            id,
+            open: self.clone(),
+        })
+    }
+
+    /// Closes every open connection; how many there were.
+    fn close_all(&self) -> usize {
+        let open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for socket in open.sockets.values() {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+        open.sockets.len()
+    }
+}
+
+/// An accepted connection, known to [`Connections`] until it is dropped.
+struct Connection {
+    io: tokio::net::TcpStream,
+    id: u64,
+    open: Connections,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let mut open = self.open.0.lock().unwrap_or_else(|p| p.into_inner());
+        open.sockets.remove(&self.id);
+    }
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Connection {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Connection {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }

@@ -60,3 +60,64 @@ async fn stop_ends_subscriptions_held_by_clients() {
         .unwrap();
     drop((groups, welcomes, client));
 }
+
+/// A client that stops reading a stream without closing it (its flow-control window full of
+/// news it does not take) cannot hold the stop up: the stream's end cannot be sent to it, so
+/// its connection is closed after the stop's grace period.
+#[tokio::test]
+async fn a_client_not_reading_its_stream_does_not_hold_the_stop() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gatehouse_node::serve(
+        listener,
+        Node::new(Store::temporary().unwrap()),
+        None,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let url = format!("http://127.0.0.1:{port}");
+    let mut reader = MlsApiClient::connect(url.clone()).await.unwrap();
+    let key = vec![9; 32];
+    let welcomes = reader
+        .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
+            filters: vec![mpb::subscribe_welcome_messages_request::Filter {
+                installation_key: key.clone(),
+                id_cursor: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // More than the client's windows hold (HTTP/2: a few MiB), never read.
+    let mut sender = MlsApiClient::connect(url).await.unwrap();
+    for _ in 0..64 {
+        sender
+            .send_welcome_messages(mpb::SendWelcomeMessagesRequest {
+                messages: (0..4)
+                    .map(|_| mpb::WelcomeMessageInput {
+                        version: Some(mpb::welcome_message_input::Version::V1(
+                            mpb::welcome_message_input::V1 {
+                                installation_key: key.clone(),
+                                data: vec![0x5a; 64 * 1024],
+                                hpke_public_key: vec![1; 32],
+                                ..Default::default()
+                            },
+                        )),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap();
+    }
+
+    stop_tx.send(()).unwrap();
+    // (The timeout only turns a hang into a failure; nothing here is timed.)
+    tokio::time::timeout(std::time::Duration::from_secs(60), server)
+        .await
+        .expect("the server did not stop while a client held an unread stream")
+        .unwrap()
+        .unwrap();
+    drop((welcomes, reader, sender));
+}
