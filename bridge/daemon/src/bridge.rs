@@ -2160,10 +2160,11 @@ impl Bridge {
     /// Maps several messages of a route (`external`: from devices; else conversation messages),
     /// in order, on one blocking thread: a hand-off to the blocking pool per message cost more
     /// than the call itself (≈ 200 µs of waiting for a thread on a busy machine against ≈ 4 µs
-    /// of mapping). Each call has its own limits
-    /// and outcome, as in [`Bridge::run_plugin`]; the calls stop after the first that did not
-    /// map, so the results may be fewer than the messages (map the rest one by one: that sees
-    /// a quarantine the failure caused). Empty when the plugin is quarantined or not loaded.
+    /// of mapping). Each call has its own limits and outcome, as in [`Bridge::run_plugin`]; the
+    /// calls stop after the first that did not map, so the results may be fewer than the
+    /// messages (map the rest one by one: that sees a quarantine the failure caused). Empty
+    /// when the plugin is quarantined or not loaded. A message whose carrying must wait after
+    /// its batch was mapped is mapped again when it is retried (its publishes keep their keys).
     async fn run_plugin_batch(
         &self,
         route: &Route,
