@@ -113,7 +113,7 @@ pub async fn serve(
                 move |conn| {
                     let conn = conn?;
                     let _ = conn.set_nodelay(true);
-                    open.track(conn)
+                    Ok::<_, std::io::Error>(open.track(conn))
                 },
             ),
             shutdown,
@@ -131,34 +131,54 @@ struct Connections(std::sync::Arc<std::sync::Mutex<Open>>);
 #[derive(Default)]
 struct Open {
     next: u64,
-    /// A second handle on each connection's socket (shutting it down ends the connection
-    /// under the server's feet: its reads see the end, its writes fail).
-    sockets: std::collections::HashMap<u64, std::net::TcpStream>,
+    cuts: std::collections::HashMap<u64, std::sync::Arc<Cut>>,
+}
+
+/// Closing one connection under the server's feet: once `closed`, its reads see the end and
+/// its writes fail, and whatever waits on either is woken to see it.
+#[derive(Default)]
+struct Cut {
+    closed: std::sync::atomic::AtomicBool,
+    read: futures::task::AtomicWaker,
+    write: futures::task::AtomicWaker,
+}
+
+impl Cut {
+    /// Whether the connection is closed; if not, `waker` is woken when it is.
+    fn closed(&self, waker: &futures::task::AtomicWaker, cx: &std::task::Context<'_>) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        waker.register(cx.waker());
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
 impl Connections {
-    fn track(&self, conn: tokio::net::TcpStream) -> std::io::Result<Connection> {
-        let std = conn.into_std()?;
-        let handle = std.try_clone()?;
-        let io = tokio::net::TcpStream::from_std(std)?;
+    fn track(&self, io: tokio::net::TcpStream) -> Connection {
+        let cut = std::sync::Arc::new(Cut::default());
         let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let id = open.next;
         open.next += 1;
-        open.sockets.insert(id, handle);
-        Ok(Connection {
+        open.cuts.insert(id, cut.clone());
+        Connection {
             io,
             id,
+            cut,
             open: self.clone(),
-        })
+        }
     }
 
     /// Closes every open connection; how many there were.
     fn close_all(&self) -> usize {
         let open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for socket in open.sockets.values() {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
+        for cut in open.cuts.values() {
+            cut.closed.store(true, std::sync::atomic::Ordering::Release);
+            cut.read.wake();
+            cut.write.wake();
         }
-        open.sockets.len()
+        open.cuts.len()
     }
 }
 
@@ -166,13 +186,19 @@ impl Connections {
 struct Connection {
     io: tokio::net::TcpStream,
     id: u64,
+    cut: std::sync::Arc<Cut>,
     open: Connections,
+}
+
+/// What a write to a closed connection returns.
+fn stopping() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the node is stopping")
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         let mut open = self.open.0.lock().unwrap_or_else(|p| p.into_inner());
-        open.sockets.remove(&self.id);
+        open.cuts.remove(&self.id);
     }
 }
 
@@ -190,6 +216,10 @@ impl tokio::io::AsyncRead for Connection {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.cut.closed(&self.cut.read, cx) {
+            // The end of the stream, as if the client had gone.
+            return std::task::Poll::Ready(Ok(()));
+        }
         std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -200,6 +230,9 @@ impl tokio::io::AsyncWrite for Connection {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.cut.closed(&self.cut.write, cx) {
+            return std::task::Poll::Ready(Err(stopping()));
+        }
         std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -208,6 +241,9 @@ impl tokio::io::AsyncWrite for Connection {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.cut.closed(&self.cut.write, cx) {
+            return std::task::Poll::Ready(Err(stopping()));
+        }
         std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -219,6 +255,9 @@ impl tokio::io::AsyncWrite for Connection {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.cut.closed(&self.cut.write, cx) {
+            return std::task::Poll::Ready(Err(stopping()));
+        }
         std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
