@@ -1,23 +1,18 @@
 //! Stopping the server ends live subscriptions: a client holding a stream open does not hold
 //! the stop up.
 
-use gatehouse_node::{Node, Store};
+mod common;
+
 use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
 use gatehouse_wire::xmtp::mls::api::v1 as mpb;
 
 #[tokio::test]
 async fn stop_ends_subscriptions_held_by_clients() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gatehouse_node::serve(
-        listener,
-        Node::new(Store::temporary().unwrap()),
-        None,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let common::Served {
+        port,
+        stop: stop_tx,
+        server,
+    } = common::serve(None).await;
     let mut client = MlsApiClient::connect(format!("http://127.0.0.1:{port}"))
         .await
         .unwrap();
@@ -66,17 +61,11 @@ async fn stop_ends_subscriptions_held_by_clients() {
 /// its connection is closed after the stop's grace period.
 #[tokio::test]
 async fn a_client_not_reading_its_stream_does_not_hold_the_stop() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gatehouse_node::serve(
-        listener,
-        Node::new(Store::temporary().unwrap()),
-        None,
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let common::Served {
+        port,
+        stop: stop_tx,
+        server,
+    } = common::serve(None).await;
     let url = format!("http://127.0.0.1:{port}");
     let mut reader = MlsApiClient::connect(url.clone()).await.unwrap();
     let key = vec![9; 32];

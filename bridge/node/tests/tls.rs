@@ -1,6 +1,8 @@
 //! The node serves over TLS when given a certificate.
 
-use gatehouse_node::{Node, Store, TlsFiles};
+mod common;
+
+use gatehouse_node::TlsFiles;
 use gatehouse_wire::identity_api::{
     GetInboxIdsRequest, get_inbox_ids_request, identity_api_client::IdentityApiClient,
 };
@@ -16,20 +18,15 @@ async fn serves_over_tls() {
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gatehouse_node::serve(
-        listener,
-        Node::new(Store::temporary().unwrap()),
-        Some(TlsFiles {
-            cert: cert.clone(),
-            key,
-        }),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let common::Served {
+        port,
+        stop: stop_tx,
+        server,
+    } = common::serve(Some(TlsFiles {
+        cert: cert.clone(),
+        key,
+    }))
+    .await;
 
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ck.cert.pem()))
