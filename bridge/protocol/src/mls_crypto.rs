@@ -1,19 +1,25 @@
 //! openmls' crypto provider: RustCrypto, keeping the decoded Ed25519 keys of the signers it
-//! checks.
+//! checks, and encrypting to X-Wing keys with Gatehouse's own HPKE.
 //!
 //! RustCrypto decodes the signer's public key (a point decompression, a field square root) for
 //! every signature it verifies; an installation checks the same few peers' signatures on every
-//! message. Everything else is RustCrypto's own, unchanged.
+//! message. HPKE's sending side on the PQ suite (X-Wing, HKDF-SHA256, AES-128-GCM) is
+//! `crate::hpke` over `crate::xwing`, whose ML-KEM is libcrux's: an update path encrypts to
+//! every member of a copath node's resolution, ≈ 1,000 X-Wing encapsulations to add a member to
+//! a fresh 1,000-member group. Everything else, receiving included, is RustCrypto's own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use openmls_rust_crypto::RustCrypto;
 use openmls_traits::crypto::OpenMlsCrypto;
+use openmls_traits::random::OpenMlsRand;
 use openmls_traits::types::{
-    AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeCiphertext, HpkeConfig,
-    HpkeKeyPair, KemOutput, SignatureScheme,
+    AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeAeadType, HpkeCiphertext,
+    HpkeConfig, HpkeKdfType, HpkeKemType, HpkeKeyPair, KemOutput, SignatureScheme,
 };
+
+use crate::hpke;
 use tls_codec::SecretVLBytes;
 
 /// Decoded signer keys kept at most (the cache starts over when full).
@@ -45,6 +51,39 @@ impl Crypto {
         }
         keys.insert(bytes, k);
         Ok(k)
+    }
+
+    /// HPKE base-mode sender setup to an X-Wing key, if `config` is one this crate's HPKE
+    /// speaks (`None`: leave it to RustCrypto).
+    fn xwing_sender(
+        &self,
+        config: &HpkeConfig,
+        pk_r: &[u8],
+        info: &[u8],
+    ) -> Option<Result<(hpke::Context, Vec<u8>), CryptoError>> {
+        let aead = match config {
+            HpkeConfig(HpkeKemType::XWingKemDraft6, HpkeKdfType::HkdfSha256, aead) => match aead {
+                HpkeAeadType::AesGcm128 => hpke::Aead::Aes128Gcm,
+                HpkeAeadType::ChaCha20Poly1305 => hpke::Aead::ChaCha20Poly1305,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        let randomness = self
+            .inner
+            .random_array::<64>()
+            .map_err(|_| CryptoError::InsufficientRandomness);
+        Some(randomness.and_then(|r| {
+            let (m, ek_x) = r.split_at(32);
+            hpke::setup_sender_xwing(
+                pk_r,
+                aead,
+                info,
+                m.try_into().expect("32 bytes"),
+                ek_x.try_into().expect("32 bytes"),
+            )
+            .map_err(|_| CryptoError::InvalidLength)
+        }))
     }
 }
 
@@ -146,7 +185,16 @@ impl OpenMlsCrypto for Crypto {
         aad: &[u8],
         ptxt: &[u8],
     ) -> Result<HpkeCiphertext, CryptoError> {
-        self.inner.hpke_seal(config, pk_r, info, aad, ptxt)
+        match self.xwing_sender(&config, pk_r, info) {
+            Some(setup) => {
+                let (ctx, enc) = setup?;
+                Ok(HpkeCiphertext {
+                    kem_output: enc.into(),
+                    ciphertext: ctx.seal(0, aad, ptxt).into(),
+                })
+            }
+            None => self.inner.hpke_seal(config, pk_r, info, aad, ptxt),
+        }
     }
 
     fn hpke_open(
@@ -168,6 +216,13 @@ impl OpenMlsCrypto for Crypto {
         exporter_context: &[u8],
         exporter_length: usize,
     ) -> Result<(KemOutput, ExporterSecret), CryptoError> {
+        if let Some(setup) = self.xwing_sender(&config, pk_r, info) {
+            let (ctx, enc) = setup.map_err(|_| CryptoError::SenderSetupError)?;
+            let secret = ctx
+                .export(exporter_context, exporter_length)
+                .map_err(|_| CryptoError::ExporterError)?;
+            return Ok((enc, secret.into()));
+        }
         self.inner.hpke_setup_sender_and_export(
             config,
             pk_r,
@@ -254,6 +309,91 @@ mod tests {
         assert_eq!(
             verify(b"hello", &pk, &sig[..63]),
             Err(CryptoError::CryptoLibraryError)
+        );
+    }
+
+    /// What this provider seals to an X-Wing key, RustCrypto (every receiver's side, ours
+    /// included) opens, on both AEADs and with the PQ suite's own config; the exported secret is
+    /// the receiver's; a changed ciphertext, AAD or info does not open; a malformed key is an
+    /// error; other KEMs still go to RustCrypto.
+    #[test]
+    fn xwing_sealing_opens_with_rustcrypto() {
+        let crypto = Crypto::default();
+        let rust = RustCrypto::default();
+        let pq = crate::group::PQ_CIPHERSUITE.hpke_config();
+        assert_eq!(
+            (pq.0, pq.1, pq.2),
+            (
+                HpkeKemType::XWingKemDraft6,
+                HpkeKdfType::HkdfSha256,
+                HpkeAeadType::AesGcm128
+            )
+        );
+        for aead in [HpkeAeadType::AesGcm128, HpkeAeadType::ChaCha20Poly1305] {
+            let config = || HpkeConfig(HpkeKemType::XWingKemDraft6, HpkeKdfType::HkdfSha256, aead);
+            for i in 0..8u8 {
+                let kp = rust.derive_hpke_keypair(config(), &[i; 32]).unwrap();
+                let pt = vec![i; 32 + usize::from(i)];
+                let sealed = crypto
+                    .hpke_seal(config(), &kp.public, b"info", b"aad", &pt)
+                    .unwrap();
+                let opened = rust
+                    .hpke_open(config(), &sealed, &kp.private, b"info", b"aad")
+                    .unwrap();
+                assert_eq!(opened, pt);
+                for (info, aad) in [(&b"infO"[..], &b"aad"[..]), (b"info", b"aaD")] {
+                    assert!(
+                        rust.hpke_open(config(), &sealed, &kp.private, info, aad)
+                            .is_err()
+                    );
+                }
+                let mut bad = sealed.clone();
+                let mut ct = bad.ciphertext.as_slice().to_vec();
+                ct[0] ^= 1;
+                bad.ciphertext = ct.into();
+                assert!(
+                    rust.hpke_open(config(), &bad, &kp.private, b"info", b"aad")
+                        .is_err()
+                );
+                let (enc, secret) = crypto
+                    .hpke_setup_sender_and_export(config(), &kp.public, b"info", b"ctx", 32)
+                    .unwrap();
+                let theirs = rust
+                    .hpke_setup_receiver_and_export(
+                        config(),
+                        &enc,
+                        &kp.private,
+                        b"info",
+                        b"ctx",
+                        32,
+                    )
+                    .unwrap();
+                assert_eq!(&*secret, &*theirs);
+            }
+            let kp = rust.derive_hpke_keypair(config(), &[9; 32]).unwrap();
+            assert_eq!(
+                crypto
+                    .hpke_seal(config(), &kp.public[1..], b"", b"", b"x")
+                    .unwrap_err(),
+                CryptoError::InvalidLength
+            );
+            assert_eq!(
+                crypto
+                    .hpke_setup_sender_and_export(config(), &kp.public[1..], b"", b"", 32)
+                    .unwrap_err(),
+                CryptoError::SenderSetupError
+            );
+        }
+        let config = || crate::group::CIPHERSUITE.hpke_config();
+        let kp = rust.derive_hpke_keypair(config(), &[1; 32]).unwrap();
+        let sealed = crypto
+            .hpke_seal(config(), &kp.public, b"", b"", b"x")
+            .unwrap();
+        assert_eq!(sealed.kem_output.as_slice().len(), 32);
+        assert_eq!(
+            rust.hpke_open(config(), &sealed, &kp.private, b"", b"")
+                .unwrap(),
+            b"x"
         );
     }
 }

@@ -3,8 +3,8 @@
 //! XMTP wraps welcomes with it (`WELCOME_WRAPPER_ALGORITHM_XWING_MLKEM_768_DRAFT_6`). The private
 //! key is the 32-byte seed; SHAKE256(seed, 96) expands to ML-KEM's `d ‖ z` and the X25519 secret.
 
-use ml_kem::ml_kem_768::{Ciphertext, DecapsulationKey, EncapsulationKey};
-use ml_kem::{B32, Decapsulate, KeyExport, Seed};
+use ml_kem::ml_kem_768::{Ciphertext, DecapsulationKey};
+use ml_kem::{Decapsulate, KeyExport, Seed};
 use rand_core::CryptoRngCore;
 use sha3::digest::{ExtendableOutput, Update, XofReader};
 use sha3::{Digest, Sha3_256, Shake256};
@@ -74,31 +74,62 @@ pub fn generate(rng: &mut impl CryptoRngCore) -> ([u8; SECRET_KEY_LEN], Vec<u8>)
 
 /// Encapsulates to `pk`: returns `(shared secret, ciphertext)`.
 pub fn encapsulate(pk: &[u8], rng: &mut impl CryptoRngCore) -> Result<([u8; 32], Vec<u8>)> {
+    let mut m = [0u8; 32];
+    rng.fill_bytes(&mut m);
+    let mut ek_x = [0u8; 32];
+    rng.fill_bytes(&mut ek_x);
+    encapsulate_with(pk, m, ek_x)
+}
+
+/// Encapsulates to `pk` with the given randomness: `m` for ML-KEM-768's encapsulation, `ek_x`
+/// the ephemeral X25519 secret (the draft's `eseed` is `m ‖ ek_x`).
+///
+/// ML-KEM is libcrux's here (AVX2 where the CPU has it; decapsulation stays with `ml-kem`): the
+/// sending side of the PQ suite's update paths is one encapsulation per member of a copath
+/// node's resolution, ≈ 1,000 for adding a member to a fresh 1,000-member group.
+pub fn encapsulate_with(pk: &[u8], m: [u8; 32], ek_x: [u8; 32]) -> Result<([u8; 32], Vec<u8>)> {
+    use libcrux_ml_kem::mlkem768;
     if pk.len() != PUBLIC_KEY_LEN {
         return Err(ProtocolError::malformed(
             "X-Wing public key",
             format!("{} bytes, expected {PUBLIC_KEY_LEN}", pk.len()),
         ));
     }
-    let encoded = ml_kem::Key::<EncapsulationKey>::try_from(&pk[..MLKEM_PK])
+    let pk_m = mlkem768::MlKem768PublicKey::try_from(&pk[..MLKEM_PK])
         .map_err(|_| ProtocolError::malformed("X-Wing public key", "ML-KEM part"))?;
-    let ek = EncapsulationKey::new(&encoded).map_err(|_| {
-        ProtocolError::malformed("X-Wing public key", "ML-KEM key fails validation")
-    })?;
+    // FIPS 203's encapsulation-key check (every coefficient below the modulus).
+    if !mlkem768::validate_public_key(&pk_m) {
+        return Err(ProtocolError::malformed(
+            "X-Wing public key",
+            "ML-KEM key fails validation",
+        ));
+    }
     let mut pk_x = [0u8; 32];
     pk_x.copy_from_slice(&pk[MLKEM_PK..]);
-    let mut m = B32::default();
-    rng.fill_bytes(&mut m);
-    let (ct_m, ss_m) = ek.encapsulate_deterministic(&m);
-    let mut ek_x = [0u8; 32];
-    rng.fill_bytes(&mut ek_x);
-    let ek_x = StaticSecret::from(ek_x);
-    let ct_x = PublicKey::from(&ek_x);
-    let ss_x = ek_x.diffie_hellman(&PublicKey::from(pk_x));
-    let ss = combine(&ss_m, ss_x.as_bytes(), ct_x.as_bytes(), &pk_x);
-    let mut ct = ct_m.to_vec();
+    let (ct_m, ss_m) = mlkem768::encapsulate(&pk_m, m);
+    let ct_x = PublicKey::from(&StaticSecret::from(ek_x));
+    let ss_x = x25519(ek_x, pk_x);
+    let ss = combine(&ss_m, &ss_x, ct_x.as_bytes(), &pk_x);
+    let mut ct = ct_m.as_slice().to_vec();
     ct.extend_from_slice(ct_x.as_bytes());
     Ok((ss, ct))
+}
+
+/// X25519 (RFC 7748) of the scalar `k` and the u-coordinate `u`, as `x25519-dalek`'s
+/// `diffie_hellman` computes it, about twice as fast where the CPU has AVX2.
+///
+/// The Montgomery ladder is curve25519-dalek's serial code; its Edwards variable-base
+/// multiplication has an AVX2 backend. For a `u` on the curve, the Edwards point with that `u`
+/// (either sign: `[k](-P) = -[k]P` has the same `u`) times the clamped `k` gives the same `u`
+/// (clamping makes `k` a multiple of the cofactor and below 2^255, which Edwards multiplication
+/// takes unreduced). A `u` on the twist (or -1) has no Edwards point and takes the ladder.
+/// Which path runs depends only on `u`, a public key; both are constant time in `k`.
+fn x25519(k: [u8; 32], u: [u8; 32]) -> [u8; 32] {
+    let point = curve25519_dalek::MontgomeryPoint(u);
+    match point.to_edwards(0) {
+        Some(p) => p.mul_clamped(k).to_montgomery().0,
+        None => point.mul_clamped(k).0,
+    }
 }
 
 /// Decapsulates `ct` with the seed `sk`.
@@ -298,5 +329,64 @@ mod tests {
         assert!(encapsulate(&pk, &mut rng).is_ok());
         assert!(encapsulate(&pk[..PUBLIC_KEY_LEN - 1], &mut rng).is_err());
         assert!(encapsulate(&[pk.clone(), vec![0]].concat(), &mut rng).is_err());
+    }
+
+    /// The AVX2 route of X25519 agrees with the ladder (`x25519-dalek`): random keys and
+    /// u-coordinates (about half on the twist), and the edge cases (0, 1, -1, the order-8
+    /// points' u, non-canonical encodings and the ignored top bit).
+    #[test]
+    fn x25519_matches_the_ladder() {
+        use rand_core::{OsRng, RngCore};
+        let ladder = |k: [u8; 32], u: [u8; 32]| {
+            *StaticSecret::from(k)
+                .diffie_hellman(&PublicKey::from(u))
+                .as_bytes()
+        };
+        let p_minus = |d: u8| {
+            // p - d, little-endian (p = 2^255 - 19).
+            let mut b = [0xffu8; 32];
+            b[0] = 0xed - d;
+            b[31] = 0x7f;
+            b
+        };
+        let mut edge = vec![[0u8; 32], p_minus(1), p_minus(0), p_minus(0)];
+        edge[2][0] = 0xed; // p itself: 0 non-canonically
+        edge[3][0] = 0xee; // p + 1: 1 non-canonically
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        edge.push(one);
+        // u-coordinates of points of small order (RFC 7748 test material, libsodium's list).
+        for hex in [
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        ] {
+            edge.push(hex::decode(hex).unwrap().try_into().unwrap());
+        }
+        for u in edge.clone() {
+            let mut top = u;
+            top[31] |= 0x80;
+            edge.push(top);
+        }
+        let mut on_curve = 0;
+        for i in 0..2000 {
+            let mut k = [0u8; 32];
+            OsRng.fill_bytes(&mut k);
+            let u = if let Some(u) = edge.get(i) {
+                *u
+            } else {
+                let mut u = [0u8; 32];
+                OsRng.fill_bytes(&mut u);
+                u
+            };
+            if curve25519_dalek::MontgomeryPoint(u).to_edwards(0).is_some() {
+                on_curve += 1;
+            }
+            assert_eq!(x25519(k, u), ladder(k, u), "k {k:02x?} u {u:02x?}");
+        }
+        // Both routes were taken many times.
+        assert!(
+            (500..1500).contains(&on_curve),
+            "{on_curve} of 2000 on the curve"
+        );
     }
 }
