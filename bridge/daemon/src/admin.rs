@@ -90,10 +90,23 @@ pub async fn serve(
     bridge: Arc<Bridge>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut pause = gatehouse_store::accept::Pause::default();
     loop {
         let (mut sock, _) = tokio::select! {
             _ = shutdown.changed() => return,
-            r = listener.accept() => match r { Ok(s) => s, Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue } },
+            r = listener.accept() => match r {
+                Ok(s) => {
+                    pause.accepted("admin");
+                    s
+                }
+                Err(e) => {
+                    let wait = pause.failed("admin", &e);
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            },
         };
         let bridge = bridge.clone();
         tokio::spawn(async move {

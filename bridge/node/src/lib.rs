@@ -108,20 +108,56 @@ pub async fn serve(
         // tonic's `tcp_nodelay` does not apply, and Nagle's algorithm against the client's
         // delayed ACKs held small answers back ~40 ms each (found with the load harness).
         .serve_with_incoming_shutdown(
-            tokio_stream::StreamExt::map(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                move |conn| {
-                    let conn = conn?;
-                    let _ = conn.set_nodelay(true);
-                    Ok::<_, std::io::Error>(open.track(conn))
-                },
-            ),
+            accepting(std::sync::Arc::new(listener), move |conn| {
+                let _ = conn.set_nodelay(true);
+                open.track(conn)
+            }),
             shutdown,
         )
         .await;
     cut.abort();
     served?;
     Ok(())
+}
+
+/// The listener's connections, each passed through `wrap`. A failed accept pauses accepting
+/// (`gatehouse_store::accept::Pause`: 5 ms doubling to 1 s while it keeps failing) instead of
+/// tonic's immediate retry, which spins while the process is out of file descriptors.
+fn accepting<T>(
+    listener: std::sync::Arc<tokio::net::TcpListener>,
+    wrap: impl FnMut(tokio::net::TcpStream) -> T,
+) -> impl futures::Stream<Item = std::io::Result<T>> {
+    accepting_from(
+        move || {
+            let l = listener.clone();
+            async move { l.accept().await.map(|(conn, _)| conn) }
+        },
+        wrap,
+    )
+}
+
+/// [`accepting`] over any accept function (tests inject failures with it).
+fn accepting_from<C, T, F, Fut>(
+    accept: F,
+    wrap: impl FnMut(C) -> T,
+) -> impl futures::Stream<Item = std::io::Result<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<C>>,
+{
+    let state = (accept, wrap, gatehouse_store::accept::Pause::default());
+    futures::stream::unfold(state, |(mut accept, mut wrap, mut pause)| async move {
+        loop {
+            match accept().await {
+                Ok(conn) => {
+                    pause.accepted("XMTP node");
+                    let item = Ok(wrap(conn));
+                    return Some((item, (accept, wrap, pause)));
+                }
+                Err(e) => tokio::time::sleep(pause.failed("XMTP node", &e)).await,
+            }
+        }
+    })
 }
 
 /// The node's open connections, so that a stop can close those its grace period did not end.
@@ -266,5 +302,41 @@ impl tokio::io::AsyncWrite for Connection {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    /// Failed accepts (out of file descriptors) pause the loop, 5 ms doubling, instead of
+    /// retrying at once; the connection behind them still comes out, and the next run of
+    /// failures starts from 5 ms again.
+    #[tokio::test(start_paused = true)]
+    async fn failed_accepts_pause_and_recover() {
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let c = calls.clone();
+        // Fails five times, accepts "conn 6", fails twice, accepts "conn 9".
+        let accept = move || {
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            async move {
+                match n {
+                    6 | 9 => Ok(n),
+                    _ => Err(std::io::Error::from_raw_os_error(24)),
+                }
+            }
+        };
+        let mut conns = Box::pin(accepting_from(accept, |n| format!("conn {n}")));
+        let start = tokio::time::Instant::now();
+        assert_eq!(conns.next().await.unwrap().unwrap(), "conn 6");
+        assert_eq!(
+            start.elapsed(),
+            std::time::Duration::from_millis(5 + 10 + 20 + 40 + 80)
+        );
+        let start = tokio::time::Instant::now();
+        assert_eq!(conns.next().await.unwrap().unwrap(), "conn 9");
+        assert_eq!(start.elapsed(), std::time::Duration::from_millis(5 + 10));
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 9);
     }
 }

@@ -1,7 +1,10 @@
-//! sled helpers shared by the node, the clients and the daemon.
+//! sled helpers shared by the node, the clients and the daemon, and the pause of their
+//! listeners after a failed accept.
 //!
 //! - [`open`]: a store with a seal, so damage is found at open (below);
-//! - [`flush_tree`]: a flush that does not block the async runtime.
+//! - [`flush_tree`]: a flush that does not block the async runtime;
+//! - [`accept::Pause`]: the back-off of every accept loop (out of file descriptors, a loop that
+//!   retried at once would spin).
 //!
 //! # Damage detection
 //!
@@ -25,6 +28,8 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod accept;
 
 use std::fs::File;
 use std::io::Read;

@@ -223,15 +223,21 @@ pub async fn start(
     let rates: Rates = Default::default();
     tracing::info!(listen = %local_addr, "SMTP listening");
     tokio::spawn(async move {
+        let mut pause = gatehouse_store::accept::Pause::default();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.changed() => return,
                 r = listener.accept() => match r {
-                    Ok(v) => v,
+                    Ok(v) => {
+                        pause.accepted("SMTP");
+                        v
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "SMTP accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+                        let wait = pause.failed("SMTP", &e);
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            _ = tokio::time::sleep(wait) => continue,
+                        }
                     }
                 },
             };

@@ -264,12 +264,25 @@ pub(crate) fn start_relay(
     let last_error: LastError = Default::default();
     let errors = last_error.clone();
     tokio::spawn(async move {
+        let mut pause = gatehouse_store::accept::Pause::default();
         loop {
             let conn = tokio::select! {
                 _ = shutdown.changed() => break,
                 c = listener.accept() => c,
             };
-            let Ok((conn, _)) = conn else { continue };
+            let conn = match conn {
+                Ok((conn, _)) => {
+                    pause.accepted("MQTT outbox");
+                    conn
+                }
+                Err(e) => {
+                    let wait = pause.failed("MQTT outbox", &e);
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            };
             let dialled = match TcpStream::connect(&broker).await {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
