@@ -30,7 +30,7 @@ routes:
   - {name: devices, channel: mqtt, subscribe: "devices/{device}/up", plugin: mqtt, agents: ["$AGENT"]}
 YAML
 "$GATEHOUSE" run --config config.yaml 2> daemon.log & pids+=($!)
-until grep -q "MQTT connected" daemon.log; do sleep 0.1; done
+until grep -qs "MQTT connected" daemon.log; do sleep 0.1; done
 
 # 4. Register the agent, then the device speaks.
 "$GATEHOUSE" agent --home agent --node "http://127.0.0.1:$NODE" init >/dev/null
@@ -40,7 +40,7 @@ mosquitto_pub -p "$MQTT" -q 1 -t devices/thermo-1/up -m '{"t":21.5}'
 # 5. The agent answers; the device hears it on devices/thermo-1/down.
 ENDPOINT=$("$GATEHOUSE" endpoints --json --admin "127.0.0.1:$ADMIN" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["inbox_id"])')
 stdbuf -oL mosquitto_sub -d -p "$MQTT" -q 1 -C 1 -t devices/thermo-1/down > down.txt & sub=$!
-until grep -q SUBACK down.txt; do sleep 0.1; done   # subscribed
+until grep -qs SUBACK down.txt; do sleep 0.1; done   # subscribed
 "$GATEHOUSE" agent --home agent --node "http://127.0.0.1:$NODE" send --to "$ENDPOINT" "set 19.0" >/dev/null
 wait "$sub"
 echo "device received: $(grep -v -e '^Client ' -e '^Subscribed' down.txt)"
