@@ -12,6 +12,7 @@ use chacha20poly1305::aead::{Aead as _, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hkdf::Hkdf;
 use sha2::Sha256;
+use zeroize::Zeroize;
 
 use crate::error::{ProtocolError, Result};
 
@@ -87,7 +88,7 @@ fn labeled_expand(suite: &[u8], prk: &[u8], label: &[u8], info: &[u8], len: usiz
 }
 
 /// An HPKE context after the key schedule: seals or opens messages by sequence number, and
-/// exports secrets.
+/// exports secrets. Its secrets are wiped when it is dropped.
 pub struct Context {
     aead: Aead,
     suite: Vec<u8>,
@@ -110,13 +111,14 @@ impl Context {
         let mut ctx = vec![0u8];
         ctx.extend_from_slice(&psk_id_hash);
         ctx.extend_from_slice(&info_hash);
-        let secret = labeled_extract(&suite, shared_secret, b"secret", b"");
+        let mut secret = labeled_extract(&suite, shared_secret, b"secret", b"");
         let mut key = [0u8; 32];
         let nk = aead.key_len();
         key[..nk].copy_from_slice(&labeled_expand(&suite, &secret, b"key", &ctx, nk));
         let mut base_nonce = [0u8; 12];
         base_nonce.copy_from_slice(&labeled_expand(&suite, &secret, b"base_nonce", &ctx, 12));
         let exporter_secret = labeled_expand(&suite, &secret, b"exp", &ctx, 32);
+        secret.zeroize();
         Self {
             aead,
             suite,
@@ -177,6 +179,14 @@ impl Context {
     }
 }
 
+impl Drop for Context {
+    fn drop(&mut self) {
+        self.key.zeroize();
+        self.base_nonce.zeroize();
+        self.exporter_secret.zeroize();
+    }
+}
+
 /// Base-mode sender setup to an X-Wing public key: the context and the KEM output (`enc`).
 /// `m` and `ek_x` are the encapsulation's randomness (see [`crate::xwing::encapsulate_with`]).
 pub fn setup_sender_xwing(
@@ -186,8 +196,10 @@ pub fn setup_sender_xwing(
     m: [u8; 32],
     ek_x: [u8; 32],
 ) -> Result<(Context, Vec<u8>)> {
-    let (ss, enc) = crate::xwing::encapsulate_with(pk_r, m, ek_x)?;
-    Ok((Context::with_aead(KEM_XWING, aead, &ss, info), enc))
+    let (mut ss, enc) = crate::xwing::encapsulate_with(pk_r, m, ek_x)?;
+    let ctx = Context::with_aead(KEM_XWING, aead, &ss, info);
+    ss.zeroize();
+    Ok((ctx, enc))
 }
 
 /// ChaCha20-Poly1305 encryption.

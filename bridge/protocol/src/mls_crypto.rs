@@ -18,9 +18,10 @@ use openmls_traits::types::{
     AeadType, Ciphersuite, CryptoError, ExporterSecret, HashType, HpkeAeadType, HpkeCiphertext,
     HpkeConfig, HpkeKdfType, HpkeKemType, HpkeKeyPair, KemOutput, SignatureScheme,
 };
+use tls_codec::SecretVLBytes;
+use zeroize::Zeroize;
 
 use crate::hpke;
-use tls_codec::SecretVLBytes;
 
 /// Decoded signer keys kept at most (the cache starts over when full).
 const KEYS_KEPT: usize = 4096;
@@ -73,16 +74,18 @@ impl Crypto {
             .inner
             .random_array::<64>()
             .map_err(|_| CryptoError::InsufficientRandomness);
-        Some(randomness.and_then(|r| {
+        Some(randomness.and_then(|mut r| {
             let (m, ek_x) = r.split_at(32);
-            hpke::setup_sender_xwing(
+            let setup = hpke::setup_sender_xwing(
                 pk_r,
                 aead,
                 info,
                 m.try_into().expect("32 bytes"),
                 ek_x.try_into().expect("32 bytes"),
             )
-            .map_err(|_| CryptoError::InvalidLength)
+            .map_err(|_| CryptoError::InvalidLength);
+            r.zeroize();
+            setup
         }))
     }
 }

@@ -78,7 +78,10 @@ pub fn encapsulate(pk: &[u8], rng: &mut impl CryptoRngCore) -> Result<([u8; 32],
     rng.fill_bytes(&mut m);
     let mut ek_x = [0u8; 32];
     rng.fill_bytes(&mut ek_x);
-    encapsulate_with(pk, m, ek_x)
+    let out = encapsulate_with(pk, m, ek_x);
+    zeroize::Zeroize::zeroize(&mut m);
+    zeroize::Zeroize::zeroize(&mut ek_x);
+    out
 }
 
 /// Encapsulates to `pk` with the given randomness: `m` for ML-KEM-768's encapsulation, `ek_x`
@@ -87,7 +90,11 @@ pub fn encapsulate(pk: &[u8], rng: &mut impl CryptoRngCore) -> Result<([u8; 32],
 /// ML-KEM is libcrux's here (AVX2 where the CPU has it; decapsulation stays with `ml-kem`): the
 /// sending side of the PQ suite's update paths is one encapsulation per member of a copath
 /// node's resolution, ≈ 1,000 for adding a member to a fresh 1,000-member group.
-pub fn encapsulate_with(pk: &[u8], m: [u8; 32], ek_x: [u8; 32]) -> Result<([u8; 32], Vec<u8>)> {
+pub fn encapsulate_with(
+    pk: &[u8],
+    mut m: [u8; 32],
+    mut ek_x: [u8; 32],
+) -> Result<([u8; 32], Vec<u8>)> {
     use libcrux_ml_kem::mlkem768;
     if pk.len() != PUBLIC_KEY_LEN {
         return Err(ProtocolError::malformed(
@@ -106,10 +113,15 @@ pub fn encapsulate_with(pk: &[u8], m: [u8; 32], ek_x: [u8; 32]) -> Result<([u8; 
     }
     let mut pk_x = [0u8; 32];
     pk_x.copy_from_slice(&pk[MLKEM_PK..]);
-    let (ct_m, ss_m) = mlkem768::encapsulate(&pk_m, m);
+    let (ct_m, mut ss_m) = mlkem768::encapsulate(&pk_m, m);
     let ct_x = PublicKey::from(&StaticSecret::from(ek_x));
-    let ss_x = x25519(ek_x, pk_x);
+    let mut ss_x = x25519(ek_x, pk_x);
     let ss = combine(&ss_m, &ss_x, ct_x.as_bytes(), &pk_x);
+    // Best effort: the randomness and the two shared secrets are wiped (the copies a move
+    // leaves behind are not in our hands).
+    for secret in [&mut m, &mut ek_x, &mut ss_m, &mut ss_x] {
+        zeroize::Zeroize::zeroize(secret);
+    }
     let mut ct = ct_m.as_slice().to_vec();
     ct.extend_from_slice(ct_x.as_bytes());
     Ok((ss, ct))
