@@ -136,6 +136,8 @@ fn consent_requests_and_deny() {
     a.ok(&["consent", "allow", &ic]);
     c.send(&ia, "thanks");
     assert_eq!(a.listen(1)[0]["text"], "thanks");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `agent listen` waits out a node that goes away and comes back, as `mosquitto_sub` waits out

@@ -236,4 +236,6 @@ fn content_types_and_transcripts() {
     assert_eq!(info["name"], "crew");
     let listed = c.ok(&["conversations", "--json"]);
     assert!(listed.lines().any(|l| l.contains(&gid)), "{listed}");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
 }
