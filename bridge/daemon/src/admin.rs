@@ -94,19 +94,7 @@ pub async fn serve(
     loop {
         let (mut sock, _) = tokio::select! {
             _ = shutdown.changed() => return,
-            r = listener.accept() => match r {
-                Ok(s) => {
-                    pause.accepted("admin");
-                    s
-                }
-                Err(e) => {
-                    let wait = pause.failed("admin", &e);
-                    tokio::select! {
-                        _ = shutdown.changed() => return,
-                        _ = tokio::time::sleep(wait) => continue,
-                    }
-                }
-            },
+            s = pause.accept("admin", || listener.accept()) => s,
         };
         let bridge = bridge.clone();
         tokio::spawn(async move {

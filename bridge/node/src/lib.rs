@@ -108,7 +108,7 @@ pub async fn serve(
         // tonic's `tcp_nodelay` does not apply, and Nagle's algorithm against the client's
         // delayed ACKs held small answers back ~40 ms each (found with the load harness).
         .serve_with_incoming_shutdown(
-            accepting(std::sync::Arc::new(listener), move |conn| {
+            accepting(listener, move |conn| {
                 let _ = conn.set_nodelay(true);
                 open.track(conn)
             }),
@@ -121,42 +121,18 @@ pub async fn serve(
 }
 
 /// The listener's connections, each passed through `wrap`. A failed accept pauses accepting
-/// (`gatehouse_store::accept::Pause`: 5 ms doubling to 1 s while it keeps failing) instead of
-/// tonic's immediate retry, which spins while the process is out of file descriptors.
+/// (`gatehouse_store::accept::Pause`: 5 ms doubling to 1 s while it keeps failing); tonic's own
+/// loop ended the server at the first accept error it does not list (out of file descriptors),
+/// so this stream never yields one.
 fn accepting<T>(
-    listener: std::sync::Arc<tokio::net::TcpListener>,
+    listener: tokio::net::TcpListener,
     wrap: impl FnMut(tokio::net::TcpStream) -> T,
 ) -> impl futures::Stream<Item = std::io::Result<T>> {
-    accepting_from(
-        move || {
-            let l = listener.clone();
-            async move { l.accept().await.map(|(conn, _)| conn) }
-        },
-        wrap,
-    )
-}
-
-/// [`accepting`] over any accept function (tests inject failures with it).
-fn accepting_from<C, T, F, Fut>(
-    accept: F,
-    wrap: impl FnMut(C) -> T,
-) -> impl futures::Stream<Item = std::io::Result<T>>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<C>>,
-{
-    let state = (accept, wrap, gatehouse_store::accept::Pause::default());
-    futures::stream::unfold(state, |(mut accept, mut wrap, mut pause)| async move {
-        loop {
-            match accept().await {
-                Ok(conn) => {
-                    pause.accepted("XMTP node");
-                    let item = Ok(wrap(conn));
-                    return Some((item, (accept, wrap, pause)));
-                }
-                Err(e) => tokio::time::sleep(pause.failed("XMTP node", &e)).await,
-            }
-        }
+    let state = (listener, wrap, gatehouse_store::accept::Pause::default());
+    futures::stream::unfold(state, |(listener, mut wrap, mut pause)| async move {
+        let (conn, _) = pause.accept("XMTP node", || listener.accept()).await;
+        let item = Ok(wrap(conn));
+        Some((item, (listener, wrap, pause)))
     })
 }
 
@@ -302,41 +278,5 @@ impl tokio::io::AsyncWrite for Connection {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use futures::StreamExt;
-
-    /// Failed accepts (out of file descriptors) pause the loop, 5 ms doubling, instead of
-    /// retrying at once; the connection behind them still comes out, and the next run of
-    /// failures starts from 5 ms again.
-    #[tokio::test(start_paused = true)]
-    async fn failed_accepts_pause_and_recover() {
-        let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let c = calls.clone();
-        // Fails five times, accepts "conn 6", fails twice, accepts "conn 9".
-        let accept = move || {
-            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            async move {
-                match n {
-                    6 | 9 => Ok(n),
-                    _ => Err(std::io::Error::from_raw_os_error(24)),
-                }
-            }
-        };
-        let mut conns = Box::pin(accepting_from(accept, |n| format!("conn {n}")));
-        let start = tokio::time::Instant::now();
-        assert_eq!(conns.next().await.unwrap().unwrap(), "conn 6");
-        assert_eq!(
-            start.elapsed(),
-            std::time::Duration::from_millis(5 + 10 + 20 + 40 + 80)
-        );
-        let start = tokio::time::Instant::now();
-        assert_eq!(conns.next().await.unwrap().unwrap(), "conn 9");
-        assert_eq!(start.elapsed(), std::time::Duration::from_millis(5 + 10));
-        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 9);
     }
 }

@@ -136,16 +136,19 @@ impl Context {
         n
     }
 
+    fn aes(&self) -> Aes128Gcm {
+        Aes128Gcm::new(aes_gcm::Key::<Aes128Gcm>::from_slice(&self.key[..16]))
+    }
+
     /// Encrypts `pt` as message number `seq`.
     pub fn seal(&self, seq: u64, aad: &[u8], pt: &[u8]) -> Vec<u8> {
         let nonce = self.nonce(seq);
         match self.aead {
             Aead::ChaCha20Poly1305 => aead_seal(&self.key, &nonce, aad, pt),
-            Aead::Aes128Gcm => {
-                Aes128Gcm::new(aes_gcm::Key::<Aes128Gcm>::from_slice(&self.key[..16]))
-                    .encrypt(aes_gcm::Nonce::from_slice(&nonce), Payload { msg: pt, aad })
-                    .expect("AES-128-GCM encryption of an in-memory buffer cannot fail")
-            }
+            Aead::Aes128Gcm => self
+                .aes()
+                .encrypt(aes_gcm::Nonce::from_slice(&nonce), Payload { msg: pt, aad })
+                .expect("AES-128-GCM encryption of an in-memory buffer cannot fail"),
         }
     }
 
@@ -154,11 +157,10 @@ impl Context {
         let nonce = self.nonce(seq);
         match self.aead {
             Aead::ChaCha20Poly1305 => aead_open(&self.key, &nonce, aad, ct),
-            Aead::Aes128Gcm => {
-                Aes128Gcm::new(aes_gcm::Key::<Aes128Gcm>::from_slice(&self.key[..16]))
-                    .decrypt(aes_gcm::Nonce::from_slice(&nonce), Payload { msg: ct, aad })
-                    .map_err(|_| ProtocolError::Decrypt("AEAD tag mismatch"))
-            }
+            Aead::Aes128Gcm => self
+                .aes()
+                .decrypt(aes_gcm::Nonce::from_slice(&nonce), Payload { msg: ct, aad })
+                .map_err(|_| ProtocolError::Decrypt("AEAD tag mismatch")),
         }
     }
 

@@ -227,19 +227,7 @@ pub async fn start(
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.changed() => return,
-                r = listener.accept() => match r {
-                    Ok(v) => {
-                        pause.accepted("SMTP");
-                        v
-                    }
-                    Err(e) => {
-                        let wait = pause.failed("SMTP", &e);
-                        tokio::select! {
-                            _ = shutdown.changed() => return,
-                            _ = tokio::time::sleep(wait) => continue,
-                        }
-                    }
-                },
+                v = pause.accept("SMTP", || listener.accept()) => v,
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 let mut stream = stream;

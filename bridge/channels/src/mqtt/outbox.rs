@@ -266,22 +266,9 @@ pub(crate) fn start_relay(
     tokio::spawn(async move {
         let mut pause = gatehouse_store::accept::Pause::default();
         loop {
-            let conn = tokio::select! {
+            let (conn, _) = tokio::select! {
                 _ = shutdown.changed() => break,
-                c = listener.accept() => c,
-            };
-            let conn = match conn {
-                Ok((conn, _)) => {
-                    pause.accepted("MQTT outbox");
-                    conn
-                }
-                Err(e) => {
-                    let wait = pause.failed("MQTT outbox", &e);
-                    tokio::select! {
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(wait) => continue,
-                    }
-                }
+                c = pause.accept("MQTT outbox", || listener.accept()) => c,
             };
             let dialled = match TcpStream::connect(&broker).await {
                 Ok(tcp) => {
