@@ -248,6 +248,16 @@ const PAGE: u32 = 100;
 const READ_AHEAD: usize = 32;
 
 /// The query for up to `limit` messages of a conversation after `cursor`, oldest first.
+/// Where the node placed what was published, from its answer's header (Gatehouse's node).
+fn placed_in(answer: &tonic::Response<()>) -> Option<Vec<(u64, u64)>> {
+    let value = answer
+        .metadata()
+        .get(gatehouse_protocol::placed::HEADER)?
+        .to_str()
+        .ok()?;
+    gatehouse_protocol::placed::decode(value)
+}
+
 fn page_query(gid: &[u8], cursor: u64, limit: u32) -> mpb::QueryGroupMessagesRequest {
     mpb::QueryGroupMessagesRequest {
         group_id: gid.to_vec(),
@@ -1118,10 +1128,16 @@ impl Client {
         self.published = Some(sink);
     }
 
-    /// Publishes one MLS message to the node.
-    async fn publish_group_message(&mut self, data: Vec<u8>, should_push: bool) -> Result<()> {
+    /// Publishes one MLS message to the node. Returns where the node placed it, when it says
+    /// ([`gatehouse_protocol::placed`]).
+    async fn publish_group_message(
+        &mut self,
+        data: Vec<u8>,
+        should_push: bool,
+    ) -> Result<Option<Vec<(u64, u64)>>> {
         self.record_published(&[published_digest(&data)]);
-        self.mls
+        let answer = self
+            .mls
             .send_group_messages(mpb::SendGroupMessagesRequest {
                 messages: vec![mpb::GroupMessageInput {
                     version: Some(mpb::group_message_input::Version::V1(
@@ -1134,7 +1150,7 @@ impl Client {
                 }],
             })
             .await?;
-        Ok(())
+        Ok(placed_in(&answer))
     }
 
     async fn newest_id(&mut self, gid: &[u8]) -> Result<u64> {
@@ -1420,10 +1436,12 @@ impl Client {
             .collect();
         self.record_published(&digests);
         let before = self.read_cursor(gid)?;
-        self.mls
+        let answer = self
+            .mls
             .send_group_messages(mpb::SendGroupMessagesRequest { messages: inputs })
             .await?;
-        self.skip_own(gid, before, &digests).await;
+        self.skip_own(gid, before, &digests, placed_in(&answer))
+            .await;
         Ok(sent)
     }
 
@@ -1431,14 +1449,39 @@ impl Client {
     /// `before`: when they are all that followed the cursor, it moves past them, as a read
     /// would (our own messages cannot be decrypted by us), so the conversation holds nothing
     /// unread for this installation and a check of the node's newest message finds no news.
-    /// Anything else there is left to the next read; a failure here only costs that read.
-    async fn skip_own(&mut self, gid: &[u8], before: u64, digests: &[u64]) {
-        let limit = u32::try_from(digests.len() + 1).unwrap_or(u32::MAX);
-        let Ok(after) = self.messages_after(gid, before, limit).await else {
-            return;
+    /// Where the node said where it placed them (`placed`, Gatehouse's node) that answers it;
+    /// otherwise the node is asked. Anything else there is left to the next read; a failure
+    /// here only costs that read.
+    async fn skip_own(
+        &mut self,
+        gid: &[u8],
+        before: u64,
+        digests: &[u64],
+        placed: Option<Vec<(u64, u64)>>,
+    ) {
+        let last = match placed {
+            Some(placed) if placed.len() == digests.len() => {
+                gatehouse_protocol::placed::cursor_after(before, &placed)
+            }
+            Some(_) => None,
+            None => self.own_run_after(gid, before, digests).await,
         };
+        if let Some(id) = last
+            && self.read_cursor(gid).is_ok_and(|c| c == before)
+        {
+            let _ = self
+                .tree
+                .insert([b"cursor/g/".as_slice(), gid].concat(), &id.to_be_bytes());
+        }
+    }
+
+    /// Asks the node what followed `before` in `gid`: the id of the last of our messages
+    /// (`digests`) when they are all there is.
+    async fn own_run_after(&mut self, gid: &[u8], before: u64, digests: &[u64]) -> Option<u64> {
+        let limit = u32::try_from(digests.len() + 1).unwrap_or(u32::MAX);
+        let after = self.messages_after(gid, before, limit).await.ok()?;
         if after.len() != digests.len() {
-            return;
+            return None;
         }
         let mut last = None;
         for (m, digest) in after.iter().zip(digests) {
@@ -1448,16 +1491,10 @@ impl Client {
                 {
                     last = Some(v.id)
                 }
-                _ => return,
+                _ => return None,
             }
         }
-        if let Some(id) = last
-            && self.read_cursor(gid).is_ok_and(|c| c == before)
-        {
-            let _ = self
-                .tree
-                .insert([b"cursor/g/".as_slice(), gid].concat(), &id.to_be_bytes());
-        }
+        last
     }
 
     /// Encrypts content on the group's current epoch and publishes it (no read first).
@@ -1477,8 +1514,8 @@ impl Client {
         self.persist_mls()?;
         let gid = g.group_id().as_slice().to_vec();
         let (before, digest) = (self.read_cursor(&gid)?, published_digest(&data));
-        self.publish_group_message(data, true).await?;
-        self.skip_own(&gid, before, &[digest]).await;
+        let placed = self.publish_group_message(data, true).await?;
+        self.skip_own(&gid, before, &[digest], placed).await;
         Ok(Sent {
             message_id: content::message_id(g.group_id().as_slice(), &c.encode_to_vec(), &key),
             idempotency_key: key,

@@ -100,3 +100,42 @@ async fn a_pass_over_many_conversations_reads_them_all() {
     assert_eq!(sorted(texts(&agent.sync_all().await.unwrap())), again);
     assert!(agent.sync_all().await.unwrap().is_empty(), "nothing twice");
 }
+
+/// After a send the sender's cursor is past its own messages (it cannot decrypt them; the
+/// node's answer says where they went), but never past a message it has not read: B's
+/// message between A's cursor and A's next send is still read.
+#[tokio::test]
+async fn a_send_moves_the_cursor_past_its_own_messages_only() {
+    let (url, store) = common::node_with_store().await;
+    let tree = common::tree();
+    let mut a = common::open(&url, &tree, 1, 1).await;
+    let mut b = common::client(&url, 2).await;
+    let gid = a.dm(b.inbox_id()).await.unwrap();
+    let newest =
+        |store: &gatehouse_node::Store| store.group_messages(&gid, 0, true, 1).unwrap()[0].0;
+    let items: Vec<_> = ["one", "two", "three"]
+        .iter()
+        .map(|t| (content::text(t), format!("k-{t}")))
+        .collect();
+    a.send_batch(&gid, &items).await.unwrap();
+    assert_eq!(
+        gatehouse_client::stored_group_cursor(&tree, &gid).unwrap(),
+        newest(&store),
+        "the cursor is past A's own three messages"
+    );
+    assert_eq!(texts(&b.sync_all().await.unwrap()), ["one", "two", "three"]);
+
+    b.send(&gid, &content::text("from b"), None).await.unwrap();
+    let before = gatehouse_client::stored_group_cursor(&tree, &gid).unwrap();
+    a.send(&gid, &content::text("four"), None).await.unwrap();
+    assert_eq!(
+        gatehouse_client::stored_group_cursor(&tree, &gid).unwrap(),
+        before,
+        "B's message follows A's cursor: the send leaves it to the next read"
+    );
+    assert_eq!(texts(&a.sync_all().await.unwrap()), ["from b"]);
+    assert_eq!(
+        gatehouse_client::stored_group_cursor(&tree, &gid).unwrap(),
+        newest(&store)
+    );
+}

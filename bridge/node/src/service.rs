@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
-use gatehouse_protocol::{group, identity, mls};
+use gatehouse_protocol::{group, identity, mls, placed};
 use gatehouse_wire::Message as _;
 use gatehouse_wire::identity_api as ipb;
 use gatehouse_wire::mls_api as mpb;
@@ -155,32 +155,37 @@ impl mpb::mls_api_server::MlsApi for MlsService {
                 .map_err(|e| Status::invalid_argument(format!("message {i}: {e}")))?;
             parsed.push((h, v1));
         }
-        let mut groups = Vec::with_capacity(parsed.len());
-        for (h, v1) in parsed {
-            let id = node.store.next_message_id().map_err(internal)?;
-            let msg = mpb::GroupMessage {
-                version: Some(mpb::group_message::Version::V1(mpb::group_message::V1 {
-                    id,
-                    created_ns: now_ns(),
-                    group_id: h.group_id.clone(),
-                    data: v1.data,
-                    sender_hmac: v1.sender_hmac,
-                    should_push: v1.should_push,
-                    is_commit: h.is_commit(),
-                })),
-            };
-            node.store
-                .put_group_message(&h.group_id, id, &msg.encode_to_vec())
-                .map_err(internal)?;
-            groups.push(h.group_id);
-        }
+        let groups: Vec<Vec<u8>> = parsed.iter().map(|(h, _)| h.group_id.clone()).collect();
+        let placed = node
+            .store
+            .append_group_messages(&groups, |i, id| {
+                let (h, v1) = &mut parsed[i];
+                mpb::GroupMessage {
+                    version: Some(mpb::group_message::Version::V1(mpb::group_message::V1 {
+                        id,
+                        created_ns: now_ns(),
+                        group_id: h.group_id.clone(),
+                        data: std::mem::take(&mut v1.data),
+                        sender_hmac: std::mem::take(&mut v1.sender_hmac),
+                        should_push: v1.should_push,
+                        is_commit: h.is_commit(),
+                    })),
+                }
+                .encode_to_vec()
+            })
+            .map_err(internal)?;
         // On disk before it is acknowledged or announced: a sender that got an answer never
         // loses the message to a crash of the node.
         node.store.flush().await.map_err(internal)?;
         for g in groups {
             let _ = node.events.send(Event::Group(g));
         }
-        Ok(Response::new(()))
+        let mut response = Response::new(());
+        // Where the messages went, so the sender can move its cursor past them unasked.
+        if let Ok(value) = placed::encode(&placed).parse() {
+            response.metadata_mut().insert(placed::HEADER, value);
+        }
+        Ok(response)
     }
 
     async fn send_welcome_messages(

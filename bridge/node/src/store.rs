@@ -47,6 +47,9 @@ pub struct Store {
     meta: sled::Tree,
     /// Concurrent requests' flushes, shared.
     flushes: std::sync::Arc<gatehouse_store::GroupFlush>,
+    /// Held while group messages get their ids and are stored (see
+    /// [`Store::append_group_messages`]).
+    appending: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 fn prefixed(prefix: &[u8], id: u64) -> Vec<u8> {
@@ -129,6 +132,7 @@ impl Store {
             db,
             sealed: None,
             flushes: Default::default(),
+            appending: Default::default(),
         })
     }
 
@@ -255,6 +259,30 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.group_messages.insert(prefixed(group_id, id), bytes)?;
         Ok(())
+    }
+
+    /// Appends messages to their groups (`groups[i]` is message i's group; `encode(i, id)` its
+    /// stored bytes once it has its id) as one ordered step: ids are handed out and the
+    /// messages stored under one lock, so a message is readable only once every message with a
+    /// smaller id is (without it, a reader reading between two concurrent publishes into a group
+    /// could see the later one first and move its cursor past the earlier one). Returns, per
+    /// message, the id of the message before it in its group (0 if none) and its own id.
+    pub fn append_group_messages(
+        &self,
+        groups: &[Vec<u8>],
+        mut encode: impl FnMut(usize, u64) -> Vec<u8>,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let _order = self.appending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut placed = Vec::with_capacity(groups.len());
+        for (i, group_id) in groups.iter().enumerate() {
+            let before = Self::page(&self.group_messages, group_id, 0, true, 1)?
+                .first()
+                .map_or(0, |(id, _)| *id);
+            let id = self.next_message_id()?;
+            self.put_group_message(group_id, id, &encode(i, id))?;
+            placed.push((before, id));
+        }
+        Ok(placed)
     }
 
     /// Stores a welcome under its recipient key and id.

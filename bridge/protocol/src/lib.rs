@@ -21,6 +21,7 @@ pub mod identity;
 pub mod mls;
 pub mod mls_crypto;
 pub mod mls_store;
+pub mod placed;
 pub mod tlsread;
 pub mod welcome;
 pub mod xwing;

@@ -1,0 +1,112 @@
+//! Published group messages get their ids in order, and the node says where it put them.
+
+use std::collections::BTreeMap;
+
+use gatehouse_node::{Node, Store};
+use gatehouse_protocol::placed;
+use gatehouse_wire::mls_api as mpb;
+use gatehouse_wire::mls_api::mls_api_server::MlsApi;
+use tonic::Request;
+
+/// An application message's framing (a PrivateMessage header; the node reads no further).
+fn message(group: &[u8], n: u32) -> mpb::GroupMessageInput {
+    let mut data = vec![0, 1, 0, 2, group.len() as u8];
+    data.extend_from_slice(group);
+    data.extend_from_slice(&7u64.to_be_bytes());
+    data.push(1);
+    data.extend_from_slice(&n.to_be_bytes());
+    mpb::GroupMessageInput {
+        version: Some(mpb::group_message_input::Version::V1(
+            mpb::group_message_input::V1 {
+                data,
+                sender_hmac: vec![],
+                should_push: true,
+            },
+        )),
+    }
+}
+
+fn ids(page: &mpb::QueryGroupMessagesResponse) -> Vec<u64> {
+    page.messages
+        .iter()
+        .filter_map(|m| {
+            m.version
+                .as_ref()
+                .map(|mpb::group_message::Version::V1(v)| v.id)
+        })
+        .collect()
+}
+
+/// Eight publishers at once into two groups, two messages per publish: each answer names,
+/// per message, the group's message before it and its id, and those chain without a gap or
+/// a fork in the order a reader pages through the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_publishes_are_placed_in_order_and_said_where() {
+    let node = Node::new(Store::temporary().unwrap());
+    let groups = [[1u8; 16], [2u8; 16]];
+    let mut tasks = Vec::new();
+    for publisher in 0..8u32 {
+        let mls = node.mls();
+        tasks.push(tokio::spawn(async move {
+            let mut placed_here = Vec::new();
+            for n in 0..25u32 {
+                let group = groups[((publisher + n) % 2) as usize];
+                let answer = mls
+                    .send_group_messages(Request::new(mpb::SendGroupMessagesRequest {
+                        messages: vec![message(&group, n * 2), message(&group, n * 2 + 1)],
+                    }))
+                    .await
+                    .unwrap();
+                let value = answer
+                    .metadata()
+                    .get(placed::HEADER)
+                    .expect("the answer says where the messages went")
+                    .to_str()
+                    .unwrap()
+                    .to_string();
+                let pairs = placed::decode(&value).unwrap();
+                assert_eq!(pairs.len(), 2, "{value}");
+                // The second follows the first directly: one publish, one group.
+                assert_eq!(pairs[1].0, pairs[0].1, "{value}");
+                placed_here.extend(pairs.into_iter().map(|p| (group, p)));
+            }
+            placed_here
+        }));
+    }
+    let mut by_group: BTreeMap<[u8; 16], Vec<(u64, u64)>> = BTreeMap::new();
+    for t in tasks {
+        for (group, pair) in t.await.unwrap() {
+            by_group.entry(group).or_default().push(pair);
+        }
+    }
+    let mls = node.mls();
+    for (group, mut pairs) in by_group {
+        pairs.sort_by_key(|(_, id)| *id);
+        assert_eq!(pairs.len(), 200);
+        let mut before = 0;
+        for (b, id) in &pairs {
+            assert_eq!(
+                *b, before,
+                "message {id} placed after {b}, but {before} came before it"
+            );
+            before = *id;
+        }
+        let page = mls
+            .query_group_messages(Request::new(mpb::QueryGroupMessagesRequest {
+                group_id: group.to_vec(),
+                paging_info: Some(mpb::PagingInfo {
+                    direction: mpb::SortDirection::Ascending as i32,
+                    limit: 1000,
+                    id_cursor: 0,
+                }),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            ids(&page),
+            pairs.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+            "what a reader pages through is what the answers said"
+        );
+    }
+}
