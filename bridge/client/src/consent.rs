@@ -49,6 +49,25 @@ impl Client {
         Ok(u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])))
     }
 
+    /// The next number of a counter whose use is written in `batch` (the "seen" marks and
+    /// retained deliveries of a read): the new value goes into the batch, not into a write of
+    /// its own per message. Numbers come from memory after the first; one whose batch was not
+    /// written is not handed out again (the counters order keys, gaps do not matter).
+    pub(crate) fn next_seq_in(
+        &mut self,
+        name: &'static str,
+        batch: &mut sled::Batch,
+    ) -> Result<u64> {
+        let last = match self.batch_seqs.get(name) {
+            Some(n) => *n,
+            None => crate::stored_u64(&self.tree, format!("seq/{name}").as_bytes())?,
+        };
+        let n = last + 1;
+        self.batch_seqs.insert(name, n);
+        batch.insert(format!("seq/{name}").as_bytes(), &n.to_be_bytes());
+        Ok(n)
+    }
+
     /// Every consent record this installation knows.
     pub fn consent_list(&self) -> Result<Vec<Record>> {
         let mut out = Vec::new();

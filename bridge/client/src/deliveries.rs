@@ -25,7 +25,7 @@ impl Client {
         if !self.retain {
             return Ok(());
         }
-        let seq = self.next_seq("deliv")?;
+        let seq = self.next_seq_in("deliv", batch)?;
         r.delivery = Some(seq);
         let held = Held {
             content: hex::encode(&r.content),

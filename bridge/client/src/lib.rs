@@ -184,6 +184,9 @@ pub struct Client {
     tree: sled::Tree,
     /// Message ids seen in the read under way, written with its cursor.
     unsaved_seen: Vec<String>,
+    /// The last numbers handed out by the counters written with a read's batch (`seen`,
+    /// `deliv`; see [`Client::next_seq_in`]).
+    batch_seqs: BTreeMap<&'static str, u64>,
     mls: MlsApiClient<Channel>,
     ids: IdentityApiClient<Channel>,
     provider: Provider,
@@ -539,6 +542,7 @@ impl Client {
             identities: Default::default(),
             senders: Default::default(),
             unsaved_seen: Vec::new(),
+            batch_seqs: BTreeMap::new(),
         })
     }
 
@@ -1728,7 +1732,7 @@ impl Client {
     /// kept (`seen/ID` → sequence, `seenq/SEQ` → id), older ones are forgotten.
     fn save_seen(&mut self, batch: &mut sled::Batch) -> Result<()> {
         for message_id in std::mem::take(&mut self.unsaved_seen) {
-            let seq = self.next_seq("seen")?;
+            let seq = self.next_seq_in("seen", batch)?;
             batch.insert(
                 [b"seen/".as_slice(), message_id.as_bytes()].concat(),
                 &seq.to_be_bytes(),
@@ -1860,7 +1864,10 @@ impl Client {
                 if let Some(peer) = self.dm_peer(gid)?
                     && peer == sender_inbox
                 {
-                    self.tree.insert(format!("dm/{peer}"), gid)?;
+                    let key = format!("dm/{peer}");
+                    if self.tree.get(&key)?.is_none_or(|g| g != gid) {
+                        self.tree.insert(key, gid)?;
+                    }
                 }
                 let sender_endpoint = match content
                     .parameters

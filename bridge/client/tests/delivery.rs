@@ -44,6 +44,15 @@ async fn retries_with_the_same_key_show_once() {
         .filter_map(|m| m.text.clone())
         .collect();
     assert_eq!(texts, ["z"]);
+    // The "seen" marks are numbered on from where the last process left off (the counter is
+    // written with each read's batch): four keyed messages, four marks, none overwritten.
+    let counter = b_tree
+        .get("seq/seen")
+        .unwrap()
+        .expect("the counter is stored");
+    assert_eq!(u64::from_be_bytes(counter.as_ref().try_into().unwrap()), 4);
+    assert_eq!(b_tree.scan_prefix("seenq/").count(), 4);
+    assert_eq!(b_tree.scan_prefix("seen/").count(), 4);
 }
 
 /// The MLS state is stored entry by entry, in the binary encoding. A state stored whole by an
