@@ -1659,21 +1659,21 @@ impl Client {
         &mut self,
         gids: Vec<Vec<u8>>,
         always_membership: bool,
+        mut given: std::collections::HashMap<Vec<u8>, Vec<mpb::GroupMessage>>,
     ) -> Result<Vec<Received>> {
         // Identity states fetched during this pass, so each inbox is asked for once.
         let mut states = BTreeMap::new();
         let mut out = Vec::new();
         for chunk in gids.chunks(READ_AHEAD) {
             let mut cursors = Vec::with_capacity(chunk.len());
-            for gid in chunk {
-                cursors.push(self.read_cursor(gid)?);
+            for gid in chunk.iter().filter(|g| !given.contains_key(*g)) {
+                cursors.push((gid, self.read_cursor(gid)?));
             }
-            let pages =
-                futures::future::join_all(chunk.iter().zip(&cursors).map(|(gid, cursor)| {
-                    let mut mls = self.mls.clone();
-                    let request = page_query(gid, *cursor, PAGE);
-                    async move { mls.query_group_messages(request).await }
-                }));
+            let pages = futures::future::join_all(cursors.into_iter().map(|(gid, cursor)| {
+                let mut mls = self.mls.clone();
+                let request = page_query(gid, cursor, PAGE);
+                async move { mls.query_group_messages(request).await }
+            }));
             let mut wanted: Vec<String> = chunk
                 .iter()
                 .flat_map(|g| self.senders.get(g).into_iter().flatten())
@@ -1703,8 +1703,15 @@ impl Client {
                 states.extend(self.fold_states(&wanted, answer));
                 pages
             };
-            for (gid, page) in chunk.iter().zip(pages) {
-                let page = page?.into_inner().messages;
+            let mut pages = pages.into_iter();
+            for gid in chunk {
+                let page = match given.remove(gid) {
+                    Some(page) => page,
+                    None => match pages.next() {
+                        Some(page) => page?.into_inner().messages,
+                        None => Vec::new(),
+                    },
+                };
                 if page.is_empty() && !self.membership_due(gid) {
                     continue;
                 }
@@ -2510,7 +2517,7 @@ impl Client {
     pub async fn sync_all(&mut self) -> Result<Vec<Received>> {
         self.sync_welcomes().await?;
         let gids = self.conversations()?.into_iter().map(|(g, _)| g).collect();
-        let out = self.read_pages(gids, true).await?;
+        let out = self.read_pages(gids, true, Default::default()).await?;
         if let Err(e) = self.sync_consent().await {
             tracing::warn!(error = %e, "consent sync failed; will retry");
         }

@@ -8,6 +8,7 @@
 //! and only conversations without one are read at once (an agent with thousands of
 //! conversations is not read whole for each new one).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
@@ -31,6 +32,13 @@ pub struct Listener {
     last_full: Option<Instant>,
     full_every: Duration,
     full_reads: u64,
+    /// Whether the node said its group stream leaves nothing out
+    /// ([`gatehouse_protocol::placed::GAP_FREE`]).
+    gap_free: bool,
+    /// Per conversation, the id the group stream has got to (its subscription cursor until it
+    /// streams something; unknown for a conversation subscribed without one).
+    streamed_to: HashMap<Vec<u8>, u64>,
+    streamed_reads: u64,
 }
 
 impl Default for Listener {
@@ -41,8 +49,8 @@ impl Default for Listener {
 
 /// What one stream item says.
 enum News {
-    /// A message in this conversation, at this node id.
-    Group(Vec<u8>, u64),
+    /// A message in this conversation, at this node id: the message itself.
+    Group(Vec<u8>, u64, mpb::GroupMessage),
     /// A welcome for this installation (a new conversation), at this node id.
     Welcome(u64),
     /// Something this client does not read.
@@ -59,6 +67,9 @@ impl Listener {
             last_full: None,
             full_every: FULL_READ_EVERY,
             full_reads: 0,
+            gap_free: false,
+            streamed_to: HashMap::new(),
+            streamed_reads: 0,
         }
     }
 
@@ -73,6 +84,12 @@ impl Listener {
         self.full_reads
     }
 
+    /// How many conversation reads took the streamed messages as they came, without asking
+    /// the node (possible with a node whose stream leaves nothing out).
+    pub fn streamed_reads(&self) -> u64 {
+        self.streamed_reads
+    }
+
     /// The next stream item; `None` when a stream ended or failed (subscribe again).
     async fn next(&mut self) -> Option<News> {
         let (Some(g), Some(w)) = (self.groups.as_mut(), self.welcomes.as_mut()) else {
@@ -80,8 +97,10 @@ impl Listener {
         };
         tokio::select! {
             m = g.message() => match m {
-                Ok(Some(m)) => Some(match m.version {
-                    Some(mpb::group_message::Version::V1(v)) => News::Group(v.group_id, v.id),
+                Ok(Some(m)) => Some(match &m.version {
+                    Some(mpb::group_message::Version::V1(v)) => {
+                        News::Group(v.group_id.clone(), v.id, m)
+                    }
                     None => News::Other,
                 }),
                 _ => None,
@@ -101,7 +120,18 @@ impl Listener {
         self.groups = None;
         self.welcomes = None;
         self.subscribed = None;
+        self.gap_free = false;
+        self.streamed_to.clear();
     }
+}
+
+/// Whether what a gap-free stream brings next for a conversation is all that follows its read
+/// cursor: the stream had got to `streamed_to` before, so it brings next what follows that,
+/// and the cursor is there or beyond (what the stream brought before was read, or skipped as
+/// our own). Otherwise — the stream's start unknown, or a read that did not finish — the node
+/// is asked.
+fn streamed_complete(gap_free: bool, streamed_to: Option<u64>, cursor: u64) -> bool {
+    gap_free && streamed_to.is_some_and(|s| cursor >= s)
 }
 
 impl Client {
@@ -125,7 +155,7 @@ impl Client {
             if no_welcome_cursor {
                 self.sync_welcomes().await?;
             }
-            return self.read_groups(fresh).await;
+            return self.read_groups(fresh, HashMap::new()).await;
         }
         if l.last_full.is_none_or(|t| t.elapsed() >= l.full_every) {
             return self.full_read(l).await;
@@ -154,17 +184,30 @@ impl Client {
             }
         }
         let mut groups: Vec<Vec<u8>> = Vec::new();
-        let mut named = std::collections::HashSet::new();
+        // Per conversation named: whether the streamed messages are all that follows the
+        // cursor, and those messages (after the cursor, in order).
+        let mut named: HashMap<Vec<u8>, (bool, Vec<mpb::GroupMessage>)> = HashMap::new();
         let mut welcomed = false;
         for n in news {
             match n {
                 News::Welcome(id) => {
                     welcomed |= id > crate::stored_welcome_cursor(&self.tree)?;
                 }
-                News::Group(gid, id) => {
-                    if !named.contains(&gid) && id > self.read_cursor(&gid)? {
-                        named.insert(gid.clone());
-                        groups.push(gid);
+                News::Group(gid, id, m) => {
+                    let cursor = self.read_cursor(&gid)?;
+                    let streamed_to = l.streamed_to.insert(gid.clone(), id);
+                    if !named.contains_key(&gid) {
+                        if id <= cursor {
+                            continue;
+                        }
+                        let complete = streamed_complete(l.gap_free, streamed_to, cursor);
+                        named.insert(gid.clone(), (complete, Vec::new()));
+                        groups.push(gid.clone());
+                    }
+                    if let Some((true, page)) = named.get_mut(&gid)
+                        && id > cursor
+                    {
+                        page.push(m);
                     }
                 }
                 News::Other => {}
@@ -175,13 +218,24 @@ impl Client {
             // replayed from their cursors, or read at once when they have none).
             self.sync_welcomes().await?;
         }
-        self.read_groups(groups).await
+        let pages: HashMap<Vec<u8>, Vec<mpb::GroupMessage>> = named
+            .into_iter()
+            .filter(|(_, (complete, _))| *complete)
+            .map(|(gid, (_, page))| (gid, page))
+            .collect();
+        l.streamed_reads += pages.len() as u64;
+        self.read_groups(groups, pages).await
     }
 
     /// Reads `groups`, consent-gated (membership looked at every `MEMBERSHIP_CHECK_INTERVAL`),
     /// with the node asked once for all of them ([`Client::read_pages`]).
-    async fn read_groups(&mut self, groups: Vec<Vec<u8>>) -> Result<Vec<Received>> {
-        let out = self.read_pages(groups, false).await?;
+    /// `pages` holds, for some of them, the messages that follow their cursors (streamed).
+    async fn read_groups(
+        &mut self,
+        groups: Vec<Vec<u8>>,
+        pages: HashMap<Vec<u8>, Vec<mpb::GroupMessage>>,
+    ) -> Result<Vec<Received>> {
+        let out = self.read_pages(groups, false, pages).await?;
         let out = self.gate(out)?;
         flush_tree(&self.tree).await?;
         Ok(out)
@@ -212,11 +266,20 @@ impl Client {
                 id_cursor,
             });
         }
+        let streamed_to: HashMap<Vec<u8>, u64> = filters
+            .iter()
+            .filter(|f| f.id_cursor != 0)
+            .map(|f| (f.group_id.clone(), f.id_cursor))
+            .collect();
         let groups = self
             .mls
             .subscribe_group_messages(mpb::SubscribeGroupMessagesRequest { filters })
-            .await?
-            .into_inner();
+            .await?;
+        let gap_free = groups
+            .metadata()
+            .get(gatehouse_protocol::placed::STREAM_HEADER)
+            .is_some_and(|v| v == gatehouse_protocol::placed::GAP_FREE);
+        let groups = groups.into_inner();
         let welcome_cursor = crate::stored_welcome_cursor(&self.tree)?;
         let welcomes = self
             .mls
@@ -231,6 +294,26 @@ impl Client {
         l.groups = Some(groups);
         l.welcomes = Some(welcomes);
         l.subscribed = Some(gen_at);
+        l.gap_free = gap_free;
+        l.streamed_to = streamed_to;
         Ok((fresh, welcome_cursor == 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::streamed_complete;
+
+    #[test]
+    fn streamed_messages_count_as_complete_only_from_where_the_cursor_is() {
+        // The stream got to 7 and the cursor is there (or past it: our own messages skipped).
+        assert!(streamed_complete(true, Some(7), 7));
+        assert!(streamed_complete(true, Some(7), 9));
+        // A read that did not finish: the stream brought 8 and 9 but the cursor is at 7.
+        assert!(!streamed_complete(true, Some(9), 7));
+        // Subscribed without a cursor: where the stream starts is not known.
+        assert!(!streamed_complete(true, None, 0));
+        // A node that does not say its stream leaves nothing out.
+        assert!(!streamed_complete(false, Some(7), 7));
     }
 }

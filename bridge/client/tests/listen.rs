@@ -60,3 +60,52 @@ async fn messages_arrive_through_the_streams() {
             .is_empty()
     );
 }
+
+/// With our node (its stream leaves nothing out) the streamed messages are read as they come,
+/// without asking the node after each news: many single sends, with the listener's own
+/// messages in between (streamed back to it, skipped), arrive complete, in order, once.
+#[tokio::test]
+async fn streamed_messages_are_read_as_they_come() {
+    let url = common::node().await;
+    let mut a = common::client(&url, 1).await;
+    let mut b = common::client(&url, 2).await;
+    let gid = a.dm(b.inbox_id()).await.unwrap();
+    a.send(&gid, &content::text("start"), None).await.unwrap();
+    let mut l = Listener::new().full_read_every(Duration::from_secs(3600));
+    until_text(&mut b, &mut l, "start", 4).await;
+
+    let mut want = Vec::new();
+    for i in 0..30 {
+        let text = format!("m{i}");
+        a.send(&gid, &content::text(&text), None).await.unwrap();
+        want.push(text);
+        if i % 10 == 9 {
+            b.send(&gid, &content::text("from b"), None).await.unwrap();
+        }
+    }
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        if got.len() >= want.len() {
+            break;
+        }
+        let read = b.listen(&mut l, Duration::from_secs(2)).await.unwrap();
+        got.extend(read.into_iter().filter_map(|m| m.text));
+    }
+    assert_eq!(got, want);
+    assert!(
+        l.streamed_reads() > 0,
+        "the streamed messages were read as they came"
+    );
+    assert!(
+        b.listen(&mut l, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing is read twice"
+    );
+    assert_eq!(texts_of(&a.sync_all().await.unwrap()), ["from b"; 3]);
+}
+
+fn texts_of(r: &[gatehouse_client::Received]) -> Vec<String> {
+    r.iter().filter_map(|m| m.text.clone()).collect()
+}

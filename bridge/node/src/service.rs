@@ -384,9 +384,16 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             .map(|f| (f.group_id, f.id_cursor))
             .collect();
         let node = self.0.clone();
-        Ok(Response::new(subscribe(node, cursors, true, |b| {
+        let mut response = Response::new(subscribe(node, cursors, true, |b| {
             mpb::GroupMessage::decode(b).ok()
-        })))
+        }));
+        // Replayed from each cursor, then read from the store after the last one sent, with ids
+        // visible only in order (`Store::append_group_messages`): nothing is left out.
+        response.metadata_mut().insert(
+            placed::STREAM_HEADER,
+            tonic::metadata::MetadataValue::from_static(placed::GAP_FREE),
+        );
+        Ok(response)
     }
 
     type SubscribeWelcomeMessagesStream = BoxStream<mpb::WelcomeMessage>;

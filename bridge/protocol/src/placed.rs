@@ -1,4 +1,5 @@
-//! Where a node placed published group messages: an answer header of Gatehouse's node.
+//! Where a node placed published group messages, and streams that leave none out: answer
+//! headers of Gatehouse's node.
 //!
 //! XMTP's `SendGroupMessages` answers with nothing, so a sender learns the ids its messages got
 //! only by querying (it needs them to move its read cursor past its own messages, which it
@@ -9,6 +10,16 @@
 
 /// The gRPC response header (ASCII metadata) of `SendGroupMessages`.
 pub const HEADER: &str = "gatehouse-placed";
+
+/// The response header of `SubscribeGroupMessages` with which Gatehouse's node says, with the
+/// value [`GAP_FREE`], that the stream carries every message after each filter's (non-zero)
+/// cursor, in id order, none left out — so a client that has read up to where the stream had
+/// got can take what it streams next as the messages that follow, without asking. (XMTP's
+/// streams promise no such thing; without the header a client reads after each news.)
+pub const STREAM_HEADER: &str = "gatehouse-stream";
+
+/// The value of [`STREAM_HEADER`].
+pub const GAP_FREE: &str = "gap-free";
 
 /// The header's value for `placed` (per message: the id before it in its group, its id).
 pub fn encode(placed: &[(u64, u64)]) -> String {
