@@ -181,8 +181,12 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             let _ = node.events.send(Event::Group(g));
         }
         let mut response = Response::new(());
-        // Where the messages went, so the sender can move its cursor past them unasked.
-        if let Ok(value) = placed::encode(&placed).parse() {
+        // Where the messages went, so the sender can move its cursor past them unasked (left
+        // out when long: every client must be able to take the answer).
+        let value = placed::encode(&placed);
+        if value.len() <= placed::MAX_HEADER_LEN
+            && let Ok(value) = value.parse()
+        {
             response.metadata_mut().insert(placed::HEADER, value);
         }
         Ok(response)

@@ -110,3 +110,47 @@ async fn concurrent_publishes_are_placed_in_order_and_said_where() {
         );
     }
 }
+
+/// A publish of many messages is answered without the header once it would be long (HTTP/2
+/// peers bound an answer's headers; a refused answer would look like a failed publish), and
+/// the messages are stored all the same.
+#[tokio::test]
+async fn a_large_publish_gets_no_header_and_is_stored() {
+    let node = Node::new(Store::temporary().unwrap());
+    let mls = node.mls();
+    let group = [3u8; 16];
+    let answer = mls
+        .send_group_messages(Request::new(mpb::SendGroupMessagesRequest {
+            messages: (0..1000).map(|n| message(&group, n)).collect(),
+        }))
+        .await
+        .unwrap();
+    assert!(answer.metadata().get(placed::HEADER).is_none());
+    let answer = mls
+        .send_group_messages(Request::new(mpb::SendGroupMessagesRequest {
+            messages: (0..10).map(|n| message(&group, n)).collect(),
+        }))
+        .await
+        .unwrap();
+    let value = answer
+        .metadata()
+        .get(placed::HEADER)
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(placed::decode(value).unwrap().len(), 10);
+    assert!(value.len() <= placed::MAX_HEADER_LEN);
+    let page = mls
+        .query_group_messages(Request::new(mpb::QueryGroupMessagesRequest {
+            group_id: group.to_vec(),
+            paging_info: Some(mpb::PagingInfo {
+                direction: mpb::SortDirection::Ascending as i32,
+                limit: 1000,
+                id_cursor: 0,
+            }),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&page).len(), 1000);
+}

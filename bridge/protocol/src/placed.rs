@@ -11,6 +11,12 @@
 /// The gRPC response header (ASCII metadata) of `SendGroupMessages`.
 pub const HEADER: &str = "gatehouse-placed";
 
+/// The longest value the node sends in [`HEADER`]; a publish of more messages than fit
+/// (≈ 200) gets no header, and its sender queries instead. HTTP/2 peers bound the size of an
+/// answer's headers (16 KiB is common), and an answer they refuse would look like a failed
+/// publish to a client that never asked for the header.
+pub const MAX_HEADER_LEN: usize = 4096;
+
 /// The response header of `SubscribeGroupMessages` with which Gatehouse's node says, with the
 /// value [`GAP_FREE`], that the stream carries every message after each filter's (non-zero)
 /// cursor, in id order, none left out — so a client that has read up to where the stream had
