@@ -60,6 +60,11 @@ fn metrics_count_exactly_and_ready_follows_the_broker() {
     );
     assert_eq!(metric(&m, "gatehouse_dead_letters", &[]), 0.0);
     assert_eq!(metric(&m, "gatehouse_endpoints", &[]), 1.0);
+    // Every message was made durable before its acknowledgement: the flushes are timed.
+    assert!(
+        metric(&m, "gatehouse_store_flush_seconds_count", &[]) >= 1.0,
+        "no timed flush"
+    );
 
     // 7 agent messages out: 7 publishes confirmed by the broker.
     let endpoint = got[0]["sender_inbox"].as_str().unwrap().to_string();
@@ -394,6 +399,8 @@ fn the_load_harness_runs() {
         "crypto_bound",
         "device_to_agent",
         "agent_to_device",
+        "device_to_node",
+        "node_to_agent",
     ] {
         assert_eq!(r[path]["messages"], 50, "{path}: {r}");
         assert!(

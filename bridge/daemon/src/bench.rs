@@ -108,6 +108,13 @@ pub struct Report {
     pub device_to_agent: PathStats,
     /// 4: agent → device through the daemon.
     pub agent_to_device: PathStats,
+    /// 3 split where the node stored each message (its timestamp; the bench's node is
+    /// embedded, so it shares the clock): device → stored on the node (broker, the daemon's
+    /// queue, mapping, encryption, the publish) …
+    pub device_to_node: PathStats,
+    /// … and stored on the node → the agent has it (the node's flush and stream, the agent's
+    /// read: identity check, decryption, its durable write).
+    pub node_to_agent: PathStats,
     /// 3 / 2, throughput.
     pub e2e_over_crypto: f64,
     /// 3 / 1, throughput.
@@ -130,6 +137,10 @@ fn stages() -> BTreeMap<String, (u64, f64)> {
         (
             "gatehouse_sync_decrypt_seconds",
             "read + MLS decrypt (endpoints)",
+        ),
+        (
+            "gatehouse_store_flush_seconds",
+            "disk flushes (every store)",
         ),
     ] {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -392,7 +403,15 @@ fn crypto_bound(n: usize, size: usize) -> anyhow::Result<PathStats> {
 }
 
 /// Device → agent and agent → device through the real daemon.
-async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStats, PathStats)> {
+/// Path 3 (with its split at the node: device → node, node → agent) and path 4.
+struct EndToEnd {
+    up: PathStats,
+    to_node: PathStats,
+    from_node: PathStats,
+    down: PathStats,
+}
+
+async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd> {
     let node_port = free_port()?;
     let admin_port = free_port()?;
     let node_url = format!("http://127.0.0.1:{node_port}");
@@ -486,6 +505,10 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
     let started = Instant::now();
     let sender = spawn_publishers(&devices, "devices", o);
     let mut lat = Vec::with_capacity(o.messages);
+    let (mut to_node, mut from_node) = (
+        Vec::with_capacity(o.messages),
+        Vec::with_capacity(o.messages),
+    );
     let mut seen = std::collections::HashSet::new();
     let mut last = Instant::now();
     let mut quiet_since = Instant::now();
@@ -507,6 +530,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
                 && seen.insert(seq)
             {
                 lat.push(arrived.saturating_sub(ns));
+                to_node.push(m.sent_at_ns.saturating_sub(ns));
+                from_node.push(arrived.saturating_sub(m.sent_at_ns));
                 last = Instant::now();
             }
         }
@@ -559,7 +584,12 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<(PathStat
 
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(15), daemon).await;
-    Ok((up, down))
+    Ok(EndToEnd {
+        up,
+        to_node: PathStats::from(&mut to_node, started, last),
+        from_node: PathStats::from(&mut from_node, started, last),
+        down,
+    })
 }
 
 /// Runs everything and prints the table (or JSON).
@@ -580,7 +610,12 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
         let crypto_bound =
             tokio::task::spawn_blocking(move || crypto_bound(crypto_n, payload)).await??;
         eprintln!("3/4 and 4/4 end to end, both ways…");
-        let (device_to_agent, agent_to_device) = end_to_end(&dir, broker.port, &o).await?;
+        let EndToEnd {
+            up: device_to_agent,
+            to_node: device_to_node,
+            from_node: node_to_agent,
+            down: agent_to_device,
+        } = end_to_end(&dir, broker.port, &o).await?;
         Ok::<_, anyhow::Error>(Report {
             devices: o.devices,
             messages: o.messages,
@@ -602,6 +637,8 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             crypto_bound,
             device_to_agent,
             agent_to_device,
+            device_to_node,
+            node_to_agent,
         })
     }
     .await;
@@ -643,15 +680,7 @@ fn print_table(r: &Report) {
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "path", "messages", "msg/s", "p50 ms", "p90 ms", "p99 ms", "max ms"
     );
-    for (name, s) in [
-        ("1 raw broker hop (mosquitto, QoS 1)", &r.broker_hop),
-        (
-            "2 crypto bound (MLS PQ encrypt+decrypt, 1 core)",
-            &r.crypto_bound,
-        ),
-        ("3 end to end, device -> agent", &r.device_to_agent),
-        ("4 end to end, agent -> device", &r.agent_to_device),
-    ] {
+    let row = |name: &str, s: &PathStats| {
         println!(
             "{:<44} {:>9} {:>9.0} {:>9} {:>9} {:>9} {:>9}",
             name,
@@ -662,15 +691,30 @@ fn print_table(r: &Report) {
             ms(s.p99_ms),
             ms(s.max_ms)
         );
-    }
+    };
+    row("1 raw broker hop (mosquitto, QoS 1)", &r.broker_hop);
+    row(
+        "2 crypto bound (MLS PQ encrypt+decrypt, 1 core)",
+        &r.crypto_bound,
+    );
+    row("3 end to end, device -> agent", &r.device_to_agent);
+    row("4 end to end, agent -> device", &r.agent_to_device);
     println!(
         "5 ratios: end to end / crypto bound = {:.2}; end to end / broker hop = {:.3}",
         r.e2e_over_crypto, r.e2e_over_broker
     );
+    println!("3 split where the node stored each message (its timestamp):");
+    row("  3a device -> stored on the node", &r.device_to_node);
+    row("  3b stored on the node -> agent", &r.node_to_agent);
     let wall = r.device_to_agent.seconds + r.agent_to_device.seconds;
     println!("where the daemon's time went in 3 and 4 ({wall:.2} s of wall time; 2 cores):");
     for (stage, (calls, secs)) in &r.stages {
-        println!("  {stage:<34} {calls:>8} calls {secs:>9.3} s");
+        let each_ms = if *calls > 0 {
+            secs * 1000.0 / *calls as f64
+        } else {
+            0.0
+        };
+        println!("  {stage:<34} {calls:>8} calls {secs:>9.3} s {each_ms:>8.3} ms each");
     }
 }
 

@@ -13,7 +13,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Seconds: plugin calls are micro- to milliseconds, MLS sends and syncs milliseconds to seconds.
 const BUCKETS: &[f64] = &[
-    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0,
 ];
 
 /// Installs the recorder (once per process).
@@ -79,6 +80,11 @@ fn describe() {
         "gatehouse_encrypt_send_seconds",
         metrics::Unit::Seconds,
         "Encrypting (MLS) and publishing a batch of messages to a conversation"
+    );
+    describe_histogram!(
+        "gatehouse_store_flush_seconds",
+        metrics::Unit::Seconds,
+        "Making a store's writes durable (sled flush: write and fsync), every store of the process"
     );
     describe_histogram!(
         "gatehouse_sync_decrypt_seconds",

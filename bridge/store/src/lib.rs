@@ -395,6 +395,7 @@ impl Drop for Sealed {
 /// the daemon in a crash-loop test. The synchronous flush runs on tokio's blocking pool instead.
 pub async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
     let tree = tree.clone();
+    let started = std::time::Instant::now();
     let n = tokio::task::spawn_blocking(move || tree.flush())
         .await
         .unwrap_or_else(|e| {
@@ -402,6 +403,9 @@ pub async fn flush_tree(tree: &sled::Tree) -> sled::Result<usize> {
                 "flush task failed: {e}"
             )))
         })?;
+    // Durations only (the `metrics` crate's global recorder, where one is installed): how
+    // fast this disk makes writes durable bounds every path that waits for it.
+    metrics::histogram!("gatehouse_store_flush_seconds").record(started.elapsed().as_secs_f64());
     note_flush();
     Ok(n)
 }
