@@ -13,6 +13,7 @@
 //! The stored group messages and welcomes are exactly the ciphertexts clients sent.
 
 use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
 
 use gatehouse_wire::Message as _;
 use gatehouse_wire::associations::IdentityUpdate;
@@ -50,6 +51,19 @@ pub struct Store {
     /// Held while group messages get their ids and are stored (see
     /// [`Store::append_group_messages`]).
     appending: std::sync::Arc<std::sync::Mutex<()>>,
+    /// How far group-message ids are stored, and how far they are on disk (see
+    /// [`Store::group_messages`]).
+    watermark: std::sync::Arc<Watermark>,
+}
+
+/// Group-message ids stored (`assigned`: every id up to it has been written) and durable
+/// (`durable`: every id up to it is on disk). Readers see only durable messages: a reader that
+/// saw a message a crash then lost would have its cursor past it, and the id would be handed
+/// out again to a new message, which that reader would then never read.
+#[derive(Debug, Default)]
+struct Watermark {
+    assigned: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
 }
 
 fn prefixed(prefix: &[u8], id: u64) -> Vec<u8> {
@@ -120,7 +134,7 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Self, StoreError> {
-        Ok(Self {
+        let store = Self {
             identity: db.open_tree("identity")?,
             inbox_log: db.open_tree("inbox_log")?,
             identifiers: db.open_tree("identifiers")?,
@@ -133,7 +147,23 @@ impl Store {
             sealed: None,
             flushes: Default::default(),
             appending: Default::default(),
-        })
+            watermark: Default::default(),
+        };
+        // Whatever is in the store when it opens is on disk.
+        let top = store.last_message_id();
+        store.watermark.assigned.store(top, SeqCst);
+        store.watermark.durable.store(top, SeqCst);
+        Ok(store)
+    }
+
+    /// The highest group-message id handed out so far (0 if none).
+    fn last_message_id(&self) -> u64 {
+        self.meta
+            .get("message_id")
+            .ok()
+            .flatten()
+            .and_then(|b| b.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes)
     }
 
     /// Every key and value the node holds, concatenated (for audits: tests search it for
@@ -155,7 +185,10 @@ impl Store {
     /// on tokio's blocking pool: sled 0.34's `flush_async` deadlocks when several run at
     /// once, spacejam/sled#1308).
     pub async fn flush(&self) -> Result<(), StoreError> {
+        // Every id up to `stored` was written before this call, so the flush covers it.
+        let stored = self.watermark.assigned.load(SeqCst);
         self.flushes.flush(&self.db).await?;
+        self.watermark.durable.fetch_max(stored, SeqCst);
         Ok(())
     }
 
@@ -258,6 +291,7 @@ impl Store {
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         self.group_messages.insert(prefixed(group_id, id), bytes)?;
+        self.watermark.assigned.fetch_max(id, SeqCst);
         Ok(())
     }
 
@@ -275,7 +309,8 @@ impl Store {
         let _order = self.appending.lock().unwrap_or_else(|p| p.into_inner());
         let mut placed = Vec::with_capacity(groups.len());
         for (i, group_id) in groups.iter().enumerate() {
-            let before = Self::page(&self.group_messages, group_id, 0, true, 1)?
+            // Stored before it, on disk or not (this publish's flush covers both).
+            let before = Self::page(&self.group_messages, group_id, 0, true, 1, u64::MAX)?
                 .first()
                 .map_or(0, |(id, _)| *id);
             let id = self.next_message_id()?;
@@ -297,15 +332,14 @@ impl Store {
         cursor: u64,
         descending: bool,
         limit: usize,
+        upto: u64,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let p = prefix_of(prefix);
         let mut out = Vec::new();
         if descending {
-            let end = if cursor == 0 {
-                prefixed(prefix, u64::MAX)
-            } else {
-                prefixed(prefix, cursor)
-            };
+            // Ids below `cursor` (0: any) and not above `upto`.
+            let below = if cursor == 0 { u64::MAX } else { cursor };
+            let end = prefixed(prefix, below.min(upto.saturating_add(1)));
             for item in tree.range(p.clone()..end).rev() {
                 let (k, v) = item?;
                 if !k.starts_with(&p) || k.len() != p.len() + 8 {
@@ -320,7 +354,7 @@ impl Store {
             let start = prefixed(prefix, cursor.saturating_add(1));
             for item in tree.range(start..) {
                 let (k, v) = item?;
-                if !k.starts_with(&p) || k.len() != p.len() + 8 {
+                if !k.starts_with(&p) || k.len() != p.len() + 8 || id_of(&k) > upto {
                     break;
                 }
                 out.push((id_of(&k), v.to_vec()));
@@ -333,7 +367,8 @@ impl Store {
     }
 
     /// A page of a group's messages: ids greater than `cursor` (ascending) or smaller
-    /// (descending; 0 = from the newest).
+    /// (descending; 0 = from the newest). Only messages on disk: one stored but not yet
+    /// flushed shows once its flush is done (readers never see what a crash could take back).
     pub fn group_messages(
         &self,
         group_id: &[u8],
@@ -341,7 +376,15 @@ impl Store {
         descending: bool,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        Self::page(&self.group_messages, group_id, cursor, descending, limit)
+        let durable = self.watermark.durable.load(SeqCst);
+        Self::page(
+            &self.group_messages,
+            group_id,
+            cursor,
+            descending,
+            limit,
+            durable,
+        )
     }
 
     /// A page of an installation key's welcomes.
@@ -352,7 +395,7 @@ impl Store {
         descending: bool,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        Self::page(&self.welcomes, key, cursor, descending, limit)
+        Self::page(&self.welcomes, key, cursor, descending, limit, u64::MAX)
     }
 
     /// Appends a commit-log entry; returns its per-group sequence id.
@@ -375,7 +418,14 @@ impl Store {
         descending: bool,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        Self::page(&self.commit_log, group_id, cursor, descending, limit)
+        Self::page(
+            &self.commit_log,
+            group_id,
+            cursor,
+            descending,
+            limit,
+            u64::MAX,
+        )
     }
 }
 
