@@ -199,8 +199,9 @@ impl mpb::mls_api_server::MlsApi for MlsService {
         let node = &self.0;
         let mut keys = Vec::new();
         for (i, m) in req.into_inner().messages.into_iter().enumerate() {
-            let id = node.store.next_welcome_id().map_err(internal)?;
-            let (key, msg) = match m.version {
+            // The id is set when it is stored (`Store::append_welcome`).
+            let id = 0;
+            let (key, mut msg) = match m.version {
                 Some(mpb::welcome_message_input::Version::V1(v)) => (
                     v.installation_key.clone(),
                     mpb::WelcomeMessage {
@@ -242,7 +243,14 @@ impl mpb::mls_api_server::MlsApi for MlsService {
             // Welcomes may be addressed to keys that are not installations (welcome pointers
             // send the shared welcome to a fresh key), so the key is not checked against inboxes.
             node.store
-                .put_welcome(&key, id, &msg.encode_to_vec())
+                .append_welcome(&key, |id| {
+                    match &mut msg.version {
+                        Some(mpb::welcome_message::Version::V1(v)) => v.id = id,
+                        Some(mpb::welcome_message::Version::WelcomePointer(v)) => v.id = id,
+                        None => {}
+                    }
+                    msg.encode_to_vec()
+                })
                 .map_err(internal)?;
             keys.push(key);
         }

@@ -57,13 +57,16 @@ pub struct Store {
 }
 
 /// Group-message ids stored (`assigned`: every id up to it has been written) and durable
-/// (`durable`: every id up to it is on disk). Readers see only durable messages: a reader that
-/// saw a message a crash then lost would have its cursor past it, and the id would be handed
-/// out again to a new message, which that reader would then never read.
+/// (`durable`: every id up to it is on disk), and the same for welcomes. Readers see only
+/// durable ones: a reader that saw a message a crash then lost would have its cursor past it,
+/// and the id would be handed out again to a new message, which that reader would then never
+/// read.
 #[derive(Debug, Default)]
 struct Watermark {
     assigned: std::sync::atomic::AtomicU64,
     durable: std::sync::atomic::AtomicU64,
+    welcomes_assigned: std::sync::atomic::AtomicU64,
+    welcomes_durable: std::sync::atomic::AtomicU64,
 }
 
 fn prefixed(prefix: &[u8], id: u64) -> Vec<u8> {
@@ -150,16 +153,19 @@ impl Store {
             watermark: Default::default(),
         };
         // Whatever is in the store when it opens is on disk.
-        let top = store.last_message_id();
+        let top = store.last_id("message_id");
         store.watermark.assigned.store(top, SeqCst);
         store.watermark.durable.store(top, SeqCst);
+        let top = store.last_id("welcome_id");
+        store.watermark.welcomes_assigned.store(top, SeqCst);
+        store.watermark.welcomes_durable.store(top, SeqCst);
         Ok(store)
     }
 
-    /// The highest group-message id handed out so far (0 if none).
-    fn last_message_id(&self) -> u64 {
+    /// The highest id `counter` handed out so far (0 if none).
+    fn last_id(&self, counter: &str) -> u64 {
         self.meta
-            .get("message_id")
+            .get(counter)
             .ok()
             .flatten()
             .and_then(|b| b.as_ref().try_into().ok())
@@ -187,8 +193,10 @@ impl Store {
     pub async fn flush(&self) -> Result<(), StoreError> {
         // Every id up to `stored` was written before this call, so the flush covers it.
         let stored = self.watermark.assigned.load(SeqCst);
+        let welcomes = self.watermark.welcomes_assigned.load(SeqCst);
         self.flushes.flush(&self.db).await?;
         self.watermark.durable.fetch_max(stored, SeqCst);
+        self.watermark.welcomes_durable.fetch_max(welcomes, SeqCst);
         Ok(())
     }
 
@@ -279,7 +287,7 @@ impl Store {
     }
 
     /// Allocates a welcome id.
-    pub fn next_welcome_id(&self) -> Result<u64, StoreError> {
+    fn next_welcome_id(&self) -> Result<u64, StoreError> {
         self.next("welcome_id")
     }
 
@@ -320,10 +328,18 @@ impl Store {
         Ok(placed)
     }
 
-    /// Stores a welcome under its recipient key and id.
-    pub fn put_welcome(&self, key: &[u8], id: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        self.welcomes.insert(prefixed(key, id), bytes)?;
-        Ok(())
+    /// Stores a welcome under its recipient key with the next id (`encode(id)` its stored
+    /// bytes), in order as [`Store::append_group_messages`] does; returns the id.
+    pub fn append_welcome(
+        &self,
+        key: &[u8],
+        encode: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<u64, StoreError> {
+        let _order = self.appending.lock().unwrap_or_else(|p| p.into_inner());
+        let id = self.next_welcome_id()?;
+        self.welcomes.insert(prefixed(key, id), encode(id))?;
+        self.watermark.welcomes_assigned.fetch_max(id, SeqCst);
+        Ok(id)
     }
 
     fn page(
@@ -387,7 +403,7 @@ impl Store {
         )
     }
 
-    /// A page of an installation key's welcomes.
+    /// A page of an installation key's welcomes (those on disk, as for group messages).
     pub fn welcomes(
         &self,
         key: &[u8],
@@ -395,7 +411,8 @@ impl Store {
         descending: bool,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        Self::page(&self.welcomes, key, cursor, descending, limit, u64::MAX)
+        let durable = self.watermark.welcomes_durable.load(SeqCst);
+        Self::page(&self.welcomes, key, cursor, descending, limit, durable)
     }
 
     /// Appends a commit-log entry; returns its per-group sequence id.

@@ -88,3 +88,24 @@ fn reopen(dir: &std::path::Path) -> Store {
         }
     }
 }
+
+#[tokio::test]
+async fn a_stored_welcome_is_read_only_once_flushed() {
+    let store = Store::temporary().unwrap();
+    let key = b"installation-key".to_vec();
+    let first = store
+        .append_welcome(&key, |id| id.to_be_bytes().to_vec())
+        .unwrap();
+    store.flush().await.unwrap();
+    let second = store
+        .append_welcome(&key, |id| id.to_be_bytes().to_vec())
+        .unwrap();
+    assert!(second > first);
+    assert_eq!(ids(&store.welcomes(&key, 0, false, 10).unwrap()), [first]);
+    assert_eq!(ids(&store.welcomes(&key, 0, true, 10).unwrap()), [first]);
+    store.flush().await.unwrap();
+    let page = store.welcomes(&key, 0, false, 10).unwrap();
+    assert_eq!(ids(&page), [first, second]);
+    // Stored with its own id.
+    assert_eq!(page[1].1, second.to_be_bytes());
+}
