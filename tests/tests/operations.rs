@@ -385,7 +385,16 @@ fn sighup_refuses_a_broken_config_and_applies_route_changes_in_place() {
 fn the_load_harness_runs() {
     require("mosquitto", "mosquitto");
     let out = std::process::Command::new(gatehouse_bin())
-        .args(["bench", "--devices", "2", "--messages", "50", "--json"])
+        .args([
+            "bench",
+            "--devices",
+            "2",
+            "--messages",
+            "50",
+            "--agent-batch",
+            "7",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -409,6 +418,8 @@ fn the_load_harness_runs() {
         );
     }
     assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
+    // The way back went out 7 messages per publish, all 50 of them (checked above).
+    assert_eq!(r["agent_batch"], 7, "{r}");
     assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
 }
 

@@ -37,6 +37,8 @@ pub struct Opts {
     pub json: bool,
     /// The daemon's `poll_interval_ms` (how often endpoints read their conversations).
     pub poll_ms: u64,
+    /// Messages per agent publish on the way back (path 4).
+    pub agent_batch: usize,
 }
 
 /// One path's figures.
@@ -98,6 +100,8 @@ pub struct Report {
     pub mode: String,
     /// The daemon's poll interval, milliseconds.
     pub poll_ms: u64,
+    /// Messages per agent publish on the way back (path 4).
+    pub agent_batch: usize,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
     /// 1: MQTT QoS 1 through mosquitto.
@@ -546,7 +550,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     // the way back's first messages are not measured against it (they were, by up to 20 ms).
     tokio::time::sleep(Duration::from_millis(o.poll_ms.max(100))).await;
 
-    // Agent → devices: the agent writes into each device's DM, 64 messages per publish.
+    // Agent → devices: the agent writes into each device's DM, `agent_batch` messages per
+    // publish (one publish every `agent_batch / rate` seconds in open loop).
     let (_sink, mut rx) = mqtt_client(port, "bench-devices-down", Some("devices/+/down")).await?;
     let dms: Vec<Vec<u8>> = conversations
         .values()
@@ -557,7 +562,9 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     let collector =
         tokio::spawn(async move { collect(&mut rx, total, Duration::from_secs(30)).await });
     let mut tick = o.rate.map(|r| {
-        let mut i = tokio::time::interval(Duration::from_secs_f64(64.0 / r.max(1) as f64));
+        let mut i = tokio::time::interval(Duration::from_secs_f64(
+            o.agent_batch as f64 / r.max(1) as f64,
+        ));
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         i
     });
@@ -566,8 +573,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        let gid = &dms[(seq / 64) % dms.len()];
-        let n = 64.min(o.messages - seq);
+        let gid = &dms[(seq / o.agent_batch) % dms.len()];
+        let n = o.agent_batch.min(o.messages - seq);
         let items: Vec<_> = (seq..seq + n)
             .map(|s| {
                 (
@@ -596,8 +603,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
 pub async fn run(o: Opts) -> anyhow::Result<Report> {
     // The daemon's own histograms say where its time goes.
     crate::metrics::install();
-    if o.devices == 0 || o.messages == 0 {
-        bail!("--devices and --messages must be at least 1");
+    if o.devices == 0 || o.messages == 0 || o.agent_batch == 0 {
+        bail!("--devices, --messages and --agent-batch must be at least 1");
     }
     let dir = work_dir("gatehouse-bench")?;
     let result = async {
@@ -621,6 +628,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             messages: o.messages,
             payload_bytes: o.payload,
             poll_ms: o.poll_ms,
+            agent_batch: o.agent_batch,
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
                 None => "closed loop".into(),
@@ -673,8 +681,8 @@ fn which(tool: &str) -> Option<PathBuf> {
 fn print_table(r: &Report) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {} ({} build)",
-        r.devices, r.messages, r.payload_bytes, r.mode, r.poll_ms, r.build
+        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish ({} build)",
+        r.devices, r.messages, r.payload_bytes, r.mode, r.poll_ms, r.agent_batch, r.build
     );
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",

@@ -208,6 +208,10 @@ enum Command {
         /// The daemon's poll_interval_ms (how often endpoints read their conversations).
         #[arg(long, default_value_t = 250)]
         poll_ms: u64,
+        /// Messages the agent sends per publish on the way back (path 4): 64 for an agent
+        /// that batches, 1 for one that sends message by message.
+        #[arg(long, default_value_t = 64)]
+        agent_batch: usize,
         /// Instead of the four paths, the scale check: create this many endpoints through a
         /// `gatehouse run` child process, then report its memory, its start with them on disk
         /// and its CPU while idle.
@@ -831,6 +835,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             rate,
             json,
             poll_ms,
+            agent_batch,
             idle_endpoints,
         } => {
             init_logging("warn");
@@ -845,6 +850,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 rate,
                 json,
                 poll_ms,
+                agent_batch,
             })
             .await?;
         }
