@@ -542,6 +542,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     }
     sender.await??;
     let up = PathStats::from(&mut lat, started, last);
+    let to_node = PathStats::from(&mut to_node, started, last);
+    let from_node = PathStats::from(&mut from_node, started, last);
     // The agent no longer reads its stream: closed, rather than left to fill up with news of
     // its own sends (an unread stream holds the node's stop until the daemon gives up on it).
     drop(listener);
@@ -593,8 +595,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     let _ = tokio::time::timeout(Duration::from_secs(15), daemon).await;
     Ok(EndToEnd {
         up,
-        to_node: PathStats::from(&mut to_node, started, last),
-        from_node: PathStats::from(&mut from_node, started, last),
+        to_node,
+        from_node,
         down,
     })
 }

@@ -26,6 +26,21 @@ fn message(group: &[u8], n: u32) -> mpb::GroupMessageInput {
     }
 }
 
+/// A group's first 1,000 messages, oldest first, as a reader pages them.
+async fn first_page(mls: &impl MlsApi, group: &[u8]) -> mpb::QueryGroupMessagesResponse {
+    mls.query_group_messages(Request::new(mpb::QueryGroupMessagesRequest {
+        group_id: group.to_vec(),
+        paging_info: Some(mpb::PagingInfo {
+            direction: mpb::SortDirection::Ascending as i32,
+            limit: 1000,
+            id_cursor: 0,
+        }),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 fn ids(page: &mpb::QueryGroupMessagesResponse) -> Vec<u64> {
     page.messages
         .iter()
@@ -91,18 +106,7 @@ async fn concurrent_publishes_are_placed_in_order_and_said_where() {
             );
             before = *id;
         }
-        let page = mls
-            .query_group_messages(Request::new(mpb::QueryGroupMessagesRequest {
-                group_id: group.to_vec(),
-                paging_info: Some(mpb::PagingInfo {
-                    direction: mpb::SortDirection::Ascending as i32,
-                    limit: 1000,
-                    id_cursor: 0,
-                }),
-            }))
-            .await
-            .unwrap()
-            .into_inner();
+        let page = first_page(&mls, &group).await;
         assert_eq!(
             ids(&page),
             pairs.iter().map(|(_, id)| *id).collect::<Vec<_>>(),
@@ -140,17 +144,6 @@ async fn a_large_publish_gets_no_header_and_is_stored() {
         .unwrap();
     assert_eq!(placed::decode(value).unwrap().len(), 10);
     assert!(value.len() <= placed::MAX_HEADER_LEN);
-    let page = mls
-        .query_group_messages(Request::new(mpb::QueryGroupMessagesRequest {
-            group_id: group.to_vec(),
-            paging_info: Some(mpb::PagingInfo {
-                direction: mpb::SortDirection::Ascending as i32,
-                limit: 1000,
-                id_cursor: 0,
-            }),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let page = first_page(&mls, &group).await;
     assert_eq!(ids(&page).len(), 1000);
 }
