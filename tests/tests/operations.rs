@@ -71,8 +71,6 @@ fn metrics_count_exactly_and_ready_follows_the_broker() {
     let down = s.broker.subscribe("devices/t1/down");
     for n in 0..7 {
         a.ok(&["send", "--to", &endpoint, &format!("cmd {n}")]);
-    }
-    for n in 0..7 {
         assert_eq!(down.next_message(), format!("cmd {n}"));
     }
     let m = wait_for("the publish counter", || {
@@ -82,6 +80,24 @@ fn metrics_count_exactly_and_ready_follows_the_broker() {
     assert_eq!(
         metric(&m, "gatehouse_published_bytes_total", &route),
         (0..7).map(|n| format!("cmd {n}").len()).sum::<usize>() as f64
+    );
+    // The way back reads the messages the node's gap-free stream brought, without asking
+    // the node again: after the endpoint's first (full) read, the agent's messages, sent one
+    // at a time, are read from the stream (one pass each; the count allows for a stream
+    // opened again in between, which makes a pass ask).
+    let reads = |kind: &str| {
+        metric(
+            &m,
+            "gatehouse_endpoint_reads_total",
+            &[("route", "devices"), ("read", kind)],
+        )
+    };
+    assert!(
+        reads("streamed") >= 3.0 && reads("full") >= 1.0,
+        "reads: full {}, news {}, streamed {}",
+        reads("full"),
+        reads("news"),
+        reads("streamed")
     );
     assert_eq!(
         metric(&m, "gatehouse_plugin_calls_total", &[("plugin", "mqtt")]),

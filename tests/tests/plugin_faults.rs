@@ -218,3 +218,59 @@ fn faulty_plugins_are_contained_and_quarantined() {
     assert_eq!(d.dead_letters().len(), 6);
     assert_eq!(d.dead_letters()[0]["kind"], "memory");
 }
+
+/// On the way back, each endpoint is read and published in a pass of its own: while one
+/// endpoint's plugin call loops (until its deadline), another endpoint's conversation
+/// message reaches its device; it does not wait for the looping pass to end.
+#[test]
+fn a_looping_plugin_on_the_way_back_delays_only_its_own_endpoint() {
+    let wasm = misbehave_plugin();
+    let s = Setup::new("faults-lanes");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.dir.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir: data\nnode: {{listen: 127.0.0.1:{node}}}\nadmin: {{listen: 127.0.0.1:{admin}}}\npoll_interval_ms: 100\n\
+             channels: {{mqtt: {{port: {mqtt}, client_id: gatehouse-lanes}}}}\n\
+             plugins:\n  mqtt: {{builtin: mqtt}}\n  bad: {{path: \"{wasm}\", deadline_ms: 8000, quarantine_after: 100}}\n\
+             routes:\n\
+             \x20 - {{name: good, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n\
+             \x20 - {{name: bad, channel: mqtt, subscribe: \"bad/{{device}}/up\", reply: \"bad/{{device}}/down\", plugin: bad, agents: [\"{inbox}\"]}}\n",
+            node = s.node_port,
+            admin = s.admin_port,
+            mqtt = s.broker.port,
+            wasm = wasm.display(),
+        ),
+    )
+    .unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    // Both endpoints say hello: their conversations with the agent exist.
+    s.broker.publish("devices/g1/up", b"{\"hello\":1}");
+    let got = a.listen(1);
+    let good_endpoint = got[0]["sender_inbox"].as_str().unwrap().to_string();
+    s.broker.publish("bad/b1/up", b"hello");
+    let got = a.listen(1);
+    let bad_endpoint = got[0]["sender_inbox"].as_str().unwrap().to_string();
+    assert_ne!(good_endpoint, bad_endpoint);
+
+    let good_down = s.broker.subscribe("devices/g1/down");
+    let bad_down = s.broker.subscribe("bad/b1/down");
+    // The bad endpoint's pass starts on this (the node's stream brings it at once) and loops
+    // in the plugin for 8 s...
+    a.send(&bad_endpoint, "loop");
+    // ...meanwhile the good endpoint's message, sent after, goes out.
+    a.send(&good_endpoint, "while it loops");
+    assert_eq!(good_down.next_message(), "while it loops");
+    assert!(
+        d.dead_letters().is_empty(),
+        "the good message waited for the loop to time out"
+    );
+    // The loop ends at its deadline, set apart; the bad endpoint carries on after it.
+    let dl = d.wait_dead_letter("the loop's timeout", |d| d["kind"] == "timeout");
+    assert_eq!(dl["direction"], "outbound", "{dl}");
+    a.send(&bad_endpoint, "after the loop");
+    assert_eq!(bad_down.next_message(), "after the loop");
+}

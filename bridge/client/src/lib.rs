@@ -2567,7 +2567,7 @@ mod deliveries;
 mod forks;
 mod listen;
 
-pub use listen::{FULL_READ_EVERY, Listener};
+pub use listen::{FULL_READ_EVERY, Listener, Streamed};
 
 pub use consent::MAX_REQUESTS;
 

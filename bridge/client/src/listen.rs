@@ -125,6 +125,26 @@ impl Listener {
     }
 }
 
+/// What a gap-free stream ([`gatehouse_protocol::placed::GAP_FREE`]) brought for one
+/// conversation: every message after id `from` up to the last one here, in id order, none
+/// left out (`from` is where that stream had got before: its subscription cursor or the id of
+/// the message it brought before these).
+#[derive(Debug, Clone, Default)]
+pub struct Streamed {
+    /// Where the stream had got before these messages.
+    pub from: u64,
+    /// The messages after `from`, in id order.
+    pub messages: Vec<mpb::GroupMessage>,
+}
+
+/// A group message's node id (0 for one of an unknown version).
+fn message_id(m: &mpb::GroupMessage) -> u64 {
+    match &m.version {
+        Some(mpb::group_message::Version::V1(v)) => v.id,
+        None => 0,
+    }
+}
+
 /// Whether what a gap-free stream brings next for a conversation is all that follows its read
 /// cursor: the stream had got to `streamed_to` before, so it brings next what follows that,
 /// and the cursor is there or beyond (what the stream brought before was read, or skipped as
@@ -225,6 +245,37 @@ impl Client {
             .collect();
         l.streamed_reads += pages.len() as u64;
         self.read_groups(groups, pages).await
+    }
+
+    /// Reads only the conversations named — as [`Client::sync_all`] does (consent-gated,
+    /// deliveries retained) but without joining welcomes or syncing consent, and with each
+    /// conversation's membership looked at only when due. A conversation given with the
+    /// messages a gap-free stream brought ([`Streamed`]) is read from them, without asking the
+    /// node, when they cover everything after its read cursor (the cursor is at or past
+    /// [`Streamed::from`]); otherwise, and without them, the node is asked. Returns what was
+    /// read and how many conversations were read from their streamed messages.
+    pub async fn read_named(
+        &mut self,
+        named: Vec<(Vec<u8>, Option<Streamed>)>,
+    ) -> Result<(Vec<Received>, usize)> {
+        let mut groups = Vec::with_capacity(named.len());
+        let mut pages = HashMap::new();
+        for (gid, streamed) in named {
+            if let Some(s) = streamed {
+                let cursor = self.read_cursor(&gid)?;
+                if cursor >= s.from {
+                    let page: Vec<mpb::GroupMessage> = s
+                        .messages
+                        .into_iter()
+                        .filter(|m| message_id(m) > cursor)
+                        .collect();
+                    pages.insert(gid.clone(), page);
+                }
+            }
+            groups.push(gid);
+        }
+        let streamed = pages.len();
+        Ok((self.read_groups(groups, pages).await?, streamed))
     }
 
     /// Reads `groups`, consent-gated (membership looked at every `MEMBERSHIP_CHECK_INTERVAL`),

@@ -109,3 +109,41 @@ async fn streamed_messages_are_read_as_they_come() {
 fn texts_of(r: &[gatehouse_client::Received]) -> Vec<String> {
     r.iter().filter_map(|m| m.text.clone()).collect()
 }
+
+/// `Client::read_named` takes streamed messages as all that follows the read cursor only when
+/// the run starts at or before it; a run that starts past the cursor (a gap) makes it ask.
+#[tokio::test]
+async fn read_named_trusts_a_streamed_run_only_from_the_cursor() {
+    use gatehouse_client::Streamed;
+    let url = common::node().await;
+    let mut a = common::client(&url, 1).await;
+    let mut b = common::client(&url, 2).await;
+    let gid = a.dm(b.inbox_id()).await.unwrap();
+    a.send(&gid, &content::text("start"), None).await.unwrap();
+    assert_eq!(texts_of(&b.sync_all().await.unwrap()), ["start"]);
+    a.send(&gid, &content::text("x"), None).await.unwrap();
+    a.send(&gid, &content::text("y"), None).await.unwrap();
+
+    // A run from before the cursor that brought nothing new: taken as it is (the node is
+    // not asked, so "x" and "y" are not seen yet).
+    let empty_from = |from| {
+        vec![(
+            gid.clone(),
+            Some(Streamed {
+                from,
+                messages: Vec::new(),
+            }),
+        )]
+    };
+    let (got, streamed) = b.read_named(empty_from(0)).await.unwrap();
+    assert!(got.is_empty());
+    assert_eq!(streamed, 1);
+    // A run that starts past the cursor leaves a gap: the node is asked.
+    let (got, streamed) = b.read_named(empty_from(u64::MAX)).await.unwrap();
+    assert_eq!(texts_of(&got), ["x", "y"]);
+    assert_eq!(streamed, 0);
+    // Without streamed messages the node is asked too; nothing is read twice.
+    let (got, streamed) = b.read_named(vec![(gid.clone(), None)]).await.unwrap();
+    assert!(got.is_empty());
+    assert_eq!(streamed, 0);
+}

@@ -119,6 +119,12 @@ pub struct Report {
     /// … and stored on the node → the agent has it (the node's flush and stream, the agent's
     /// read: identity check, decryption, its durable write).
     pub node_to_agent: PathStats,
+    /// 4 split where the agent's publish was answered (the node stored it): agent → node
+    /// (waiting for the batch's publish, encryption, the agent's state write, the publish) …
+    pub agent_to_node: PathStats,
+    /// … and answered → the device has it (the node's stream, the daemon's read and
+    /// decryption, mapping, the MQTT publish).
+    pub node_to_device: PathStats,
     /// 3 / 2, throughput.
     pub e2e_over_crypto: f64,
     /// 3 / 1, throughput.
@@ -317,12 +323,15 @@ fn spawn_publishers(
 }
 
 /// Collects `total` arrivals (with their latency) or gives up after `patience` without one.
+/// Collects up to `total` distinct messages: for each, its sequence number and its arrival
+/// (nanoseconds since the epoch), and its latency; and when the last arrived.
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
     total: usize,
     patience: Duration,
-) -> (Vec<u64>, Instant) {
+) -> (Vec<u64>, Vec<(usize, u64)>, Instant) {
     let mut lat = Vec::with_capacity(total);
+    let mut arrivals = Vec::with_capacity(total);
     let mut seen = std::collections::HashSet::new();
     let mut last = Instant::now();
     while lat.len() < total {
@@ -334,13 +343,14 @@ async fn collect(
                     // Arrival on this process's clock, as nanoseconds since the epoch.
                     let arrived = now_ns().saturating_sub(at.elapsed().as_nanos() as u64);
                     lat.push(arrived.saturating_sub(ns));
+                    arrivals.push((seq, arrived));
                     last = at;
                 }
             }
             _ => break,
         }
     }
-    (lat, last)
+    (lat, arrivals, last)
 }
 
 async fn broker_hop(port: u16, o: &Opts) -> anyhow::Result<PathStats> {
@@ -351,7 +361,7 @@ async fn broker_hop(port: u16, o: &Opts) -> anyhow::Result<PathStats> {
     }
     let started = Instant::now();
     let sender = spawn_publishers(&devices, "bench", o);
-    let (mut lat, last) = collect(&mut rx, o.messages, Duration::from_secs(30)).await;
+    let (mut lat, _, last) = collect(&mut rx, o.messages, Duration::from_secs(30)).await;
     sender.await??;
     Ok(PathStats::from(&mut lat, started, last))
 }
@@ -407,12 +417,15 @@ fn crypto_bound(n: usize, size: usize) -> anyhow::Result<PathStats> {
 }
 
 /// Device → agent and agent → device through the real daemon.
-/// Path 3 (with its split at the node: device → node, node → agent) and path 4.
+/// Path 3 (with its split at the node: device → node, node → agent) and path 4 (with its
+/// split where the agent's publish was answered: agent → node, node → device).
 struct EndToEnd {
     up: PathStats,
     to_node: PathStats,
     from_node: PathStats,
     down: PathStats,
+    down_to_node: PathStats,
+    down_from_node: PathStats,
 }
 
 async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd> {
@@ -571,6 +584,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         i
     });
     let mut seq = 0;
+    // Per message, when the agent's publish of it was answered (stored on the node).
+    let mut answered = vec![0u64; o.messages];
     while seq < o.messages {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
@@ -586,10 +601,23 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
             })
             .collect();
         agent.send_batch(gid, &items).await?;
+        answered[seq..seq + n].fill(now_ns());
         seq += n;
     }
-    let (mut lat, last) = collector.await?;
+    let (mut lat, arrivals, last) = collector.await?;
+    // Split where the publish was answered: latency = (answered − sent) + (arrived − answered).
+    let (mut down_a, mut down_b): (Vec<u64>, Vec<u64>) = lat
+        .iter()
+        .zip(&arrivals)
+        .filter_map(|(l, (seq, arrived))| {
+            let answered = *answered.get(*seq)?;
+            let after = arrived.saturating_sub(answered);
+            Some((l.saturating_sub(after), after))
+        })
+        .unzip();
     let down = PathStats::from(&mut lat, started, last);
+    let down_to_node = PathStats::from(&mut down_a, started, last);
+    let down_from_node = PathStats::from(&mut down_b, started, last);
 
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(15), daemon).await;
@@ -598,6 +626,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         to_node,
         from_node,
         down,
+        down_to_node,
+        down_from_node,
     })
 }
 
@@ -624,6 +654,8 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             to_node: device_to_node,
             from_node: node_to_agent,
             down: agent_to_device,
+            down_to_node: agent_to_node,
+            down_from_node: node_to_device,
         } = end_to_end(&dir, broker.port, &o).await?;
         Ok::<_, anyhow::Error>(Report {
             devices: o.devices,
@@ -649,6 +681,8 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             agent_to_device,
             device_to_node,
             node_to_agent,
+            agent_to_node,
+            node_to_device,
         })
     }
     .await;
@@ -716,6 +750,9 @@ fn print_table(r: &Report) {
     println!("3 split where the node stored each message (its timestamp):");
     row("  3a device -> stored on the node", &r.device_to_node);
     row("  3b stored on the node -> agent", &r.node_to_agent);
+    println!("4 split where the agent's publish was answered (stored on the node):");
+    row("  4a agent -> stored on the node", &r.agent_to_node);
+    row("  4b stored on the node -> device", &r.node_to_device);
     let wall = r.device_to_agent.seconds + r.agent_to_device.seconds;
     println!("where the daemon's time went in 3 and 4 ({wall:.2} s of wall time; 2 cores):");
     for (stage, (calls, secs)) in &r.stages {

@@ -486,6 +486,9 @@ struct Endpoint {
     retry: std::sync::Mutex<(u32, Option<std::time::Instant>)>,
     /// When its conversations were last read through, or checked for news without a read.
     last_checked: std::sync::Mutex<Option<std::time::Instant>>,
+    /// When it last had a full read (welcomes, consent, every conversation); between those,
+    /// news is read conversation by conversation ([`Due`]).
+    last_full: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Per route slot: what wakes its queue worker, whether it is stalled, its NATS subscription.
@@ -502,8 +505,20 @@ struct Slot {
 enum News {
     /// A welcome for this installation.
     Welcome([u8; 32]),
-    /// A message or commit in this conversation, and the digest of its bytes.
-    Group(Vec<u8>, u64),
+    /// A message or commit.
+    Group {
+        /// Its conversation.
+        gid: Vec<u8>,
+        /// Its node id.
+        id: u64,
+        /// The digest of its bytes ([`gatehouse_client::published_digest`]).
+        digest: u64,
+        /// The stream it came on, when that stream leaves nothing out (the node said
+        /// [`gatehouse_protocol::placed::GAP_FREE`]).
+        gap_free: Option<u64>,
+        /// The message itself.
+        message: gatehouse_wire::mls_api::GroupMessage,
+    },
     /// Nothing the bridge follows.
     Other,
     /// The stream ended.
@@ -513,6 +528,51 @@ enum News {
 fn key32(b: &[u8]) -> Option<[u8; 32]> {
     b.try_into().ok()
 }
+
+/// What an endpoint reads on its next outbound pass.
+#[derive(Default)]
+struct Due {
+    /// A full read ([`Client::sync_all`]: welcomes, consent, every conversation), for what
+    /// the streams do not say (a poll, a check for news, a retry, an operator's decision).
+    full: bool,
+    /// Otherwise the conversations with news, in order, each with the messages its gap-free
+    /// stream brought after a known position (`None`: the node is asked).
+    groups: Vec<(Vec<u8>, Option<Run>)>,
+}
+
+impl Due {
+    /// The bytes of the streamed messages it holds.
+    fn bytes(&self) -> usize {
+        self.groups
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().map(|r| r.bytes))
+            .sum()
+    }
+}
+
+/// Messages one conversation's gap-free stream brought in a row.
+struct Run {
+    streamed: gatehouse_client::Streamed,
+    /// The id of the last one.
+    to: u64,
+    bytes: usize,
+}
+
+/// The endpoints with something to read, and the bytes of streamed messages held for them.
+#[derive(Default)]
+struct Dirty {
+    due: std::collections::HashMap<String, Due>,
+    bytes: usize,
+}
+
+/// The size of a streamed message, as held.
+fn message_size(m: &gatehouse_wire::mls_api::GroupMessage) -> usize {
+    gatehouse_wire::Message::encoded_len(m)
+}
+
+/// Streamed messages held for the next outbound pass, in all, past which conversations with
+/// news are read by asking the node (bounded memory while the pass is slow).
+const MAX_STREAMED_BYTES: usize = 64 << 20;
 
 /// How many streams the news watcher holds before it merges them into one.
 const MAX_NEWS_STREAMS: usize = 32;
@@ -569,7 +629,12 @@ pub struct Bridge {
     /// Bumped when `news` gained something (the streams are opened again to cover it).
     topology: watch::Sender<u64>,
     /// Endpoints with news on the node, read by the next outbound pass.
-    dirty: std::sync::Mutex<std::collections::HashSet<String>>,
+    dirty: std::sync::Mutex<Dirty>,
+    /// The endpoints in an outbound pass now (one at a time each).
+    outbound_busy: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Outbound passes at once ([`OUTBOUND_PARALLEL`]); all of them taken at shutdown waits
+    /// for those in progress.
+    outbound_slots: Arc<tokio::sync::Semaphore>,
     /// Wakes the outbound pass (news arrived).
     outbound_wake: Notify,
     /// Digests of the group messages the endpoints published: coming back on the node's
@@ -1233,6 +1298,7 @@ impl Bridge {
             retry: Default::default(),
             // Checked for news when the node's streams first cover it (see `watch_news`).
             last_checked: std::sync::Mutex::new(Some(std::time::Instant::now())),
+            last_full: std::sync::Mutex::new(None),
         });
         map.insert(name.clone(), e.clone());
         drop(map);
@@ -3251,38 +3317,258 @@ impl Bridge {
         }
     }
 
-    /// One pass of the way back for every endpoint, [`OUTBOUND_PARALLEL`] at a time (one
-    /// endpoint's conversations stay in order; a slow plugin delays only its own endpoints).
-    async fn poll_outbound(&self, endpoints: Vec<Arc<Endpoint>>) {
-        use futures::StreamExt as _;
-        futures::stream::iter(endpoints)
-            .for_each_concurrent(OUTBOUND_PARALLEL, |ep| async move {
-                match self.poll_endpoint(&ep).await {
+    /// The way back: with the node's streams up, endpoints are read when they have news, and
+    /// the others checked for news every `resync_interval_secs`; without, all of them are
+    /// checked every `poll_interval_ms` (the checks read an endpoint only when it has news).
+    /// Returns when `stop` changes (passes in progress go on).
+    async fn outbound_loop(self: Arc<Self>, stop: &mut watch::Receiver<bool>) {
+        let b = self;
+        let mut tried = b.news_tried.subscribe();
+        tokio::select! { _ = stop.changed() => return, _ = tried.wait_for(|t| *t) => {} }
+        let mut last_full: Option<std::time::Instant> = None;
+        loop {
+            let live = b.cfg();
+            let poll = Duration::from_millis(live.poll_interval_ms.max(20));
+            let resync = Duration::from_secs(live.resync_interval_secs.max(1));
+            let streaming = b.streaming.load(std::sync::atomic::Ordering::SeqCst);
+            if !streaming {
+                last_full = None;
+                let mut due = b.take_dirty();
+                let all = b.all_endpoints();
+                match b.probe(&all).await {
+                    Ok(found) => Bridge::add_full(&mut due, found),
+                    // The node cannot be asked, so reads would fail too (and opening every
+                    // endpoint for them would cost the most): the next pass asks again.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot check the endpoints for news; trying again next poll")
+                    }
+                }
+                b.poll_outbound(due).await;
+            } else if last_full.is_none_or(|t| t.elapsed() >= resync) {
+                // The safety net: endpoints not read within the interval are checked for news
+                // (read if they have some), with the news.
+                last_full = Some(std::time::Instant::now());
+                let mut due = b.take_dirty();
+                let names: std::collections::HashSet<String> =
+                    due.iter().map(|(e, _)| e.name.clone()).collect();
+                let quiet: Vec<Arc<Endpoint>> = b
+                    .all_endpoints()
+                    .into_iter()
+                    .filter(|e| {
+                        e.last_checked
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .is_none_or(|t| t.elapsed() >= resync)
+                            && !names.contains(&e.name)
+                    })
+                    .collect();
+                match b.probe(&quiet).await {
+                    Ok(found) => {
+                        let now = std::time::Instant::now();
+                        for e in &quiet {
+                            *e.last_checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+                        }
+                        Bridge::add_full(&mut due, found);
+                    }
+                    // Left for the next interval (their `last_checked` did not move); the
+                    // streams are up meanwhile.
+                    Err(e) => {
+                        tracing::warn!(error = %e, endpoints = quiet.len(), "checking quiet endpoints for news failed; trying again next resync interval")
+                    }
+                }
+                b.poll_outbound(due).await;
+            } else {
+                let dirty = b.take_dirty();
+                b.poll_outbound(dirty).await;
+            }
+            let wait = if !streaming
+                || !b
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .due
+                    .is_empty()
+            {
+                poll
+            } else {
+                resync.saturating_sub(last_full.map_or(Duration::ZERO, |t| t.elapsed()))
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = b.outbound_wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Starts a pass of the way back for each of these endpoints, [`OUTBOUND_PARALLEL`] at a
+    /// time (waiting for a free slot). Each endpoint has one pass at a time, so its
+    /// conversations stay in order; the others do not wait for it (a slow plugin or device
+    /// delays only its own endpoints), and it is taken again as soon as its pass ends. One in a
+    /// pass now is marked for a full read once that ends.
+    async fn poll_outbound(self: &Arc<Self>, endpoints: Vec<(Arc<Endpoint>, Due)>) {
+        for (ep, due) in endpoints {
+            if !self
+                .outbound_busy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ep.name.clone())
+            {
+                self.mark_dirty(&ep.name);
+                continue;
+            }
+            let Ok(slot) = self.outbound_slots.clone().acquire_owned().await else {
+                // Not reached: the slots are never closed.
+                self.outbound_busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ep.name);
+                self.mark_dirty(&ep.name);
+                return;
+            };
+            let b = self.clone();
+            tokio::spawn(async move {
+                match b.poll_endpoint(&ep, due).await {
                     Ok(true) => {}
                     // Not read now (backing off, a quarantined plugin): read it later.
-                    Ok(false) => self.mark_dirty(&ep.name),
+                    Ok(false) => b.mark_dirty(&ep.name),
                     Err(e) => {
-                        self.mark_dirty(&ep.name);
+                        b.mark_dirty(&ep.name);
                         tracing::warn!(device = %ep.device, error = %format!("{e:#}"), "reading conversations failed");
                     }
                 }
-            })
-            .await;
-        self.trim_open();
+                b.outbound_busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&ep.name);
+                drop(slot);
+                b.trim_open();
+                // News that came meanwhile waits for it.
+                let waiting = b
+                    .dirty
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .due
+                    .contains_key(&ep.name);
+                if waiting {
+                    b.outbound_wake.notify_one();
+                }
+            });
+        }
     }
 
-    /// The endpoints with news (taken: the set starts empty again).
-    fn take_dirty(&self) -> Vec<Arc<Endpoint>> {
-        let names = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+    /// The endpoints with news and what each is to read (taken), but for those in a pass now
+    /// (what they have waits for the pass to end).
+    fn take_dirty(&self) -> Vec<(Arc<Endpoint>, Due)> {
+        let busy = self.outbound_busy.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let names: Vec<String> = dirty
+                .due
+                .keys()
+                .filter(|n| !busy.contains(*n))
+                .cloned()
+                .collect();
+            let mut taken = Vec::with_capacity(names.len());
+            for n in names {
+                if let Some(d) = dirty.due.remove(&n) {
+                    dirty.bytes -= d.bytes();
+                    taken.push((n, d));
+                }
+            }
+            taken
+        };
+        drop(busy);
         let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        names.iter().filter_map(|n| map.get(n).cloned()).collect()
+        taken
+            .into_iter()
+            .filter_map(|(n, d)| map.get(&n).map(|e| (e.clone(), d)))
+            .collect()
     }
 
+    /// Adds these endpoints, for a full read, to those the pass takes.
+    fn add_full(due: &mut Vec<(Arc<Endpoint>, Due)>, eps: Vec<Arc<Endpoint>>) {
+        for ep in eps {
+            match due.iter_mut().find(|(e, _)| e.name == ep.name) {
+                Some((_, d)) => d.full = true,
+                None => due.push((
+                    ep,
+                    Due {
+                        full: true,
+                        ..Due::default()
+                    },
+                )),
+            }
+        }
+    }
+
+    /// Marks the endpoint for a full read on the next pass.
     fn mark_dirty(&self, name: &str) {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.to_string());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let due = dirty.due.entry(name.to_string()).or_default();
+        due.full = true;
+        let freed = due.bytes();
+        due.groups.clear();
+        dirty.bytes -= freed;
+    }
+
+    /// A message in one of the endpoint's conversations came on the node's stream: `prev` is
+    /// where that gap-free stream had got before it in this conversation (`None`: not known).
+    /// News marks the endpoint for the next pass (returns true: wake it); our own message
+    /// coming back does not, but extends the streamed messages held for that conversation, so
+    /// they stay a run without gaps. Returns whether to wake the pass.
+    fn note_news(
+        &self,
+        name: &str,
+        gid: Vec<u8>,
+        prev: Option<u64>,
+        id: u64,
+        message: gatehouse_wire::mls_api::GroupMessage,
+        own: bool,
+    ) -> bool {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let Dirty { due, bytes } = &mut *dirty;
+        if own && !due.contains_key(name) {
+            return false;
+        }
+        let due = due.entry(name.to_string()).or_default();
+        if due.full {
+            return !own;
+        }
+        let size = message_size(&message);
+        let room = *bytes + size <= MAX_STREAMED_BYTES;
+        match due.groups.iter_mut().find(|(g, _)| *g == gid) {
+            Some((_, run)) => match run {
+                Some(r) if prev == Some(r.to) && room => {
+                    r.streamed.messages.push(message);
+                    r.to = id;
+                    r.bytes += size;
+                    *bytes += size;
+                }
+                Some(r) => {
+                    // A gap (or no room): the node is asked for this conversation.
+                    *bytes -= r.bytes;
+                    *run = None;
+                }
+                None => {}
+            },
+            None if own => {}
+            None => {
+                let run = prev.filter(|_| room).map(|from| {
+                    *bytes += size;
+                    Run {
+                        streamed: gatehouse_client::Streamed {
+                            from,
+                            messages: vec![message],
+                        },
+                        to: id,
+                        bytes: size,
+                    }
+                });
+                due.groups.push((gid, run));
+            }
+        }
+        !own
     }
 
     /// Records what the node's streams must watch for this endpoint (its installation and
@@ -3323,6 +3609,9 @@ impl Bridge {
         ) = Default::default();
         let mut streams = futures::stream::SelectAll::new();
         let mut opened = 0usize;
+        // Per conversation, the gap-free stream (by tag) and the id it had got to there.
+        let mut positions: std::collections::HashMap<Vec<u8>, (u64, u64)> = Default::default();
+        let mut tags = 0u64;
         loop {
             topology.borrow_and_update();
             let (fresh_i, fresh_g, all_i, all_g) = {
@@ -3359,8 +3648,16 @@ impl Bridge {
                     (&fresh_i, &fresh_g)
                 };
                 let (cursors_i, cursors_g) = self.stream_cursors(open_i, open_g);
-                match self.open_news(&cursors_i, &cursors_g).await {
-                    Ok(parts) => {
+                tags += 1;
+                match self.open_news(&cursors_i, &cursors_g, tags).await {
+                    Ok((parts, gap_free)) => {
+                        if gap_free {
+                            // It brings every message after each cursor (0: from the
+                            // present, where it starts is not known).
+                            for (gid, cursor) in cursors_g.iter().filter(|(_, c)| *c != 0) {
+                                positions.insert(gid.clone(), (tags, *cursor));
+                            }
+                        }
                         // What these streams cover for the first time may have news from
                         // before they opened: our node replays what followed each non-zero
                         // cursor, and those endpoints are checked for news besides (in the
@@ -3425,6 +3722,7 @@ impl Bridge {
                         }
                         streams = futures::stream::SelectAll::new();
                         (opened, covered) = (0, Default::default());
+                        positions.clear();
                         let wait = self.news_down(&mut failures);
                         self.news_tried.send_replace(true);
                         tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => continue }
@@ -3444,28 +3742,48 @@ impl Bridge {
                         break false;
                     }
                     m = streams.next() => {
-                        let name = {
-                            let n = self.news.lock().unwrap_or_else(|p| p.into_inner());
-                            match m {
-                                Some(News::Welcome(k)) => n.installations.get(&k).cloned(),
-                                Some(News::Group(_, digest))
-                                    if self
-                                        .published
-                                        .lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .remove(&digest) =>
-                                {
-                                    // One of ours coming back: nothing to read.
-                                    None
-                                }
-                                Some(News::Group(g, _)) => n.groups.get(&g).cloned(),
-                                Some(News::Other) => None,
-                                Some(News::Ended) | None => break true,
+                        let wake = match m {
+                            Some(News::Welcome(k)) => {
+                                let name = self
+                                    .news
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .installations
+                                    .get(&k)
+                                    .cloned();
+                                name.inspect(|name| self.mark_dirty(name))
                             }
+                            Some(News::Group { gid, id, digest, gap_free, message }) => {
+                                // Where this stream had got in the conversation before: known
+                                // only on a gap-free stream that brought it there.
+                                let prev = match (gap_free, positions.get(&gid)) {
+                                    (Some(t), Some((at, p))) if *at == t => Some(*p),
+                                    _ => None,
+                                };
+                                match gap_free {
+                                    Some(t) => positions.insert(gid.clone(), (t, id)),
+                                    None => positions.remove(&gid),
+                                };
+                                // One of ours coming back is not news.
+                                let own = self
+                                    .published
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .remove(&digest);
+                                let name = self
+                                    .news
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .groups
+                                    .get(&gid)
+                                    .cloned();
+                                name.filter(|name| self.note_news(name, gid, prev, id, message, own))
+                            }
+                            Some(News::Other) => None,
+                            Some(News::Ended) | None => break true,
                         };
-                        if let Some(name) = name {
+                        if let Some(name) = wake {
                             tracing::debug!(endpoint = %name, "news on the node");
-                            self.mark_dirty(&name);
                             self.outbound_wake.notify_one();
                         }
                     }
@@ -3475,6 +3793,7 @@ impl Bridge {
                 tracing::warn!(node = %self.node_url, "the node's streams ended; reading every endpoint each poll_interval_ms until they are back");
                 streams = futures::stream::SelectAll::new();
                 (opened, covered) = (0, Default::default());
+                positions.clear();
                 let wait = self.news_down(&mut failures);
                 tokio::select! { _ = stop.changed() => return, _ = tokio::time::sleep(wait) => {} }
             }
@@ -3619,12 +3938,14 @@ impl Bridge {
     }
 
     /// Opens the node's streams for these installations and conversations; each ends with
-    /// [`News::Ended`] (an error or the node closing it).
+    /// [`News::Ended`] (an error or the node closing it). The group stream's items carry
+    /// `tag` when the node says that stream leaves nothing out; returns whether it did.
     async fn open_news(
         &self,
         installations: &[([u8; 32], u64)],
         groups: &[(Vec<u8>, u64)],
-    ) -> Result<Vec<futures::stream::BoxStream<'static, News>>, String> {
+        tag: u64,
+    ) -> Result<(Vec<futures::stream::BoxStream<'static, News>>, bool), String> {
         use futures::StreamExt as _;
         use gatehouse_wire::mls_api as mpb;
         let mut mls =
@@ -3632,6 +3953,7 @@ impl Bridge {
                 .max_decoding_message_size(32 << 20);
         let ended = || futures::stream::once(async { News::Ended });
         let mut parts = Vec::new();
+        let mut gap_free = false;
         if !installations.is_empty() {
             let w = mls
                 .subscribe_welcome_messages(mpb::SubscribeWelcomeMessagesRequest {
@@ -3673,24 +3995,37 @@ impl Bridge {
                         .collect(),
                 })
                 .await
-                .map_err(|e| e.to_string())?
-                .into_inner();
+                .map_err(|e| e.to_string())?;
+            gap_free = g
+                .metadata()
+                .get(gatehouse_protocol::placed::STREAM_HEADER)
+                .is_some_and(|v| v == gatehouse_protocol::placed::GAP_FREE);
+            let tag = gap_free.then_some(tag);
             parts.push(
-                g.map(|m| match m.map(|m| m.version) {
-                    Ok(Some(mpb::group_message::Version::V1(v))) => {
-                        News::Group(v.group_id, gatehouse_client::published_digest(&v.data))
-                    }
-                    Ok(None) => News::Other,
-                    Err(_) => News::Ended,
-                })
-                .chain(ended())
-                .boxed(),
+                g.into_inner()
+                    .map(move |m| match m {
+                        Ok(message) => match &message.version {
+                            Some(mpb::group_message::Version::V1(v)) => News::Group {
+                                gid: v.group_id.clone(),
+                                id: v.id,
+                                digest: gatehouse_client::published_digest(&v.data),
+                                gap_free: tag,
+                                message,
+                            },
+                            None => News::Other,
+                        },
+                        Err(_) => News::Ended,
+                    })
+                    .chain(ended())
+                    .boxed(),
             );
         }
-        Ok(parts)
+        Ok((parts, gap_free))
     }
 
-    async fn poll_endpoint(&self, ep: &Endpoint) -> anyhow::Result<bool> {
+    /// Reads what `due` says of the endpoint's conversations and publishes what is owed to
+    /// its device. Returns false when it was not read now (read it later).
+    async fn poll_endpoint(&self, ep: &Endpoint, due: Due) -> anyhow::Result<bool> {
         let live = self.cfg();
         let route = &live.routes[ep.route];
         if !route.fail_open && self.stats(&route.plugin, |s| s.quarantined) {
@@ -3719,9 +4054,35 @@ impl Bridge {
         // returned stays owed (retained in the client's store) until published here, so a
         // crash between reading and publishing loses nothing.
         let started = std::time::Instant::now();
-        client.sync_all().await?;
+        let full = due.full
+            || ep
+                .last_full
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none_or(|t| t.elapsed() >= gatehouse_client::FULL_READ_EVERY);
+        let kind = if full {
+            client.sync_all().await?;
+            *ep.last_full.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
+            "full"
+        } else {
+            // Only the conversations with news; from their streamed messages where those
+            // cover what follows the read cursor.
+            let named = due.groups.len();
+            let given = due
+                .groups
+                .into_iter()
+                .map(|(gid, run)| (gid, run.map(|r| r.streamed)))
+                .collect();
+            let (_, streamed) = client.read_named(given).await?;
+            if streamed == named {
+                "streamed"
+            } else {
+                "news"
+            }
+        };
         *ep.last_checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(started);
         crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
+        crate::metrics::endpoint_read(&route.name, kind);
         let pending = client.undelivered()?;
         drop(client);
         self.note_topology(ep);
@@ -4534,6 +4895,8 @@ pub async fn run_reloadable(
         news: Default::default(),
         topology: watch::channel(0).0,
         dirty: Default::default(),
+        outbound_busy: Default::default(),
+        outbound_slots: Arc::new(tokio::sync::Semaphore::new(OUTBOUND_PARALLEL)),
         outbound_wake: Notify::new(),
         published: Default::default(),
         streaming: Default::default(),
@@ -4685,83 +5048,13 @@ pub async fn run_reloadable(
     let b = bridge.clone();
     let mut stop = shutdown.clone();
     let outbound = tokio::spawn(async move {
-        // With the node's streams up, endpoints are read when they have news, and the others
-        // checked for news every `resync_interval_secs`; without, all of them are checked
-        // every `poll_interval_ms` (the checks read an endpoint only when it has news).
-        let mut tried = b.news_tried.subscribe();
-        tokio::select! { _ = stop.changed() => return, _ = tried.wait_for(|t| *t) => {} }
-        let mut last_full: Option<std::time::Instant> = None;
-        loop {
-            let live = b.cfg();
-            let poll = Duration::from_millis(live.poll_interval_ms.max(20));
-            let resync = Duration::from_secs(live.resync_interval_secs.max(1));
-            let streaming = b.streaming.load(std::sync::atomic::Ordering::SeqCst);
-            if !streaming {
-                last_full = None;
-                let mut due = b.take_dirty();
-                let all = b.all_endpoints();
-                match b.probe(&all).await {
-                    Ok(found) => {
-                        let names: std::collections::HashSet<String> =
-                            due.iter().map(|e| e.name.clone()).collect();
-                        due.extend(found.into_iter().filter(|e| !names.contains(&e.name)));
-                    }
-                    // The node cannot be asked, so reads would fail too (and opening every
-                    // endpoint for them would cost the most): the next pass asks again.
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot check the endpoints for news; trying again next poll")
-                    }
-                }
-                b.poll_outbound(due).await;
-            } else if last_full.is_none_or(|t| t.elapsed() >= resync) {
-                // The safety net: endpoints not read within the interval are checked for news
-                // (read if they have some), with the news.
-                last_full = Some(std::time::Instant::now());
-                let mut due = b.take_dirty();
-                let names: std::collections::HashSet<String> =
-                    due.iter().map(|e| e.name.clone()).collect();
-                let quiet: Vec<Arc<Endpoint>> = b
-                    .all_endpoints()
-                    .into_iter()
-                    .filter(|e| {
-                        e.last_checked
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .is_none_or(|t| t.elapsed() >= resync)
-                            && !names.contains(&e.name)
-                    })
-                    .collect();
-                match b.probe(&quiet).await {
-                    Ok(found) => {
-                        let now = std::time::Instant::now();
-                        for e in &quiet {
-                            *e.last_checked.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
-                        }
-                        due.extend(found);
-                    }
-                    // Left for the next interval (their `last_checked` did not move); the
-                    // streams are up meanwhile.
-                    Err(e) => {
-                        tracing::warn!(error = %e, endpoints = quiet.len(), "checking quiet endpoints for news failed; trying again next resync interval")
-                    }
-                }
-                b.poll_outbound(due).await;
-            } else {
-                let dirty = b.take_dirty();
-                b.poll_outbound(dirty).await;
-            }
-            let wait =
-                if !streaming || !b.dirty.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-                    poll
-                } else {
-                    resync.saturating_sub(last_full.map_or(Duration::ZERO, |t| t.elapsed()))
-                };
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = b.outbound_wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
+        b.clone().outbound_loop(&mut stop).await;
+        // The passes in progress finish (their publishes marked done) before the store is
+        // sealed.
+        let _ = b
+            .outbound_slots
+            .acquire_many(OUTBOUND_PARALLEL as u32)
+            .await;
     });
     tokio::spawn(bridge.clone().watch_news(shutdown.clone()));
     tracing::info!(admin = %admin_listen, routes = bridge.cfg().routes.len(), "gatehouse running");

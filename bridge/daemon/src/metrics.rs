@@ -92,6 +92,10 @@ fn describe() {
         "Reading and decrypting an endpoint's conversations"
     );
     describe_counter!(
+        "gatehouse_endpoint_reads_total",
+        "Reads of an endpoint's conversations: `full` (welcomes, consent, every conversation), `news` (the conversations the node's streams named, the node asked), `streamed` (those, from the streamed messages alone)"
+    );
+    describe_counter!(
         "gatehouse_consent_decisions_total",
         "Consent decisions taken through the admin API"
     );
@@ -192,6 +196,12 @@ pub fn encrypt_send(route: &str, seconds: f64) {
 pub fn sync_decrypt(route: &str, seconds: f64) {
     metrics::histogram!("gatehouse_sync_decrypt_seconds", "route" => route.to_string())
         .record(seconds);
+}
+
+/// A read of an endpoint's conversations, of this kind (`full`, `news`, `streamed`).
+pub fn endpoint_read(route: &str, kind: &'static str) {
+    metrics::counter!("gatehouse_endpoint_reads_total", "route" => route.to_string(), "read" => kind)
+        .increment(1);
 }
 
 /// A consent decision (`allow` / `deny`).
