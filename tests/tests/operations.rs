@@ -426,6 +426,8 @@ fn the_load_harness_runs() {
         "agent_to_device",
         "device_to_node",
         "node_to_agent",
+        "agent_to_node",
+        "node_to_device",
     ] {
         assert_eq!(r[path]["messages"], 50, "{path}: {r}");
         assert!(
