@@ -522,3 +522,55 @@ fn agent_messages_reach_the_device_by_the_nodes_streams_not_by_polling() {
     a.send(&endpoint, "after the restart");
     assert_eq!(down.next_message(), "after the restart");
 }
+
+/// One conversation can hold several endpoints of this bridge (an agent's group with two
+/// devices): the node's stream wakes each of them, not only the one noted last — with polling
+/// and the periodic check at ten minutes, the agent's message reaches both devices at once.
+#[test]
+fn a_group_with_two_devices_reaches_both_by_the_streams() {
+    let s = Setup::new("ops-group-two");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("poll_interval_ms: 100", "poll_interval_ms: 600000")
+        + "resync_interval_secs: 600\n";
+    std::fs::write(&config, text).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    let mut endpoints = Vec::new();
+    for dev in ["d1", "d2"] {
+        s.broker
+            .publish(&format!("devices/{dev}/up"), br#"{"hello":1}"#);
+        endpoints.push(a.listen(1)[0]["sender_inbox"].as_str().unwrap().to_string());
+    }
+    wait_for("the daemon to follow the node's streams", || {
+        (d.status()["node"]["streaming"] == true).then_some(())
+    });
+    let downs: Vec<_> = ["d1", "d2"]
+        .iter()
+        .map(|dev| s.broker.subscribe(&format!("devices/{dev}/down")))
+        .collect();
+    let gid = a
+        .ok(&[
+            "group",
+            "create",
+            "--name",
+            "both",
+            "--member",
+            &endpoints[0],
+            "--member",
+            &endpoints[1],
+        ])
+        .trim()
+        .to_string();
+    for n in 0..3 {
+        a.ok(&["send", "--conversation", &gid, &format!("to both {n}")]);
+    }
+    for down in &downs {
+        for n in 0..3 {
+            assert_eq!(down.next_message(), format!("to both {n}"));
+        }
+    }
+}

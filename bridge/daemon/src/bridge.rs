@@ -601,8 +601,9 @@ struct OpenClients {
 struct NewsIndex {
     /// Installation key → endpoint name (welcomes: a conversation was started with it).
     installations: HashMap<[u8; 32], String>,
-    /// Conversation → endpoint name (a message or commit in it).
-    groups: HashMap<Vec<u8>, String>,
+    /// Conversation → the names of the endpoints in it (a message or commit in it; an agent's
+    /// group can hold several devices).
+    groups: HashMap<Vec<u8>, Vec<String>>,
 }
 
 /// Shared bridge state.
@@ -3583,7 +3584,11 @@ impl Bridge {
             .insert(ep.installation, ep.name.clone())
             .is_none();
         for (gid, _) in conversations {
-            grew |= news.groups.insert(gid, ep.name.clone()).is_none();
+            let names = news.groups.entry(gid).or_default();
+            grew |= names.is_empty();
+            if !names.contains(&ep.name) {
+                names.push(ep.name.clone());
+            }
         }
         drop(news);
         if grew {
@@ -3669,7 +3674,7 @@ impl Bridge {
                             let names: Vec<String> = fresh_i
                                 .iter()
                                 .filter_map(|k| n.installations.get(k))
-                                .chain(fresh_g.iter().filter_map(|g| n.groups.get(g)))
+                                .chain(fresh_g.iter().filter_map(|g| n.groups.get(g)).flatten())
                                 .cloned()
                                 .collect();
                             drop(n);
@@ -3770,14 +3775,24 @@ impl Bridge {
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .remove(&digest);
-                                let name = self
+                                let names = self
                                     .news
                                     .lock()
                                     .unwrap_or_else(|p| p.into_inner())
                                     .groups
                                     .get(&gid)
-                                    .cloned();
-                                name.filter(|name| self.note_news(name, gid, prev, id, message, own))
+                                    .cloned()
+                                    .unwrap_or_default();
+                                // Each endpoint in the conversation (our own message is not
+                                // news to the others either: they hold it as a request, or it
+                                // is read with their next news).
+                                let mut woken = None;
+                                for name in names {
+                                    if self.note_news(&name, gid.clone(), prev, id, message.clone(), own) {
+                                        woken = Some(name);
+                                    }
+                                }
+                                woken
                             }
                             Some(News::Other) => None,
                             Some(News::Ended) | None => break true,
@@ -3925,11 +3940,20 @@ impl Bridge {
                 (*k, c)
             })
             .collect();
+        // A conversation several endpoints are in replays from the earliest of their cursors
+        // (0 only if none has read there).
         let g = groups
             .iter()
             .map(|gid| {
-                let c = tree(n.groups.get(gid))
-                    .and_then(|t| gatehouse_client::stored_group_cursor(&t, gid).ok())
+                let c = n
+                    .groups
+                    .get(gid)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|name| tree(Some(name)))
+                    .filter_map(|t| gatehouse_client::stored_group_cursor(&t, gid).ok())
+                    .filter(|c| *c != 0)
+                    .min()
                     .unwrap_or(0);
                 (gid.clone(), c)
             })
