@@ -438,6 +438,7 @@ fn the_load_harness_runs() {
     assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
     // The way back went out 7 messages per publish, all 50 of them (checked above).
     assert_eq!(r["agent_batch"], 7, "{r}");
+    assert_eq!(r["mqtt_version"], 3, "{r}");
     assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
 }
 

@@ -39,6 +39,8 @@ pub struct Opts {
     pub poll_ms: u64,
     /// Messages per agent publish on the way back (path 4).
     pub agent_batch: usize,
+    /// The daemon's broker connection speaks MQTT 5 (the devices stay on 3.1.1).
+    pub mqtt5: bool,
 }
 
 /// One path's figures.
@@ -102,6 +104,8 @@ pub struct Report {
     pub poll_ms: u64,
     /// Messages per agent publish on the way back (path 4).
     pub agent_batch: usize,
+    /// The MQTT version of the daemon's broker connection (3 for 3.1.1, or 5).
+    pub mqtt_version: u8,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
     /// 1: MQTT QoS 1 through mosquitto.
@@ -441,11 +445,12 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     let config = format!(
         "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
          poll_interval_ms: {}\nlog: {{level: warn}}\n\
-         channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench}}}}\n\
+         channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench, protocol: {}}}}}\n\
          plugins: {{mqtt: {{builtin: mqtt}}}}\n\
          routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [AGENT], max_payload: 1048576}}\n",
         dir.join("data").display(),
-        o.poll_ms
+        o.poll_ms,
+        if o.mqtt5 { "5" } else { "\"3.1.1\"" }
     );
     // The agent's inbox id is known before it registers (derived from its key); the channel
     // connects lazily, once the daemon's node listens.
@@ -663,6 +668,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             payload_bytes: o.payload,
             poll_ms: o.poll_ms,
             agent_batch: o.agent_batch,
+            mqtt_version: if o.mqtt5 { 5 } else { 3 },
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
                 None => "closed loop".into(),
@@ -717,8 +723,15 @@ fn which(tool: &str) -> Option<PathBuf> {
 fn print_table(r: &Report) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish ({} build)",
-        r.devices, r.messages, r.payload_bytes, r.mode, r.poll_ms, r.agent_batch, r.build
+        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish, daemon on MQTT {} ({} build)",
+        r.devices,
+        r.messages,
+        r.payload_bytes,
+        r.mode,
+        r.poll_ms,
+        r.agent_batch,
+        if r.mqtt_version == 5 { "5" } else { "3.1.1" },
+        r.build
     );
     println!(
         "{:<44} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",

@@ -212,6 +212,9 @@ enum Command {
         /// that batches, 1 for one that sends message by message.
         #[arg(long, default_value_t = 64)]
         agent_batch: usize,
+        /// The daemon's broker connection speaks MQTT 5 (the simulated devices stay on 3.1.1).
+        #[arg(long)]
+        mqtt5: bool,
         /// Instead of the four paths, the scale check: create this many endpoints through a
         /// `gatehouse run` child process, then report its memory, its start with them on disk
         /// and its CPU while idle.
@@ -836,6 +839,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             poll_ms,
             agent_batch,
+            mqtt5,
             idle_endpoints,
         } => {
             init_logging("warn");
@@ -851,6 +855,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 json,
                 poll_ms,
                 agent_batch,
+                mqtt5,
             })
             .await?;
         }
