@@ -479,6 +479,16 @@ fn a_stalled_route_makes_the_daemon_not_ready() {
     assert_eq!(m["text"], r#"{"n":2}"#);
 }
 
+/// Pushes polling and the periodic check for news to ten minutes: only the node's streams can
+/// bring the way back's news in time.
+fn streams_only(config: &std::path::Path) {
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace("poll_interval_ms: 100", "poll_interval_ms: 600000")
+        + "resync_interval_secs: 600\n";
+    std::fs::write(config, text).unwrap();
+}
+
 /// The way back is driven by the node's streams, not by polling: with polling and the
 /// periodic full read both set to ten minutes, an agent's messages still reach the device at
 /// once — also after the node went away and came back (the streams are opened again and
@@ -491,11 +501,7 @@ fn agent_messages_reach_the_device_by_the_nodes_streams_not_by_polling() {
     let a = Agent::at(s.dir.join("agent"), node.url.clone());
     let inbox = a.inbox_id();
     let config = s.write_config_external(&node.url, &[&inbox]);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("poll_interval_ms: 100", "poll_interval_ms: 600000")
-        + "resync_interval_secs: 600\n";
-    std::fs::write(&config, text).unwrap();
+    streams_only(&config);
     let d = s.start_daemon(&config);
     a.init();
     s.broker.publish("devices/d1/up", br#"{"n":1}"#);
@@ -533,11 +539,7 @@ fn a_group_with_two_devices_reaches_both_by_the_streams() {
     let a = s.agent("agent");
     let inbox = a.inbox_id();
     let config = s.write_config(&[&inbox]);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("poll_interval_ms: 100", "poll_interval_ms: 600000")
-        + "resync_interval_secs: 600\n";
-    std::fs::write(&config, text).unwrap();
+    streams_only(&config);
     let d = s.start_daemon(&config);
     a.init();
     let mut endpoints = Vec::new();

@@ -20,30 +20,50 @@ const MARGIN_MS: u64 = 250;
 /// Faults within the window that quarantine the plugin: exactly the six below.
 const QUARANTINE_AFTER: u64 = 6;
 
-#[test]
-fn faulty_plugins_are_contained_and_quarantined() {
-    let wasm = misbehave_plugin();
-    let s = Setup::new("faults");
-    let a = s.agent("agent");
-    let inbox = a.inbox_id();
+/// A config with a `good` route (the first-party mqtt plugin) and a `bad` one (the misbehaving
+/// plugin, with `bad_options`), then `more_routes`.
+fn write_config(
+    s: &Setup,
+    inbox: &str,
+    bad_options: &str,
+    more_routes: &str,
+) -> std::path::PathBuf {
     let config = s.dir.join("config.yaml");
     std::fs::write(
         &config,
         format!(
             "data_dir: data\nnode: {{listen: 127.0.0.1:{node}}}\nadmin: {{listen: 127.0.0.1:{admin}}}\npoll_interval_ms: 100\n\
              channels: {{mqtt: {{port: {mqtt}, client_id: gatehouse-faults}}}}\n\
-             plugins:\n  mqtt: {{builtin: mqtt}}\n  bad: {{path: \"{wasm}\", deadline_ms: {DEADLINE_MS}, memory_mb: 32, quarantine_after: {QUARANTINE_AFTER}, fault_window_secs: 3600}}\n\
+             plugins:\n  mqtt: {{builtin: mqtt}}\n  bad: {{path: \"{wasm}\", {bad_options}}}\n\
              routes:\n\
              \x20 - {{name: good, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n\
              \x20 - {{name: bad, channel: mqtt, subscribe: \"bad/{{device}}/up\", reply: \"bad/{{device}}/down\", plugin: bad, agents: [\"{inbox}\"]}}\n\
-             \x20 - {{name: lenient, channel: mqtt, subscribe: \"lenient/{{device}}/up\", reply: \"lenient/{{device}}/down\", plugin: bad, agents: [\"{inbox}\"], fail_open: true}}\n",
+             {more_routes}",
             node = s.node_port,
             admin = s.admin_port,
             mqtt = s.broker.port,
-            wasm = wasm.display(),
+            wasm = misbehave_plugin().display(),
         ),
     )
     .unwrap();
+    config
+}
+
+#[test]
+fn faulty_plugins_are_contained_and_quarantined() {
+    let s = Setup::new("faults");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = write_config(
+        &s,
+        &inbox,
+        &format!(
+            "deadline_ms: {DEADLINE_MS}, memory_mb: 32, quarantine_after: {QUARANTINE_AFTER}, fault_window_secs: 3600"
+        ),
+        &format!(
+            "\x20 - {{name: lenient, channel: mqtt, subscribe: \"lenient/{{device}}/up\", reply: \"lenient/{{device}}/down\", plugin: bad, agents: [\"{inbox}\"], fail_open: true}}\n"
+        ),
+    );
     let d = s.start_daemon(&config);
     a.init();
     let good = |n: u32| {
@@ -224,27 +244,10 @@ fn faulty_plugins_are_contained_and_quarantined() {
 /// message reaches its device; it does not wait for the looping pass to end.
 #[test]
 fn a_looping_plugin_on_the_way_back_delays_only_its_own_endpoint() {
-    let wasm = misbehave_plugin();
     let s = Setup::new("faults-lanes");
     let a = s.agent("agent");
     let inbox = a.inbox_id();
-    let config = s.dir.join("config.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir: data\nnode: {{listen: 127.0.0.1:{node}}}\nadmin: {{listen: 127.0.0.1:{admin}}}\npoll_interval_ms: 100\n\
-             channels: {{mqtt: {{port: {mqtt}, client_id: gatehouse-lanes}}}}\n\
-             plugins:\n  mqtt: {{builtin: mqtt}}\n  bad: {{path: \"{wasm}\", deadline_ms: 8000, quarantine_after: 100}}\n\
-             routes:\n\
-             \x20 - {{name: good, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [\"{inbox}\"]}}\n\
-             \x20 - {{name: bad, channel: mqtt, subscribe: \"bad/{{device}}/up\", reply: \"bad/{{device}}/down\", plugin: bad, agents: [\"{inbox}\"]}}\n",
-            node = s.node_port,
-            admin = s.admin_port,
-            mqtt = s.broker.port,
-            wasm = wasm.display(),
-        ),
-    )
-    .unwrap();
+    let config = write_config(&s, &inbox, "deadline_ms: 8000, quarantine_after: 100", "");
     let d = s.start_daemon(&config);
     a.init();
     // Both endpoints say hello: their conversations with the agent exist.

@@ -3473,7 +3473,7 @@ impl Bridge {
             let mut taken = Vec::with_capacity(names.len());
             for n in names {
                 if let Some(d) = dirty.due.remove(&n) {
-                    dirty.bytes -= d.bytes();
+                    dirty.bytes = dirty.bytes.saturating_sub(d.bytes());
                     taken.push((n, d));
                 }
             }
@@ -3510,7 +3510,7 @@ impl Bridge {
         due.full = true;
         let freed = due.bytes();
         due.groups.clear();
-        dirty.bytes -= freed;
+        dirty.bytes = dirty.bytes.saturating_sub(freed);
     }
 
     /// A message in one of the endpoint's conversations came on the node's stream: `prev` is
@@ -3548,7 +3548,7 @@ impl Bridge {
                 }
                 Some(r) => {
                     // A gap (or no room): the node is asked for this conversation.
-                    *bytes -= r.bytes;
+                    *bytes = bytes.saturating_sub(r.bytes);
                     *run = None;
                 }
                 None => {}
@@ -3583,16 +3583,33 @@ impl Bridge {
             .installations
             .insert(ep.installation, ep.name.clone())
             .is_none();
+        // Conversations already followed for other endpoints: their stream's news before now
+        // did not name this one, so it reads them once (asking the node).
+        let mut joined = Vec::new();
         for (gid, _) in conversations {
-            let names = news.groups.entry(gid).or_default();
+            let names = news.groups.entry(gid.clone()).or_default();
             grew |= names.is_empty();
             if !names.contains(&ep.name) {
+                if !names.is_empty() {
+                    joined.push(gid);
+                }
                 names.push(ep.name.clone());
             }
         }
         drop(news);
         if grew {
             self.topology.send_modify(|v| *v += 1);
+        }
+        if !joined.is_empty() {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            let due = dirty.due.entry(ep.name.clone()).or_default();
+            for gid in joined {
+                if !due.groups.iter().any(|(g, _)| *g == gid) {
+                    due.groups.push((gid, None));
+                }
+            }
+            drop(dirty);
+            self.outbound_wake.notify_one();
         }
     }
 
