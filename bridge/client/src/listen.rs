@@ -254,6 +254,10 @@ impl Client {
     /// node, when they cover everything after its read cursor (the cursor is at or past
     /// [`Streamed::from`]); otherwise, and without them, the node is asked. Returns what was
     /// read and how many conversations were read from their streamed messages.
+    ///
+    /// Unlike the other reads it does not flush: the caller calls [`Client::flush`] once it
+    /// has acted on what was read (a crash before that loses the read, not the messages: they
+    /// are read again from the node, so a consumer that publishes them may publish some twice).
     pub async fn read_named(
         &mut self,
         named: Vec<(Vec<u8>, Option<Streamed>)>,
@@ -275,7 +279,8 @@ impl Client {
             groups.push(gid);
         }
         let streamed = pages.len();
-        Ok((self.read_groups(groups, pages).await?, streamed))
+        let out = self.read_pages(groups, false, pages).await?;
+        Ok((self.gate(out)?, streamed))
     }
 
     /// Reads `groups`, consent-gated (membership looked at every `MEMBERSHIP_CHECK_INTERVAL`),

@@ -4125,11 +4125,16 @@ impl Bridge {
         crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
         crate::metrics::endpoint_read(&route.name, kind);
         let pending = client.undelivered()?;
-        drop(client);
-        self.note_topology(ep);
         if pending.is_empty() {
+            if kind != "full" {
+                client.flush().await?;
+            }
+            drop(client);
+            self.note_topology(ep);
             return Ok(true);
         }
+        drop(client);
+        self.note_topology(ep);
         if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH").is_some() {
             // Fault injection for the crash tests: die between reading and publishing.
             tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_PUBLISH: aborting before publishing");
@@ -4184,6 +4189,11 @@ impl Bridge {
         }
         if done > 0 {
             *ep.retry.lock().unwrap_or_else(|p| p.into_inner()) = (0, None);
+        }
+        // One flush for the read (`read_named` leaves it to us) and the marking: a crash
+        // before it reads those messages again from the node and publishes them again
+        // (at-least-once; a QoS 2 publish is recognised by its key in the journal).
+        if done > 0 || kind != "full" {
             self.client(ep).await?.flush().await?;
         }
         Ok(!later)
