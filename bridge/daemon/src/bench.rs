@@ -215,11 +215,13 @@ impl Drop for Broker {
 fn start_broker(dir: &Path) -> anyhow::Result<Broker> {
     let port = free_port()?;
     let conf = dir.join("mosquitto.conf");
-    // No queue limits: a closed-loop burst must not be dropped by the broker.
+    // No queue limits: a closed-loop burst must not be dropped by the broker. Nagle off, as
+    // recommended for a broker Gatehouse talks to: otherwise its PUBACKs to the daemon can
+    // arrive 40 ms late (a delayed ACK), and an endpoint's pass waits for them.
     std::fs::write(
         &conf,
         format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\n"
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
         ),
     )?;
     let child = std::process::Command::new("mosquitto")
