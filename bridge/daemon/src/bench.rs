@@ -328,9 +328,9 @@ fn spawn_publishers(
     })
 }
 
-/// Collects `total` arrivals (with their latency) or gives up after `patience` without one.
-/// Collects up to `total` distinct messages: for each, its sequence number and its arrival
-/// (nanoseconds since the epoch), and its latency; and when the last arrived.
+/// Collects up to `total` distinct messages, giving up after `patience` without one: their
+/// latencies, each one's sequence number and arrival (nanoseconds since the epoch), and when
+/// the last arrived.
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
     total: usize,

@@ -4126,7 +4126,7 @@ impl Bridge {
         crate::metrics::endpoint_read(&route.name, kind);
         let pending = client.undelivered()?;
         if pending.is_empty() {
-            if kind != "full" {
+            if !full {
                 client.flush().await?;
             }
             drop(client);
@@ -4193,7 +4193,7 @@ impl Bridge {
         // One flush for the read (`read_named` leaves it to us) and the marking: a crash
         // before it reads those messages again from the node and publishes them again
         // (at-least-once; a QoS 2 publish is recognised by its key in the journal).
-        if done > 0 || kind != "full" {
+        if done > 0 || !full {
             self.client(ep).await?.flush().await?;
         }
         Ok(!later)
