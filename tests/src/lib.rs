@@ -420,6 +420,17 @@ impl Mosquitto {
 
     /// [`Mosquitto::subscribe`] with the given QoS (2: the broker delivers each message once).
     pub fn subscribe_qos(&self, topic: &str, qos: u8) -> Subscriber {
+        self.subscribe_with(topic, qos, &[])
+    }
+
+    /// A QoS 1 subscriber with a persistent session under `client_id`: the broker keeps what is
+    /// published for it while it is away (and, when persistent, across its own restart), and
+    /// `mosquitto_sub` reconnects by itself.
+    pub fn subscribe_session(&self, topic: &str, client_id: &str) -> Subscriber {
+        self.subscribe_with(topic, 1, &["-c", "-i", client_id])
+    }
+
+    fn subscribe_with(&self, topic: &str, qos: u8, extra: &[&str]) -> Subscriber {
         require("mosquitto_sub", "mosquitto-clients");
         // stdbuf makes mosquitto_sub flush each line into the pipe as it happens.
         let mut child = Command::new("stdbuf")
@@ -436,6 +447,7 @@ impl Mosquitto {
                 "-t",
                 topic,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

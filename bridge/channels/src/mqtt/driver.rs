@@ -261,7 +261,7 @@ pub fn start(
                 Some(errors),
             )
         }
-        None => (Dial::Tcp(tls.map(|(cfg, _)| cfg)), None),
+        None => (Dial::Tcp(tls), None),
     };
     let (client, mut eventloop) = link::open(config, dial, PUBLISH_WINDOW, REQUEST_CAPACITY);
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
@@ -335,7 +335,7 @@ pub fn start(
         loop {
             let event = tokio::select! {
                 _ = shutdown.changed() => {
-                    client.disconnect().await;
+                    eventloop.close().await;
                     let _ = state_tx.send(ConnectionState::Stopped);
                     return;
                 }

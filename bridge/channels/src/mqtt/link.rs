@@ -1,5 +1,6 @@
-//! One broker connection in either protocol version: rumqttc's MQTT 3.1.1 and MQTT 5 clients
-//! behind one face, so the driver's logic (windows, journal, acknowledgements) exists once.
+//! One broker connection in either protocol version behind one face, so the driver's logic
+//! (windows, journal, acknowledgements) exists once: rumqttc's MQTT 3.1.1 client, and for MQTT 5
+//! rumqttc's protocol state and packets with our own I/O ([`super::v5conn`]).
 
 use std::collections::HashSet;
 
@@ -7,6 +8,7 @@ use rumqttc::v5;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use serde::{Deserialize, Serialize};
 
+use super::v5conn;
 use super::{MqttConfig, Protocol};
 
 /// MQTT 5 publish properties the bridge carries (empty under MQTT 3.1.1).
@@ -134,18 +136,19 @@ pub(crate) struct LinkError {
 #[derive(Clone)]
 pub(crate) enum Client {
     V4(rumqttc::AsyncClient),
-    V5(v5::AsyncClient),
+    V5(v5conn::Requests),
 }
 
 /// The connection itself (polled by the driver task only).
 pub(crate) enum Events {
     V4(Box<rumqttc::EventLoop>),
-    V5(Box<v5::EventLoop>),
+    V5(Box<v5conn::Connection>),
 }
 
-/// Where the connection goes: a TCP broker, or the QoS 2 relay's Unix socket.
+/// Where the connection goes: a TCP broker (with TLS: its configuration and the name the
+/// broker's certificate must carry), or the QoS 2 relay's Unix socket.
 pub(crate) enum Dial {
-    Tcp(Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>),
+    Tcp(Option<(std::sync::Arc<tokio_rustls::rustls::ClientConfig>, String)>),
     Unix(String),
 }
 
@@ -174,7 +177,9 @@ pub(crate) fn open(
                         config.host.clone(),
                         config.port,
                     );
-                    if let Some(cfg) = tls {
+                    // rumqttc checks the certificate against `host` (`server_name` needs MQTT
+                    // 5 or QoS 2, whose connections are ours; see the configuration's docs).
+                    if let Some((cfg, _)) = tls {
                         o.set_transport(rumqttc::Transport::tls_with_config(
                             rumqttc::TlsConfiguration::Rustls(cfg.clone()),
                         ));
@@ -195,42 +200,27 @@ pub(crate) fn open(
             (Client::V4(c), Events::V4(Box::new(e)))
         }
         Protocol::V5 => {
-            let mut opts = match &dial {
-                Dial::Unix(path) => {
-                    let mut o = v5::MqttOptions::new(config.client_id.clone(), path, 0);
-                    o.set_transport(rumqttc::Transport::Unix);
-                    o
-                }
-                Dial::Tcp(tls) => {
-                    let mut o = v5::MqttOptions::new(
-                        config.client_id.clone(),
-                        config.host.clone(),
-                        config.port,
-                    );
-                    if let Some(cfg) = tls {
-                        o.set_transport(rumqttc::Transport::tls_with_config(
-                            rumqttc::TlsConfiguration::Rustls(cfg.clone()),
-                        ));
-                    }
-                    o
-                }
+            let target = match dial {
+                Dial::Unix(path) => v5conn::Target::Unix(path),
+                Dial::Tcp(tls) => v5conn::Target::Tcp {
+                    host: config.host.clone(),
+                    port: config.port,
+                    tls,
+                },
             };
-            opts.set_keep_alive(keep_alive);
-            opts.set_manual_acks(true);
-            opts.set_clean_start(config.clean_session);
-            // The broker keeps the session (subscriptions, queued messages) this long after
-            // we disconnect; 0 would end it at once, like a clean session.
-            if !config.clean_session {
-                opts.set_session_expiry_interval(Some(config.session_expiry_secs));
-            }
-            // Announced to the broker, which then never sends us a larger packet.
-            opts.set_max_packet_size(Some(config.max_packet_bytes.min(u32::MAX as usize) as u32));
-            if let Some((u, p)) = credentials {
-                opts.set_credentials(u, p);
-            }
-            opts.set_outgoing_inflight_upper_limit(inflight);
-            opts.set_network_options(network_options());
-            let (c, e) = v5::AsyncClient::new(opts, capacity);
+            let settings = v5conn::Settings {
+                client_id: config.client_id.clone(),
+                keep_alive,
+                clean_start: config.clean_session,
+                // The broker keeps the session (subscriptions, queued messages) this long after
+                // we disconnect; without it the session ends with the connection.
+                session_expiry_secs: (!config.clean_session).then_some(config.session_expiry_secs),
+                // Announced to the broker, which then never sends us a larger packet.
+                max_packet_bytes: config.max_packet_bytes.min(u32::MAX as usize) as u32,
+                login: credentials.map(|(u, p)| p5::Login::new(u, p)),
+                target,
+            };
+            let (c, e) = v5conn::Connection::new(settings, inflight, capacity);
             (Client::V5(c), Events::V5(Box::new(e)))
         }
     }
@@ -245,6 +235,19 @@ fn network_options() -> rumqttc::NetworkOptions {
     let mut o = rumqttc::NetworkOptions::new();
     o.set_tcp_nodelay(true);
     o
+}
+
+/// An MQTT 5 PUBLISH under the driver's own packet id.
+fn v5_publish(p: &OutPublish) -> p5::Publish {
+    let mut out = p5::Publish::new(
+        &p.topic,
+        qos5(p.qos),
+        p.payload.clone(),
+        p.props.as_ref().map(Properties::to_v5),
+    );
+    out.pkid = p.pkid;
+    out.dup = p.dup;
+    out
 }
 
 /// An MQTT 3.1.1 PUBLISH under the driver's own packet id.
@@ -283,7 +286,17 @@ impl Client {
     pub async fn ack(&self, raw: &RawPublish) -> Result<(), String> {
         match (self, raw) {
             (Client::V4(c), RawPublish::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
-            (Client::V5(c), RawPublish::V5(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Client::V5(c), RawPublish::V5(p)) => match p.qos {
+                v5::mqttbytes::QoS::AtMostOnce => Ok(()),
+                v5::mqttbytes::QoS::AtLeastOnce => {
+                    c.send(v5::Request::PubAck(p5::PubAck::new(p.pkid, None)))
+                        .await
+                }
+                v5::mqttbytes::QoS::ExactlyOnce => {
+                    c.send(v5::Request::PubRec(p5::PubRec::new(p.pkid, None)))
+                        .await
+                }
+            },
             _ => Err("acknowledgement for the other protocol version".into()),
         }
     }
@@ -299,7 +312,8 @@ impl Client {
             Client::V5(c) => {
                 let mut f = p5::Filter::new(filter, qos5(qos));
                 f.nolocal = !filter.starts_with("$share/");
-                c.subscribe_many([f]).await.map_err(|e| e.to_string())
+                c.send(v5::Request::Subscribe(p5::Subscribe::new(f, None)))
+                    .await
             }
         }
     }
@@ -307,17 +321,9 @@ impl Client {
     pub async fn unsubscribe(&self, filter: &str) -> Result<(), String> {
         match self {
             Client::V4(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
-        }
-    }
-
-    pub async fn disconnect(&self) {
-        match self {
-            Client::V4(c) => {
-                let _ = c.disconnect().await;
-            }
             Client::V5(c) => {
-                let _ = c.disconnect().await;
+                c.send(v5::Request::Unsubscribe(p5::Unsubscribe::new(filter, None)))
+                    .await
             }
         }
     }
@@ -366,13 +372,12 @@ impl Events {
             }
             Events::V5(e) => {
                 use p5::{ConnectReturnCode as C, Packet, PubAckReason, PubRecReason};
-                use v5::{ConnectionError, Event, StateError};
                 match e.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(c))) => Ok(Ev::ConnAck {
+                    Ok(Packet::ConnAck(c)) => Ok(Ev::ConnAck {
                         session_present: c.session_present,
                         receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
                     }),
-                    Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::PubAck {
+                    Ok(Packet::PubAck(a)) => Ok(Ev::PubAck {
                         pkid: a.pkid,
                         refused: (!matches!(
                             a.reason,
@@ -385,7 +390,7 @@ impl Events {
                             )
                         }),
                     }),
-                    Ok(Event::Incoming(Packet::PubRec(r))) => Ok(Ev::PubRec {
+                    Ok(Packet::PubRec(r)) => Ok(Ev::PubRec {
                         pkid: r.pkid,
                         refused: (!matches!(
                             r.reason,
@@ -398,9 +403,9 @@ impl Events {
                             )
                         }),
                     }),
-                    Ok(Event::Incoming(Packet::PubComp(c))) => Ok(Ev::PubComp(c.pkid)),
-                    Ok(Event::Incoming(Packet::SubAck(_))) => Ok(Ev::SubAck),
-                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Publish {
+                    Ok(Packet::PubComp(c)) => Ok(Ev::PubComp(c.pkid)),
+                    Ok(Packet::SubAck(_)) => Ok(Ev::SubAck),
+                    Ok(Packet::Publish(p)) => Ok(Ev::Publish {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload.to_vec(),
                         retain: p.retain,
@@ -412,17 +417,13 @@ impl Events {
                     Err(err) => Err(LinkError {
                         refused: matches!(
                             err,
-                            ConnectionError::ConnectionRefused(
+                            v5conn::Error::Refused(
                                 C::BadUserNamePassword
                                     | C::NotAuthorized
                                     | C::BadAuthenticationMethod
-                            ) | ConnectionError::MqttState(StateError::ConnFail {
-                                reason: C::BadUserNamePassword
-                                    | C::NotAuthorized
-                                    | C::BadAuthenticationMethod
-                            })
+                            )
                         ),
-                        message: err.to_string(),
+                        message: err.message(),
                     }),
                 }
             }
@@ -459,17 +460,30 @@ impl Events {
             Events::V4(e) => e
                 .pending
                 .push_back(rumqttc::Request::Publish(v4_publish(p))),
-            Events::V5(e) => {
-                let mut out = p5::Publish::new(
-                    &p.topic,
-                    qos5(p.qos),
-                    p.payload.clone(),
-                    p.props.as_ref().map(Properties::to_v5),
-                );
-                out.pkid = p.pkid;
-                out.dup = p.dup;
-                e.pending.push_back(v5::Request::Publish(out));
+            Events::V5(e) => e.pending.push_back(v5::Request::Publish(v5_publish(p))),
+        }
+    }
+
+    /// Ends the connection with a DISCONNECT (at shutdown), if it is up: the broker then
+    /// knows we left on purpose.
+    pub async fn close(&mut self) {
+        match self {
+            Events::V4(e) => {
+                let e = &mut **e;
+                if let Some(net) = e.network.as_mut()
+                    && let Ok(Some(packet)) = e
+                        .state
+                        .handle_outgoing_packet(rumqttc::Request::Disconnect(rumqttc::Disconnect))
+                {
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                        net.write(packet).await?;
+                        net.flush().await
+                    })
+                    .await;
+                }
+                e.network = None;
             }
+            Events::V5(e) => e.close().await,
         }
     }
 
@@ -480,7 +494,7 @@ impl Events {
     /// about one publish per millisecond. Written here they go through rumqttc's session state
     /// as a queued request would (kept for a resend until acknowledged), so a write that fails
     /// is sent again after the reconnect, as rumqttc does with everything its session holds.
-    /// (MQTT 5: queued; rumqttc's MQTT 5 event loop does not expose its connection.)
+    /// (MQTT 5: the same, in [`v5conn::Connection::send_publishes`].)
     pub async fn send_publishes(&mut self, ps: &[OutPublish]) {
         match self {
             Events::V4(e) => {
@@ -518,12 +532,7 @@ impl Events {
                     tracing::debug!(error = %err, "MQTT flush failed; the session resends after the reconnect");
                 }
             }
-            // rumqttc's MQTT 5 event loop does not expose its connection: queued, one per poll.
-            Events::V5(_) => {
-                for p in ps {
-                    self.push_publish(p);
-                }
-            }
+            Events::V5(e) => e.send_publishes(ps.iter().map(v5_publish).collect()).await,
         }
     }
 

@@ -6,6 +6,7 @@ mod driver;
 mod embedded;
 mod link;
 mod outbox;
+mod v5conn;
 
 pub use config::{MqttConfig, MqttTls, Protocol};
 pub use driver::{ConnectionState, DriverStopped, Inbound, MqttHandle, PublishAck, start};
