@@ -479,17 +479,23 @@ fn retained_messages_once_ignored_or_kept_as_state() {
 
 /// QoS 2 from the devices to the bridge (`subscribe_qos: 2`): the PUBREC goes out only after
 /// the durable write; a crash between the two, and the broker's DUP redelivery, still give the
-/// agent each message once, in order.
+/// agent each message once, in order. Under both protocol versions of the bridge's connection.
 #[test]
 fn qos2_subscriptions_deliver_each_message_once_across_a_crash() {
-    let s = Setup::new("mqtt-qos2-in");
+    for protocol in ["3.1.1", "5"] {
+        qos2_subscription_across_a_crash(protocol);
+    }
+}
+
+fn qos2_subscription_across_a_crash(protocol: &str) {
+    let s = Setup::new(&format!("mqtt-qos2-in-{}", protocol.replace('.', "")));
     let a = s.agent("agent");
     let inbox = a.inbox_id();
     let config = s.write_config(&[&inbox]);
     let text = std::fs::read_to_string(&config).unwrap();
     let q2 = text.replace(
         "client_id: gatehouse-e2e",
-        "client_id: gatehouse-e2e, subscribe_qos: 2",
+        &format!("client_id: gatehouse-e2e, subscribe_qos: 2, protocol: \"{protocol}\""),
     );
     assert_ne!(q2, text);
     std::fs::write(&config, q2).unwrap();
@@ -509,7 +515,7 @@ fn qos2_subscriptions_deliver_each_message_once_across_a_crash() {
         .iter()
         .map(|m| m["text"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(got, lines, "each once, in order");
+    assert_eq!(got, lines, "MQTT {protocol}: each once, in order");
     s.broker
         .publish_lines_qos("devices/d1/up", &[r#"{"n":51}"#.to_string()], 2);
     assert_eq!(
