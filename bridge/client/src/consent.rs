@@ -33,6 +33,9 @@ pub(crate) fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
     [prefix, &n.to_be_bytes()].concat()
 }
 
+/// How often a full request queue says so in the log: at its first drop, then every this many.
+const REQUEST_DROP_LOG_EVERY: u64 = 1000;
+
 impl Client {
     /// A counter kept in the tree (ordering keys of the queues).
     pub(crate) fn next_seq(&self, name: &str) -> Result<u64> {
@@ -313,10 +316,15 @@ impl Client {
             self.tree.remove(k)?;
             let dropped = self.requests_dropped()? + 1;
             self.tree.insert("req_dropped", &dropped.to_be_bytes())?;
-            tracing::warn!(
-                max = self.max_requests,
-                "request queue full: dropped the oldest held message"
-            );
+            // Said at the first drop and then once per REQUEST_DROP_LOG_EVERY: a sender that
+            // keeps writing would otherwise fill the log with one line per message.
+            if dropped == 1 || dropped.is_multiple_of(REQUEST_DROP_LOG_EVERY) {
+                tracing::warn!(
+                    max = self.max_requests,
+                    dropped_so_far = dropped,
+                    "request queue full: dropped the oldest held message (said again every {REQUEST_DROP_LOG_EVERY} drops)"
+                );
+            }
             len -= 1;
         }
         self.held_len = Some(len);
