@@ -44,7 +44,8 @@ pub const EMAIL_PLUGIN: &[u8] =
 pub const MISBEHAVE_PLUGIN: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gatehouse_plugin_misbehave.wasm"));
 
-/// How often the epoch ticks; deadlines are whole ticks.
+/// How often the epoch ticks; deadlines are whole ticks (a call runs its deadline, and at most
+/// one tick more).
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Per-plugin limits.
@@ -526,7 +527,9 @@ impl Plugin {
     }
 
     fn arm(&self, store: &mut Store<State>) -> Result<(), PluginError> {
-        let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        // The call starts somewhere within a tick, so the first tick can come at once: one
+        // more keeps the call running for at least its whole deadline (at most one tick more).
+        let ticks = (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1;
         store.set_epoch_deadline(ticks);
         if !self.metered {
             return Ok(());
