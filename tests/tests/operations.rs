@@ -395,51 +395,55 @@ fn sighup_refuses_a_broken_config_and_applies_route_changes_in_place() {
     assert_eq!(a.listen(1)[0]["text"], r#"{"n":6}"#);
 }
 
-/// The load harness works (a tiny run; its figures are not judged here): every path carries
-/// every message.
+/// The load harness works (tiny runs; their figures are not judged here): every path carries
+/// every message, with the defaults and with the daemon on MQTT 5 at QoS 2.
 #[test]
 fn the_load_harness_runs() {
     require("mosquitto", "mosquitto");
-    let out = std::process::Command::new(gatehouse_bin())
-        .args([
-            "bench",
-            "--devices",
-            "2",
-            "--messages",
-            "50",
-            "--agent-batch",
-            "7",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for path in [
-        "broker_hop",
-        "crypto_bound",
-        "device_to_agent",
-        "agent_to_device",
-        "device_to_node",
-        "node_to_agent",
-        "agent_to_node",
-        "node_to_device",
-    ] {
-        assert_eq!(r[path]["messages"], 50, "{path}: {r}");
+    for (extra, version, qos) in [(&[][..], 3, 1), (&["--mqtt5", "--qos", "2"][..], 5, 2)] {
+        let out = std::process::Command::new(gatehouse_bin())
+            .args([
+                "bench",
+                "--devices",
+                "2",
+                "--messages",
+                "50",
+                "--agent-batch",
+                "7",
+                "--json",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
         assert!(
-            r[path]["msg_per_sec"].as_f64().unwrap() > 0.0,
-            "{path}: {r}"
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for path in [
+            "broker_hop",
+            "crypto_bound",
+            "device_to_agent",
+            "agent_to_device",
+            "device_to_node",
+            "node_to_agent",
+            "agent_to_node",
+            "node_to_device",
+        ] {
+            assert_eq!(r[path]["messages"], 50, "{path}: {r}");
+            assert!(
+                r[path]["msg_per_sec"].as_f64().unwrap() > 0.0,
+                "{path}: {r}"
+            );
+        }
+        assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
+        // The way back went out 7 messages per publish, all 50 of them (checked above).
+        assert_eq!(r["agent_batch"], 7, "{r}");
+        assert_eq!(r["mqtt_version"], version, "{r}");
+        assert_eq!(r["qos"], qos, "{r}");
+        assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
     }
-    assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
-    // The way back went out 7 messages per publish, all 50 of them (checked above).
-    assert_eq!(r["agent_batch"], 7, "{r}");
-    assert_eq!(r["mqtt_version"], 3, "{r}");
-    assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
 }
 
 /// A route whose deliveries keep failing (its XMTP node gone) makes the daemon not ready

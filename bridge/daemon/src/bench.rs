@@ -41,6 +41,9 @@ pub struct Opts {
     pub agent_batch: usize,
     /// The daemon's broker connection speaks MQTT 5 (the devices stay on 3.1.1).
     pub mqtt5: bool,
+    /// The daemon's `publish_qos` and `subscribe_qos` (the devices publish and subscribe at
+    /// QoS 1).
+    pub qos: u8,
 }
 
 /// One path's figures.
@@ -106,6 +109,8 @@ pub struct Report {
     pub agent_batch: usize,
     /// The MQTT version of the daemon's broker connection (3 for 3.1.1, or 5).
     pub mqtt_version: u8,
+    /// The QoS of the daemon's publishes and subscriptions.
+    pub qos: u8,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
     /// 1: MQTT QoS 1 through mosquitto.
@@ -447,12 +452,14 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     let config = format!(
         "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
          poll_interval_ms: {}\nlog: {{level: warn}}\n\
-         channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench, protocol: {}}}}}\n\
+         channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench, protocol: {}, publish_qos: {}, subscribe_qos: {}}}}}\n\
          plugins: {{mqtt: {{builtin: mqtt}}}}\n\
          routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [AGENT], max_payload: 1048576}}\n",
         dir.join("data").display(),
         o.poll_ms,
-        if o.mqtt5 { "5" } else { "\"3.1.1\"" }
+        if o.mqtt5 { "5" } else { "\"3.1.1\"" },
+        o.qos,
+        o.qos.max(1),
     );
     // The agent's inbox id is known before it registers (derived from its key); the channel
     // connects lazily, once the daemon's node listens.
@@ -671,6 +678,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             poll_ms: o.poll_ms,
             agent_batch: o.agent_batch,
             mqtt_version: if o.mqtt5 { 5 } else { 3 },
+            qos: o.qos,
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
                 None => "closed loop".into(),
@@ -725,7 +733,7 @@ fn which(tool: &str) -> Option<PathBuf> {
 fn print_table(r: &Report) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish, daemon on MQTT {} ({} build)",
+        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish, daemon on MQTT {} at QoS {} ({} build)",
         r.devices,
         r.messages,
         r.payload_bytes,
@@ -733,6 +741,7 @@ fn print_table(r: &Report) {
         r.poll_ms,
         r.agent_batch,
         if r.mqtt_version == 5 { "5" } else { "3.1.1" },
+        r.qos,
         r.build
     );
     println!(

@@ -215,6 +215,10 @@ enum Command {
         /// The daemon's broker connection speaks MQTT 5 (the simulated devices stay on 3.1.1).
         #[arg(long)]
         mqtt5: bool,
+        /// The daemon's publish_qos and subscribe_qos (the simulated devices stay at QoS 1).
+        /// QoS 2 journals each publish to the devices and goes through the daemon's relay.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
         /// Instead of the four paths, the scale check: create this many endpoints through a
         /// `gatehouse run` child process, then report its memory, its start with them on disk
         /// and its CPU while idle.
@@ -840,6 +844,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             poll_ms,
             agent_batch,
             mqtt5,
+            qos,
             idle_endpoints,
         } => {
             init_logging("warn");
@@ -856,6 +861,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 poll_ms,
                 agent_batch,
                 mqtt5,
+                qos,
             })
             .await?;
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::link::{self, Client, Dial, Ev, OutPublish, RawPublish};
@@ -25,6 +26,9 @@ const PUBLISH_WINDOW: u16 = 100;
 /// refuses more than its in-flight maximum (mosquitto: `max_inflight_messages`, 20 by
 /// default; MQTT 3.1.1 has no way to learn it, and the refusal closes the connection).
 const QOS2_WINDOW: usize = 20;
+
+/// Events the driver takes from the connection in a row without waiting on anything else.
+const DRAIN_MAX: usize = 256;
 
 /// How long to wait before trying credentials the broker refused again.
 const BAD_CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
@@ -332,90 +336,110 @@ pub fn start(
         // New publishes wait for the first connection, so what a restart interrupted goes
         // first, in its order.
         let mut connected_once = false;
+        // Events taken from the connection without waiting, since the last wait (see below).
+        let mut drained: Option<usize> = None;
         loop {
-            let event = tokio::select! {
-                _ = shutdown.changed() => {
-                    eventloop.close().await;
-                    let _ = state_tx.send(ConnectionState::Stopped);
-                    return;
+            // While publishes wait, what the connection has already read (acknowledgements
+            // arrive in bursts) is taken before anything else: the window frees in one go, and
+            // the waiting publishes then go out, journalled with one flush under QoS 2, as one
+            // batch instead of one each. Only while connected (after an event), and bounded,
+            // so the other branches get their turn.
+            let ready = match drained {
+                Some(n) if n < DRAIN_MAX && !publish_rx.is_empty() => {
+                    drained = Some(n + 1);
+                    eventloop.poll().now_or_never()
                 }
-                Some((raw, reason)) = refusal_rx.recv() => {
-                    eventloop.push_refusal(&raw, &reason);
-                    continue;
-                }
-                out = publish_rx.recv(), if connected_once && unacked.len() < window => {
-                    let Some(out) = out else { continue };
-                    let mut batch = vec![out];
-                    while unacked.len() + batch.len() < window {
-                        match publish_rx.try_recv() {
-                            Ok(o) => batch.push(o),
-                            Err(_) => break,
-                        }
+                _ => None,
+            };
+            let event = if let Some(e) = ready {
+                e
+            } else {
+                drained = None;
+                tokio::select! {
+                    _ = shutdown.changed() => {
+                        eventloop.close().await;
+                        let _ = state_tx.send(ConnectionState::Stopped);
+                        return;
                     }
-                    let mut ready = Vec::new();
-                    let mut journalled = Vec::new();
-                    let mut at_most_once = Vec::new();
-                    for out in batch {
-                        if qos == 0 {
-                            at_most_once.push(OutPublish { pkid: 0, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props });
-                            let _ = out.acked.send(());
-                            continue;
+                    Some((raw, reason)) = refusal_rx.recv() => {
+                        eventloop.push_refusal(&raw, &reason);
+                        continue;
+                    }
+                    out = publish_rx.recv(), if connected_once && unacked.len() < window => {
+                        let Some(out) = out else { continue };
+                        let mut batch = vec![out];
+                        while unacked.len() + batch.len() < window {
+                            match publish_rx.try_recv() {
+                                Ok(o) => batch.push(o),
+                                Err(_) => break,
+                            }
                         }
-                        let journal = outbox.as_ref().zip(out.key);
-                        if let Some((ob, key)) = journal {
-                            if ob.is_done(&key) {
+                        let mut ready = Vec::new();
+                        let mut journalled = Vec::new();
+                        let mut at_most_once = Vec::new();
+                        for out in batch {
+                            if qos == 0 {
+                                at_most_once.push(OutPublish { pkid: 0, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props });
                                 let _ = out.acked.send(());
                                 continue;
                             }
-                            if let Some(f) = unacked.values_mut().find(|f| f.key == Some(key)) {
-                                // Sent before a restart: its acknowledgement answers this too.
-                                f.acked.push(out.acked);
-                                continue;
+                            let journal = outbox.as_ref().zip(out.key);
+                            if let Some((ob, key)) = journal {
+                                if ob.is_done(&key) {
+                                    let _ = out.acked.send(());
+                                    continue;
+                                }
+                                if let Some(f) = unacked.values_mut().find(|f| f.key == Some(key)) {
+                                    // Sent before a restart: its acknowledgement answers this too.
+                                    f.acked.push(out.acked);
+                                    continue;
+                                }
+                            }
+                            let pkid = loop {
+                                last_pkid = last_pkid % PUBLISH_WINDOW + 1;
+                                if !unacked.contains_key(&last_pkid) {
+                                    break last_pkid;
+                                }
+                            };
+                            sent += 1;
+                            let publish = OutPublish { pkid, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props };
+                            if let Some((ob, key)) = journal {
+                                let entry = Entry { seq: sent, pkid, released: false, key, topic: publish.topic.clone(), payload: publish.payload.clone(), props: publish.props.clone() };
+                                if let Err(e) = ob.record(&entry) {
+                                    tracing::error!(%broker, error = %e, "could not journal a QoS 2 publish; it stays with the caller");
+                                    continue;
+                                }
+                                journalled.push(pkid);
+                            }
+                            ready.push(pkid);
+                            unacked.insert(pkid, InFlight { seq: sent, publish, released: false, key: out.key, acked: vec![out.acked] });
+                        }
+                        if let (Some(ob), false) = (&outbox, journalled.is_empty())
+                            && let Err(e) = ob.flush().await
+                        {
+                            // Not on disk, so not sent: the callers see the failure and keep them.
+                            tracing::error!(%broker, error = %e, "could not flush the QoS 2 journal; those publishes stay with the caller");
+                            for pkid in journalled {
+                                unacked.remove(&pkid);
                             }
                         }
-                        let pkid = loop {
-                            last_pkid = last_pkid % PUBLISH_WINDOW + 1;
-                            if !unacked.contains_key(&last_pkid) {
-                                break last_pkid;
-                            }
-                        };
-                        sent += 1;
-                        let publish = OutPublish { pkid, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props };
-                        if let Some((ob, key)) = journal {
-                            let entry = Entry { seq: sent, pkid, released: false, key, topic: publish.topic.clone(), payload: publish.payload.clone(), props: publish.props.clone() };
-                            if let Err(e) = ob.record(&entry) {
-                                tracing::error!(%broker, error = %e, "could not journal a QoS 2 publish; it stays with the caller");
-                                continue;
-                            }
-                            journalled.push(pkid);
-                        }
-                        ready.push(pkid);
-                        unacked.insert(pkid, InFlight { seq: sent, publish, released: false, key: out.key, acked: vec![out.acked] });
+                        // One write for the batch (not one poll each: see `send_publishes`).
+                        let mut now: Vec<OutPublish> = at_most_once;
+                        now.extend(ready.iter().filter_map(|pkid| unacked.get(pkid).map(|f| f.publish.clone())));
+                        eventloop.send_publishes(&now).await;
+                        continue;
                     }
-                    if let (Some(ob), false) = (&outbox, journalled.is_empty())
-                        && let Err(e) = ob.flush().await
-                    {
-                        // Not on disk, so not sent: the callers see the failure and keep them.
-                        tracing::error!(%broker, error = %e, "could not flush the QoS 2 journal; those publishes stay with the caller");
-                        for pkid in journalled {
-                            unacked.remove(&pkid);
+                    permit = inbound.reserve(), if !pending.is_empty() => {
+                        let Ok(permit) = permit else { return };
+                        if let Some(msg) = pending.pop_front() {
+                            permit.send(msg);
                         }
+                        continue;
                     }
-                    // One write for the batch (not one poll each: see `send_publishes`).
-                    let mut now: Vec<OutPublish> = at_most_once;
-                    now.extend(ready.iter().filter_map(|pkid| unacked.get(pkid).map(|f| f.publish.clone())));
-                    eventloop.send_publishes(&now).await;
-                    continue;
+                    e = eventloop.poll() => e,
                 }
-                permit = inbound.reserve(), if !pending.is_empty() => {
-                    let Ok(permit) = permit else { return };
-                    if let Some(msg) = pending.pop_front() {
-                        permit.send(msg);
-                    }
-                    continue;
-                }
-                e = eventloop.poll() => e,
             };
+            drained = event.is_ok().then_some(drained.unwrap_or(0));
             match event {
                 Ok(Ev::ConnAck {
                     session_present,
