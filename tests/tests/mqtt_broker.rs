@@ -122,6 +122,18 @@ fn tls_client(tool: &str, port: u16, ca: &std::path::Path, args: &[&str]) -> std
     c
 }
 
+/// A mosquitto with a TLS listener and these accounts, its certificate self-signed for
+/// `localhost` only (not for 127.0.0.1, the address the bridge dials), written to
+/// `broker.pem` in the setup's directory (returned).
+fn tls_broker(s: &Setup, users: &[(&str, &str)]) -> (Mosquitto, std::path::PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (s.dir.join("broker.pem"), s.dir.join("broker.key"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let broker = Mosquitto::start_tls_with_password(&s.dir, &cert_pem, &key_pem, users);
+    (broker, cert_pem)
+}
+
 #[test]
 fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
     // (bridge protocol, publish QoS, the device's protocol): 3.1.1 and 5 on both sides.
@@ -133,16 +145,7 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
     ] {
         let case = format!("bridge MQTT {protocol}, QoS {qos}, device {device}");
         let s = Setup::new(&format!("mqtt-tls-{}-q{qos}", protocol.replace('.', "")));
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let (cert_pem, key_pem) = (s.dir.join("broker.pem"), s.dir.join("broker.key"));
-        std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-        std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-        let broker = Mosquitto::start_tls_with_password(
-            &s.dir,
-            &cert_pem,
-            &key_pem,
-            &[("bridge", "s3cret"), ("device", "devpass")],
-        );
+        let (broker, cert_pem) = tls_broker(&s, &[("bridge", "s3cret"), ("device", "devpass")]);
         let a = s.agent("agent");
         let inbox = a.inbox_id();
         let config = s.write_config_for(broker.port, &[&inbox]);
@@ -231,16 +234,7 @@ fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
 fn tls_refuses_a_certificate_that_does_not_carry_server_name() {
     for protocol in ["3.1.1", "5"] {
         let s = Setup::new(&format!("mqtt-tls-name-{}", protocol.replace('.', "")));
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let (cert_pem, key_pem) = (s.dir.join("broker.pem"), s.dir.join("broker.key"));
-        std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
-        std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
-        let broker = Mosquitto::start_tls_with_password(
-            &s.dir,
-            &cert_pem,
-            &key_pem,
-            &[("bridge", "s3cret")],
-        );
+        let (broker, _) = tls_broker(&s, &[("bridge", "s3cret")]);
         let a = s.agent("agent");
         let config = s.write_config_for(broker.port, &[&a.inbox_id()]);
         let text = std::fs::read_to_string(&config).unwrap();
