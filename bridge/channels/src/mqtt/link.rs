@@ -177,8 +177,8 @@ pub(crate) fn open(
                         config.host.clone(),
                         config.port,
                     );
-                    // rumqttc checks the certificate against `host` (`server_name` needs MQTT
-                    // 5 or QoS 2, whose connections are ours; see the configuration's docs).
+                    // rumqttc opens TLS under `host`; with `server_name` set, the verifier
+                    // of `MqttTls::client_config` checks the certificate against that instead.
                     if let Some((cfg, _)) = tls {
                         o.set_transport(rumqttc::Transport::tls_with_config(
                             rumqttc::TlsConfiguration::Rustls(cfg.clone()),
