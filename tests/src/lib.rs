@@ -1223,8 +1223,9 @@ pub fn crash_loop(name: &str, devices: u64, per_device: u64, kills: usize, liste
 /// QoS 2, the agent sends `per_device` numbered messages to each of `devices` endpoints while
 /// the daemon is SIGKILLed `kills` times at random moments and restarted. Every message reaches
 /// its device once, in order (the QoS 2 journal resends an interrupted publish under its packet
-/// id, or only releases it once the broker had it), and nothing follows them.
-pub fn reverse_crash_loop(name: &str, devices: u64, per_device: u64, kills: usize) {
+/// id, or only releases it once the broker had it), and nothing follows them. `protocol` is the
+/// daemon's MQTT version (`"3.1.1"` or `"5"`).
+pub fn reverse_crash_loop(name: &str, devices: u64, per_device: u64, kills: usize, protocol: &str) {
     let s = Setup::new(name);
     // The node runs on its own, so the agent keeps sending while the daemon is down.
     let node = StandaloneNode::start(&s.dir);
@@ -1234,7 +1235,7 @@ pub fn reverse_crash_loop(name: &str, devices: u64, per_device: u64, kills: usiz
     let text = std::fs::read_to_string(&config).unwrap();
     let qos2 = text.replace(
         "client_id: gatehouse-e2e",
-        "client_id: gatehouse-e2e, publish_qos: 2",
+        &format!("client_id: gatehouse-e2e, publish_qos: 2, protocol: \"{protocol}\""),
     );
     assert_ne!(text, qos2, "the harness config changed shape");
     std::fs::write(&config, qos2).unwrap();

@@ -15,5 +15,11 @@ fn small_crash_loop_delivers_every_message_once_in_order() {
 /// is SIGKILLed 5 times (see [`gatehouse_e2e::reverse_crash_loop`]).
 #[test]
 fn reverse_crash_loop_delivers_every_message_once_in_order() {
-    reverse_crash_loop("crash-loop-reverse", 10, 100, 5);
+    reverse_crash_loop("crash-loop-reverse", 10, 100, 5, "3.1.1");
+}
+
+/// The same with the daemon's broker connection on MQTT 5 (its own connection loop).
+#[test]
+fn reverse_crash_loop_on_mqtt5_delivers_every_message_once_in_order() {
+    reverse_crash_loop("crash-loop-reverse-5", 10, 100, 5, "5");
 }

@@ -21,5 +21,5 @@ fn full_crash_loop_10000_messages_50_devices_20_kills() {
 #[test]
 fn full_reverse_crash_loop_10000_messages_50_devices_20_kills() {
     let _alone = ALONE.lock().unwrap_or_else(|p| p.into_inner());
-    reverse_crash_loop("crash-loop-full-reverse", 50, 200, 20);
+    reverse_crash_loop("crash-loop-full-reverse", 50, 200, 20, "3.1.1");
 }
