@@ -396,11 +396,16 @@ fn sighup_refuses_a_broken_config_and_applies_route_changes_in_place() {
 }
 
 /// The load harness works (tiny runs; their figures are not judged here): every path carries
-/// every message, with the defaults and with the daemon on MQTT 5 at QoS 2.
+/// every message, with the defaults, with the daemon on MQTT 5 at QoS 2, and over NATS.
 #[test]
 fn the_load_harness_runs() {
     require("mosquitto", "mosquitto");
-    for (extra, version, qos) in [(&[][..], 3, 1), (&["--mqtt5", "--qos", "2"][..], 5, 2)] {
+    require("nats-server", "nats-server");
+    for (extra, version, qos, channel) in [
+        (&[][..], 3, 1, "mqtt"),
+        (&["--mqtt5", "--qos", "2"][..], 5, 2, "mqtt"),
+        (&["--nats"][..], 3, 1, "nats"),
+    ] {
         let out = std::process::Command::new(gatehouse_bin())
             .args([
                 "bench",
@@ -442,6 +447,7 @@ fn the_load_harness_runs() {
         assert_eq!(r["agent_batch"], 7, "{r}");
         assert_eq!(r["mqtt_version"], version, "{r}");
         assert_eq!(r["qos"], qos, "{r}");
+        assert_eq!(r["channel"], channel, "{r}");
         assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
     }
 }

@@ -1,6 +1,8 @@
 //! `gatehouse bench`: the load harness. One run on one machine measures, side by side:
 //!
-//! 1. the raw broker hop: MQTT QoS 1 publish → subscribe through the same mosquitto;
+//! 1. the raw broker hop: MQTT QoS 1 publish → subscribe through the same mosquitto (with
+//!    `--nats`: a core NATS publish → subscribe through a nats-server, and the devices and the
+//!    daemon's route on NATS throughout);
 //! 2. the crypto bound: MLS encrypt + decrypt of the same payload on the suite endpoints use
 //!    (one core);
 //! 3. end to end, device → agent: devices publish to mosquitto, the daemon (in this process,
@@ -44,6 +46,9 @@ pub struct Opts {
     /// The daemon's `publish_qos` and `subscribe_qos` (the devices publish and subscribe at
     /// QoS 1).
     pub qos: u8,
+    /// The devices and the daemon's route on NATS (core subjects through a `nats-server`)
+    /// instead of MQTT.
+    pub nats: bool,
 }
 
 /// One path's figures.
@@ -111,6 +116,8 @@ pub struct Report {
     pub mqtt_version: u8,
     /// The QoS of the daemon's publishes and subscriptions.
     pub qos: u8,
+    /// The devices' channel: `mqtt` or `nats`.
+    pub channel: &'static str,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
     /// 1: MQTT QoS 1 through mosquitto.
@@ -247,6 +254,27 @@ fn start_broker(dir: &Path) -> anyhow::Result<Broker> {
     Ok(broker)
 }
 
+/// A `nats-server` on a free loopback port (core subjects; no JetStream).
+fn start_nats(dir: &Path) -> anyhow::Result<Broker> {
+    let port = free_port()?;
+    let child = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting nats-server (install the Debian package `nats-server`)")?;
+    let broker = Broker { child, port };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not start listening on {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(broker)
+}
+
 /// An MQTT client whose event loop runs in a task; publishes received go to `rx`.
 async fn mqtt_client(
     port: u16,
@@ -289,10 +317,75 @@ async fn mqtt_client(
     Ok((client, rx))
 }
 
+/// A simulated device: an MQTT client (QoS 1) or a NATS connection (core subjects).
+#[derive(Clone)]
+enum Device {
+    Mqtt(AsyncClient),
+    Nats(async_nats::Client),
+}
+
+impl Device {
+    /// Connects device `id` to the broker of `o`'s channel at `port`.
+    async fn connect(port: u16, id: &str, o: &Opts) -> anyhow::Result<Device> {
+        Ok(if o.nats {
+            Device::Nats(nats_client(port).await?)
+        } else {
+            Device::Mqtt(mqtt_client(port, id, None).await?.0)
+        })
+    }
+
+    /// Publishes on `{prefix}/d{d}/up` (MQTT) or `{prefix}.d{d}.up` (NATS).
+    async fn publish_up(&self, prefix: &str, d: usize, body: String) -> anyhow::Result<()> {
+        match self {
+            Device::Mqtt(c) => {
+                c.publish(format!("{prefix}/d{d}/up"), QoS::AtLeastOnce, false, body)
+                    .await?
+            }
+            Device::Nats(c) => c.publish(format!("{prefix}.d{d}.up"), body.into()).await?,
+        }
+        Ok(())
+    }
+}
+
+async fn nats_client(port: u16) -> anyhow::Result<async_nats::Client> {
+    async_nats::connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .context("connecting to nats-server")
+}
+
+/// What arrives on `{prefix}/+/{leaf}` (MQTT) or `{prefix}.*.{leaf}` (NATS), with its arrival
+/// time; the returned guard keeps the subscription.
+async fn sink(
+    port: u16,
+    prefix: &str,
+    leaf: &str,
+    o: &Opts,
+) -> anyhow::Result<(Device, mpsc::UnboundedReceiver<(Instant, Vec<u8>)>)> {
+    if !o.nats {
+        let filter = format!("{prefix}/+/{leaf}");
+        let (c, rx) = mqtt_client(port, &format!("{prefix}-{leaf}-sink"), Some(&filter)).await?;
+        return Ok((Device::Mqtt(c), rx));
+    }
+    use futures::StreamExt;
+    let c = nats_client(port).await?;
+    let mut sub = c.subscribe(format!("{prefix}.*.{leaf}")).await?;
+    // The subscription is in place once the server answered a round trip after it.
+    c.flush().await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            if tx.send((Instant::now(), m.payload.to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    Ok((Device::Nats(c), rx))
+}
+
 /// Sends `total` messages spread over `devices` (round robin), paced by `rate` if given.
 async fn publish_all(
-    clients: &[AsyncClient],
-    topic: impl Fn(usize) -> String,
+    clients: &[Device],
+    prefix: &str,
     total: usize,
     size: usize,
     rate: Option<u64>,
@@ -307,30 +400,26 @@ async fn publish_all(
             t.tick().await;
         }
         let d = seq % clients.len();
-        clients[d]
-            .publish(topic(d), QoS::AtLeastOnce, false, body(seq, size))
-            .await?;
+        clients[d].publish_up(prefix, d, body(seq, size)).await?;
+    }
+    // NATS publishes are buffered by the client: out before the senders count as done.
+    for c in clients {
+        if let Device::Nats(c) = c {
+            c.flush().await?;
+        }
     }
     Ok(())
 }
 
-/// Starts the devices publishing `o.messages` on `{prefix}/d{N}/up` in a task of their own.
+/// Starts the devices publishing `o.messages` on `{prefix}/d{N}/up` (NATS: `{prefix}.d{N}.up`)
+/// in a task of their own.
 fn spawn_publishers(
-    devices: &[AsyncClient],
+    devices: &[Device],
     prefix: &'static str,
     o: &Opts,
 ) -> tokio::task::JoinHandle<anyhow::Result<()>> {
     let (devices, o) = (devices.to_vec(), o.clone());
-    tokio::spawn(async move {
-        publish_all(
-            &devices,
-            |d| format!("{prefix}/d{d}/up"),
-            o.messages,
-            o.payload,
-            o.rate,
-        )
-        .await
-    })
+    tokio::spawn(async move { publish_all(&devices, prefix, o.messages, o.payload, o.rate).await })
 }
 
 /// Collects up to `total` distinct messages, giving up after `patience` without one: their
@@ -365,10 +454,10 @@ async fn collect(
 }
 
 async fn broker_hop(port: u16, o: &Opts) -> anyhow::Result<PathStats> {
-    let (_sub, mut rx) = mqtt_client(port, "bench-sink", Some("bench/+/up")).await?;
+    let (_sub, mut rx) = sink(port, "bench", "up", o).await?;
     let mut devices = Vec::new();
     for d in 0..o.devices {
-        devices.push(mqtt_client(port, &format!("bench-raw-{d}"), None).await?.0);
+        devices.push(Device::connect(port, &format!("bench-raw-{d}"), o).await?);
     }
     let started = Instant::now();
     let sender = spawn_publishers(&devices, "bench", o);
@@ -449,17 +538,27 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         .open()
         .context("opening the agent's store")?;
     let agent_tree = agent_db.open_tree("agent")?;
+    let channel = if o.nats {
+        format!(
+            "channels: {{nats: {{urls: [\"nats://127.0.0.1:{port}\"]}}}}\n\
+             plugins: {{nats: {{builtin: nats}}}}\n\
+             routes:\n  - {{name: devices, channel: nats, subscribe: \"devices.{{device}}.up\", reply: \"devices.{{device}}.down\", plugin: nats, agents: [AGENT], max_payload: 1048576}}\n"
+        )
+    } else {
+        format!(
+            "channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench, protocol: {}, publish_qos: {}, subscribe_qos: {}}}}}\n\
+             plugins: {{mqtt: {{builtin: mqtt}}}}\n\
+             routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [AGENT], max_payload: 1048576}}\n",
+            if o.mqtt5 { "5" } else { "\"3.1.1\"" },
+            o.qos,
+            o.qos.max(1),
+        )
+    };
     let config = format!(
         "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
-         poll_interval_ms: {}\nlog: {{level: warn}}\n\
-         channels: {{mqtt: {{port: {port}, client_id: gatehouse-bench, protocol: {}, publish_qos: {}, subscribe_qos: {}}}}}\n\
-         plugins: {{mqtt: {{builtin: mqtt}}}}\n\
-         routes:\n  - {{name: devices, channel: mqtt, subscribe: \"devices/{{device}}/up\", reply: \"devices/{{device}}/down\", plugin: mqtt, agents: [AGENT], max_payload: 1048576}}\n",
+         poll_interval_ms: {}\nlog: {{level: warn}}\n{channel}",
         dir.join("data").display(),
         o.poll_ms,
-        if o.mqtt5 { "5" } else { "\"3.1.1\"" },
-        o.qos,
-        o.qos.max(1),
     );
     // The agent's inbox id is known before it registers (derived from its key); the channel
     // connects lazily, once the daemon's node listens.
@@ -485,22 +584,28 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     // Warm-up: each device says hello once (endpoints register, DMs are created).
     let mut devices = Vec::new();
     for d in 0..o.devices {
-        devices.push(mqtt_client(port, &format!("bench-dev-{d}"), None).await?.0);
+        devices.push(Device::connect(port, &format!("bench-dev-{d}"), o).await?);
     }
     for (d, c) in devices.iter().enumerate() {
-        c.publish(
-            format!("devices/d{d}/up"),
-            QoS::AtLeastOnce,
-            false,
-            body(usize::MAX - d, o.payload),
-        )
-        .await?;
+        c.publish_up("devices", d, body(usize::MAX - d, o.payload))
+            .await?;
     }
     // The agent streams, as XMTP agents do: the node says which conversation has news.
     let mut listener = gatehouse_client::Listener::new();
     let mut conversations: BTreeMap<String, String> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(60 + o.devices as u64 / 10);
+    let mut said_hello = Instant::now();
     while conversations.len() < o.devices {
+        // Core NATS keeps nothing for a subscriber that is not there yet: until the daemon has
+        // subscribed, the hellos are lost, so they are said again (their sequence numbers are
+        // outside the measured range).
+        if o.nats && said_hello.elapsed() > Duration::from_secs(1) {
+            for (d, c) in devices.iter().enumerate() {
+                c.publish_up("devices", d, body(usize::MAX - d, o.payload))
+                    .await?;
+            }
+            said_hello = Instant::now();
+        }
         for m in agent
             .listen(&mut listener, Duration::from_millis(100))
             .await?
@@ -581,7 +686,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
 
     // Agent → devices: the agent writes into each device's DM, `agent_batch` messages per
     // publish (one publish every `agent_batch / rate` seconds in open loop).
-    let (_sink, mut rx) = mqtt_client(port, "bench-devices-down", Some("devices/+/down")).await?;
+    let (_sink, mut rx) = sink(port, "devices", "down", o).await?;
     let dms: Vec<Vec<u8>> = conversations
         .values()
         .map(|c| hex::decode(c).context("conversation id"))
@@ -652,9 +757,17 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
     if o.devices == 0 || o.messages == 0 || o.agent_batch == 0 {
         bail!("--devices, --messages and --agent-batch must be at least 1");
     }
-    let dir = work_dir("gatehouse-bench")?;
+    let dir = if o.nats {
+        work_dir_with("gatehouse-bench", "nats-server", "nats-server")?
+    } else {
+        work_dir("gatehouse-bench")?
+    };
     let result = async {
-        let broker = start_broker(&dir)?;
+        let broker = if o.nats {
+            start_nats(&dir)?
+        } else {
+            start_broker(&dir)?
+        };
         eprintln!("1/4 raw broker hop ({} messages)…", o.messages);
         let broker_hop = broker_hop(broker.port, &o).await?;
         eprintln!("2/4 crypto bound…");
@@ -679,6 +792,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             agent_batch: o.agent_batch,
             mqtt_version: if o.mqtt5 { 5 } else { 3 },
             qos: o.qos,
+            channel: if o.nats { "nats" } else { "mqtt" },
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
                 None => "closed loop".into(),
@@ -714,8 +828,13 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
 
 /// A fresh temporary directory for a run (which needs mosquitto: checked first).
 fn work_dir(prefix: &str) -> anyhow::Result<PathBuf> {
-    if which("mosquitto").is_none() {
-        bail!("gatehouse bench needs mosquitto: install the Debian package `mosquitto`");
+    work_dir_with(prefix, "mosquitto", "mosquitto")
+}
+
+/// A fresh temporary directory for a run that needs `tool` (from the Debian package `package`).
+fn work_dir_with(prefix: &str, tool: &str, package: &str) -> anyhow::Result<PathBuf> {
+    if which(tool).is_none() {
+        bail!("gatehouse bench needs {tool}: install the Debian package `{package}`");
     }
     let dir = std::env::temp_dir().join(format!("{prefix}-{}-{}", std::process::id(), now_ns()));
     std::fs::create_dir_all(&dir)?;
@@ -733,15 +852,22 @@ fn which(tool: &str) -> Option<PathBuf> {
 fn print_table(r: &Report) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish, daemon on MQTT {} at QoS {} ({} build)",
+        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish, {} ({} build)",
         r.devices,
         r.messages,
         r.payload_bytes,
         r.mode,
         r.poll_ms,
         r.agent_batch,
-        if r.mqtt_version == 5 { "5" } else { "3.1.1" },
-        r.qos,
+        if r.channel == "nats" {
+            "devices and daemon on NATS (core subjects)".to_string()
+        } else {
+            format!(
+                "daemon on MQTT {} at QoS {}",
+                if r.mqtt_version == 5 { "5" } else { "3.1.1" },
+                r.qos
+            )
+        },
         r.build
     );
     println!(
@@ -760,7 +886,14 @@ fn print_table(r: &Report) {
             ms(s.max_ms)
         );
     };
-    row("1 raw broker hop (mosquitto, QoS 1)", &r.broker_hop);
+    row(
+        if r.channel == "nats" {
+            "1 raw broker hop (nats-server, core)"
+        } else {
+            "1 raw broker hop (mosquitto, QoS 1)"
+        },
+        &r.broker_hop,
+    );
     row(
         "2 crypto bound (MLS PQ encrypt+decrypt, 1 core)",
         &r.crypto_bound,

@@ -219,6 +219,10 @@ enum Command {
         /// QoS 2 journals each publish to the devices and goes through the daemon's relay.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
         qos: u8,
+        /// The devices and the daemon's route on NATS core subjects through a `nats-server`
+        /// (needs the Debian package `nats-server`) instead of MQTT.
+        #[arg(long, conflicts_with_all = ["mqtt5", "qos"])]
+        nats: bool,
         /// Instead of the four paths, the scale check: create this many endpoints through a
         /// `gatehouse run` child process, then report its memory, its start with them on disk
         /// and its CPU while idle.
@@ -845,6 +849,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             agent_batch,
             mqtt5,
             qos,
+            nats,
             idle_endpoints,
         } => {
             init_logging("warn");
@@ -862,6 +867,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 agent_batch,
                 mqtt5,
                 qos,
+                nats,
             })
             .await?;
         }
