@@ -236,39 +236,32 @@ fn start_broker(dir: &Path) -> anyhow::Result<Broker> {
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
         ),
     )?;
-    let child = std::process::Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting mosquitto (install the Debian package `mosquitto`)")?;
-    let broker = Broker { child, port };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("mosquitto did not start listening on {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(broker)
+    let mut cmd = std::process::Command::new("mosquitto");
+    cmd.arg("-c").arg(&conf);
+    spawn_server(cmd, "mosquitto", port)
 }
 
 /// A `nats-server` on a free loopback port (core subjects; no JetStream).
 fn start_nats(dir: &Path) -> anyhow::Result<Broker> {
     let port = free_port()?;
-    let child = std::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .current_dir(dir)
+    let mut cmd = std::process::Command::new("nats-server");
+    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .current_dir(dir);
+    spawn_server(cmd, "nats-server", port)
+}
+
+/// Starts `cmd` (the Debian package `name`) and waits until it listens on `port`.
+fn spawn_server(mut cmd: std::process::Command, name: &str, port: u16) -> anyhow::Result<Broker> {
+    let child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .context("starting nats-server (install the Debian package `nats-server`)")?;
+        .with_context(|| format!("starting {name} (install the Debian package `{name}`)"))?;
     let broker = Broker { child, port };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            bail!("nats-server did not start listening on {port}");
+            bail!("{name} did not start listening on {port}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
