@@ -112,15 +112,15 @@ pub struct Report {
     pub poll_ms: u64,
     /// Messages per agent publish on the way back (path 4).
     pub agent_batch: usize,
-    /// The MQTT version of the daemon's broker connection (3 for 3.1.1, or 5).
-    pub mqtt_version: u8,
-    /// The QoS of the daemon's publishes and subscriptions.
-    pub qos: u8,
+    /// The MQTT version of the daemon's broker connection (3 for 3.1.1, or 5); none over NATS.
+    pub mqtt_version: Option<u8>,
+    /// The QoS of the daemon's MQTT publishes and subscriptions; none over NATS.
+    pub qos: Option<u8>,
     /// The devices' channel: `mqtt` or `nats`.
     pub channel: &'static str,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
-    /// 1: MQTT QoS 1 through mosquitto.
+    /// 1: MQTT QoS 1 through mosquitto (core NATS through nats-server with `--nats`).
     pub broker_hop: PathStats,
     /// 2: MLS encrypt + decrypt.
     pub crypto_bound: PathStats,
@@ -783,8 +783,8 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             payload_bytes: o.payload,
             poll_ms: o.poll_ms,
             agent_batch: o.agent_batch,
-            mqtt_version: if o.mqtt5 { 5 } else { 3 },
-            qos: o.qos,
+            mqtt_version: (!o.nats).then_some(if o.mqtt5 { 5 } else { 3 }),
+            qos: (!o.nats).then_some(o.qos),
             channel: if o.nats { "nats" } else { "mqtt" },
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
@@ -857,8 +857,12 @@ fn print_table(r: &Report) {
         } else {
             format!(
                 "daemon on MQTT {} at QoS {}",
-                if r.mqtt_version == 5 { "5" } else { "3.1.1" },
-                r.qos
+                if r.mqtt_version == Some(5) {
+                    "5"
+                } else {
+                    "3.1.1"
+                },
+                r.qos.unwrap_or(1)
             )
         },
         r.build
