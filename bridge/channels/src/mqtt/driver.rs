@@ -267,7 +267,7 @@ pub fn start(
         }
         None => (Dial::Tcp(tls), None),
     };
-    let (client, mut eventloop) = link::open(config, dial, PUBLISH_WINDOW, REQUEST_CAPACITY);
+    let (client, mut eventloop) = link::open(config, dial, PUBLISH_WINDOW, REQUEST_CAPACITY)?;
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
     let (publish_tx, mut publish_rx) = mpsc::channel::<Outgoing>(REQUEST_CAPACITY);
     let (refusal_tx, mut refusal_rx) = mpsc::unbounded_channel::<(RawPublish, String)>();

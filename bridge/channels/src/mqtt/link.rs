@@ -154,13 +154,13 @@ pub(crate) enum Dial {
 
 /// Builds the client and its event loop for `config` (protocol, session, credentials,
 /// limits). `inflight` is our publish window (rumqttc's too, so the packet ids we choose are
-/// always valid).
+/// always valid). Fails only on a TLS server name that cannot be one.
 pub(crate) fn open(
     config: &MqttConfig,
     dial: Dial,
     inflight: u16,
     capacity: usize,
-) -> (Client, Events) {
+) -> std::io::Result<(Client, Events)> {
     let keep_alive = std::time::Duration::from_secs(config.keep_alive_secs.max(5));
     let credentials = config.username.clone().zip(config.password.clone());
     match config.protocol {
@@ -197,16 +197,15 @@ pub(crate) fn open(
             opts.set_inflight(inflight);
             let (c, mut e) = rumqttc::AsyncClient::new(opts, capacity);
             e.set_network_options(network_options());
-            (Client::V4(c), Events::V4(Box::new(e)))
+            Ok((Client::V4(c), Events::V4(Box::new(e))))
         }
         Protocol::V5 => {
             let target = match dial {
                 Dial::Unix(path) => v5conn::Target::Unix(path),
-                Dial::Tcp(tls) => v5conn::Target::Tcp {
-                    host: config.host.clone(),
-                    port: config.port,
+                Dial::Tcp(tls) => v5conn::Target::Tcp(super::dial::Broker::new(
+                    format!("{}:{}", config.host, config.port),
                     tls,
-                },
+                )?),
             };
             let settings = v5conn::Settings {
                 client_id: config.client_id.clone(),
@@ -221,7 +220,7 @@ pub(crate) fn open(
                 target,
             };
             let (c, e) = v5conn::Connection::new(settings, inflight, capacity);
-            (Client::V5(c), Events::V5(Box::new(e)))
+            Ok((Client::V5(c), Events::V5(Box::new(e))))
         }
     }
 }

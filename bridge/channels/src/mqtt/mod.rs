@@ -2,6 +2,7 @@
 //! durable write, reconnect with backoff while the broker is away.
 
 mod config;
+mod dial;
 mod driver;
 mod embedded;
 mod link;

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 
 /// Done markers kept (keys of completed publishes); the oldest half goes beyond twice this.
 const DONE_KEPT: usize = 100_000;
@@ -243,18 +243,7 @@ pub(crate) fn start_relay(
     tls: Option<(Arc<tokio_rustls::rustls::ClientConfig>, String)>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<LastError> {
-    let tls = match tls {
-        Some((cfg, name)) => Some((
-            tokio_rustls::TlsConnector::from(cfg),
-            tokio_rustls::rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("TLS server name {name:?}: {e}"),
-                )
-            })?,
-        )),
-        None => None,
-    };
+    let broker = super::dial::Broker::new(broker, tls)?;
     let _ = std::fs::remove_file(outbox.socket());
     let listener = UnixListener::bind(outbox.socket())?;
     {
@@ -270,20 +259,10 @@ pub(crate) fn start_relay(
                 _ = shutdown.changed() => break,
                 c = pause.accept("MQTT outbox", || listener.accept()) => c,
             };
-            let dialled = match TcpStream::connect(&broker).await {
-                Ok(tcp) => {
-                    let _ = tcp.set_nodelay(true);
-                    match &tls {
-                        Some((connector, name)) => connector
-                            .connect(name.clone(), tcp)
-                            .await
-                            .map(|s| tokio::spawn(carry(conn, s, outbox.clone())))
-                            .map_err(|e| format!("TLS with {broker}: {e}")),
-                        None => Ok(tokio::spawn(carry(conn, tcp, outbox.clone()))),
-                    }
-                }
-                Err(e) => Err(e.to_string()),
-            };
+            let dialled = broker
+                .dial()
+                .await
+                .map(|s| tokio::spawn(carry(conn, s, outbox.clone())));
             *errors.lock().unwrap_or_else(|p| p.into_inner()) = dialled.err();
         }
         let _ = std::fs::remove_file(outbox.socket());

@@ -9,15 +9,16 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttc::v5::mqttbytes::v5::{self as p5, Packet};
 use rumqttc::v5::{Event, MqttState, Request};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
+
+use super::dial::{Broker, Io};
 
 /// How long dialling and the CONNECT / CONNACK exchange may take (rumqttc's default).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,19 +26,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Free space kept in the read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// A byte stream to the broker: TCP, TLS over TCP, or the QoS 2 relay's Unix socket.
-trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
-
-/// Where the connection goes.
+/// Where the connection goes: the QoS 2 relay's Unix socket, or the broker itself.
 pub(crate) enum Target {
     Unix(String),
-    Tcp {
-        host: String,
-        port: u16,
-        /// The TLS configuration and the name the broker's certificate must carry.
-        tls: Option<(Arc<tokio_rustls::rustls::ClientConfig>, String)>,
-    },
+    Tcp(Broker),
 }
 
 /// What a CONNECT says about us.
@@ -275,29 +267,7 @@ impl Connection {
                     .await
                     .map_err(io_error(path))?,
             ),
-            Target::Tcp { host, port, tls } => {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port))
-                    .await
-                    .map_err(io_error(&format!("{host}:{port}")))?;
-                // Publishes and acknowledgements are small writes (see `link::network_options`).
-                let _ = tcp.set_nodelay(true);
-                match tls {
-                    Some((config, name)) => {
-                        let server =
-                            tokio_rustls::rustls::pki_types::ServerName::try_from(name.clone())
-                                .map_err(|e| {
-                                    Error::Other(format!("TLS server name {name:?}: {e}"))
-                                })?;
-                        Box::new(
-                            tokio_rustls::TlsConnector::from(config.clone())
-                                .connect(server, tcp)
-                                .await
-                                .map_err(io_error(&format!("TLS with {host}:{port}")))?,
-                        )
-                    }
-                    None => Box::new(tcp),
-                }
-            }
+            Target::Tcp(broker) => broker.dial().await.map_err(Error::Other)?,
         };
         let mut net = Net {
             io,
@@ -388,7 +358,7 @@ impl Connection {
                     return Ok(packet);
                 }
             }
-            self.write_pending()?;
+            // What other tasks asked for goes behind what is queued, all in one write.
             while let Ok(r) = self.requests.try_recv() {
                 self.pending.push_back(r);
             }
