@@ -1,5 +1,5 @@
 //! MQTT channel against brokers that want more: a password file (wrong credentials are a
-//! state the operator sees, not a crash loop), TLS (directly, and through the QoS 2 relay),
+//! state the operator sees, not a crash loop), TLS (at QoS 1 and 2),
 //! and shared subscriptions (two bridges on one broker split the devices' messages).
 
 use gatehouse_e2e::*;
@@ -135,7 +135,7 @@ fn tls_broker(s: &Setup, users: &[(&str, &str)]) -> (Mosquitto, std::path::PathB
 }
 
 #[test]
-fn tls_with_a_password_both_ways_and_qos2_through_the_relay() {
+fn tls_with_a_password_both_ways_at_qos_1_and_2() {
     // (bridge protocol, publish QoS, the device's protocol): 3.1.1 and 5 on both sides.
     for (protocol, qos, device) in [
         ("3.1.1", 1, "mqttv311"),

@@ -4871,11 +4871,10 @@ pub async fn run_reloadable(
         Some(m) if cfg.routes.iter().any(|r| r.channel == "mqtt") => {
             let filters = mqtt_filters(&cfg);
             // QoS 2 publishes are journalled (exactly-once across restarts).
-            let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?, &cfg.data_dir)
-                .context("opening the MQTT QoS 2 journal")?;
+            let outbox = mqtt::Outbox::open(db.open_tree("mqtt-outbox")?);
             Some(
                 mqtt::start(m, filters, in_tx, late.clone(), Some(outbox))
-                    .context("starting the MQTT relay for QoS 2 publishes")?,
+                    .context("starting the MQTT connection")?,
             )
         }
         _ => None,

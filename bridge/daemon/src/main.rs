@@ -216,7 +216,7 @@ enum Command {
         #[arg(long)]
         mqtt5: bool,
         /// The daemon's publish_qos and subscribe_qos (the simulated devices stay at QoS 1).
-        /// QoS 2 journals each publish to the devices and goes through the daemon's relay.
+        /// QoS 2 journals each publish to the devices and each PUBREC from the broker.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
         qos: u8,
         /// The devices and the daemon's route on NATS core subjects through a `nats-server`

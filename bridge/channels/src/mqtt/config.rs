@@ -2,11 +2,6 @@
 
 use serde::Deserialize;
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::DigitallySignedStruct;
-use tokio_rustls::rustls::client::danger::{
-    HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
-};
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 /// How to reach the broker.
 #[derive(Clone, Debug, Deserialize)]
@@ -155,12 +150,11 @@ impl MqttTls {
             None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let roots = std::sync::Arc::new(roots);
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(Error::other)?
-            .with_root_certificates(roots.clone());
-        let mut config = match (&self.cert_file, &self.key_file) {
+            .with_root_certificates(roots);
+        let config = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => {
                 let certs = rustls_pemfile::certs(&mut read(c)?)
                     .collect::<Result<Vec<_>, _>>()
@@ -181,68 +175,7 @@ impl MqttTls {
                 "tls: cert_file and key_file go together",
             )),
         }?;
-        if let Some(name) = &self.server_name {
-            // rumqttc's MQTT 3.1.1 transport checks the certificate against `host`; this
-            // verifier checks it against `server_name` whatever name the connection was opened
-            // with (our own connections, MQTT 5 and the QoS 2 relay, use it as that name too).
-            let name = ServerName::try_from(name.clone()).map_err(|e| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("tls.server_name {name:?}: {e}"),
-                )
-            })?;
-            let inner =
-                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(Error::other)?;
-            config
-                .dangerous()
-                .set_certificate_verifier(std::sync::Arc::new(NamedVerifier { inner, name }));
-        }
         Ok(config)
-    }
-}
-
-/// Verifies the broker's certificate as webpki does, against the configured `server_name`.
-#[derive(Debug)]
-struct NamedVerifier {
-    inner: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
-    name: ServerName<'static>,
-}
-
-impl ServerCertVerifier for NamedVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _dialled: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner
-            .verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 

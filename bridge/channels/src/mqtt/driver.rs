@@ -8,8 +8,8 @@ use std::sync::Arc;
 use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::link::{self, Client, Dial, Ev, OutPublish, RawPublish};
-use super::outbox::{self, Entry, Outbox, PublishKey};
+use super::link::{self, Client, Ev, OutPublish, RawPublish};
+use super::outbox::{Entry, Outbox, PublishKey};
 use super::{MqttConfig, Properties, Protocol};
 
 /// Requests queued towards the broker; publishers wait when it is full.
@@ -236,8 +236,8 @@ impl MqttHandle {
 /// Starts the driver: connects, subscribes to `filters` (QoS `subscribe_qos`), and forwards
 /// every publish to `inbound` (held back, and so the broker, while the consumer is behind).
 /// With `publish_qos: 2` and an `outbox`, our publishes are exactly-once across crashes (see
-/// [`Outbox`]). Stops when `shutdown` changes to true. Fails only if the relay that QoS 2
-/// needs cannot listen.
+/// [`Outbox`]). Stops when `shutdown` changes to true. Fails only on TLS settings that cannot
+/// be used (unreadable files, a server name that cannot be one).
 pub fn start(
     config: &MqttConfig,
     filters: Vec<String>,
@@ -255,19 +255,13 @@ pub fn start(
         }
         None => None,
     };
-    let (dial, relay_errors) = match &outbox {
-        Some(ob) => {
-            // With QoS 2 the relay holds the broker connection, so it does the TLS.
-            let errors =
-                outbox::start_relay(ob.clone(), broker.clone(), tls.clone(), shutdown.clone())?;
-            (
-                Dial::Unix(ob.socket().to_string_lossy().into_owned()),
-                Some(errors),
-            )
-        }
-        None => (Dial::Tcp(tls), None),
-    };
-    let (client, mut eventloop) = link::open(config, dial, PUBLISH_WINDOW, REQUEST_CAPACITY)?;
+    let (client, mut eventloop) = link::open(
+        config,
+        tls,
+        outbox.clone(),
+        PUBLISH_WINDOW,
+        REQUEST_CAPACITY,
+    )?;
     let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
     let (publish_tx, mut publish_rx) = mpsc::channel::<Outgoing>(REQUEST_CAPACITY);
     let (refusal_tx, mut refusal_rx) = mpsc::unbounded_channel::<(RawPublish, String)>();
@@ -537,12 +531,7 @@ pub fn start(
                 Ok(Ev::SubAck) => suback_tx.send_modify(|n| *n += 1),
                 Ok(Ev::Other) => {}
                 Err(e) => {
-                    // Through the relay rumqttc only sees its connection closed; the relay
-                    // knows why.
-                    let message = relay_errors
-                        .as_ref()
-                        .and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take())
-                        .unwrap_or(e.message);
+                    let message = e.message;
                     if e.refused {
                         // Retrying fast cannot help: the operator has to fix the credentials.
                         // Said at every attempt (they are BAD_CREDENTIALS_RETRY apart).

@@ -1,6 +1,6 @@
 //! One broker connection in either protocol version behind one face, so the driver's logic
-//! (windows, journal, acknowledgements) exists once: rumqttc's MQTT 3.1.1 client, and for MQTT 5
-//! rumqttc's protocol state and packets with our own I/O ([`super::v5conn`]).
+//! (windows, journal, acknowledgements) exists once: rumqttc's protocol state and packets for
+//! the version, with our own I/O ([`super::conn`]).
 
 use std::collections::HashSet;
 
@@ -8,7 +8,8 @@ use rumqttc::v5;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use serde::{Deserialize, Serialize};
 
-use super::v5conn;
+use super::conn::{self, V4, V5};
+use super::outbox::Outbox;
 use super::{MqttConfig, Protocol};
 
 /// MQTT 5 publish properties the bridge carries (empty under MQTT 3.1.1).
@@ -132,108 +133,67 @@ pub(crate) struct LinkError {
     pub message: String,
 }
 
-/// Sends requests to the connection (cloneable).
-#[derive(Clone)]
-pub(crate) enum Client {
-    V4(rumqttc::AsyncClient),
-    V5(v5conn::Requests),
-}
-
-/// The connection itself (polled by the driver task only).
-pub(crate) enum Events {
-    V4(Box<rumqttc::EventLoop>),
-    V5(Box<v5conn::Connection>),
-}
-
-/// Where the connection goes: a TCP broker (with TLS: its configuration and the name the
-/// broker's certificate must carry), or the QoS 2 relay's Unix socket.
-pub(crate) enum Dial {
-    Tcp(Option<(std::sync::Arc<tokio_rustls::rustls::ClientConfig>, String)>),
-    Unix(String),
-}
-
-/// Builds the client and its event loop for `config` (protocol, session, credentials,
-/// limits). `inflight` is our publish window (rumqttc's too, so the packet ids we choose are
-/// always valid). Fails only on a TLS server name that cannot be one.
-pub(crate) fn open(
-    config: &MqttConfig,
-    dial: Dial,
-    inflight: u16,
-    capacity: usize,
-) -> std::io::Result<(Client, Events)> {
-    let keep_alive = std::time::Duration::from_secs(config.keep_alive_secs.max(5));
-    let credentials = config.username.clone().zip(config.password.clone());
-    match config.protocol {
-        Protocol::V311 => {
-            let mut opts = match &dial {
-                Dial::Unix(path) => {
-                    let mut o = rumqttc::MqttOptions::new(config.client_id.clone(), path, 0);
-                    o.set_transport(rumqttc::Transport::Unix);
-                    o
+impl From<conn::Error> for LinkError {
+    fn from(e: conn::Error) -> LinkError {
+        LinkError {
+            refused: matches!(
+                e,
+                conn::Error::Refused {
+                    credentials: true,
+                    ..
                 }
-                Dial::Tcp(tls) => {
-                    let mut o = rumqttc::MqttOptions::new(
-                        config.client_id.clone(),
-                        config.host.clone(),
-                        config.port,
-                    );
-                    // rumqttc opens TLS under `host`; with `server_name` set, the verifier
-                    // of `MqttTls::client_config` checks the certificate against that instead.
-                    if let Some((cfg, _)) = tls {
-                        o.set_transport(rumqttc::Transport::tls_with_config(
-                            rumqttc::TlsConfiguration::Rustls(cfg.clone()),
-                        ));
-                    }
-                    o
-                }
-            };
-            opts.set_keep_alive(keep_alive);
-            opts.set_manual_acks(true);
-            opts.set_clean_session(config.clean_session);
-            opts.set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
-            if let Some((u, p)) = credentials {
-                opts.set_credentials(u, p);
-            }
-            opts.set_inflight(inflight);
-            let (c, mut e) = rumqttc::AsyncClient::new(opts, capacity);
-            e.set_network_options(network_options());
-            Ok((Client::V4(c), Events::V4(Box::new(e))))
-        }
-        Protocol::V5 => {
-            let target = match dial {
-                Dial::Unix(path) => v5conn::Target::Unix(path),
-                Dial::Tcp(tls) => v5conn::Target::Tcp(super::dial::Broker::new(
-                    format!("{}:{}", config.host, config.port),
-                    tls,
-                )?),
-            };
-            let settings = v5conn::Settings {
-                client_id: config.client_id.clone(),
-                keep_alive,
-                clean_start: config.clean_session,
-                // The broker keeps the session (subscriptions, queued messages) this long after
-                // we disconnect; without it the session ends with the connection.
-                session_expiry_secs: (!config.clean_session).then_some(config.session_expiry_secs),
-                // Announced to the broker, which then never sends us a larger packet.
-                max_packet_bytes: config.max_packet_bytes.min(u32::MAX as usize) as u32,
-                login: credentials.map(|(u, p)| p5::Login::new(u, p)),
-                target,
-            };
-            let (c, e) = v5conn::Connection::new(settings, inflight, capacity);
-            Ok((Client::V5(c), Events::V5(Box::new(e))))
+            ),
+            message: e.message(),
         }
     }
 }
 
-/// TCP options of the broker connection: Nagle's algorithm off. Publishes and
-/// acknowledgements are small writes; with it, one can wait for the TCP acknowledgement of the
-/// one before, which the peer's delayed ACK holds back up to 40 ms. (The broker's side has the
-/// same choice: mosquitto's `set_tcp_nodelay true`, without which our PUBACKs were measured
-/// arriving 40–45 ms late.)
-fn network_options() -> rumqttc::NetworkOptions {
-    let mut o = rumqttc::NetworkOptions::new();
-    o.set_tcp_nodelay(true);
-    o
+/// Sends requests to the connection (cloneable).
+#[derive(Clone)]
+pub(crate) enum Client {
+    V4(conn::Requests<V4>),
+    V5(conn::Requests<V5>),
+}
+
+/// The connection itself (polled by the driver task only).
+pub(crate) enum Events {
+    V4(Box<conn::Connection<V4>>),
+    V5(Box<conn::Connection<V5>>),
+}
+
+/// Builds the connection for `config` (protocol, session, credentials, limits) and the
+/// client that sends it requests; with a `journal`, PUBRECs are journalled before they are
+/// answered (QoS 2 across crashes). `inflight` is our publish window (rumqttc's too, so the
+/// packet ids we choose are always valid). Fails only on a TLS server name that cannot be one.
+pub(crate) fn open(
+    config: &MqttConfig,
+    tls: Option<(std::sync::Arc<tokio_rustls::rustls::ClientConfig>, String)>,
+    journal: Option<Outbox>,
+    inflight: u16,
+    capacity: usize,
+) -> std::io::Result<(Client, Events)> {
+    let broker = super::dial::Broker::new(format!("{}:{}", config.host, config.port), tls)?;
+    let settings = conn::Settings {
+        client_id: config.client_id.clone(),
+        keep_alive: std::time::Duration::from_secs(config.keep_alive_secs.max(5)),
+        clean_start: config.clean_session,
+        // The broker keeps the session (subscriptions, queued messages) this long after we
+        // disconnect; without it the session ends with the connection.
+        session_expiry_secs: (!config.clean_session).then_some(config.session_expiry_secs),
+        // Announced to the broker (MQTT 5), which then never sends us a larger packet.
+        max_packet_bytes: config.max_packet_bytes.min(u32::MAX as usize) as u32,
+        login: config.username.clone().zip(config.password.clone()),
+    };
+    Ok(match config.protocol {
+        Protocol::V311 => {
+            let (c, e) = conn::Connection::new(settings, broker, journal, inflight, capacity);
+            (Client::V4(c), Events::V4(Box::new(e)))
+        }
+        Protocol::V5 => {
+            let (c, e) = conn::Connection::new(settings, broker, journal, inflight, capacity);
+            (Client::V5(c), Events::V5(Box::new(e)))
+        }
+    })
 }
 
 /// An MQTT 5 PUBLISH under the driver's own packet id.
@@ -284,7 +244,17 @@ impl Client {
     /// Acknowledges a received publish (PUBACK / PUBREC).
     pub async fn ack(&self, raw: &RawPublish) -> Result<(), String> {
         match (self, raw) {
-            (Client::V4(c), RawPublish::V4(p)) => c.ack(p).await.map_err(|e| e.to_string()),
+            (Client::V4(c), RawPublish::V4(p)) => match p.qos {
+                rumqttc::QoS::AtMostOnce => Ok(()),
+                rumqttc::QoS::AtLeastOnce => {
+                    c.send(rumqttc::Request::PubAck(rumqttc::PubAck::new(p.pkid)))
+                        .await
+                }
+                rumqttc::QoS::ExactlyOnce => {
+                    c.send(rumqttc::Request::PubRec(rumqttc::PubRec::new(p.pkid)))
+                        .await
+                }
+            },
             (Client::V5(c), RawPublish::V5(p)) => match p.qos {
                 v5::mqttbytes::QoS::AtMostOnce => Ok(()),
                 v5::mqttbytes::QoS::AtLeastOnce => {
@@ -304,10 +274,13 @@ impl Client {
     /// own publishes back), except shared ones, where the protocol forbids it.
     pub async fn subscribe(&self, filter: &str, qos: u8) -> Result<(), String> {
         match self {
-            Client::V4(c) => c
-                .subscribe(filter, qos4(qos))
+            Client::V4(c) => {
+                c.send(rumqttc::Request::Subscribe(rumqttc::Subscribe::new(
+                    filter,
+                    qos4(qos),
+                )))
                 .await
-                .map_err(|e| e.to_string()),
+            }
             Client::V5(c) => {
                 let mut f = p5::Filter::new(filter, qos5(qos));
                 f.nolocal = !filter.starts_with("$share/");
@@ -319,7 +292,12 @@ impl Client {
 
     pub async fn unsubscribe(&self, filter: &str) -> Result<(), String> {
         match self {
-            Client::V4(c) => c.unsubscribe(filter).await.map_err(|e| e.to_string()),
+            Client::V4(c) => {
+                c.send(rumqttc::Request::Unsubscribe(rumqttc::Unsubscribe::new(
+                    filter,
+                )))
+                .await
+            }
             Client::V5(c) => {
                 c.send(v5::Request::Unsubscribe(p5::Unsubscribe::new(filter, None)))
                     .await
@@ -333,23 +311,23 @@ impl Events {
     pub async fn poll(&mut self) -> Result<Ev, LinkError> {
         match self {
             Events::V4(e) => {
-                use rumqttc::{ConnectReturnCode as C, ConnectionError, Event, Packet};
+                use rumqttc::Packet;
                 match e.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(c))) => Ok(Ev::ConnAck {
+                    Ok(Packet::ConnAck(c)) => Ok(Ev::ConnAck {
                         session_present: c.session_present,
                         receive_max: None,
                     }),
-                    Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::PubAck {
+                    Ok(Packet::PubAck(a)) => Ok(Ev::PubAck {
                         pkid: a.pkid,
                         refused: None,
                     }),
-                    Ok(Event::Incoming(Packet::PubRec(r))) => Ok(Ev::PubRec {
+                    Ok(Packet::PubRec(r)) => Ok(Ev::PubRec {
                         pkid: r.pkid,
                         refused: None,
                     }),
-                    Ok(Event::Incoming(Packet::PubComp(c))) => Ok(Ev::PubComp(c.pkid)),
-                    Ok(Event::Incoming(Packet::SubAck(_))) => Ok(Ev::SubAck),
-                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Publish {
+                    Ok(Packet::PubComp(c)) => Ok(Ev::PubComp(c.pkid)),
+                    Ok(Packet::SubAck(_)) => Ok(Ev::SubAck),
+                    Ok(Packet::Publish(p)) => Ok(Ev::Publish {
                         topic: p.topic.clone(),
                         payload: p.payload.to_vec(),
                         retain: p.retain,
@@ -358,19 +336,11 @@ impl Events {
                         raw: RawPublish::V4(p),
                     }),
                     Ok(_) => Ok(Ev::Other),
-                    Err(err) => Err(LinkError {
-                        refused: matches!(
-                            err,
-                            ConnectionError::ConnectionRefused(
-                                C::BadUserNamePassword | C::NotAuthorized
-                            )
-                        ),
-                        message: err.to_string(),
-                    }),
+                    Err(err) => Err(err.into()),
                 }
             }
             Events::V5(e) => {
-                use p5::{ConnectReturnCode as C, Packet, PubAckReason, PubRecReason};
+                use p5::{Packet, PubAckReason, PubRecReason};
                 match e.poll().await {
                     Ok(Packet::ConnAck(c)) => Ok(Ev::ConnAck {
                         session_present: c.session_present,
@@ -413,17 +383,7 @@ impl Events {
                         raw: RawPublish::V5(p),
                     }),
                     Ok(_) => Ok(Ev::Other),
-                    Err(err) => Err(LinkError {
-                        refused: matches!(
-                            err,
-                            v5conn::Error::Refused(
-                                C::BadUserNamePassword
-                                    | C::NotAuthorized
-                                    | C::BadAuthenticationMethod
-                            )
-                        ),
-                        message: err.message(),
-                    }),
+                    Err(err) => Err(err.into()),
                 }
             }
         }
@@ -467,71 +427,25 @@ impl Events {
     /// knows we left on purpose.
     pub async fn close(&mut self) {
         match self {
-            Events::V4(e) => {
-                let e = &mut **e;
-                if let Some(net) = e.network.as_mut()
-                    && let Ok(Some(packet)) = e
-                        .state
-                        .handle_outgoing_packet(rumqttc::Request::Disconnect(rumqttc::Disconnect))
-                {
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-                        net.write(packet).await?;
-                        net.flush().await
-                    })
-                    .await;
-                }
-                e.network = None;
-            }
+            Events::V4(e) => e.close().await,
             Events::V5(e) => e.close().await,
         }
     }
 
-    /// Sends new publishes (each under its own packet id) now, in one write, when connected
-    /// and nothing is queued before them; queues them like [`Events::push_publish`] otherwise.
-    /// rumqttc sends its queue of pending requests one per poll after a zero-length timer sleep
-    /// that every incoming packet restarts (rumqtt#814): with acknowledgements streaming in,
-    /// about one publish per millisecond. Written here they go through rumqttc's session state
-    /// as a queued request would (kept for a resend until acknowledged), so a write that fails
-    /// is sent again after the reconnect, as rumqttc does with everything its session holds.
-    /// (MQTT 5: the same, in [`v5conn::Connection::send_publishes`].)
+    /// Sends new publishes (each under its own packet id) now, behind anything queued, in one
+    /// write when connected; queued like [`Events::push_publish`] otherwise. They go through
+    /// rumqttc's session state as a queued request would (kept for a resend until
+    /// acknowledged), so a write that fails is sent again after the reconnect.
     pub async fn send_publishes(&mut self, ps: &[OutPublish]) {
         match self {
             Events::V4(e) => {
-                let e = &mut **e;
-                // Behind what is queued (a resend after a reconnect), in order.
-                if e.network.is_none() || !e.pending.is_empty() {
-                    for p in ps {
-                        e.pending
-                            .push_back(rumqttc::Request::Publish(v4_publish(p)));
-                    }
-                    return;
-                }
-                for p in ps {
-                    let out = v4_publish(p);
-                    match e
-                        .state
-                        .handle_outgoing_packet(rumqttc::Request::Publish(out.clone()))
-                    {
-                        Ok(Some(packet)) => {
-                            if let Some(net) = e.network.as_mut()
-                                && let Err(err) = net.write(packet).await
-                            {
-                                tracing::debug!(error = %err, "MQTT write failed; the session resends after the reconnect");
-                            }
-                        }
-                        // Held by the session until the packet id is free (cannot happen: the
-                        // driver never reuses an unacknowledged id).
-                        Ok(None) => {}
-                        Err(_) => e.pending.push_back(rumqttc::Request::Publish(out)),
-                    }
-                }
-                if let Some(net) = e.network.as_mut()
-                    && let Err(err) = net.flush().await
-                {
-                    tracing::debug!(error = %err, "MQTT flush failed; the session resends after the reconnect");
-                }
+                e.send_publishes(ps.iter().map(|p| rumqttc::Request::Publish(v4_publish(p))))
+                    .await
             }
-            Events::V5(e) => e.send_publishes(ps.iter().map(v5_publish).collect()).await,
+            Events::V5(e) => {
+                e.send_publishes(ps.iter().map(|p| v5::Request::Publish(v5_publish(p))))
+                    .await
+            }
         }
     }
 

@@ -2,12 +2,12 @@
 //! durable write, reconnect with backoff while the broker is away.
 
 mod config;
+mod conn;
 mod dial;
 mod driver;
 mod embedded;
 mod link;
 mod outbox;
-mod v5conn;
 
 pub use config::{MqttConfig, MqttTls, Protocol};
 pub use driver::{ConnectionState, DriverStopped, Inbound, MqttHandle, PublishAck, start};

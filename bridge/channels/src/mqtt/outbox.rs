@@ -7,25 +7,18 @@
 //!   and sent again with that id after a restart: the broker, still holding the id, answers
 //!   PUBREC instead of delivering it twice;
 //! - once the broker's PUBREC arrives the exchange may only continue with PUBREL (a PUBLISH
-//!   under the same id after the broker released it would be a new message). rumqttc answers
-//!   PUBREC with PUBREL on its own, before the event reaches us, so the connection runs
-//!   through a small in-process relay that journals each PUBREC (flushed) before rumqttc sees
-//!   it. After a restart those entries are finished with PUBREL alone;
+//!   under the same id after the broker released it would be a new message). The connection
+//!   journals each PUBREC (flushed) before it answers it (`conn::Connection`). After a
+//!   restart those entries are finished with PUBREL alone;
 //! - PUBCOMP ends the exchange: the entry is removed and the message's key is remembered as
 //!   done, so a caller that publishes it again after a crash (it had not yet recorded the
 //!   acknowledgement) is answered at once instead of delivering it twice.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
 
 /// Done markers kept (keys of completed publishes); the oldest half goes beyond twice this.
 const DONE_KEPT: usize = 100_000;
-/// Longest Unix socket path (sun_path is 108 bytes with its terminating NUL).
-const MAX_SOCKET_PATH: usize = 100;
 
 /// The idempotency key of one outbound publish (the caller derives it from the message).
 pub type PublishKey = [u8; 32];
@@ -92,31 +85,16 @@ impl Entry {
     }
 }
 
-/// The QoS 2 journal in its sled tree, and where the relay listens.
+/// The QoS 2 journal, in its sled tree.
 #[derive(Clone)]
 pub struct Outbox {
     tree: sled::Tree,
-    socket: PathBuf,
     done: Arc<Mutex<VecDeque<PublishKey>>>,
 }
 
 impl Outbox {
-    /// Opens the journal kept in `tree`; the relay's socket goes into `dir` (the daemon's data
-    /// directory, which only its owner can enter), or a private temporary directory when that
-    /// path is too long for a Unix socket.
-    pub fn open(tree: sled::Tree, dir: &Path) -> std::io::Result<Outbox> {
-        let mut socket = dir.join("mqtt-relay.sock");
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            let private = std::env::temp_dir().join(format!(
-                "gatehouse-{}-{:016x}",
-                std::process::id(),
-                rand::random::<u64>()
-            ));
-            std::fs::create_dir(&private)?;
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
-            socket = private.join("mqtt-relay.sock");
-        }
+    /// Opens the journal kept in `tree`.
+    pub fn open(tree: sled::Tree) -> Outbox {
         let mut done: Vec<(u64, PublishKey)> = tree
             .scan_prefix(b"d")
             .filter_map(|kv| kv.ok())
@@ -126,11 +104,10 @@ impl Outbox {
             })
             .collect();
         done.sort();
-        Ok(Outbox {
+        Outbox {
             tree,
-            socket,
             done: Arc::new(Mutex::new(done.into_iter().map(|(_, k)| k).collect())),
-        })
+        }
     }
 
     /// The highest sequence number given out so far (new publishes continue after it).
@@ -212,8 +189,9 @@ impl Outbox {
         gatehouse_store::flush_tree(&self.tree).await.map(|_| ())
     }
 
-    /// Marks the publish with this packet id as received by the broker (PUBREC).
-    fn mark_released(&self, pkid: u16) -> sled::Result<()> {
+    /// Marks the publish with this packet id as received by the broker (PUBREC; durable after
+    /// [`Outbox::flush`]).
+    pub(crate) fn mark_released(&self, pkid: u16) -> sled::Result<()> {
         if let Some(v) = self.tree.get(entry_key(pkid))?
             && v.len() > 8
             && v[8] == 0
@@ -224,139 +202,11 @@ impl Outbox {
         }
         Ok(())
     }
-
-    /// Where rumqttc connects.
-    pub(crate) fn socket(&self) -> &Path {
-        &self.socket
-    }
-}
-
-/// The last error the relay met dialling the broker (reported instead of rumqttc's view of
-/// the relay, which only sees its connection closed).
-pub(crate) type LastError = Arc<Mutex<Option<String>>>;
-
-/// Starts the relay: every connection rumqttc opens to the socket is carried to the broker,
-/// with each PUBREC journalled before it is passed on.
-pub(crate) fn start_relay(
-    outbox: Outbox,
-    broker: String,
-    tls: Option<(Arc<tokio_rustls::rustls::ClientConfig>, String)>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<LastError> {
-    let broker = super::dial::Broker::new(broker, tls)?;
-    let _ = std::fs::remove_file(outbox.socket());
-    let listener = UnixListener::bind(outbox.socket())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(outbox.socket(), std::fs::Permissions::from_mode(0o600))?;
-    }
-    let last_error: LastError = Default::default();
-    let errors = last_error.clone();
-    tokio::spawn(async move {
-        let mut pause = gatehouse_store::accept::Pause::default();
-        loop {
-            let (conn, _) = tokio::select! {
-                _ = shutdown.changed() => break,
-                c = pause.accept("MQTT outbox", || listener.accept()) => c,
-            };
-            let dialled = broker
-                .dial()
-                .await
-                .map(|s| tokio::spawn(carry(conn, s, outbox.clone())));
-            *errors.lock().unwrap_or_else(|p| p.into_inner()) = dialled.err();
-        }
-        let _ = std::fs::remove_file(outbox.socket());
-    });
-    Ok(last_error)
-}
-
-/// Carries one connection until either side closes it.
-async fn carry<B>(client: UnixStream, broker: B, outbox: Outbox)
-where
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut cr, mut cw) = client.into_split();
-    let (mut br, mut bw) = tokio::io::split(broker);
-    let up = tokio::io::copy(&mut cr, &mut bw);
-    let down = async {
-        let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let n = br.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok::<(), std::io::Error>(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            let (complete, pubrecs) = scan_frames(&buf);
-            if !pubrecs.is_empty() {
-                for pkid in pubrecs {
-                    outbox.mark_released(pkid).map_err(std::io::Error::other)?;
-                }
-                outbox.flush().await.map_err(std::io::Error::other)?;
-            }
-            cw.write_all(&buf[..complete]).await?;
-            buf.drain(..complete);
-        }
-    };
-    tokio::select! {
-        r = up => { if let Err(e) = r { tracing::debug!(error = %e, "MQTT relay: client side closed"); } }
-        r = down => { if let Err(e) = r { tracing::warn!(error = %e, "MQTT relay: broker side closed"); } }
-    }
-}
-
-/// How many leading bytes of `buf` are complete MQTT packets, and the packet ids of the
-/// PUBRECs among them.
-pub(crate) fn scan_frames(buf: &[u8]) -> (usize, Vec<u16>) {
-    let mut at = 0;
-    let mut pubrecs = Vec::new();
-    while let Some(&header) = buf.get(at) {
-        // Remaining length: up to four 7-bit groups, least significant first.
-        let mut len = 0usize;
-        let mut shift = 0;
-        let mut i = at + 1;
-        let body = loop {
-            let Some(&b) = buf.get(i) else {
-                return (at, pubrecs);
-            };
-            len |= ((b & 0x7f) as usize) << shift;
-            i += 1;
-            if b & 0x80 == 0 {
-                break i;
-            }
-            shift += 7;
-            if shift > 21 {
-                // Malformed; pass everything on and let the client report it.
-                return (buf.len(), pubrecs);
-            }
-        };
-        if buf.len() < body + len {
-            break;
-        }
-        if header >> 4 == 5 && len >= 2 {
-            pubrecs.push(u16::from_be_bytes([buf[body], buf[body + 1]]));
-        }
-        at = body + len;
-    }
-    (at, pubrecs)
 }
 
 #[cfg(test)]
 mod unit {
     use super::*;
-
-    #[test]
-    fn frames_are_cut_at_packet_boundaries_and_pubrecs_found() {
-        // PUBACK 7, PUBREC 9, PUBREC 300, then half a PUBLISH.
-        let mut b = vec![0x40, 2, 0, 7, 0x50, 2, 0, 9, 0x50, 2, 1, 44];
-        let whole = b.len();
-        b.extend_from_slice(&[0x32, 10, 0, 3]);
-        assert_eq!(scan_frames(&b), (whole, vec![9, 300]));
-        // A two-byte remaining length (200 bytes of PUBLISH).
-        let mut long = vec![0x30, 0xc8, 0x01];
-        long.extend(std::iter::repeat_n(0u8, 200));
-        assert_eq!(scan_frames(&long), (203, vec![]));
-        assert_eq!(scan_frames(&long[..150]), (0, vec![]));
-    }
 
     #[test]
     fn entries_round_trip() {

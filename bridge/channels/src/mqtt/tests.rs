@@ -84,7 +84,7 @@ async fn publish_and_receive_through_mosquitto() {
     }
 }
 
-/// QoS 2 through the journalling relay: a key is delivered once even when published again,
+/// QoS 2 through the journal: a key is delivered once even when published again,
 /// and what a restart interrupted is finished: a publish the broker never released goes again
 /// under its id, one it had answered with PUBREC is only released (not delivered twice).
 #[tokio::test]
@@ -100,8 +100,6 @@ async fn qos2_journal_delivers_each_key_once_across_restarts_v5() {
 
 async fn qos2_journal(protocol: Protocol) {
     let (_broker, port) = mosquitto();
-    let dir = std::env::temp_dir().join(format!("gh-outbox-{}-{port}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let db = sled::Config::new().temporary(true).open().unwrap();
     let tree = db.open_tree("mqtt-outbox").unwrap();
 
@@ -133,7 +131,7 @@ async fn qos2_journal(protocol: Protocol) {
     };
     let run = |stop| {
         let (tx, _rx) = mpsc::channel(16);
-        let ob = Outbox::open(tree.clone(), &dir).unwrap();
+        let ob = Outbox::open(tree.clone());
         start(&cfg, vec![], tx, stop, Some(ob)).unwrap()
     };
     let wait = |ack: PublishAck| async move {
@@ -172,7 +170,7 @@ async fn qos2_journal(protocol: Protocol) {
 
     // As a crash would leave it: one publish the broker answered with PUBREC (it never held
     // pkid 7, as if it had released it already: only PUBREL may go) and one not yet sent.
-    let ob = Outbox::open(tree.clone(), &dir).unwrap();
+    let ob = Outbox::open(tree.clone());
     for (pkid, released, payload) in [
         (7u16, true, b"never".to_vec()),
         (8, false, b"resumed".to_vec()),
@@ -230,7 +228,6 @@ async fn qos2_journal(protocol: Protocol) {
         .unwrap()
         .unwrap();
     assert_eq!(m.payload, b"marker", "something was delivered twice");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// MQTT 5: content type, correlation data, response topic and user properties travel both
@@ -291,4 +288,84 @@ async fn mqtt5_properties_round_trip_and_no_local() {
     // The broker lowers the expiry by the time the message waited.
     assert!(got.message_expiry_secs.is_some_and(|s| s <= 60));
     bridge.ack(&m).await.unwrap();
+}
+
+/// One MQTT packet from a raw stream: its first byte and its body.
+async fn read_packet(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let header = s.read_u8().await.expect("the client closed the connection");
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let b = s.read_u8().await.unwrap();
+        len |= usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.unwrap();
+    (header, body)
+}
+
+/// A QoS 2 PUBREC is journalled, and flushed, before the PUBREL answers it, so a crash from
+/// then on finishes the exchange with PUBREL alone. The broker here is fault injection: it
+/// answers CONNECT and the PUBLISH, then checks the journal when the PUBREL arrives and never
+/// completes the exchange.
+#[tokio::test]
+async fn qos2_pubrec_is_journalled_before_the_pubrel() {
+    use tokio::io::AsyncWriteExt;
+    for protocol in [Protocol::V311, Protocol::V5] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let ob = Outbox::open(db.open_tree("mqtt-outbox").unwrap());
+        let cfg = MqttConfig {
+            port,
+            client_id: "bridge".into(),
+            publish_qos: 2,
+            protocol,
+            ..Default::default()
+        };
+        let (tx, _rx) = mpsc::channel(16);
+        let (_stop_tx, stop) = watch::channel(false);
+        let h = start(&cfg, vec![], tx, stop, Some(ob.clone())).unwrap();
+        let (mut s, _) = listener.accept().await.unwrap();
+        let (connect, _) = read_packet(&mut s).await;
+        assert_eq!(connect >> 4, 1, "{protocol:?}: CONNECT first");
+        let connack: &[u8] = match protocol {
+            Protocol::V311 => &[0x20, 2, 0, 0],
+            Protocol::V5 => &[0x20, 3, 0, 0, 0],
+        };
+        s.write_all(connack).await.unwrap();
+        let _ack = h
+            .publish("devices/d/down", b"once".to_vec(), None, Some([9; 32]))
+            .await
+            .unwrap();
+        let pkid = loop {
+            let (header, body) = read_packet(&mut s).await;
+            if header >> 4 == 3 {
+                assert_eq!(header & 0x06, 0x04, "{protocol:?}: published at QoS 2");
+                let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                break [body[2 + topic_len], body[3 + topic_len]];
+            }
+        };
+        let pending = ob.pending();
+        assert_eq!(pending.len(), 1, "{protocol:?}: journalled before it left");
+        assert!(!pending[0].released, "{protocol:?}: released before PUBREC");
+        s.write_all(&[0x50, 2, pkid[0], pkid[1]]).await.unwrap();
+        loop {
+            let (header, body) = read_packet(&mut s).await;
+            if header == 0x62 {
+                assert_eq!(body[..2], pkid, "{protocol:?}: PUBREL for the publish");
+                break;
+            }
+        }
+        let pending = ob.pending();
+        assert_eq!(pending.len(), 1, "{protocol:?}: exchange not finished");
+        assert!(
+            pending[0].released,
+            "{protocol:?}: PUBREL went out before the PUBREC was journalled"
+        );
+    }
 }
