@@ -110,6 +110,44 @@ pub(crate) trait Wire: Send + 'static {
     fn pubrec(p: &Self::Packet) -> Option<u16>;
 }
 
+/// The [`Wire`] methods that only hand over to rumqttc's session state, whose two versions
+/// have the same methods under different types.
+macro_rules! session_methods {
+    ($event:path, $request:path) => {
+        fn outgoing(
+            state: &mut Self::State,
+            r: Self::Request,
+        ) -> Result<Option<Self::Packet>, String> {
+            state.handle_outgoing_packet(r).map_err(|e| e.to_string())
+        }
+        fn incoming(
+            state: &mut Self::State,
+            p: Self::Packet,
+        ) -> Result<Option<Self::Packet>, String> {
+            state.handle_incoming_packet(p).map_err(|e| e.to_string())
+        }
+        fn next_event(state: &mut Self::State) -> Option<Self::Packet> {
+            use $event as Event;
+            while let Some(event) = state.events.pop_front() {
+                if let Event::Incoming(p) = event {
+                    return Some(p);
+                }
+            }
+            None
+        }
+        fn unacknowledged(state: &mut Self::State) -> Vec<Self::Request> {
+            use $request as Request;
+            let mut out = state.clean();
+            for r in &mut out {
+                if let Request::Publish(p) = r {
+                    p.dup = true;
+                }
+            }
+            out
+        }
+    };
+}
+
 /// MQTT 3.1.1.
 pub(crate) enum V4 {}
 
@@ -138,29 +176,7 @@ impl Wire for V4 {
             Err(e) => Err(e.to_string()),
         }
     }
-    fn outgoing(state: &mut Self::State, r: Self::Request) -> Result<Option<Self::Packet>, String> {
-        state.handle_outgoing_packet(r).map_err(|e| e.to_string())
-    }
-    fn incoming(state: &mut Self::State, p: Self::Packet) -> Result<Option<Self::Packet>, String> {
-        state.handle_incoming_packet(p).map_err(|e| e.to_string())
-    }
-    fn next_event(state: &mut Self::State) -> Option<Self::Packet> {
-        while let Some(event) = state.events.pop_front() {
-            if let rumqttc::Event::Incoming(p) = event {
-                return Some(p);
-            }
-        }
-        None
-    }
-    fn unacknowledged(state: &mut Self::State) -> Vec<Self::Request> {
-        let mut out = state.clean();
-        for r in &mut out {
-            if let rumqttc::Request::Publish(p) = r {
-                p.dup = true;
-            }
-        }
-        out
-    }
+    session_methods!(rumqttc::Event, rumqttc::Request);
     fn ping() -> Self::Request {
         rumqttc::Request::PingReq(rumqttc::PingReq)
     }
@@ -235,29 +251,7 @@ impl Wire for V5 {
             Err(e) => Err(e.to_string()),
         }
     }
-    fn outgoing(state: &mut Self::State, r: Self::Request) -> Result<Option<Self::Packet>, String> {
-        state.handle_outgoing_packet(r).map_err(|e| e.to_string())
-    }
-    fn incoming(state: &mut Self::State, p: Self::Packet) -> Result<Option<Self::Packet>, String> {
-        state.handle_incoming_packet(p).map_err(|e| e.to_string())
-    }
-    fn next_event(state: &mut Self::State) -> Option<Self::Packet> {
-        while let Some(event) = state.events.pop_front() {
-            if let rumqttc::v5::Event::Incoming(p) = event {
-                return Some(p);
-            }
-        }
-        None
-    }
-    fn unacknowledged(state: &mut Self::State) -> Vec<Self::Request> {
-        let mut out = state.clean();
-        for r in &mut out {
-            if let rumqttc::v5::Request::Publish(p) = r {
-                p.dup = true;
-            }
-        }
-        out
-    }
+    session_methods!(rumqttc::v5::Event, rumqttc::v5::Request);
     fn ping() -> Self::Request {
         rumqttc::v5::Request::PingReq
     }

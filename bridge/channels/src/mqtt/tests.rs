@@ -122,13 +122,7 @@ async fn qos2_journal(protocol: Protocol) {
     .unwrap();
     dev.wait_for(|s| *s == ConnectionState::Connected).await;
 
-    let cfg = MqttConfig {
-        port,
-        client_id: "bridge".into(),
-        publish_qos: 2,
-        protocol,
-        ..Default::default()
-    };
+    let cfg = qos2_bridge(port, protocol);
     let run = |stop| {
         let (tx, _rx) = mpsc::channel(16);
         let ob = Outbox::open(tree.clone());
@@ -320,13 +314,7 @@ async fn qos2_pubrec_is_journalled_before_the_pubrel() {
         let port = listener.local_addr().unwrap().port();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let ob = Outbox::open(db.open_tree("mqtt-outbox").unwrap());
-        let cfg = MqttConfig {
-            port,
-            client_id: "bridge".into(),
-            publish_qos: 2,
-            protocol,
-            ..Default::default()
-        };
+        let cfg = qos2_bridge(port, protocol);
         let (tx, _rx) = mpsc::channel(16);
         let (_stop_tx, stop) = watch::channel(false);
         let h = start(&cfg, vec![], tx, stop, Some(ob.clone())).unwrap();
@@ -367,5 +355,16 @@ async fn qos2_pubrec_is_journalled_before_the_pubrel() {
             pending[0].released,
             "{protocol:?}: PUBREL went out before the PUBREC was journalled"
         );
+    }
+}
+
+/// The bridge's side of the QoS 2 tests: publishes at QoS 2 to the broker on `port`.
+fn qos2_bridge(port: u16, protocol: Protocol) -> MqttConfig {
+    MqttConfig {
+        port,
+        client_id: "bridge".into(),
+        publish_qos: 2,
+        protocol,
+        ..Default::default()
     }
 }
