@@ -284,8 +284,15 @@ async fn mqtt5_properties_round_trip_and_no_local() {
     bridge.ack(&m).await.unwrap();
 }
 
-/// One MQTT packet from a raw stream: its first byte and its body.
+/// One MQTT packet from a raw stream: its first byte and its body (failing after 10 s
+/// without one, so a client that stops sending fails the test instead of hanging it).
 async fn read_packet(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    tokio::time::timeout(Duration::from_secs(10), read_packet_now(s))
+        .await
+        .expect("no MQTT packet from the client within 10 s")
+}
+
+async fn read_packet_now(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     use tokio::io::AsyncReadExt;
     let header = s.read_u8().await.expect("the client closed the connection");
     let (mut len, mut shift) = (0usize, 0);
