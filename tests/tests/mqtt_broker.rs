@@ -696,3 +696,114 @@ fn the_embedded_broker_carries_devices_both_ways() {
         "the device did not get the message: {rest}"
     );
 }
+
+/// Packets over `max_packet_bytes` (under MQTT 3.1.1 the limit both ways; it cannot learn the
+/// broker's, nor tell its own), both ways, neither stalling the connection: a device's
+/// oversized publish is refused with a log line and the next message arrives (it used to come
+/// back after every reconnection, with nothing behind it); an answer too large is kept as a
+/// dead letter saying why instead of being sent again on every reconnection, the next answer
+/// goes out, and the operator's retry meets the same reason and keeps the dead letter. The
+/// answers at QoS 2, through the journal.
+#[test]
+fn messages_over_the_packet_limit_are_refused_both_ways_and_the_next_go_through() {
+    let s = Setup::new("mqtt-too-large");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let limited = text.replace(
+        "client_id: gatehouse-e2e",
+        "client_id: gatehouse-e2e, publish_qos: 2, max_packet_bytes: 1024",
+    );
+    assert_ne!(limited, text, "the harness config changed shape");
+    std::fs::write(&config, limited).unwrap();
+    let d = s.start_daemon(&config);
+    a.init();
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(5000));
+    s.broker.publish("devices/t1/up", big.as_bytes());
+    s.broker.publish("devices/t1/up", br#"{"hello":1}"#);
+    let first = &a.listen(1)[0];
+    assert_eq!(
+        first["text"], r#"{"hello":1}"#,
+        "the message after the big one"
+    );
+    d.wait_log(&["rejected: an incoming publish is over channels.mqtt.max_packet_bytes"]);
+    let endpoint = first["sender_inbox"].as_str().unwrap().to_string();
+    let down = s.broker.subscribe("devices/t1/down");
+
+    a.ok(&["send", "--to", &endpoint, &"x".repeat(2000)]);
+    let dl = d.wait_dead_letter("the oversized answer", |d| d["kind"] == "broker");
+    let reason = dl["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("devices/t1/down") && reason.contains("over the limit of 1024 bytes"),
+        "the reason says what and why: {reason}"
+    );
+    assert_eq!(dl["direction"], "outbound");
+    assert_eq!(dl["bytes"], 2000);
+    d.wait_log(&["a publish is larger than the broker takes; it is not sent"]);
+
+    // The connection carries on: the next answer is the first thing the device gets.
+    a.ok(&["send", "--to", &endpoint, "after"]);
+    assert_eq!(down.next_message(), "after");
+
+    // Retrying meets the same limit: a clear error, and the dead letter stays.
+    let out = d.dlq(&["retry", &dl["id"].to_string()]);
+    assert!(!out.status.success(), "a retry over the limit succeeded");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("over the limit of 1024 bytes") && err.contains("dead letter is kept"),
+        "{err}"
+    );
+    let kept = d.dead_letters();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0]["id"], dl["id"]);
+    assert_eq!(d.status()["mqtt"], "Connected");
+}
+
+/// Another client on the daemon's client id: the broker hands the session from one to the
+/// other at every connection. The daemon names the likely cause in its log (instead of a lost
+/// connection several times a second at the base delay), backs off, and is connected and
+/// carrying messages again once the other client is gone.
+#[test]
+fn another_client_on_the_same_client_id_is_named_and_the_daemon_recovers() {
+    let s = Setup::new("mqtt-same-id");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let d = s.start_daemon(&config);
+    a.init();
+    require("mosquitto_sub", "mosquitto-clients");
+    let port = s.broker.port.to_string();
+    // The other client, started again whenever the broker hands the session back to the
+    // daemon and it exits.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rogue = {
+        let (stop, port) = (stop.clone(), port.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut c = std::process::Command::new("mosquitto_sub")
+                    .args(["-h", "127.0.0.1", "-p", &port, "-i", "gatehouse-e2e"])
+                    .args(["-t", "nothing/here"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst)
+                    && c.try_wait().unwrap().is_none()
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        })
+    };
+    d.wait_log(&["keeps ending the connection soon after accepting it: is another client connected with the same client id?"]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    rogue.join().unwrap();
+    wait_for("the daemon connected again", || {
+        (d.status()["mqtt"] == "Connected").then_some(())
+    });
+    s.broker.publish("devices/t1/up", br#"{"after":1}"#);
+    assert_eq!(a.listen(1)[0]["text"], r#"{"after":1}"#);
+}

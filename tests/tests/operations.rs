@@ -396,7 +396,8 @@ fn sighup_refuses_a_broken_config_and_applies_route_changes_in_place() {
 }
 
 /// The load harness works (tiny runs; their figures are not judged here): every path carries
-/// every message, with the defaults, with the daemon on MQTT 5 at QoS 2, and over NATS.
+/// every message, with the defaults, with the daemon on MQTT 5 at QoS 2, over NATS, and over
+/// NATS through a JetStream stream (which then holds every message of both ways).
 #[test]
 fn the_load_harness_runs() {
     require("mosquitto", "mosquitto");
@@ -405,6 +406,7 @@ fn the_load_harness_runs() {
         (&[][..], Some(3), Some(1), "mqtt"),
         (&["--mqtt5", "--qos", "2"][..], Some(5), Some(2), "mqtt"),
         (&["--nats"][..], None, None, "nats"),
+        (&["--nats", "--jetstream"][..], None, None, "nats-jetstream"),
     ] {
         let out = std::process::Command::new(gatehouse_bin())
             .args([
@@ -449,6 +451,13 @@ fn the_load_harness_runs() {
         assert_eq!(r["qos"], serde_json::json!(qos), "{r}");
         assert_eq!(r["channel"], channel, "{r}");
         assert!(r["e2e_over_crypto"].as_f64().unwrap() > 0.0, "{r}");
+        if channel == "nats-jetstream" {
+            // The 2 hellos, then 50 each way, all through the stream; the daemon's consumer.
+            assert_eq!(r["jetstream"]["messages"], 2 + 50 + 50, "{r}");
+            assert_eq!(r["jetstream"]["consumers"], 1, "{r}");
+        } else {
+            assert!(r["jetstream"].is_null(), "{r}");
+        }
     }
 }
 

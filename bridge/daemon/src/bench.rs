@@ -49,6 +49,21 @@ pub struct Opts {
     /// The devices and the daemon's route on NATS (core subjects through a `nats-server`)
     /// instead of MQTT.
     pub nats: bool,
+    /// With `nats`: both ways through a JetStream stream (`BENCH`, file storage): the daemon's
+    /// route consumes the devices' messages durably (`stream:`), acknowledging each once it is
+    /// stored, and publishes its answers to the stream, each after the stream's
+    /// acknowledgement (the devices read them as core subscribers).
+    pub jetstream: bool,
+}
+
+/// The JetStream stream of a `--jetstream` run, after it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamStats {
+    pub stream: String,
+    /// Messages the stream holds (the devices' hellos, the measured messages both ways).
+    pub messages: u64,
+    /// Consumers on it (the daemon's durable one).
+    pub consumers: usize,
 }
 
 /// One path's figures.
@@ -116,8 +131,11 @@ pub struct Report {
     pub mqtt_version: Option<u8>,
     /// The QoS of the daemon's MQTT publishes and subscriptions; none over NATS.
     pub qos: Option<u8>,
-    /// The devices' channel: `mqtt` or `nats`.
+    /// The devices' channel: `mqtt`, `nats` (core subjects) or `nats-jetstream`.
     pub channel: &'static str,
+    /// With `--jetstream`: the stream the devices' messages went through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<StreamStats>,
     /// `debug` or `release`: only release figures mean anything.
     pub build: &'static str,
     /// 1: MQTT QoS 1 through mosquitto (core NATS through nats-server with `--nats`).
@@ -241,12 +259,15 @@ fn start_broker(dir: &Path) -> anyhow::Result<Broker> {
     spawn_server(cmd, "mosquitto", port)
 }
 
-/// A `nats-server` on a free loopback port (core subjects; no JetStream).
-fn start_nats(dir: &Path) -> anyhow::Result<Broker> {
+/// A `nats-server` on a free loopback port (with `jetstream`, JetStream on, stored in `dir`).
+fn start_nats(dir: &Path, jetstream: bool) -> anyhow::Result<Broker> {
     let port = free_port()?;
     let mut cmd = std::process::Command::new("nats-server");
     cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
         .current_dir(dir);
+    if jetstream {
+        cmd.arg("-js").arg("-sd").arg(dir.join("jetstream"));
+    }
     spawn_server(cmd, "nats-server", port)
 }
 
@@ -531,11 +552,29 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         .open()
         .context("opening the agent's store")?;
     let agent_tree = agent_db.open_tree("agent")?;
+    if o.jetstream {
+        let js = async_nats::jetstream::new(nats_client(port).await?);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: STREAM.into(),
+            // A JetStream route publishes its answers to the stream too (acknowledged,
+            // deduplicated by Nats-Msg-Id); the devices read them as core subscribers.
+            subjects: vec!["devices.*.up".into(), "devices.*.down".into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the JetStream stream {STREAM}: {e}"))?;
+    }
     let channel = if o.nats {
+        let stream = if o.jetstream {
+            format!(", stream: {STREAM}")
+        } else {
+            String::new()
+        };
         format!(
             "channels: {{nats: {{urls: [\"nats://127.0.0.1:{port}\"]}}}}\n\
              plugins: {{nats: {{builtin: nats}}}}\n\
-             routes:\n  - {{name: devices, channel: nats, subscribe: \"devices.{{device}}.up\", reply: \"devices.{{device}}.down\", plugin: nats, agents: [AGENT], max_payload: 1048576}}\n"
+             routes:\n  - {{name: devices, channel: nats, subscribe: \"devices.{{device}}.up\", reply: \"devices.{{device}}.down\", plugin: nats, agents: [AGENT], max_payload: 1048576{stream}}}\n"
         )
     } else {
         format!(
@@ -591,8 +630,8 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     while conversations.len() < o.devices {
         // Core NATS keeps nothing for a subscriber that is not there yet: until the daemon has
         // subscribed, the hellos are lost, so they are said again (their sequence numbers are
-        // outside the measured range).
-        if o.nats && said_hello.elapsed() > Duration::from_secs(1) {
+        // outside the measured range). A JetStream stream keeps them.
+        if o.nats && !o.jetstream && said_hello.elapsed() > Duration::from_secs(1) {
             for (d, c) in devices.iter().enumerate() {
                 c.publish_up("devices", d, body(usize::MAX - d, o.payload))
                     .await?;
@@ -743,6 +782,27 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     })
 }
 
+/// The stream of a `--jetstream` run.
+const STREAM: &str = "BENCH";
+
+/// What the stream of a `--jetstream` run holds, and its consumers.
+async fn stream_stats(port: u16) -> anyhow::Result<StreamStats> {
+    let js = async_nats::jetstream::new(nats_client(port).await?);
+    let mut stream = js
+        .get_stream(STREAM)
+        .await
+        .map_err(|e| anyhow::anyhow!("the JetStream stream {STREAM}: {e}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("the JetStream stream {STREAM}: {e}"))?;
+    Ok(StreamStats {
+        stream: STREAM.into(),
+        messages: info.state.messages,
+        consumers: info.state.consumer_count,
+    })
+}
+
 /// Runs everything and prints the table (or JSON).
 pub async fn run(o: Opts) -> anyhow::Result<Report> {
     // The daemon's own histograms say where its time goes.
@@ -757,7 +817,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
     };
     let result = async {
         let broker = if o.nats {
-            start_nats(&dir)?
+            start_nats(&dir, o.jetstream)?
         } else {
             start_broker(&dir)?
         };
@@ -777,6 +837,11 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             down_to_node: agent_to_node,
             down_from_node: node_to_device,
         } = end_to_end(&dir, broker.port, &o).await?;
+        let jetstream = if o.jetstream {
+            Some(stream_stats(broker.port).await?)
+        } else {
+            None
+        };
         Ok::<_, anyhow::Error>(Report {
             devices: o.devices,
             messages: o.messages,
@@ -785,7 +850,14 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             agent_batch: o.agent_batch,
             mqtt_version: (!o.nats).then_some(if o.mqtt5 { 5 } else { 3 }),
             qos: (!o.nats).then_some(o.qos),
-            channel: if o.nats { "nats" } else { "mqtt" },
+            channel: if o.jetstream {
+                "nats-jetstream"
+            } else if o.nats {
+                "nats"
+            } else {
+                "mqtt"
+            },
+            jetstream,
             mode: match o.rate {
                 Some(r) => format!("open loop at {r} msg/s"),
                 None => "closed loop".into(),
@@ -854,6 +926,11 @@ fn print_table(r: &Report) {
         r.agent_batch,
         if r.channel == "nats" {
             "devices and daemon on NATS (core subjects)".to_string()
+        } else if let Some(js) = &r.jetstream {
+            format!(
+                "devices and daemon on NATS through JetStream stream {} both ways ({} stored, {} consumer)",
+                js.stream, js.messages, js.consumers
+            )
         } else {
             format!(
                 "daemon on MQTT {} at QoS {}",
@@ -884,7 +961,7 @@ fn print_table(r: &Report) {
         );
     };
     row(
-        if r.channel == "nats" {
+        if r.channel.starts_with("nats") {
             "1 raw broker hop (nats-server, core)"
         } else {
             "1 raw broker hop (mosquitto, QoS 1)"

@@ -172,7 +172,8 @@ struct Change {
 #[derive(Debug)]
 struct Fault {
     /// `refused`, `timeout`, `fuel`, `trap`, `memory`, `denied`, `limits`, `grants`,
-    /// `quarantined`, `content`, `config`, `corrupt`.
+    /// `quarantined`, `content`, `config`, `corrupt`, `broker` (the MQTT broker will not take
+    /// a publish: over its packet size limit, or refused in its acknowledgement).
     kind: &'static str,
     reason: String,
     /// How long the plugin call took, when a call was made.
@@ -1427,6 +1428,11 @@ impl Bridge {
         let mut counted: Vec<(usize, usize)> = Vec::with_capacity(batch.len());
         let mut already = Vec::new();
         let mut routes = std::collections::BTreeSet::new();
+        // Written together, all or nothing (see below).
+        let mut records: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut marks: Vec<([u8; 2], [u8; 32])> = Vec::new();
+        let mut requests: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut retained_marks: Vec<(Vec<u8>, [u8; 32])> = Vec::new();
         let live = self.cfg();
         for msg in batch {
             let presence_of = live
@@ -1480,12 +1486,16 @@ impl Bridge {
                     }
                     RetainedPolicy::Once => {
                         let key = Self::endpoint_key(route, &device, "retained");
-                        if self.retained.get(&key)?.is_some_and(|v| v == digest[..]) {
+                        if self.retained.get(&key)?.is_some_and(|v| v == digest[..])
+                            || retained_marks
+                                .iter()
+                                .any(|(k, d)| *k == key && *d == digest)
+                        {
                             tracing::debug!(route = %route.name, topic = %msg.topic, "retained message delivered before; not again");
                             self.ack(&msg).await?;
                             continue;
                         }
-                        self.retained.insert(key, &digest[..])?;
+                        retained_marks.push((key, digest));
                     }
                 }
             }
@@ -1543,7 +1553,7 @@ impl Bridge {
                 };
                 let mut k = Self::endpoint_key(route, &device, "");
                 k.extend_from_slice(&id.to_be_bytes());
-                self.requests.insert(k, serde_json::to_vec(&pending)?)?;
+                requests.push((k, serde_json::to_vec(&pending)?));
             }
             let rec = Queued {
                 route: idx,
@@ -1562,10 +1572,9 @@ impl Bridge {
                     .and_then(|r| r.presence_device_of(&msg.topic))
                     .and_then(|_| presence_state(&msg.payload)),
             };
-            self.inbox
-                .insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?)?;
-            if let Some((pkid, digest)) = &mark {
-                self.inflight.insert(pkid, &digest[..])?;
+            records.push((inbox_key(&route.name, id), serde_json::to_vec(&rec)?));
+            if let Some(m) = mark {
+                marks.push(m);
             }
             routes.insert(idx);
             counted.push((idx, msg.payload.len()));
@@ -1577,6 +1586,31 @@ impl Bridge {
         }
         if stored.is_empty() {
             return Ok(());
+        }
+        // The records with their redelivery marks (and MQTT 5 requests, retained-once marks):
+        // all or nothing. Written one by one, a crash before the flush could keep a record
+        // without its mark (sled may have written part of what followed the last flush), and
+        // the broker's redelivery of the unacknowledged message would then be stored again: a
+        // duplicate at the agent. A mark without its record would lose the message instead.
+        {
+            use sled::Transactional as _;
+            (&self.inbox, &self.inflight, &self.requests, &self.retained)
+                .transaction(|(inbox, inflight, req, retained)| {
+                    for (k, v) in &records {
+                        inbox.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (pkid, digest) in &marks {
+                        inflight.insert(&pkid[..], &digest[..])?;
+                    }
+                    for (k, v) in &requests {
+                        req.insert(k.as_slice(), v.as_slice())?;
+                    }
+                    for (k, digest) in &retained_marks {
+                        retained.insert(k.as_slice(), &digest[..])?;
+                    }
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| anyhow::anyhow!("storing MQTT messages: {e:?}"))?;
         }
         // Acknowledge only after the durable write.
         gatehouse_client::flush_tree(&self.inbox).await?;
@@ -2012,10 +2046,20 @@ impl Bridge {
             return Ok(());
         }
         let id = self.db.generate_id()?;
-        let mut batch = sled::Batch::default();
-        batch.insert(inbox_key(&route.name, id), serde_json::to_vec(&rec)?);
-        self.inbox.apply_batch(batch)?;
-        self.mail_seen.insert(seen, &id.to_be_bytes())?;
+        // The mail with its seen mark, all or nothing: a crash before the flush could
+        // otherwise keep the mail without the mark, and the client's retry (it got no 250)
+        // would be stored again.
+        let record = serde_json::to_vec(&rec)?;
+        {
+            use sled::Transactional as _;
+            (&self.inbox, &self.mail_seen)
+                .transaction(|(inbox, seen_tree)| {
+                    inbox.insert(inbox_key(&route.name, id), record.as_slice())?;
+                    seen_tree.insert(&seen[..], &id.to_be_bytes())?;
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|e| anyhow::anyhow!("storing the mail: {e:?}"))?;
+        }
         if let Err(e) = gatehouse_client::flush_tree(&self.inbox).await {
             mail.answer(email::Verdict::TryLater("storage failed".into()));
             return Err(e.into());
@@ -4142,7 +4186,7 @@ impl Bridge {
         }
         // Published in order, then marked done in order once the broker acknowledged each
         // (a crash before the PUBACK publishes it again: at-least-once towards the device).
-        let mut carried: Vec<(Option<u64>, Vec<Confirmation>)> = Vec::new();
+        let mut carried: Vec<(gatehouse_client::Received, Vec<Confirmation>)> = Vec::new();
         let mut later = false;
         let mut mapped = self.map_outbound(route, ep, &pending).await.into_iter();
         for r in pending {
@@ -4170,19 +4214,29 @@ impl Bridge {
                     }
                 }
             }
-            carried.push((r.delivery, acks));
+            carried.push((r, acks));
         }
         let mut done = 0usize;
-        'marking: for (delivery, acks) in carried {
+        'marking: for (r, acks) in carried {
+            let mut refused = Vec::new();
             for (ack, bytes) in acks {
-                if ack.await.is_err() {
+                match ack.await {
+                    Ok(Ok(())) => {
+                        crate::metrics::published(&route.name, "mqtt", bytes);
+                        tracing::trace!(route = %route.name, device = %ep.device, bytes, "publish confirmed by the broker");
+                    }
+                    // Too large for the broker, or refused by it: kept as a dead letter with
+                    // the reason (sending it again would meet the same answer).
+                    Ok(Err(why)) => refused.push(why.to_string()),
                     // The driver stopped (shutdown): the rest stay owed.
-                    break 'marking;
+                    Err(_) => break 'marking,
                 }
-                crate::metrics::published(&route.name, "mqtt", bytes);
-                tracing::trace!(route = %route.name, device = %ep.device, bytes, "publish confirmed by the broker");
             }
-            if let Some(seq) = delivery {
+            if !refused.is_empty() {
+                let reason = format!("not published: {}", refused.join("; "));
+                self.dead_letter_outbound(&r, route, &ep.device, Fault::new("broker", reason));
+            }
+            if let Some(seq) = r.delivery {
                 self.client(ep).await?.delivered(seq)?;
             }
             done += 1;
@@ -4540,7 +4594,8 @@ impl Bridge {
                             tokio::time::timeout(Duration::from_secs(30), ack)
                                 .await
                                 .map_err(|_| anyhow::anyhow!("published, but the broker has not acknowledged it within 30 s; the dead letter is kept"))?
-                                .map_err(|_| anyhow::anyhow!("the MQTT driver stopped"))?;
+                                .map_err(|_| anyhow::anyhow!("the MQTT driver stopped"))?
+                                .map_err(|why| anyhow::anyhow!("not published: {why}; the dead letter is kept"))?;
                         }
                     }
                     Err(Carry::Dead(fault)) => self.dead_letter_outbound(&r, route, &device, fault),

@@ -223,6 +223,10 @@ enum Command {
         /// (needs the Debian package `nats-server`) instead of MQTT.
         #[arg(long, conflicts_with_all = ["mqtt5", "qos"])]
         nats: bool,
+        /// With --nats: both ways through a JetStream stream (file storage): the daemon's route
+        /// consumes it durably and publishes its answers to it, each acknowledged.
+        #[arg(long, requires = "nats")]
+        jetstream: bool,
         /// Instead of the four paths, the scale check: create this many endpoints through a
         /// `gatehouse run` child process, then report its memory, its start with them on disk
         /// and its CPU while idle.
@@ -850,6 +854,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             mqtt5,
             qos,
             nats,
+            jetstream,
             idle_endpoints,
         } => {
             init_logging("warn");
@@ -868,6 +873,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 mqtt5,
                 qos,
                 nats,
+                jetstream,
             })
             .await?;
         }

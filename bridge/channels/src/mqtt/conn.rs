@@ -14,7 +14,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, BytesMut};
 use rumqttc::v5::mqttbytes::v5 as p5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -80,7 +80,7 @@ fn state_error(e: String) -> Error {
 
 /// One protocol version: rumqttc's packets, requests and session state for it.
 pub(crate) trait Wire: Send + 'static {
-    type Packet: Send;
+    type Packet: Send + Clone;
     type Request: Send;
     type State: Send;
 
@@ -108,6 +108,31 @@ pub(crate) trait Wire: Send + 'static {
     fn session_present(connack: &Self::Packet) -> bool;
     /// The packet id, if this is a PUBREC.
     fn pubrec(p: &Self::Packet) -> Option<u16>;
+    /// A publish that would be larger than `max` bytes: its packet id, topic and size.
+    fn oversized(r: &Self::Request, max: u32) -> Option<(u16, String, usize)>;
+    /// What a PUBLISH cut short carries after its packet id before the payload (MQTT 5: an
+    /// empty property list).
+    const NO_PROPERTIES: &'static [u8];
+    /// Hands a packet to the state without it becoming an event.
+    fn take_quietly(state: &mut Self::State, p: Self::Packet) -> Result<(), String>;
+}
+
+/// What the connection has for the driver.
+pub(crate) enum Polled<P> {
+    /// A packet from the broker.
+    Packet(P),
+    /// A publish larger than the broker takes: not sent, and never could be (the broker
+    /// would close the connection, and the session would send it again on the next).
+    TooLarge {
+        pkid: u16,
+        topic: String,
+        size: usize,
+        max: u32,
+    },
+    /// A publish from the broker larger than `max_packet_bytes`: its payload was skipped as
+    /// it arrived (never buffered). `cut` is the publish without payload (topic, packet id,
+    /// QoS), for its acknowledgement; `size` the packet's size.
+    Oversized { cut: P, size: usize },
 }
 
 /// The [`Wire`] methods that only hand over to rumqttc's session state, whose two versions
@@ -135,6 +160,16 @@ macro_rules! session_methods {
             }
             None
         }
+        fn take_quietly(state: &mut Self::State, p: Self::Packet) -> Result<(), String> {
+            use $event as Event;
+            state.handle_incoming_packet(p).map_err(|e| e.to_string())?;
+            // The state records the packet as an event first; with manual acknowledgements a
+            // PUBLISH adds nothing after it.
+            if matches!(state.events.back(), Some(Event::Incoming(_))) {
+                state.events.pop_back();
+            }
+            Ok(())
+        }
         fn unacknowledged(state: &mut Self::State) -> Vec<Self::Request> {
             use $request as Request;
             let mut out = state.clean();
@@ -155,6 +190,7 @@ impl Wire for V4 {
     type Packet = rumqttc::Packet;
     type Request = rumqttc::Request;
     type State = rumqttc::MqttState;
+    const NO_PROPERTIES: &'static [u8] = &[];
 
     fn state(inflight: u16) -> Self::State {
         rumqttc::MqttState::new(inflight, true)
@@ -222,6 +258,14 @@ impl Wire for V4 {
             _ => None,
         }
     }
+    fn oversized(r: &Self::Request, max: u32) -> Option<(u16, String, usize)> {
+        match r {
+            rumqttc::Request::Publish(p) if p.size() > max as usize => {
+                Some((p.pkid, p.topic.clone(), p.size()))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// MQTT 5.
@@ -231,6 +275,7 @@ impl Wire for V5 {
     type Packet = p5::Packet;
     type Request = rumqttc::v5::Request;
     type State = rumqttc::v5::MqttState;
+    const NO_PROPERTIES: &'static [u8] = &[0];
 
     fn state(inflight: u16) -> Self::State {
         rumqttc::v5::MqttState::new(inflight, true)
@@ -312,6 +357,16 @@ impl Wire for V5 {
             _ => None,
         }
     }
+    fn oversized(r: &Self::Request, max: u32) -> Option<(u16, String, usize)> {
+        match r {
+            rumqttc::v5::Request::Publish(p) if p.size() > max as usize => Some((
+                p.pkid,
+                String::from_utf8_lossy(&p.topic).into_owned(),
+                p.size(),
+            )),
+            _ => None,
+        }
+    }
 }
 
 fn not_connack() -> Error {
@@ -343,6 +398,8 @@ struct Net {
     write: BytesMut,
     /// The broker's limit (MQTT 5: its Maximum Packet Size, from its CONNACK).
     max_outgoing: Option<u32>,
+    /// Bytes still to come of an oversized publish, skipped as they arrive.
+    skip: usize,
 }
 
 impl Net {
@@ -394,6 +451,9 @@ pub(crate) struct Connection<W: Wire> {
     net: Option<Net>,
     /// Packets read but not yet handed to the state: they wait for the journal's flush.
     held: VecDeque<W::Packet>,
+    /// What the driver hears of besides the broker's packets: our publishes the broker would
+    /// not take, and the broker's that were too large for us.
+    notices: VecDeque<Polled<W::Packet>>,
     /// This connection's keep-alive (the broker may set its own in CONNACK); `None`: no pings.
     keep_alive: Option<Duration>,
     ping: Pin<Box<Sleep>>,
@@ -429,16 +489,20 @@ impl<W: Wire> Connection<W> {
                 requests: rx,
                 net: None,
                 held: VecDeque::new(),
+                notices: VecDeque::new(),
                 keep_alive,
                 ping: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
             },
         )
     }
 
-    /// The next packet from the broker (CONNACK first after each connection). Dials when not
-    /// connected; on an error the connection is dropped, and what it left unacknowledged is
-    /// queued to go again. Cancel-safe.
-    pub async fn poll(&mut self) -> Result<W::Packet, Error> {
+    /// The next packet from the broker (CONNACK first after each connection), or a publish
+    /// the broker would not take. Dials when not connected; on an error the connection is
+    /// dropped, and what it left unacknowledged is queued to go again. Cancel-safe.
+    pub async fn poll(&mut self) -> Result<Polled<W::Packet>, Error> {
+        if let Some(refused) = self.notices.pop_front() {
+            return Ok(refused);
+        }
         if self.net.is_none() {
             let (net, connack) = match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
                 Ok(r) => r?,
@@ -515,6 +579,7 @@ impl<W: Wire> Connection<W> {
             read: BytesMut::with_capacity(READ_CHUNK),
             write: BytesMut::with_capacity(READ_CHUNK),
             max_outgoing: None,
+            skip: 0,
         };
         net.encode::<W>(&W::connect(s))?;
         net.flush().await?;
@@ -544,12 +609,24 @@ impl<W: Wire> Connection<W> {
         }
     }
 
-    /// Encodes what is queued.
+    /// Encodes what is queued; a publish larger than the broker takes is set aside for the
+    /// driver instead (before the session state records it, so it is not sent again).
     fn write_pending(&mut self) -> Result<(), Error> {
         let Some(net) = self.net.as_mut() else {
             return Ok(());
         };
         while let Some(request) = self.pending.pop_front() {
+            if let Some(max) = net.max_outgoing
+                && let Some((pkid, topic, size)) = W::oversized(&request, max)
+            {
+                self.notices.push_back(Polled::TooLarge {
+                    pkid,
+                    topic,
+                    size,
+                    max,
+                });
+                continue;
+            }
             if let Some(packet) = W::outgoing(&mut self.state, request).map_err(state_error)? {
                 net.encode::<W>(&packet)?;
             }
@@ -588,14 +665,14 @@ impl<W: Wire> Connection<W> {
 
     /// Runs until the broker sends something: writes what is queued and what other tasks ask
     /// for, reads, answers, pings.
-    async fn turns(&mut self) -> Result<W::Packet, Error> {
+    async fn turns(&mut self) -> Result<Polled<W::Packet>, Error> {
         loop {
             if !self.held.is_empty() {
                 self.take_held().await?;
             }
             // Our own packets also make events (outgoing); only the broker's are news.
             if let Some(packet) = W::next_event(&mut self.state) {
-                return Ok(packet);
+                return Ok(Polled::Packet(packet));
             }
             // What other tasks asked for goes behind what is queued, all in one write.
             while let Ok(r) = self.requests.try_recv() {
@@ -604,6 +681,9 @@ impl<W: Wire> Connection<W> {
             self.write_pending()?;
             let net = self.net.as_mut().expect("connected");
             net.flush().await?;
+            if let Some(refused) = self.notices.pop_front() {
+                return Ok(refused);
+            }
             let turn = tokio::select! {
                 r = self.requests.recv() => Turn::Request(r),
                 r = net.fill() => Turn::Read(r),
@@ -616,11 +696,7 @@ impl<W: Wire> Connection<W> {
                 }
                 Turn::Read(r) => {
                     r?;
-                    let max = self.settings.max_packet_bytes;
-                    let net = self.net.as_mut().expect("connected");
-                    while let Some(packet) = W::parse(&mut net.read, max).map_err(malformed)? {
-                        self.held.push_back(packet);
-                    }
+                    self.cut_packets()?;
                 }
                 Turn::Ping => {
                     self.reset_ping();
@@ -628,6 +704,103 @@ impl<W: Wire> Connection<W> {
                     self.pending.push_back(W::ping());
                 }
             }
+        }
+    }
+}
+
+impl<W: Wire> Connection<W> {
+    /// Cuts what was read into packets, held for the state. A PUBLISH over
+    /// `max_packet_bytes` (MQTT 3.1.1 cannot tell the broker the limit) is cut short instead:
+    /// its topic and packet id go to the state, its payload is skipped as it arrives, and the
+    /// driver hears of it to refuse it. Failing on it instead, the connection would get it
+    /// again after every reconnection, and nothing behind it.
+    fn cut_packets(&mut self) -> Result<(), Error> {
+        let max = self.settings.max_packet_bytes;
+        let net = self.net.as_mut().expect("connected");
+        loop {
+            if net.skip > 0 {
+                let n = net.skip.min(net.read.len());
+                net.read.advance(n);
+                net.skip -= n;
+                if net.skip > 0 {
+                    return Ok(());
+                }
+            }
+            let Some((byte1, header, remaining)) = fixed_header(&net.read)? else {
+                return Ok(());
+            };
+            if remaining <= max as usize || byte1 >> 4 != 3 {
+                match W::parse(&mut net.read, max).map_err(malformed)? {
+                    Some(packet) => {
+                        self.held.push_back(packet);
+                        continue;
+                    }
+                    None => return Ok(()),
+                }
+            }
+            // Topic and packet id (a topic is at most 64 KiB: those are buffered).
+            let Some(len) = net.read.get(header..header + 2) else {
+                return Ok(());
+            };
+            let qos = (byte1 >> 1) & 3;
+            let kept =
+                2 + usize::from(u16::from_be_bytes([len[0], len[1]])) + 2 * usize::from(qos > 0);
+            if kept > remaining {
+                return Err(malformed("a PUBLISH shorter than its topic".into()));
+            }
+            if net.read.len() < header + kept {
+                return Ok(());
+            }
+            let head = net.read.split_to(header + kept);
+            net.skip = remaining - kept;
+            let mut cut = BytesMut::with_capacity(header + kept + 1);
+            cut.put_u8(byte1);
+            put_length(&mut cut, kept + W::NO_PROPERTIES.len());
+            cut.extend_from_slice(&head[header..]);
+            cut.extend_from_slice(W::NO_PROPERTIES);
+            let cut = W::parse(&mut cut, max)
+                .map_err(malformed)?
+                .ok_or_else(|| malformed("a PUBLISH cut short did not parse".into()))?;
+            // Recorded by the state (a QoS 2 PUBREL for it must be known), but not an event.
+            W::take_quietly(&mut self.state, cut.clone()).map_err(state_error)?;
+            self.notices.push_back(Polled::Oversized {
+                cut,
+                size: header + remaining,
+            });
+        }
+    }
+}
+
+/// The fixed header at the start of `buf`: the first byte, the header's length and the
+/// remaining length (`None` until all of it is there).
+fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, Error> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    let mut remaining = 0usize;
+    for (i, &b) in buf.iter().skip(1).take(4).enumerate() {
+        remaining |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Some((byte1, i + 2, remaining)));
+        }
+    }
+    if buf.len() >= 5 {
+        return Err(malformed("a remaining length longer than 4 bytes".into()));
+    }
+    Ok(None)
+}
+
+/// Appends an MQTT variable byte integer.
+fn put_length(out: &mut BytesMut, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.put_u8(b);
+        if n == 0 {
+            return;
         }
     }
 }

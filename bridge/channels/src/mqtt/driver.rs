@@ -30,6 +30,14 @@ const QOS2_WINDOW: usize = 20;
 /// Events the driver takes from the connection in a row without waiting on anything else.
 const DRAIN_MAX: usize = 256;
 
+/// A connection the broker ends sooner than this after accepting it does not reset the
+/// backoff: when two clients share a client id, the broker hands the session from one to the
+/// other at every connection, and resetting would make that a loop at the base delay.
+const SHORT_LIVED: Duration = Duration::from_secs(5);
+
+/// Short-lived connections in a row before the log says what they look like.
+const FLAPPING_AFTER: u32 = 3;
+
 /// How long to wait before trying credentials the broker refused again.
 const BAD_CREDENTIALS_RETRY: Duration = Duration::from_secs(30);
 
@@ -93,7 +101,7 @@ struct Outgoing {
     payload: Vec<u8>,
     props: Option<Properties>,
     key: Option<PublishKey>,
-    acked: oneshot::Sender<()>,
+    acked: oneshot::Sender<Result<(), Refused>>,
 }
 
 /// One of our publishes the broker has not finished acknowledging.
@@ -104,20 +112,36 @@ struct InFlight {
     /// QoS 2: the broker sent PUBREC, so only PUBREL may follow.
     released: bool,
     key: Option<PublishKey>,
-    acked: Vec<oneshot::Sender<()>>,
+    acked: Vec<oneshot::Sender<Result<(), Refused>>>,
 }
 
 impl InFlight {
     fn done(self) {
         for a in self.acked {
-            let _ = a.send(());
+            let _ = a.send(Ok(()));
+        }
+    }
+
+    /// The broker will not take it: whoever waits hears why.
+    fn refuse(self, reason: &str) {
+        let refused = Refused(format!("{}: {reason}", self.publish.topic));
+        for a in self.acked {
+            let _ = a.send(Err(refused.clone()));
         }
     }
 }
 
+/// A publish the broker will not take (refused in its acknowledgement under MQTT 5, or larger
+/// than the broker's packet size limit): it was not delivered, and sending it again would meet
+/// the same answer. Says the topic and why.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// Resolves when the broker has taken over a publish (PUBACK for QoS 1, PUBCOMP for QoS 2, at
-/// once for QoS 0). Fails if the driver stopped first, or could not journal a QoS 2 publish.
-pub type PublishAck = oneshot::Receiver<()>;
+/// once for QoS 0), or with [`Refused`] when it will not. Fails if the driver stopped first,
+/// or could not journal a QoS 2 publish.
+pub type PublishAck = oneshot::Receiver<Result<(), Refused>>;
 
 /// The driver stopped (shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +270,8 @@ pub fn start(
     outbox: Option<Outbox>,
 ) -> std::io::Result<MqttHandle> {
     let broker = format!("{}:{}", config.host, config.port);
+    let protocol = config.protocol;
+    let max_packet = config.max_packet_bytes;
     let qos = config.publish_qos.min(2);
     let outbox = outbox.filter(|_| qos == 2);
     let tls = match &config.tls {
@@ -314,8 +340,12 @@ pub fn start(
     } else {
         PUBLISH_WINDOW as usize
     };
+    let client_id = config.client_id.clone();
     tokio::spawn(async move {
         let mut failures = 0u32;
+        // When the current connection was accepted, and how many in a row ended soon after.
+        let mut connected_at: Option<std::time::Instant> = None;
+        let mut short_lived = 0u32;
         // MQTT 5: the broker's Receive Maximum may narrow the window.
         let mut window = base_window;
         // Publishes read from the broker but not yet taken by the consumer. The event loop is
@@ -374,13 +404,13 @@ pub fn start(
                         for out in batch {
                             if qos == 0 {
                                 at_most_once.push(OutPublish { pkid: 0, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props });
-                                let _ = out.acked.send(());
+                                let _ = out.acked.send(Ok(()));
                                 continue;
                             }
                             let journal = outbox.as_ref().zip(out.key);
                             if let Some((ob, key)) = journal {
                                 if ob.is_done(&key) {
-                                    let _ = out.acked.send(());
+                                    let _ = out.acked.send(Ok(()));
                                     continue;
                                 }
                                 if let Some(f) = unacked.values_mut().find(|f| f.key == Some(key)) {
@@ -439,7 +469,7 @@ pub fn start(
                     session_present,
                     receive_max,
                 }) => {
-                    failures = 0;
+                    connected_at = Some(std::time::Instant::now());
                     connected_once = true;
                     window = base_window.min(receive_max.map_or(usize::MAX, usize::from));
                     // What the last connection delivered is delivered again after a reconnect
@@ -451,8 +481,8 @@ pub fn start(
                     // Journalled QoS 2 publishes from before a restart go the same way: a PUBLISH
                     // again under its id, or only the PUBREL once the broker had sent PUBREC.
                     let queued = eventloop.queued_ids();
-                    let mut again: Vec<&InFlight> = unacked
-                        .values()
+                    let mut again: Vec<&mut InFlight> = unacked
+                        .values_mut()
                         .filter(|f| !queued.contains(&f.publish.pkid))
                         .collect();
                     // In the order they were first sent.
@@ -463,6 +493,25 @@ pub fn start(
                         } else {
                             if f.released {
                                 tracing::warn!(%broker, "the broker lost the session during a QoS 2 exchange; publishing again (the device may get this message twice)");
+                                // Not released until its new PUBREC, in the journal too: after
+                                // a restart it must be published again, not only released (the
+                                // broker may never have had this PUBLISH, and would complete a
+                                // PUBREL for an id it does not know without delivering).
+                                f.released = false;
+                                if let (Some(ob), Some(key)) = (&outbox, f.key) {
+                                    let entry = Entry {
+                                        seq: f.seq,
+                                        pkid: f.publish.pkid,
+                                        released: false,
+                                        key,
+                                        topic: f.publish.topic.clone(),
+                                        payload: f.publish.payload.clone(),
+                                        props: f.publish.props.clone(),
+                                    };
+                                    if let Err(e) = ob.record(&entry) {
+                                        tracing::error!(%broker, error = %e, "could not journal a QoS 2 publish sent again");
+                                    }
+                                }
                             }
                             eventloop.push_publish(&f.publish);
                         }
@@ -483,12 +532,15 @@ pub fn start(
                 }
                 Ok(Ev::PubAck { pkid, refused }) => {
                     if let Some(f) = unacked.remove(&pkid) {
-                        if let Some(reason) = refused {
+                        match refused {
                             // MQTT 5 only; the broker will not deliver it, and sending it
                             // again would meet the same answer.
-                            tracing::error!(%broker, topic = %f.publish.topic, %reason, "the broker refused a publish; it is not delivered");
+                            Some(reason) => {
+                                tracing::error!(%broker, topic = %f.publish.topic, %reason, "the broker refused a publish; it is not delivered");
+                                f.refuse(&format!("the broker refused it ({reason})"));
+                            }
+                            None => f.done(),
                         }
-                        f.done();
                     }
                 }
                 Ok(Ev::PubRec { pkid, refused }) => {
@@ -496,8 +548,8 @@ pub fn start(
                         // The exchange ends here (no PUBREL follows a refusal).
                         if let Some(f) = unacked.remove(&pkid) {
                             tracing::error!(%broker, topic = %f.publish.topic, %reason, "the broker refused a publish; it is not delivered");
-                            complete(&outbox, &broker, &f, pkid);
-                            f.done();
+                            forget(&outbox, &broker, pkid);
+                            f.refuse(&format!("the broker refused it ({reason})"));
                         }
                     } else if let Some(f) = unacked.get_mut(&pkid) {
                         f.released = true;
@@ -528,6 +580,37 @@ pub fn start(
                         raw,
                     });
                 }
+                Ok(Ev::TooLarge {
+                    pkid,
+                    topic,
+                    size,
+                    max,
+                }) => {
+                    let limit = match protocol {
+                        Protocol::V311 => {
+                            "channels.mqtt.max_packet_bytes (MQTT 3.1.1 cannot learn the broker's limit)"
+                        }
+                        Protocol::V5 => "the Maximum Packet Size the broker announced",
+                    };
+                    tracing::error!(%broker, %topic, size, max, limit, "a publish is larger than the broker takes; it is not sent");
+                    // QoS 0 (packet id 0) is never in flight: the log line is all there is.
+                    if let Some(f) = unacked.remove(&pkid) {
+                        forget(&outbox, &broker, pkid);
+                        f.refuse(&format!(
+                            "the publish is {size} bytes, over the limit of {max} bytes ({limit})"
+                        ));
+                    }
+                }
+                Ok(Ev::Oversized { topic, size, raw }) => {
+                    // Acknowledged (MQTT 5: with Quota exceeded), so the broker does not send it
+                    // again on every reconnection; not carried, like a payload over a route's
+                    // max_payload.
+                    tracing::warn!(%broker, %topic, bytes = size, limit = max_packet, "rejected: an incoming publish is over channels.mqtt.max_packet_bytes; acknowledged and not carried");
+                    eventloop.push_refusal(
+                        &raw,
+                        &format!("packet of {size} bytes is over the limit of {max_packet} bytes"),
+                    );
+                }
                 Ok(Ev::SubAck) => suback_tx.send_modify(|n| *n += 1),
                 Ok(Ev::Other) => {}
                 Err(e) => {
@@ -544,13 +627,31 @@ pub fn start(
                         let _ = state_tx.send(ConnectionState::Connecting);
                         continue;
                     }
+                    // A connection that lasted starts the backoff again; one the broker ended
+                    // soon after accepting it does not.
+                    let lost = connected_at.take().map(|at| at.elapsed());
+                    match lost {
+                        Some(up) if up >= SHORT_LIVED => {
+                            failures = 0;
+                            short_lived = 0;
+                        }
+                        Some(_) => short_lived = short_lived.saturating_add(1),
+                        None => {}
+                    }
                     let wait = crate::backoff(failures, BASE_BACKOFF, MAX_BACKOFF);
+                    let retry_in_ms = wait.as_millis() as u64;
                     // Say so at once, then once per ten attempts, so a long outage stays visible
                     // without flooding the log.
-                    if failures.is_multiple_of(10) {
-                        tracing::warn!(%broker, error = %message, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
+                    if lost.is_some() && short_lived >= FLAPPING_AFTER {
+                        if (short_lived - FLAPPING_AFTER).is_multiple_of(10) {
+                            tracing::warn!(%broker, error = %message, %client_id, in_a_row = short_lived, retry_in_ms, "the MQTT broker keeps ending the connection soon after accepting it: is another client connected with the same client id? Each takes the session from the other (mosquitto logs `already connected, closing old connection`); give every bridge its own channels.mqtt.client_id, and a share_group to split subscriptions");
+                        }
+                    } else if lost.is_some() && failures == 0 {
+                        tracing::warn!(%broker, error = %message, retry_in_ms, "MQTT connection lost; reconnecting");
+                    } else if failures.is_multiple_of(10) {
+                        tracing::warn!(%broker, error = %message, attempt = failures + 1, retry_in_ms, "MQTT broker unreachable; retrying");
                     } else {
-                        tracing::debug!(%broker, error = %message, attempt = failures + 1, retry_in_ms = wait.as_millis() as u64, "MQTT broker unreachable; retrying");
+                        tracing::debug!(%broker, error = %message, attempt = failures + 1, retry_in_ms, "MQTT broker unreachable; retrying");
                     }
                     failures = failures.saturating_add(1);
                     let _ = state_tx.send(ConnectionState::BackingOff(message));
@@ -564,6 +665,17 @@ pub fn start(
         }
     });
     Ok(handle)
+}
+
+/// Removes a refused QoS 2 publish from the journal, its key not done: the message was not
+/// delivered, so publishing it again (a restart before the caller recorded the refusal, or
+/// the operator's retry) tries again rather than counting it as delivered.
+fn forget(outbox: &Option<Outbox>, broker: &str, pkid: u16) {
+    if let Some(ob) = outbox
+        && let Err(e) = ob.forget(pkid)
+    {
+        tracing::error!(%broker, error = %e, "could not remove a refused QoS 2 publish from the journal");
+    }
 }
 
 /// Records a finished QoS 2 publish in the journal (its key done, its entry gone).

@@ -8,7 +8,7 @@ use rumqttc::v5;
 use rumqttc::v5::mqttbytes::v5 as p5;
 use serde::{Deserialize, Serialize};
 
-use super::conn::{self, V4, V5};
+use super::conn::{self, Polled, V4, V5};
 use super::outbox::Outbox;
 use super::{MqttConfig, Protocol};
 
@@ -114,6 +114,21 @@ pub(crate) enum Ev {
         refused: Option<String>,
     },
     PubComp(u16),
+    /// One of our publishes is larger than the broker takes (its Maximum Packet Size under
+    /// MQTT 5, our `max_packet_bytes` under 3.1.1): it was not sent.
+    TooLarge {
+        pkid: u16,
+        topic: String,
+        size: usize,
+        max: u32,
+    },
+    /// A publish from the broker over our `max_packet_bytes`: its payload was skipped; `raw`
+    /// (without payload) is for its refusal.
+    Oversized {
+        topic: String,
+        size: usize,
+        raw: RawPublish,
+    },
     /// The broker confirmed a subscription.
     SubAck,
     Publish {
@@ -233,6 +248,33 @@ fn qos5(q: u8) -> v5::mqttbytes::QoS {
     }
 }
 
+/// The driver's event for a publish from the broker cut short as too large.
+fn oversized(raw: RawPublish, size: usize) -> Ev {
+    let topic = match &raw {
+        RawPublish::V4(p) => p.topic.clone(),
+        RawPublish::V5(p) => String::from_utf8_lossy(&p.topic).into_owned(),
+    };
+    Ev::Oversized { topic, size, raw }
+}
+
+/// The driver's event for a publish of ours the connection set aside as too large.
+fn too_large<P>(p: Polled<P>) -> Ev {
+    match p {
+        Polled::TooLarge {
+            pkid,
+            topic,
+            size,
+            max,
+        } => Ev::TooLarge {
+            pkid,
+            topic,
+            size,
+            max,
+        },
+        Polled::Packet(_) | Polled::Oversized { .. } => Ev::Other,
+    }
+}
+
 fn reason_text(code: impl std::fmt::Debug, string: Option<&String>) -> String {
     match string {
         Some(s) => format!("{code:?}: {s}"),
@@ -312,22 +354,30 @@ impl Events {
         match self {
             Events::V4(e) => {
                 use rumqttc::Packet;
-                match e.poll().await {
-                    Ok(Packet::ConnAck(c)) => Ok(Ev::ConnAck {
+                let p = match e.poll().await? {
+                    Polled::Packet(p) => p,
+                    Polled::Oversized {
+                        cut: Packet::Publish(p),
+                        size,
+                    } => return Ok(oversized(RawPublish::V4(p), size)),
+                    refused => return Ok(too_large(refused)),
+                };
+                match p {
+                    Packet::ConnAck(c) => Ok(Ev::ConnAck {
                         session_present: c.session_present,
                         receive_max: None,
                     }),
-                    Ok(Packet::PubAck(a)) => Ok(Ev::PubAck {
+                    Packet::PubAck(a) => Ok(Ev::PubAck {
                         pkid: a.pkid,
                         refused: None,
                     }),
-                    Ok(Packet::PubRec(r)) => Ok(Ev::PubRec {
+                    Packet::PubRec(r) => Ok(Ev::PubRec {
                         pkid: r.pkid,
                         refused: None,
                     }),
-                    Ok(Packet::PubComp(c)) => Ok(Ev::PubComp(c.pkid)),
-                    Ok(Packet::SubAck(_)) => Ok(Ev::SubAck),
-                    Ok(Packet::Publish(p)) => Ok(Ev::Publish {
+                    Packet::PubComp(c) => Ok(Ev::PubComp(c.pkid)),
+                    Packet::SubAck(_) => Ok(Ev::SubAck),
+                    Packet::Publish(p) => Ok(Ev::Publish {
                         topic: p.topic.clone(),
                         payload: p.payload.to_vec(),
                         retain: p.retain,
@@ -335,18 +385,25 @@ impl Events {
                         props: None,
                         raw: RawPublish::V4(p),
                     }),
-                    Ok(_) => Ok(Ev::Other),
-                    Err(err) => Err(err.into()),
+                    _ => Ok(Ev::Other),
                 }
             }
             Events::V5(e) => {
                 use p5::{Packet, PubAckReason, PubRecReason};
-                match e.poll().await {
-                    Ok(Packet::ConnAck(c)) => Ok(Ev::ConnAck {
+                let p = match e.poll().await? {
+                    Polled::Packet(p) => p,
+                    Polled::Oversized {
+                        cut: Packet::Publish(p),
+                        size,
+                    } => return Ok(oversized(RawPublish::V5(p), size)),
+                    refused => return Ok(too_large(refused)),
+                };
+                match p {
+                    Packet::ConnAck(c) => Ok(Ev::ConnAck {
                         session_present: c.session_present,
                         receive_max: c.properties.as_ref().and_then(|p| p.receive_max),
                     }),
-                    Ok(Packet::PubAck(a)) => Ok(Ev::PubAck {
+                    Packet::PubAck(a) => Ok(Ev::PubAck {
                         pkid: a.pkid,
                         refused: (!matches!(
                             a.reason,
@@ -359,7 +416,7 @@ impl Events {
                             )
                         }),
                     }),
-                    Ok(Packet::PubRec(r)) => Ok(Ev::PubRec {
+                    Packet::PubRec(r) => Ok(Ev::PubRec {
                         pkid: r.pkid,
                         refused: (!matches!(
                             r.reason,
@@ -372,9 +429,9 @@ impl Events {
                             )
                         }),
                     }),
-                    Ok(Packet::PubComp(c)) => Ok(Ev::PubComp(c.pkid)),
-                    Ok(Packet::SubAck(_)) => Ok(Ev::SubAck),
-                    Ok(Packet::Publish(p)) => Ok(Ev::Publish {
+                    Packet::PubComp(c) => Ok(Ev::PubComp(c.pkid)),
+                    Packet::SubAck(_) => Ok(Ev::SubAck),
+                    Packet::Publish(p) => Ok(Ev::Publish {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: p.payload.to_vec(),
                         retain: p.retain,
@@ -382,8 +439,7 @@ impl Events {
                         props: Properties::from_v5(p.properties.as_ref()),
                         raw: RawPublish::V5(p),
                     }),
-                    Ok(_) => Ok(Ev::Other),
-                    Err(err) => Err(err.into()),
+                    _ => Ok(Ev::Other),
                 }
             }
         }

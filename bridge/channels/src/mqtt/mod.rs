@@ -10,7 +10,7 @@ mod link;
 mod outbox;
 
 pub use config::{MqttConfig, MqttTls, Protocol};
-pub use driver::{ConnectionState, DriverStopped, Inbound, MqttHandle, PublishAck, start};
+pub use driver::{ConnectionState, DriverStopped, Inbound, MqttHandle, PublishAck, Refused, start};
 /// Starts the embedded broker (see [`EmbeddedBroker`]).
 pub use embedded::start as start_embedded;
 pub use embedded::{EmbeddedBroker, EmbeddedError, Started};

@@ -184,6 +184,15 @@ impl Outbox {
         Ok(())
     }
 
+    /// Removes the publish with this packet id without marking its key done (the broker
+    /// refused it: publishing the key again sends it again).
+    pub(crate) fn forget(&self, pkid: u16) -> sled::Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(&entry_key(pkid)[..]);
+        batch.remove(&props_key(pkid)[..]);
+        self.tree.apply_batch(batch)
+    }
+
     /// Waits until everything recorded so far is on disk.
     pub(crate) async fn flush(&self) -> sled::Result<()> {
         gatehouse_store::flush_tree(&self.tree).await.map(|_| ())
