@@ -1495,7 +1495,17 @@ impl NatsServer {
 
     /// Stops it (SIGKILL) and starts it again on the same port and store.
     pub fn restart(&mut self) {
+        self.stop();
+        self.start_again();
+    }
+
+    /// Stops it (SIGKILL): clients see the connection drop and cannot reconnect.
+    pub fn stop(&mut self) {
         self.proc.take();
+    }
+
+    /// Starts a stopped server again on the same port and store.
+    pub fn start_again(&mut self) {
         self.launch();
     }
 }

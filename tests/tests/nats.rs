@@ -109,6 +109,27 @@ impl Client {
         });
     }
 
+    /// What a stream holds, in order: (subject, payload) per message.
+    fn stream_messages(&self, name: &str) -> Vec<(String, String)> {
+        self.rt.block_on(async {
+            let js = async_nats::jetstream::new(self.nc.clone());
+            let mut stream = js.get_stream(name).await.unwrap();
+            let state = stream.info().await.unwrap().state.clone();
+            let mut out = Vec::new();
+            for seq in state.first_sequence..=state.last_sequence {
+                if state.messages == 0 {
+                    break;
+                }
+                let m = stream.get_raw_message(seq).await.unwrap();
+                out.push((
+                    m.subject.to_string(),
+                    String::from_utf8_lossy(&m.payload).into_owned(),
+                ));
+            }
+            out
+        })
+    }
+
     /// Publishes to a stream, waiting for each acknowledgement.
     fn js_publish(&self, subject: &str, payloads: impl Iterator<Item = String>) {
         self.rt.block_on(async {
@@ -410,6 +431,128 @@ fn jetstream_through_sigkills_and_a_server_restart_delivers_each_once_in_order()
         })
         .collect();
     eprintln!("JetStream consumers resumed after stream sequences {resumed:?}");
+}
+
+/// Each answer once, in order: on a difference, says where the stream first differs.
+fn same(got: &[(String, String)], want: &[(String, String)]) {
+    if let Some(i) = (0..got.len().max(want.len())).find(|&i| got.get(i) != want.get(i)) {
+        panic!(
+            "the stream holds {} messages, {} expected (each answer once, in order); at {i}: {:?} instead of {:?}",
+            got.len(),
+            want.len(),
+            got.get(i),
+            want.get(i)
+        );
+    }
+}
+
+/// The way back through a stream: a route with `stream:` publishes the agent's answers to
+/// JetStream and marks each delivered once the stream acknowledged it (a pass's answers await
+/// their acknowledgements together). A crash after the stream has a pass's answers and before
+/// they are marked, then the server away while they are published again (a warning says they
+/// will be retried) and more answers: the stream holds each answer once (deduplicated by
+/// `Nats-Msg-Id`), in order. An answer on a subject no stream takes is a dead letter that says
+/// so, and the daemon goes on.
+#[test]
+fn jetstream_answers_reach_the_stream_once_each_in_order_through_a_crash_and_an_outage() {
+    let s = Setup::new("nats-jetstream-back");
+    let mut server = NatsServer::start(&s.dir);
+    let a = s.agent("agent");
+    let c = Client::connect(&server.url());
+    c.create_stream("JOBS", &["events.>"]);
+    c.create_stream("REPLIES", &["replies.>"]);
+    let config = nats_config(
+        &s,
+        &embedded(&s),
+        &server.url(),
+        &a.inbox_id(),
+        ", stream: JOBS",
+        "replies.{device}",
+    );
+    let mut d = start(&s, &config);
+    a.init();
+    c.js_publish("events.dev0.job", std::iter::once(r#"{"n":0}"#.to_string()));
+    let m = &a.listen(1)[0];
+    assert_eq!(json_n(m), 0);
+    let endpoint = m["sender_inbox"].as_str().unwrap().to_string();
+
+    const ANSWERS: usize = 300;
+    let want: Vec<(String, String)> = (0..ANSWERS)
+        .map(|i| ("replies.dev0".to_string(), format!("a{i}")))
+        .collect();
+    let lines = |r: std::ops::Range<usize>| r.map(|i| format!("a{i}\n")).collect::<String>();
+    let stream_holds = |c: &Client, n: usize| {
+        wait_for(&format!("{n} answers in the stream"), || {
+            let got = c.stream_messages("REPLIES");
+            (got.len() >= n).then_some(got)
+        })
+    };
+    a.send_lines(&endpoint, &lines(0..100));
+    same(&stream_holds(&c, 100), &want[..100]);
+
+    // The stream acknowledged a pass's answers; the daemon dies before marking them.
+    d.kill9();
+    let mut d = s.spawn_daemon_env(&config, &[("GATEHOUSE_FAULT_CRASH_BEFORE_MARK", "1")]);
+    d.wait_log(&["gatehouse running"]);
+    a.send_lines(&endpoint, &lines(100..200));
+    d.wait_exit();
+    assert!(
+        c.stream_messages("REPLIES").len() > 100,
+        "the crashed pass's answers are in the stream"
+    );
+
+    // The server goes away: the answers published again cannot be confirmed, and wait.
+    drop(c);
+    server.stop();
+    let d = s.spawn_daemon(&config);
+    d.wait_log(&["gatehouse running"]);
+    a.send_lines(&endpoint, &lines(200..ANSWERS));
+    d.wait_log(&["conversation message not published yet; will retry"]);
+    server.start_again();
+    let c = Client::connect(&server.url());
+    same(&stream_holds(&c, ANSWERS), &want);
+    assert!(
+        d.dead_letters().is_empty(),
+        "nothing dead-lettered: {:?}",
+        d.dead_letters()
+    );
+
+    // No stream takes the subject: a dead letter with the reason, and the daemon goes on.
+    let config = nats_config(
+        &s,
+        &embedded(&s),
+        &server.url(),
+        &a.inbox_id(),
+        ", stream: JOBS",
+        "nowhere.{device}",
+    );
+    drop(d);
+    let d = start(&s, &config);
+    a.ok(&["send", "--to", &endpoint, "lost?"]);
+    let dl = d.wait_dead_letter("the answer no stream takes", |d| d["kind"] == "nats");
+    assert!(
+        dl["reason"]
+            .as_str()
+            .unwrap()
+            .contains("add the subject to a stream"),
+        "{dl}"
+    );
+    drop(d);
+    let config = nats_config(
+        &s,
+        &embedded(&s),
+        &server.url(),
+        &a.inbox_id(),
+        ", stream: JOBS",
+        "replies.{device}",
+    );
+    let _d = start(&s, &config);
+    a.ok(&["send", "--to", &endpoint, "a-last"]);
+    let last = wait_for("the answer after the dead letter", || {
+        let got = c.stream_messages("REPLIES");
+        (got.len() > ANSWERS).then(|| got[ANSWERS].1.clone())
+    });
+    assert_eq!(last, "a-last");
 }
 
 #[test]

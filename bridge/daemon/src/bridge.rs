@@ -405,8 +405,40 @@ struct NatsMeta {
     seq: Option<u64>,
 }
 
-/// What resolves when the broker has an MQTT publish, and the publish's payload size.
-type Confirmation = (gatehouse_channels::mqtt::PublishAck, usize);
+/// What resolves when the broker or server has a publish, and the publish's payload size.
+enum Confirmation {
+    Mqtt(gatehouse_channels::mqtt::PublishAck, usize),
+    Nats(nats::Sent, usize),
+}
+
+/// How a publish of a pass ended, once awaited.
+enum Confirmed {
+    /// The broker has it (channel, bytes).
+    Yes(&'static str, usize),
+    /// Refused for good: kept as a dead letter with the reason (kind: who refused it).
+    Refused(&'static str, String),
+    /// Not confirmed, worth retrying: this and what follows stay owed.
+    Later(String),
+    /// The channel's driver stopped (shutdown): the rest stay owed.
+    Stopped,
+}
+
+impl Confirmation {
+    async fn outcome(self) -> Confirmed {
+        match self {
+            Confirmation::Mqtt(ack, bytes) => match ack.await {
+                Ok(Ok(())) => Confirmed::Yes("mqtt", bytes),
+                Ok(Err(why)) => Confirmed::Refused("broker", why.to_string()),
+                Err(_) => Confirmed::Stopped,
+            },
+            Confirmation::Nats(sent, bytes) => match sent.confirmed().await {
+                Ok(()) => Confirmed::Yes("nats", bytes),
+                Err(nats::PublishError::Refused(why)) => Confirmed::Refused("nats", why),
+                Err(nats::PublishError::Failed(why)) => Confirmed::Later(why),
+            },
+        }
+    }
+}
 
 /// A request waiting for the agent's answer (a NATS reply subject, or an MQTT 5 response
 /// topic with its correlation data).
@@ -1853,14 +1885,16 @@ impl Bridge {
     /// of the endpoint gets the answer on its reply subject (or, past its timeout, nothing: a
     /// log line says the answer was late); otherwise it goes where the plugin said. A stream
     /// route publishes to JetStream with `Nats-Msg-Id` (the same on a retry, so the server
-    /// keeps one copy) and waits for the publish acknowledgement.
+    /// keeps one copy). Returns what confirms the publish (the stream's acknowledgement, or
+    /// the flush), to be awaited with the pass's others; an answer to a request is confirmed
+    /// before this returns (the request is closed once it is), and returns nothing more.
     async fn publish_nats(
         &self,
         route: &Route,
         device: &str,
         p: &gatehouse_host::Publish,
         key: &[u8; 32],
-    ) -> Result<(), Carry> {
+    ) -> Result<Option<nats::Sent>, Carry> {
         let Some(h) = &self.nats else {
             return Err(Carry::Dead(Fault::new(
                 "channel",
@@ -1893,7 +1927,7 @@ impl Bridge {
             if now_ms() > req.deadline_ms {
                 let _ = self.requests.remove(&k);
                 tracing::warn!(route = %route.name, %device, "late reply dropped: the request's timeout had passed");
-                return Ok(());
+                return Ok(None);
             }
             h.publish(&req.reply, &headers, p.payload.clone(), None)
                 .await
@@ -1902,12 +1936,14 @@ impl Bridge {
                     nats::PublishError::Failed(r) => Carry::Later(r),
                 })?;
             let _ = self.requests.remove(&k);
+            crate::metrics::published(&route.name, "nats", p.payload.len());
             tracing::info!(route = %route.name, %device, "answered a NATS request");
-            return Ok(());
+            return Ok(None);
         }
         let msg_id = route.stream.as_ref().map(|_| hex::encode(key));
-        h.publish(&p.address, &headers, p.payload.clone(), msg_id.as_deref())
+        h.send(&p.address, &headers, p.payload.clone(), msg_id.as_deref())
             .await
+            .map(Some)
             .map_err(|e| match e {
                 nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
                 nats::PublishError::Failed(r) => Carry::Later(r),
@@ -2796,12 +2832,22 @@ impl Bridge {
                 // device on its reply topic.
                 Action::Publish(p) if p.channel == "nats" => {
                     let key = publish_key(&idempotency_key, n, &p.address);
-                    self.publish_nats(route, &rec.device, &p, &key)
+                    let sent = self
+                        .publish_nats(route, &rec.device, &p, &key)
                         .await
                         .map_err(|c| match c {
                             Carry::Dead(f) => Failure::Permanent(f),
                             Carry::Later(r) => Failure::Transient(r),
                         })?;
+                    if let Some(sent) = sent {
+                        sent.confirmed().await.map_err(|e| match e {
+                            nats::PublishError::Refused(r) => {
+                                Failure::Permanent(Fault::new("nats", r))
+                            }
+                            nats::PublishError::Failed(r) => Failure::Transient(r),
+                        })?;
+                        crate::metrics::published(&route.name, "nats", p.payload.len());
+                    }
                     tracing::info!(route = %route.name, device = %rec.device, subject = %p.address, "published by plugin");
                 }
                 Action::Publish(p) if p.channel == "email" => {
@@ -4198,17 +4244,7 @@ impl Bridge {
                         self.dead_letter_outbound(&r, route, &ep.device, fault)
                     }
                     Err(Carry::Later(reason)) => {
-                        // Stays owed; this endpoint waits (in order) with a growing delay.
-                        let mut retry = ep.retry.lock().unwrap_or_else(|p| p.into_inner());
-                        let wait = gatehouse_channels::backoff(
-                            retry.0,
-                            OUTBOUND_RETRY_BASE,
-                            OUTBOUND_RETRY_MAX,
-                        );
-                        retry.0 = retry.0.saturating_add(1);
-                        retry.1 = Some(std::time::Instant::now() + wait);
-                        tracing::warn!(route = %route.name, device = %ep.device, %reason, retry_in_ms = wait.as_millis() as u64, "conversation message not published yet; will retry");
-                        crate::metrics::retry(&route.name, "outbound");
+                        self.owe_later(route, ep, &reason);
                         later = true;
                         break;
                     }
@@ -4217,24 +4253,43 @@ impl Bridge {
             carried.push((r, acks));
         }
         let mut done = 0usize;
+        if std::env::var_os("GATEHOUSE_FAULT_CRASH_BEFORE_MARK").is_some()
+            && carried.iter().any(|(_, acks)| !acks.is_empty())
+        {
+            // Fault injection for the crash tests: every publish of the pass confirmed, none
+            // marked delivered.
+            for ack in carried.into_iter().flat_map(|(_, acks)| acks) {
+                ack.outcome().await;
+            }
+            tracing::error!("GATEHOUSE_FAULT_CRASH_BEFORE_MARK: aborting before marking");
+            std::process::abort();
+        }
         'marking: for (r, acks) in carried {
             let mut refused = Vec::new();
-            for (ack, bytes) in acks {
-                match ack.await {
-                    Ok(Ok(())) => {
-                        crate::metrics::published(&route.name, "mqtt", bytes);
+            for ack in acks {
+                match ack.outcome().await {
+                    Confirmed::Yes(channel, bytes) => {
+                        crate::metrics::published(&route.name, channel, bytes);
                         tracing::trace!(route = %route.name, device = %ep.device, bytes, "publish confirmed by the broker");
                     }
                     // Too large for the broker, or refused by it: kept as a dead letter with
                     // the reason (sending it again would meet the same answer).
-                    Ok(Err(why)) => refused.push(why.to_string()),
+                    Confirmed::Refused(kind, why) => refused.push((kind, why)),
+                    // No stream acknowledgement: published again later (a stream keeps one
+                    // copy, by its `Nats-Msg-Id`).
+                    Confirmed::Later(reason) => {
+                        self.owe_later(route, ep, &reason);
+                        later = true;
+                        break 'marking;
+                    }
                     // The driver stopped (shutdown): the rest stay owed.
-                    Err(_) => break 'marking,
+                    Confirmed::Stopped => break 'marking,
                 }
             }
-            if !refused.is_empty() {
-                let reason = format!("not published: {}", refused.join("; "));
-                self.dead_letter_outbound(&r, route, &ep.device, Fault::new("broker", reason));
+            if let Some((kind, _)) = refused.first() {
+                let reasons: Vec<&str> = refused.iter().map(|(_, why)| why.as_str()).collect();
+                let reason = format!("not published: {}", reasons.join("; "));
+                self.dead_letter_outbound(&r, route, &ep.device, Fault::new(kind, reason));
             }
             if let Some(seq) = r.delivery {
                 self.client(ep).await?.delivered(seq)?;
@@ -4251,6 +4306,17 @@ impl Bridge {
             self.client(ep).await?.flush().await?;
         }
         Ok(!later)
+    }
+
+    /// A conversation message could not be published yet: it stays owed, and this endpoint
+    /// waits (in order) with a growing delay.
+    fn owe_later(&self, route: &Route, ep: &Endpoint, reason: &str) {
+        let mut retry = ep.retry.lock().unwrap_or_else(|p| p.into_inner());
+        let wait = gatehouse_channels::backoff(retry.0, OUTBOUND_RETRY_BASE, OUTBOUND_RETRY_MAX);
+        retry.0 = retry.0.saturating_add(1);
+        retry.1 = Some(std::time::Instant::now() + wait);
+        tracing::warn!(route = %route.name, device = %ep.device, %reason, retry_in_ms = wait.as_millis() as u64, "conversation message not published yet; will retry");
+        crate::metrics::retry(&route.name, "outbound");
     }
 
     /// What the plugin is given for a conversation message, and the endpoint's oldest open
@@ -4400,9 +4466,11 @@ impl Bridge {
         for (n, action) in actions.into_iter().enumerate() {
             match action {
                 Action::Publish(p) if p.channel == "nats" => {
+                    // Confirmed (a stream's acknowledgement) with the pass's other publishes.
                     let key = publish_key(&r.message_id, n, &p.address);
-                    self.publish_nats(route, &ep.device, &p, &key).await?;
-                    crate::metrics::published(&route.name, "nats", p.payload.len());
+                    if let Some(sent) = self.publish_nats(route, &ep.device, &p, &key).await? {
+                        acks.push(Confirmation::Nats(sent, p.payload.len()));
+                    }
                     tracing::info!(route = %route.name, device = %ep.device, "published reply");
                 }
                 Action::Publish(p) if p.channel == "email" => {
@@ -4427,7 +4495,7 @@ impl Bridge {
                         if let Some((_, Some(c))) = &answers {
                             props.correlation_data = Some(c.clone());
                         }
-                        acks.push((
+                        acks.push(Confirmation::Mqtt(
                             self.publish_out(m, &p.address, p.payload, Some(props), key)
                                 .await
                                 .map_err(|e| {
@@ -4590,12 +4658,21 @@ impl Bridge {
                 match self.carry_outbound(route, &ep, &r, None).await {
                     Ok(acks) => {
                         // Kept as a dead letter until the broker has it.
-                        for (ack, _) in acks {
-                            tokio::time::timeout(Duration::from_secs(30), ack)
+                        for ack in acks {
+                            match tokio::time::timeout(Duration::from_secs(30), ack.outcome())
                                 .await
                                 .map_err(|_| anyhow::anyhow!("published, but the broker has not acknowledged it within 30 s; the dead letter is kept"))?
-                                .map_err(|_| anyhow::anyhow!("the MQTT driver stopped"))?
-                                .map_err(|why| anyhow::anyhow!("not published: {why}; the dead letter is kept"))?;
+                            {
+                                Confirmed::Yes(channel, bytes) => {
+                                    crate::metrics::published(&route.name, channel, bytes)
+                                }
+                                Confirmed::Refused(_, why) | Confirmed::Later(why) => anyhow::bail!(
+                                    "not published: {why}; the dead letter is kept"
+                                ),
+                                Confirmed::Stopped => anyhow::bail!(
+                                    "the MQTT driver stopped; the dead letter is kept"
+                                ),
+                            }
                         }
                     }
                     Err(Carry::Dead(fault)) => self.dead_letter_outbound(&r, route, &device, fault),

@@ -138,9 +138,7 @@ impl NatsHandle {
         self.disconnects.load(Ordering::Relaxed)
     }
 
-    /// Publishes. With `msg_id`, to a stream: the server deduplicates on `Nats-Msg-Id` and
-    /// this returns after its publish acknowledgement; without, core NATS (at most once, after
-    /// the bytes are flushed to the server).
+    /// Publishes and waits until the server has it: see [`NatsHandle::send`].
     pub async fn publish(
         &self,
         subject: &str,
@@ -148,6 +146,24 @@ impl NatsHandle {
         payload: Vec<u8>,
         msg_id: Option<&str>,
     ) -> Result<(), PublishError> {
+        self.send(subject, headers, payload, msg_id)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Hands a publish to the connection and returns what resolves once the server has it.
+    /// With `msg_id`, to a stream: the server deduplicates on `Nats-Msg-Id` and the
+    /// confirmation is its publish acknowledgement (so several publishes can await theirs
+    /// together); without, core NATS (at most once), confirmed once the bytes are flushed to
+    /// the server.
+    pub async fn send(
+        &self,
+        subject: &str,
+        headers: &[(String, String)],
+        payload: Vec<u8>,
+        msg_id: Option<&str>,
+    ) -> Result<Sent, PublishError> {
         if payload.len() > self.max_payload {
             return Err(PublishError::Refused(format!(
                 "{} bytes is over channels.nats.max_payload ({})",
@@ -164,43 +180,81 @@ impl NatsHandle {
             }
             h.append(k.as_str(), v.as_str());
         }
-        let failed = |e: &dyn std::fmt::Display| PublishError::Failed(format!("{subject}: {e}"));
-        match msg_id {
+        let how = match msg_id {
             Some(id) => {
                 h.insert("Nats-Msg-Id", id);
-                let no_stream = |e: &jetstream::context::PublishError| {
-                    PublishError::Refused(format!(
-                        "{subject}: {e} (this route publishes to JetStream; add the subject to a stream)"
-                    ))
-                };
                 let ack = self
                     .js
                     .publish_with_headers(subject.to_string(), h, payload.into())
                     .await
-                    .map_err(|e| {
-                        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                            no_stream(&e)
-                        } else {
-                            failed(&e)
-                        }
-                    })?;
-                ack.await.map_err(|e| {
-                    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
-                        no_stream(&e)
-                    } else {
-                        failed(&e)
-                    }
-                })?;
+                    .map_err(|e| stream_error(subject, &e))?;
+                Confirm::Stream(ack)
             }
             None => {
                 self.client
                     .publish_with_headers(subject.to_string(), h, payload.into())
                     .await
-                    .map_err(|e| failed(&e))?;
-                self.client.flush().await.map_err(|e| failed(&e))?;
+                    .map_err(|e| PublishError::Failed(format!("{subject}: {e}")))?;
+                Confirm::Flush(self.client.clone())
             }
+        };
+        Ok(Sent {
+            subject: subject.to_string(),
+            how,
+        })
+    }
+}
+
+/// A publish handed to the connection ([`NatsHandle::send`]), not yet confirmed.
+pub struct Sent {
+    subject: String,
+    how: Confirm,
+}
+
+enum Confirm {
+    Stream(jetstream::context::PublishAckFuture),
+    Flush(async_nats::Client),
+}
+
+impl std::fmt::Debug for Sent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match self.how {
+            Confirm::Stream(_) => "stream acknowledgement",
+            Confirm::Flush(_) => "flush",
+        };
+        f.debug_struct("Sent")
+            .field("subject", &self.subject)
+            .field("awaits", &how)
+            .finish()
+    }
+}
+
+impl Sent {
+    /// Resolves once the server has the publish: the stream's acknowledgement, or (core
+    /// NATS) the connection's flush.
+    pub async fn confirmed(self) -> Result<(), PublishError> {
+        let subject = self.subject;
+        match self.how {
+            Confirm::Stream(ack) => ack
+                .await
+                .map(|_| ())
+                .map_err(|e| stream_error(&subject, &e)),
+            Confirm::Flush(client) => client
+                .flush()
+                .await
+                .map_err(|e| PublishError::Failed(format!("{subject}: {e}"))),
         }
-        Ok(())
+    }
+}
+
+/// A stream publish's error: no stream for the subject is for good, the rest worth retrying.
+fn stream_error(subject: &str, e: &jetstream::context::PublishError) -> PublishError {
+    if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+        PublishError::Refused(format!(
+            "{subject}: {e} (this route publishes to JetStream; add the subject to a stream)"
+        ))
+    } else {
+        PublishError::Failed(format!("{subject}: {e}"))
     }
 }
 

@@ -7,6 +7,6 @@ mod driver;
 
 pub use config::NatsConfig;
 pub use driver::{
-    Deliver, JetStreamSub, NatsHandle, NatsIn, PublishError, Subscription, start,
+    Deliver, JetStreamSub, NatsHandle, NatsIn, PublishError, Sent, Subscription, start,
     valid_header_name, valid_header_value,
 };
