@@ -45,6 +45,9 @@ const OUTBOUND_RETRY_BASE: Duration = Duration::from_millis(200);
 const OUTBOUND_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Endpoints whose conversations are read at the same time.
 const OUTBOUND_PARALLEL: usize = 8;
+/// Endpoints of a delivery batch sending at the same time: with many endpoints each sends a
+/// message or two, and waits mostly on its flush and the node's, which overlap.
+const SEND_PARALLEL: usize = 32;
 /// How long the bridge remembers a publish to a topic its own routes subscribe to.
 const ECHO_WINDOW: Duration = Duration::from_secs(60);
 /// How often plugin files are checked for changes (`plugins.NAME.watch`).
@@ -3030,7 +3033,7 @@ impl Bridge {
             sends.push(Box::pin(self.send_to_device(idx, device, items)));
         }
         let results: Vec<Result<(), Failure>> = futures::stream::iter(sends)
-            .buffer_unordered(OUTBOUND_PARALLEL)
+            .buffer_unordered(SEND_PARALLEL)
             .collect()
             .await;
         self.trim_open();
