@@ -461,14 +461,18 @@ fn jetstream_answers_reach_the_stream_once_each_in_order_through_a_crash_and_an_
     let c = Client::connect(&server.url());
     c.create_stream("JOBS", &["events.>"]);
     c.create_stream("REPLIES", &["replies.>"]);
-    let config = nats_config(
-        &s,
-        &embedded(&s),
-        &server.url(),
-        &a.inbox_id(),
-        ", stream: JOBS",
-        "replies.{device}",
-    );
+    let url = server.url();
+    let stream_route = |reply: &str| {
+        nats_config(
+            &s,
+            &embedded(&s),
+            &url,
+            &a.inbox_id(),
+            ", stream: JOBS",
+            reply,
+        )
+    };
+    let config = stream_route("replies.{device}");
     let mut d = start(&s, &config);
     a.init();
     c.js_publish("events.dev0.job", std::iter::once(r#"{"n":0}"#.to_string()));
@@ -518,14 +522,7 @@ fn jetstream_answers_reach_the_stream_once_each_in_order_through_a_crash_and_an_
     );
 
     // No stream takes the subject: a dead letter with the reason, and the daemon goes on.
-    let config = nats_config(
-        &s,
-        &embedded(&s),
-        &server.url(),
-        &a.inbox_id(),
-        ", stream: JOBS",
-        "nowhere.{device}",
-    );
+    let config = stream_route("nowhere.{device}");
     drop(d);
     let d = start(&s, &config);
     a.ok(&["send", "--to", &endpoint, "lost?"]);
@@ -538,14 +535,7 @@ fn jetstream_answers_reach_the_stream_once_each_in_order_through_a_crash_and_an_
         "{dl}"
     );
     drop(d);
-    let config = nats_config(
-        &s,
-        &embedded(&s),
-        &server.url(),
-        &a.inbox_id(),
-        ", stream: JOBS",
-        "replies.{device}",
-    );
+    let config = stream_route("replies.{device}");
     let _d = start(&s, &config);
     a.ok(&["send", "--to", &endpoint, "a-last"]);
     let last = wait_for("the answer after the dead letter", || {
