@@ -36,8 +36,12 @@ const STORAGE_RECHECK: Duration = Duration::from_secs(1);
 /// Inbound messages stored with one flush at most; more wait for the next flush.
 const ACCEPT_BATCH: usize = 256;
 /// Queued device messages mapped and sent together (one MLS write and one publish per
-/// endpoint and agent).
-const DELIVER_BATCH: usize = 256;
+/// endpoint and agent): with many endpoints, the more a batch holds, the more messages each
+/// endpoint's send carries.
+const DELIVER_BATCH: usize = 1024;
+/// … and at most this many bytes of them (at least one record), so large mails or payloads do
+/// not pile up in memory.
+const DELIVER_BATCH_BYTES: usize = 16 << 20;
 /// Wait before retrying queued work after a transient failure (node unreachable).
 const RETRY_DELAY: Duration = Duration::from_secs(1);
 /// First and longest wait before an endpoint retries publishing a conversation message.
@@ -2536,11 +2540,17 @@ impl Bridge {
         }
         let prefix = inbox_prefix(&route.name);
         loop {
+            let mut bytes = 0usize;
             let batch: Vec<(sled::IVec, sled::IVec)> = self
                 .inbox
                 .scan_prefix(&prefix)
-                .take(DELIVER_BATCH)
                 .filter_map(|r| r.ok())
+                .take_while(|(_, v)| {
+                    let first = bytes == 0;
+                    bytes += v.len().max(1);
+                    first || bytes <= DELIVER_BATCH_BYTES
+                })
+                .take(DELIVER_BATCH)
                 .collect();
             if batch.is_empty() {
                 self.set_stalled(idx, None);
