@@ -38,7 +38,10 @@ const ACCEPT_BATCH: usize = 256;
 /// Queued device messages mapped and sent together (one MLS write and one publish per
 /// endpoint and agent): with many endpoints, the more a batch holds, the more messages each
 /// endpoint's send carries.
-const DELIVER_BATCH: usize = 1024;
+const DELIVER_BATCH: usize = 4096;
+/// … ending where one endpoint has this many in it: with few endpoints, sends of hundreds of
+/// messages each would reach the agent in lumps instead of overlapping with the next batch.
+const DELIVER_PER_ENDPOINT: usize = 128;
 /// … and at most this many bytes of them (at least one record), so large mails or payloads do
 /// not pile up in memory.
 const DELIVER_BATCH_BYTES: usize = 16 << 20;
@@ -2540,42 +2543,54 @@ impl Bridge {
         }
         let prefix = inbox_prefix(&route.name);
         loop {
-            let mut bytes = 0usize;
-            let batch: Vec<(sled::IVec, sled::IVec)> = self
-                .inbox
-                .scan_prefix(&prefix)
-                .filter_map(|r| r.ok())
-                .take_while(|(_, v)| {
-                    let first = bytes == 0;
-                    bytes += v.len().max(1);
-                    first || bytes <= DELIVER_BATCH_BYTES
-                })
-                .take(DELIVER_BATCH)
-                .collect();
-            if batch.is_empty() {
-                self.set_stalled(idx, None);
-                return true;
-            }
-            // Map each record (in order) until one has to wait; then carry what was mapped.
-            let mut ready: Vec<(sled::IVec, String, Vec<Outgoing>)> = Vec::new();
-            let mut stop = None;
-            let mut records = Vec::with_capacity(batch.len());
-            for (key, value) in batch {
+            // A prefix of the queue: at most DELIVER_BATCH records and DELIVER_BATCH_BYTES
+            // (at least one), ending after the record that gives one endpoint
+            // DELIVER_PER_ENDPOINT.
+            let (mut scanned, mut bytes) = (0usize, 0usize);
+            let mut per_endpoint: HashMap<String, usize> = HashMap::new();
+            let mut records = Vec::new();
+            let mut corrupt = Vec::new();
+            for (key, value) in self.inbox.scan_prefix(&prefix).filter_map(|r| r.ok()) {
+                if scanned > 0
+                    && (scanned >= DELIVER_BATCH || bytes + value.len() > DELIVER_BATCH_BYTES)
+                {
+                    break;
+                }
+                scanned += 1;
+                bytes += value.len();
                 let id = key
                     .len()
                     .checked_sub(8)
                     .and_then(|at| key[at..].try_into().ok())
                     .map_or(0, u64::from_be_bytes);
                 match serde_json::from_slice::<Queued>(&value) {
-                    Ok(rec) => records.push((key, id, rec)),
-                    Err(e) => self.dead_letter_inbound(
-                        &key,
-                        route,
-                        None,
-                        Fault::new("corrupt", format!("corrupt queue record: {e}")),
-                    ),
+                    Ok(rec) => {
+                        let n = per_endpoint.entry(rec.device.clone()).or_default();
+                        *n += 1;
+                        let full = *n >= DELIVER_PER_ENDPOINT;
+                        records.push((key, id, rec));
+                        if full {
+                            break;
+                        }
+                    }
+                    Err(e) => corrupt.push((key, e)),
                 }
             }
+            if scanned == 0 {
+                self.set_stalled(idx, None);
+                return true;
+            }
+            for (key, e) in corrupt {
+                self.dead_letter_inbound(
+                    &key,
+                    route,
+                    None,
+                    Fault::new("corrupt", format!("corrupt queue record: {e}")),
+                );
+            }
+            // Map each record (in order) until one has to wait; then carry what was mapped.
+            let mut ready: Vec<(sled::IVec, String, Vec<Outgoing>)> = Vec::new();
+            let mut stop = None;
             // The leading device messages (not presence, not mail) are mapped together.
             let plain = records
                 .iter()
