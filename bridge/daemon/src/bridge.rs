@@ -1941,10 +1941,7 @@ impl Bridge {
             }
             h.publish(&req.reply, &headers, p.payload.clone(), None)
                 .await
-                .map_err(|e| match e {
-                    nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
-                    nats::PublishError::Failed(r) => Carry::Later(r),
-                })?;
+                .map_err(Carry::from)?;
             let _ = self.requests.remove(&k);
             crate::metrics::published(&route.name, "nats", p.payload.len());
             tracing::info!(route = %route.name, %device, "answered a NATS request");
@@ -1954,10 +1951,7 @@ impl Bridge {
         h.send(&p.address, &headers, p.payload.clone(), msg_id.as_deref())
             .await
             .map(Some)
-            .map_err(|e| match e {
-                nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
-                nats::PublishError::Failed(r) => Carry::Later(r),
-            })
+            .map_err(Carry::from)
     }
 
     /// Takes in one received mail: loops, automatic mail and our own mail are answered 250
@@ -2565,7 +2559,10 @@ impl Bridge {
                     .map_or(0, u64::from_be_bytes);
                 match serde_json::from_slice::<Queued>(&value) {
                     Ok(rec) => {
-                        let n = per_endpoint.entry(rec.device.clone()).or_default();
+                        let n = match per_endpoint.get_mut(rec.device.as_str()) {
+                            Some(n) => n,
+                            None => per_endpoint.entry(rec.device.clone()).or_default(),
+                        };
                         *n += 1;
                         let full = *n >= DELIVER_PER_ENDPOINT;
                         records.push((key, id, rec));
@@ -2860,20 +2857,17 @@ impl Bridge {
                 // device on its reply topic.
                 Action::Publish(p) if p.channel == "nats" => {
                     let key = publish_key(&idempotency_key, n, &p.address);
-                    let sent = self
-                        .publish_nats(route, &rec.device, &p, &key)
-                        .await
-                        .map_err(|c| match c {
-                            Carry::Dead(f) => Failure::Permanent(f),
-                            Carry::Later(r) => Failure::Transient(r),
-                        })?;
-                    if let Some(sent) = sent {
-                        sent.confirmed().await.map_err(|e| match e {
-                            nats::PublishError::Refused(r) => {
-                                Failure::Permanent(Fault::new("nats", r))
-                            }
-                            nats::PublishError::Failed(r) => Failure::Transient(r),
-                        })?;
+                    let confirmed = match self.publish_nats(route, &rec.device, &p, &key).await {
+                        Ok(Some(sent)) => {
+                            sent.confirmed().await.map(|()| true).map_err(Carry::from)
+                        }
+                        other => other.map(|_| false),
+                    };
+                    let confirmed = confirmed.map_err(|c| match c {
+                        Carry::Dead(f) => Failure::Permanent(f),
+                        Carry::Later(r) => Failure::Transient(r),
+                    })?;
+                    if confirmed {
                         crate::metrics::published(&route.name, "nats", p.payload.len());
                     }
                     tracing::info!(route = %route.name, device = %rec.device, subject = %p.address, "published by plugin");
@@ -4805,6 +4799,15 @@ enum Carry {
     Dead(Fault),
     /// Not now: stays owed and is retried, in order.
     Later(String),
+}
+
+impl From<nats::PublishError> for Carry {
+    fn from(e: nats::PublishError) -> Self {
+        match e {
+            nats::PublishError::Refused(r) => Carry::Dead(Fault::new("nats", r)),
+            nats::PublishError::Failed(r) => Carry::Later(r),
+        }
+    }
 }
 
 /// Why a plugin call produced no actions.
