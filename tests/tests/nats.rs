@@ -499,7 +499,11 @@ fn jetstream_answers_reach_the_stream_once_each_in_order_through_a_crash_and_an_
     let mut d = s.spawn_daemon_env(&config, &[("GATEHOUSE_FAULT_CRASH_BEFORE_MARK", "1")]);
     d.wait_log(&["gatehouse running"]);
     a.send_lines(&endpoint, &lines(100..200));
-    d.wait_exit();
+    assert!(
+        d.wait_exit(),
+        "the fault hook aborts the daemon before it marks the pass"
+    );
+    d.wait_log(&["GATEHOUSE_FAULT_CRASH_BEFORE_MARK: aborting before marking"]);
     assert!(
         c.stream_messages("REPLIES").len() > 100,
         "the crashed pass's answers are in the stream"
