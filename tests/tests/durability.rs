@@ -57,6 +57,63 @@ fn crash_before_ack_and_downtime_lose_nothing_and_duplicate_nothing() {
     assert_eq!(d.status()["inbox_depth"], 0);
 }
 
+/// A queue record that no longer parses (a damaged disk, a hand edit) is set aside as a
+/// `corrupt` dead letter that keeps its bytes, and the messages queued after it are carried,
+/// in order.
+#[test]
+fn a_corrupt_queue_record_is_dead_lettered_and_the_rest_carried() {
+    let s = Setup::new("durability-corrupt");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let mut d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    assert_eq!(seq(&a.listen(1)[0]), 0);
+    d.stop();
+
+    // Down: three messages wait at the broker, and the queue's head is a record cut short.
+    let line = |n: u64| format!("{{\"n\":{n}}}");
+    s.broker
+        .publish_lines("devices/d1/up", &(1..=3).map(line).collect::<Vec<_>>());
+    let damaged: &[u8] = br#"{"device":"d1","topic":"devices/d1/up","payl"#;
+    {
+        let db = sled::open(s.dir.join("data/bridge")).unwrap();
+        let mut key = b"devices\0".to_vec();
+        key.extend_from_slice(&0u64.to_be_bytes());
+        db.open_tree("inbox").unwrap().insert(key, damaged).unwrap();
+        db.flush().unwrap();
+    }
+
+    let d = s.start_daemon(&config);
+    let got: Vec<u64> = a.listen(3).iter().map(seq).collect();
+    assert_eq!(got, [1, 2, 3], "the rest of the queue, once each, in order");
+    let dl = d.wait_dead_letter("the damaged record", |d| d["kind"] == "corrupt");
+    assert_eq!(dl["route"], "devices");
+    assert_eq!(dl["bytes"], damaged.len());
+    let reason = dl["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("corrupt queue record (cut short at line 1 column"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("d1"),
+        "the reason quotes no content: {reason}"
+    );
+    d.wait_log(&["message dead-lettered", "kind=\"corrupt\""]);
+    let (code, body) = d.get("/dead-letters?payloads=true");
+    assert_eq!(code, 200, "{body}");
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let kept = kept.iter().find(|k| k["kind"] == "corrupt").unwrap();
+    assert_eq!(
+        kept["payload"],
+        hex::encode(damaged),
+        "the bytes are kept as stored"
+    );
+    assert_eq!(d.status()["inbox_depth"], 0);
+    assert_eq!(d.dead_letters().len(), 1, "{:?}", d.dead_letters());
+}
+
 /// A crash after the daemon read an agent's messages from the conversation but before it
 /// published them to the device: after the restart they are published, in order, and the
 /// conversation's cursor did not skip them.

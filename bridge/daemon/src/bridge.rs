@@ -2570,20 +2570,15 @@ impl Bridge {
                             break;
                         }
                     }
-                    Err(e) => corrupt.push((key, e)),
+                    Err(e) => corrupt.push((key, value, e)),
                 }
             }
             if scanned == 0 {
                 self.set_stalled(idx, None);
                 return true;
             }
-            for (key, e) in corrupt {
-                self.dead_letter_inbound(
-                    &key,
-                    route,
-                    None,
-                    Fault::new("corrupt", format!("corrupt queue record: {e}")),
-                );
+            for (key, value, e) in corrupt {
+                self.dead_letter_corrupt(&key, &value, route, &e);
             }
             // Map each record (in order) until one has to wait; then carry what was mapped.
             let mut ready: Vec<(sled::IVec, String, Vec<Outgoing>)> = Vec::new();
@@ -2720,6 +2715,32 @@ impl Bridge {
             "mail": rec.and_then(|r| r.mail.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
             "nats": rec.and_then(|r| r.nats.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
             "mqtt": rec.and_then(|r| r.mqtt.as_ref()).and_then(|m| serde_json::to_value(m).ok()),
+        }));
+        let _ = self.inbox.remove(key);
+    }
+
+    /// Sets aside a queue record that no longer parses (a damaged disk, a hand edit): the raw
+    /// bytes are kept as the dead letter's payload. The reason gives only where parsing
+    /// failed, since serde's message can quote the record's content.
+    fn dead_letter_corrupt(&self, key: &[u8], raw: &[u8], route: &Route, e: &serde_json::Error) {
+        let what = match e.classify() {
+            serde_json::error::Category::Io => "read error",
+            serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Data => "not a queue record",
+            serde_json::error::Category::Eof => "cut short",
+        };
+        self.put_dead_letter(serde_json::json!({
+            "direction": "inbound",
+            "route": route.name,
+            "plugin": route.plugin,
+            "kind": "corrupt",
+            "reason": format!(
+                "corrupt queue record ({what} at line {} column {}); kept as it was stored",
+                e.line(),
+                e.column()
+            ),
+            "bytes": raw.len(),
+            "payload": hex::encode(raw),
         }));
         let _ = self.inbox.remove(key);
     }
