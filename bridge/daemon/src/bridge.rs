@@ -38,7 +38,7 @@ const ACCEPT_BATCH: usize = 256;
 /// Queued device messages mapped and sent together (one MLS write and one publish per
 /// endpoint and agent): with many endpoints, the more a batch holds, the more messages each
 /// endpoint's send carries.
-const DELIVER_BATCH: usize = 4096;
+const DELIVER_BATCH: usize = 16384;
 /// … ending where one endpoint has this many in it: with few endpoints, sends of hundreds of
 /// messages each would reach the agent in lumps instead of overlapping with the next batch.
 const DELIVER_PER_ENDPOINT: usize = 128;
@@ -3051,13 +3051,17 @@ impl Bridge {
         let route = &live.routes[idx];
         // Devices in order of first appearance; each device's messages in queue order.
         let mut devices: Vec<(&str, Vec<&Outgoing>)> = Vec::new();
+        let mut at: HashMap<&str, usize> = HashMap::new();
         for (_, device, out) in ready {
             if out.is_empty() {
                 continue;
             }
-            match devices.iter_mut().find(|(d, _)| d == device) {
-                Some((_, list)) => list.extend(out.iter()),
-                None => devices.push((device, out.iter().collect())),
+            match at.get(device.as_str()) {
+                Some(&i) => devices[i].1.extend(out.iter()),
+                None => {
+                    at.insert(device, devices.len());
+                    devices.push((device, out.iter().collect()));
+                }
             }
         }
         if !devices.is_empty() && route.agents.is_empty() {
