@@ -12,6 +12,7 @@
 //!
 //! The stored group messages and welcomes are exactly the ciphertexts clients sent.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering::SeqCst;
 
@@ -201,17 +202,23 @@ impl Store {
     }
 
     fn next(&self, counter: &str) -> Result<u64, StoreError> {
+        self.take_ids(counter, 1)
+    }
+
+    /// Takes `n` (at least 1) consecutive ids from `counter`; returns the first.
+    fn take_ids(&self, counter: &str, n: u64) -> Result<u64, StoreError> {
+        let n = n.max(1);
         let v = self.meta.update_and_fetch(counter, |old| {
-            let n = old
+            let last = old
                 .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
                 .unwrap_or(0)
-                + 1;
-            Some(n.to_be_bytes().to_vec())
+                + n;
+            Some(last.to_be_bytes().to_vec())
         })?;
-        Ok(
-            v.map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
-                .unwrap_or(1),
-        )
+        let last = v
+            .map(|b| u64::from_be_bytes(b.as_ref().try_into().unwrap_or([0; 8])))
+            .unwrap_or(n);
+        Ok(last + 1 - n)
     }
 
     /// The log of an inbox after `after` (exclusive).
@@ -315,17 +322,42 @@ impl Store {
         mut encode: impl FnMut(usize, u64) -> Vec<u8>,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
         let _order = self.appending.lock().unwrap_or_else(|p| p.into_inner());
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The call's ids in one counter update: consecutive, in message order.
+        let first = self.take_ids("message_id", groups.len() as u64)?;
+        // Each group's newest message, on disk or not (this publish's flush covers both),
+        // looked up once; then the call's own messages follow it.
+        let mut last: HashMap<&[u8], u64> = HashMap::new();
         let mut placed = Vec::with_capacity(groups.len());
         for (i, group_id) in groups.iter().enumerate() {
-            // Stored before it, on disk or not (this publish's flush covers both).
-            let before = Self::page(&self.group_messages, group_id, 0, true, 1, u64::MAX)?
-                .first()
-                .map_or(0, |(id, _)| *id);
-            let id = self.next_message_id()?;
+            let before = match last.get(group_id.as_slice()) {
+                Some(&id) => id,
+                None => self.last_group_message_id(group_id)?,
+            };
+            let id = first + i as u64;
             self.put_group_message(group_id, id, &encode(i, id))?;
+            last.insert(group_id, id);
             placed.push((before, id));
         }
         Ok(placed)
+    }
+
+    /// The id of a group's newest stored message (0: none), without reading the message.
+    fn last_group_message_id(&self, group_id: &[u8]) -> Result<u64, StoreError> {
+        let p = prefix_of(group_id);
+        for item in self
+            .group_messages
+            .range(p.clone()..prefixed(group_id, u64::MAX))
+            .rev()
+        {
+            let (k, _) = item?;
+            if k.starts_with(&p) && k.len() == p.len() + 8 {
+                return Ok(id_of(&k));
+            }
+        }
+        Ok(0)
     }
 
     /// Stores a welcome under its recipient key with the next id (`encode(id)` its stored

@@ -115,6 +115,67 @@ async fn concurrent_publishes_are_placed_in_order_and_said_where() {
     }
 }
 
+/// One publish into three groups at once, interleaved (one group's id a prefix of another's):
+/// the ids are consecutive in the publish's order, and each message is placed after its own
+/// group's previous one, stored earlier or in the same publish.
+#[tokio::test]
+async fn a_publish_into_several_groups_places_each_after_its_own_group() {
+    let node = Node::new(Store::temporary().unwrap());
+    let mls = node.mls();
+    let (a, b, c) = ([4u8; 16], [5u8; 16], [4u8; 20]);
+    let publish = |groups: Vec<&[u8]>| {
+        let mls = mls.clone();
+        let messages = groups
+            .iter()
+            .enumerate()
+            .map(|(n, g)| message(g, n as u32))
+            .collect();
+        async move {
+            let answer = mls
+                .send_group_messages(Request::new(mpb::SendGroupMessagesRequest { messages }))
+                .await
+                .unwrap();
+            let value = answer
+                .metadata()
+                .get(placed::HEADER)
+                .unwrap()
+                .to_str()
+                .unwrap();
+            placed::decode(value).unwrap()
+        }
+    };
+    let first = publish(vec![&a]).await;
+    assert_eq!(first.len(), 1);
+    let a0 = first[0].1;
+    let pairs = publish(vec![&b, &a, &c, &a, &b, &c, &a]).await;
+    let ids: Vec<u64> = pairs.iter().map(|p| p.1).collect();
+    assert_eq!(
+        ids,
+        (a0 + 1..=a0 + 7).collect::<Vec<_>>(),
+        "consecutive, in order"
+    );
+    let befores: Vec<u64> = pairs.iter().map(|p| p.0).collect();
+    assert_eq!(
+        befores,
+        [0, a0, 0, ids[1], ids[0], ids[2], ids[3]],
+        "each after its own group's previous message"
+    );
+    for (group, want) in [
+        (&a[..], vec![a0, ids[1], ids[3], ids[6]]),
+        (&b[..], vec![ids[0], ids[4]]),
+        (&c[..], vec![ids[2], ids[5]]),
+    ] {
+        assert_eq!(group_ids(&mls, group).await, want);
+    }
+    // The next publish goes on from there.
+    let next = publish(vec![&c]).await;
+    assert_eq!(next, vec![(ids[5], a0 + 8)]);
+}
+
+async fn group_ids(mls: &impl MlsApi, group: &[u8]) -> Vec<u64> {
+    ids(&first_page(mls, group).await)
+}
+
 /// A publish of many messages is answered without the header once it would be long (HTTP/2
 /// peers bound an answer's headers; a refused answer would look like a failed publish), and
 /// the messages are stored all the same.
