@@ -114,6 +114,68 @@ fn a_corrupt_queue_record_is_dead_lettered_and_the_rest_carried() {
     assert_eq!(d.dead_letters().len(), 1, "{:?}", d.dead_letters());
 }
 
+/// An owed answer whose record in the endpoint's store no longer parses is set aside as an
+/// outbound `corrupt` dead letter that keeps its bytes, and the answers after it still reach
+/// the device.
+#[test]
+fn a_corrupt_owed_answer_is_dead_lettered_and_the_next_ones_published() {
+    let s = Setup::new("durability-corrupt-out");
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let mut d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    let endpoint = a.listen(1)[0]["sender_inbox"].as_str().unwrap().to_string();
+    d.stop();
+
+    // Down: the endpoint's store owes one answer whose record is cut short.
+    let damaged: &[u8] = br#"{"content":"6f6e","received":{"id"#;
+    {
+        let db = sled::open(s.dir.join("data/bridge")).unwrap();
+        let mut key = b"deliv/".to_vec();
+        key.extend_from_slice(&0u64.to_be_bytes());
+        db.open_tree("ep/mqtt/devices/d1")
+            .unwrap()
+            .insert(key, damaged)
+            .unwrap();
+        db.flush().unwrap();
+    }
+
+    let down = s.broker.subscribe("devices/d1/down");
+    let mut d = s.start_daemon(&config);
+    a.send(&endpoint, "after");
+    assert_eq!(down.next_message(), "after", "the answers after it go out");
+    let dl = d.wait_dead_letter("the damaged answer", |d| d["kind"] == "corrupt");
+    assert_eq!(dl["direction"], "outbound");
+    assert_eq!(
+        (dl["route"].as_str(), dl["device"].as_str()),
+        (Some("devices"), Some("d1"))
+    );
+    assert_eq!(dl["bytes"], damaged.len());
+    let reason = dl["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("corrupt owed answer (cut short"),
+        "{reason}"
+    );
+    let (code, body) = d.get("/dead-letters?payloads=true");
+    assert_eq!(code, 200, "{body}");
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let kept = kept.iter().find(|k| k["kind"] == "corrupt").unwrap();
+    assert_eq!(
+        kept["payload"],
+        hex::encode(damaged),
+        "the bytes are kept as stored"
+    );
+
+    // Set aside once: after a restart it is not owed, nor dead-lettered, again.
+    d.stop();
+    let d = s.start_daemon(&config);
+    a.send(&endpoint, "later");
+    assert_eq!(down.next_message(), "later");
+    assert_eq!(d.dead_letters().len(), 1, "{:?}", d.dead_letters());
+}
+
 /// A crash after the daemon read an agent's messages from the conversation but before it
 /// published them to the device: after the restart they are published, in order, and the
 /// conversation's cursor did not skip them.

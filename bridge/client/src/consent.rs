@@ -33,6 +33,14 @@ pub(crate) fn seq_key(prefix: &[u8], n: u64) -> Vec<u8> {
     [prefix, &n.to_be_bytes()].concat()
 }
 
+/// The number at the end of a [`seq_key`].
+pub(crate) fn seq_of(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| key[at..].try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
 /// How often a full request queue says so in the log: at its first drop, then every this many.
 const REQUEST_DROP_LOG_EVERY: u64 = 1000;
 

@@ -5,8 +5,33 @@
 //! [`Client::undelivered`] lists what is still owed, re-checked against consent. A message
 //! shown as a request stays owed too (marked as already held, so it is not queued twice).
 
-use crate::consent::{Held, seq_key};
+use crate::consent::{Held, seq_key, seq_of};
 use crate::{Client, Received, Result};
+
+/// Where owed records that cannot be read are kept (`deliv-unreadable/SEQ`).
+const SET_ASIDE: &[u8] = b"deliv-unreadable/";
+
+/// An owed message whose stored record could not be read.
+#[derive(Debug, Clone)]
+pub struct SetAside {
+    /// Its delivery number.
+    pub delivery: u64,
+    /// The record as stored.
+    pub bytes: Vec<u8>,
+    /// Where reading it failed (never its content).
+    pub problem: String,
+}
+
+/// Where a JSON record failed to parse, without quoting it (serde's own message can).
+pub fn unreadable(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "not the expected record",
+        serde_json::error::Category::Eof => "cut short",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
 
 impl Client {
     /// Keep every returned message until [`Client::delivered`] (off by default).
@@ -79,13 +104,50 @@ impl Client {
                         pending.push(r);
                     }
                 }
-                Err(_) => {
-                    self.tree.remove(k)?;
+                Err(e) => {
+                    // Kept, not dropped: moved out of the owed ones in one write, for the
+                    // consumer to report (`set_aside_deliveries`).
+                    let seq = seq_of(&k);
+                    tracing::warn!(
+                        delivery = seq,
+                        problem = %unreadable(&e),
+                        "an owed message's record in the store cannot be read: set aside"
+                    );
+                    let mut batch = sled::Batch::default();
+                    batch.remove(k.clone());
+                    batch.insert(seq_key(SET_ASIDE, seq), v);
+                    self.tree.apply_batch(batch)?;
                 }
             }
         }
         out.extend(self.gate_only(pending)?);
         Ok(out)
+    }
+
+    /// Owed messages whose records could not be read (a damaged disk, a hand edit), set
+    /// aside by [`Client::undelivered`]: their delivery number, the stored bytes and where
+    /// reading them failed. They stay until [`Client::forget_set_aside`].
+    pub fn set_aside_deliveries(&self) -> Result<Vec<SetAside>> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(SET_ASIDE) {
+            let (k, v) = item?;
+            let problem = match serde_json::from_slice::<Held>(&v) {
+                Ok(_) => "readable again".to_string(),
+                Err(e) => unreadable(&e),
+            };
+            out.push(SetAside {
+                delivery: seq_of(&k),
+                bytes: v.to_vec(),
+                problem,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drops a set-aside record once the consumer has kept it elsewhere.
+    pub fn forget_set_aside(&self, delivery: u64) -> Result<()> {
+        self.tree.remove(seq_key(SET_ASIDE, delivery))?;
+        Ok(())
     }
 
     /// Marks a retained message delivered (its `delivery` number): it is no longer owed.

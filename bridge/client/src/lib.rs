@@ -2570,6 +2570,7 @@ mod listen;
 pub use listen::{FULL_READ_EVERY, Listener, Streamed};
 
 pub use consent::MAX_REQUESTS;
+pub use deliveries::{SetAside, unreadable};
 
 mod openmls_group {
     pub use gatehouse_protocol::group::MlsGroupHandle as MlsGroup;

@@ -2648,9 +2648,10 @@ impl Bridge {
     }
 
     /// Stores a dead-letter record (local store only; nothing of its content is logged).
-    fn put_dead_letter(&self, mut rec: serde_json::Value) {
+    /// Stores a dead letter (and logs it); false if the store refused it.
+    fn put_dead_letter(&self, mut rec: serde_json::Value) -> bool {
         let Ok(id) = self.db.generate_id() else {
-            return;
+            return false;
         };
         rec["id"] = id.into();
         rec["at_ms"] = now_ms().into();
@@ -2666,10 +2667,12 @@ impl Bridge {
             rec["route"].as_str().unwrap_or(""),
             rec["direction"].as_str().unwrap_or(""),
         );
-        let _ = self.dead.insert(
-            id.to_be_bytes(),
-            serde_json::to_vec(&rec).unwrap_or_default(),
-        );
+        self.dead
+            .insert(
+                id.to_be_bytes(),
+                serde_json::to_vec(&rec).unwrap_or_default(),
+            )
+            .is_ok()
     }
 
     /// Keeps a conversation message that could not go out, with the reason.
@@ -2723,26 +2726,48 @@ impl Bridge {
     /// bytes are kept as the dead letter's payload. The reason gives only where parsing
     /// failed, since serde's message can quote the record's content.
     fn dead_letter_corrupt(&self, key: &[u8], raw: &[u8], route: &Route, e: &serde_json::Error) {
-        let what = match e.classify() {
-            serde_json::error::Category::Io => "read error",
-            serde_json::error::Category::Syntax => "not JSON",
-            serde_json::error::Category::Data => "not a queue record",
-            serde_json::error::Category::Eof => "cut short",
-        };
-        self.put_dead_letter(serde_json::json!({
+        let stored = self.put_dead_letter(serde_json::json!({
             "direction": "inbound",
             "route": route.name,
             "plugin": route.plugin,
             "kind": "corrupt",
             "reason": format!(
-                "corrupt queue record ({what} at line {} column {}); kept as it was stored",
-                e.line(),
-                e.column()
+                "corrupt queue record ({}); kept as it was stored",
+                gatehouse_client::unreadable(e)
             ),
             "bytes": raw.len(),
             "payload": hex::encode(raw),
         }));
-        let _ = self.inbox.remove(key);
+        if stored {
+            let _ = self.inbox.remove(key);
+        }
+    }
+
+    /// Dead-letters the owed answers of `ep` whose records its client set aside as
+    /// unreadable (see [`Client::set_aside_deliveries`]), each dropped from the endpoint's
+    /// store once its dead letter is written.
+    fn dead_letter_set_aside(
+        &self,
+        route: &Route,
+        ep: &Endpoint,
+        client: &Client,
+    ) -> anyhow::Result<()> {
+        for aside in client.set_aside_deliveries()? {
+            let stored = self.put_dead_letter(serde_json::json!({
+                "direction": "outbound",
+                "route": route.name,
+                "plugin": route.plugin,
+                "device": ep.device,
+                "kind": "corrupt",
+                "reason": format!("corrupt owed answer ({}); kept as it was stored", aside.problem),
+                "bytes": aside.bytes.len(),
+                "payload": hex::encode(&aside.bytes),
+            }));
+            if stored {
+                client.forget_set_aside(aside.delivery)?;
+            }
+        }
+        Ok(())
     }
 
     /// The newest dead letters (at most [`DEAD_LETTER_PAGE`]), oldest first; payloads only
@@ -4262,6 +4287,7 @@ impl Bridge {
         crate::metrics::sync_decrypt(&route.name, started.elapsed().as_secs_f64());
         crate::metrics::endpoint_read(&route.name, kind);
         let pending = client.undelivered()?;
+        self.dead_letter_set_aside(route, ep, &client)?;
         if pending.is_empty() {
             if !full {
                 client.flush().await?;
