@@ -376,9 +376,12 @@ impl Client {
         let mut states: BTreeMap<String, State> = BTreeMap::new();
         for item in self.tree.scan_prefix(b"req/") {
             let (k, v) = item?;
-            let Ok(h) = serde_json::from_slice::<Held>(&v) else {
-                self.tree.remove(k)?;
-                continue;
+            let h = match serde_json::from_slice::<Held>(&v) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.set_aside(&k, v, &e)?;
+                    continue;
+                }
             };
             let conv = h.received.conversation.clone();
             let state = match states.get(&conv) {

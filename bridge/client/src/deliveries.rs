@@ -8,18 +8,30 @@
 use crate::consent::{Held, seq_key, seq_of};
 use crate::{Client, Received, Result};
 
-/// Where owed records that cannot be read are kept (`deliv-unreadable/SEQ`).
-const SET_ASIDE: &[u8] = b"deliv-unreadable/";
+/// Where message records that cannot be read are kept: `unreadable/` and the record's own
+/// key (`deliv/SEQ`, an owed message; `req/SEQ`, one held for a consent decision).
+const SET_ASIDE: &[u8] = b"unreadable/";
 
-/// An owed message whose stored record could not be read.
+/// A message record (owed, or held as a request) that could not be read.
 #[derive(Debug, Clone)]
 pub struct SetAside {
-    /// Its delivery number.
-    pub delivery: u64,
+    /// Its key where it was kept (`deliv/SEQ` or `req/SEQ`): what it was.
+    pub key: Vec<u8>,
     /// The record as stored.
     pub bytes: Vec<u8>,
     /// Where reading it failed (never its content).
     pub problem: String,
+}
+
+impl SetAside {
+    /// `owed answer` or `held request`.
+    pub fn what(&self) -> &'static str {
+        if self.key.starts_with(b"req/") {
+            "held request"
+        } else {
+            "owed answer"
+        }
+    }
 }
 
 /// Where a JSON record failed to parse, without quoting it (serde's own message can).
@@ -104,30 +116,39 @@ impl Client {
                         pending.push(r);
                     }
                 }
-                Err(e) => {
-                    // Kept, not dropped: moved out of the owed ones in one write, for the
-                    // consumer to report (`set_aside_deliveries`).
-                    let seq = seq_of(&k);
-                    tracing::warn!(
-                        delivery = seq,
-                        problem = %unreadable(&e),
-                        "an owed message's record in the store cannot be read: set aside"
-                    );
-                    let mut batch = sled::Batch::default();
-                    batch.remove(k.clone());
-                    batch.insert(seq_key(SET_ASIDE, seq), v);
-                    self.tree.apply_batch(batch)?;
-                }
+                Err(e) => self.set_aside(&k, v, &e)?,
             }
         }
         out.extend(self.gate_only(pending)?);
         Ok(out)
     }
 
-    /// Owed messages whose records could not be read (a damaged disk, a hand edit), set
-    /// aside by [`Client::undelivered`]: their delivery number, the stored bytes and where
-    /// reading them failed. They stay until [`Client::forget_set_aside`].
-    pub fn set_aside_deliveries(&self) -> Result<Vec<SetAside>> {
+    /// Moves a message record that cannot be read out of its queue, in one write: kept, not
+    /// dropped, for the consumer to report ([`Client::set_aside_records`]).
+    pub(crate) fn set_aside(
+        &self,
+        key: &[u8],
+        value: sled::IVec,
+        e: &serde_json::Error,
+    ) -> Result<()> {
+        let what = String::from_utf8_lossy(&key[..key.len().saturating_sub(8)]).into_owned();
+        tracing::warn!(
+            record = %what,
+            number = seq_of(key),
+            problem = %unreadable(e),
+            "a message record in the store cannot be read: set aside"
+        );
+        let mut batch = sled::Batch::default();
+        batch.remove(key);
+        batch.insert([SET_ASIDE, key].concat(), value);
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Message records that could not be read (a damaged disk, a hand edit), set aside by
+    /// [`Client::undelivered`] and the release of held requests: what each was, the stored
+    /// bytes and where reading failed. They stay until [`Client::forget_set_aside`].
+    pub fn set_aside_records(&self) -> Result<Vec<SetAside>> {
         let mut out = Vec::new();
         for item in self.tree.scan_prefix(SET_ASIDE) {
             let (k, v) = item?;
@@ -136,7 +157,7 @@ impl Client {
                 Err(e) => unreadable(&e),
             };
             out.push(SetAside {
-                delivery: seq_of(&k),
+                key: k[SET_ASIDE.len()..].to_vec(),
                 bytes: v.to_vec(),
                 problem,
             });
@@ -145,8 +166,8 @@ impl Client {
     }
 
     /// Drops a set-aside record once the consumer has kept it elsewhere.
-    pub fn forget_set_aside(&self, delivery: u64) -> Result<()> {
-        self.tree.remove(seq_key(SET_ASIDE, delivery))?;
+    pub fn forget_set_aside(&self, aside: &SetAside) -> Result<()> {
+        self.tree.remove([SET_ASIDE, &aside.key].concat())?;
         Ok(())
     }
 

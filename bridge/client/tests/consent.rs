@@ -146,3 +146,40 @@ async fn consent_syncs_across_installations_privately() {
         );
     }
 }
+
+/// A held request whose record no longer parses is set aside when requests are released, with
+/// its bytes and where parsing stopped (never its content), not dropped; the others go on.
+#[tokio::test]
+async fn an_unreadable_held_request_is_set_aside_with_its_bytes() {
+    let (url, _) = node().await;
+    let tree = common::tree();
+    let mut a = common::open(&url, &tree, 10, 10).await;
+    a.set_surface_requests(false);
+    let mut c = client(&url, 11, 11).await;
+    let dm_c = c.dm(a.inbox_id()).await.unwrap();
+    for t in ["c1", "c2"] {
+        c.send(&dm_c, &content::text(t), None).await.unwrap();
+    }
+    assert!(a.sync_all().await.unwrap().is_empty(), "unknown: held");
+    let (first, _) = tree.scan_prefix(b"req/").next().unwrap().unwrap();
+    let damaged: &[u8] = br#"{"received":{"id":"#;
+    tree.insert(&first, damaged).unwrap();
+
+    a.set_consent(Entity::InboxId, c.inbox_id(), State::Allowed)
+        .await
+        .unwrap();
+    assert_eq!(texts(&a.sync_all().await.unwrap()), ["c2"]);
+    let aside = a.set_aside_records().unwrap();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(aside[0].key, first.to_vec());
+    assert_eq!(aside[0].what(), "held request");
+    assert_eq!(aside[0].bytes, damaged);
+    assert!(
+        aside[0].problem.starts_with("cut short at line 1 column"),
+        "{}",
+        aside[0].problem
+    );
+    assert!(a.requests().unwrap().is_empty());
+    a.forget_set_aside(&aside[0]).unwrap();
+    assert!(a.set_aside_records().unwrap().is_empty());
+}

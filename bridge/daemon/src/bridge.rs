@@ -2743,28 +2743,32 @@ impl Bridge {
         }
     }
 
-    /// Dead-letters the owed answers of `ep` whose records its client set aside as
-    /// unreadable (see [`Client::set_aside_deliveries`]), each dropped from the endpoint's
-    /// store once its dead letter is written.
+    /// Dead-letters the message records of `ep` (owed answers, held requests) its client set
+    /// aside as unreadable (see [`Client::set_aside_records`]), each dropped from the
+    /// endpoint's store once its dead letter is written.
     fn dead_letter_set_aside(
         &self,
         route: &Route,
         ep: &Endpoint,
         client: &Client,
     ) -> anyhow::Result<()> {
-        for aside in client.set_aside_deliveries()? {
+        for aside in client.set_aside_records()? {
             let stored = self.put_dead_letter(serde_json::json!({
                 "direction": "outbound",
                 "route": route.name,
                 "plugin": route.plugin,
                 "device": ep.device,
                 "kind": "corrupt",
-                "reason": format!("corrupt owed answer ({}); kept as it was stored", aside.problem),
+                "reason": format!(
+                    "corrupt {} ({}); kept as it was stored",
+                    aside.what(),
+                    aside.problem
+                ),
                 "bytes": aside.bytes.len(),
                 "payload": hex::encode(&aside.bytes),
             }));
             if stored {
-                client.forget_set_aside(aside.delivery)?;
+                client.forget_set_aside(&aside)?;
             }
         }
         Ok(())
