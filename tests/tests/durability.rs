@@ -5,6 +5,15 @@
 
 use gatehouse_e2e::*;
 
+/// The payload (hex) of the daemon's `corrupt` dead letter, read with payloads.
+fn corrupt_payload(d: &Daemon) -> serde_json::Value {
+    let (code, body) = d.get("/dead-letters?payloads=true");
+    assert_eq!(code, 200, "{body}");
+    let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let found = kept.iter().find(|k| k["kind"] == "corrupt");
+    found.expect("a corrupt dead letter")["payload"].clone()
+}
+
 fn seq(m: &serde_json::Value) -> u64 {
     let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
     v["n"].as_u64().unwrap()
@@ -101,12 +110,8 @@ fn a_corrupt_queue_record_is_dead_lettered_and_the_rest_carried() {
         "the reason quotes no content: {reason}"
     );
     d.wait_log(&["message dead-lettered", "kind=\"corrupt\""]);
-    let (code, body) = d.get("/dead-letters?payloads=true");
-    assert_eq!(code, 200, "{body}");
-    let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    let kept = kept.iter().find(|k| k["kind"] == "corrupt").unwrap();
     assert_eq!(
-        kept["payload"],
+        corrupt_payload(&d),
         hex::encode(damaged),
         "the bytes are kept as stored"
     );
@@ -158,12 +163,8 @@ fn a_corrupt_owed_answer_is_dead_lettered_and_the_next_ones_published() {
         reason.starts_with("corrupt owed answer (cut short"),
         "{reason}"
     );
-    let (code, body) = d.get("/dead-letters?payloads=true");
-    assert_eq!(code, 200, "{body}");
-    let kept: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    let kept = kept.iter().find(|k| k["kind"] == "corrupt").unwrap();
     assert_eq!(
-        kept["payload"],
+        corrupt_payload(&d),
         hex::encode(damaged),
         "the bytes are kept as stored"
     );
