@@ -26,6 +26,16 @@ fn message(group: &[u8], n: u32) -> mpb::GroupMessageInput {
     }
 }
 
+/// The answer's placement header (where the node put each message).
+fn placed_value<T>(answer: &tonic::Response<T>) -> String {
+    let value = answer.metadata().get(placed::HEADER);
+    value
+        .expect("the answer says where the messages went")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A group's first 1,000 messages, oldest first, as a reader pages them.
 async fn first_page(mls: &impl MlsApi, group: &[u8]) -> mpb::QueryGroupMessagesResponse {
     mls.query_group_messages(Request::new(mpb::QueryGroupMessagesRequest {
@@ -135,13 +145,7 @@ async fn a_publish_into_several_groups_places_each_after_its_own_group() {
                 .send_group_messages(Request::new(mpb::SendGroupMessagesRequest { messages }))
                 .await
                 .unwrap();
-            let value = answer
-                .metadata()
-                .get(placed::HEADER)
-                .unwrap()
-                .to_str()
-                .unwrap();
-            placed::decode(value).unwrap()
+            placed::decode(&placed_value(&answer)).unwrap()
         }
     };
     let first = publish(vec![&a]).await;
@@ -197,13 +201,8 @@ async fn a_large_publish_gets_no_header_and_is_stored() {
         }))
         .await
         .unwrap();
-    let value = answer
-        .metadata()
-        .get(placed::HEADER)
-        .unwrap()
-        .to_str()
-        .unwrap();
-    assert_eq!(placed::decode(value).unwrap().len(), 10);
+    let value = placed_value(&answer);
+    assert_eq!(placed::decode(&value).unwrap().len(), 10);
     assert!(value.len() <= placed::MAX_HEADER_LEN);
     let page = first_page(&mls, &group).await;
     assert_eq!(ids(&page).len(), 1000);
