@@ -198,3 +198,60 @@ fn listen_waits_out_a_node_restart() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A message record the agent's store can no longer read (a damaged disk, a hand edit) is
+/// set aside with its bytes, not dropped: `listen` says so on stderr and still prints the
+/// next message, `unreadable` shows the record with its bytes, and `--forget` drops it.
+#[test]
+fn an_unreadable_owed_message_is_shown_and_can_be_forgotten() {
+    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-unreadable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = StandaloneNode::start(&dir);
+    let (a, c) = (
+        Agent::at(dir.join("a"), node.url.clone()),
+        Agent::at(dir.join("c"), node.url.clone()),
+    );
+    let ia = a.init();
+    c.init();
+    // An owed message whose record was cut short on disk (the agent is not running).
+    let damaged: &[u8] = br#"{"content":"6f6e","received":{"id"#;
+    {
+        let db = sled::open(dir.join("a/db")).unwrap();
+        let mut key = b"deliv/".to_vec();
+        key.extend_from_slice(&7u64.to_be_bytes());
+        db.open_tree("agent").unwrap().insert(key, damaged).unwrap();
+        db.flush().unwrap();
+    }
+
+    c.send(&ia, "after the damage");
+    let out = a.run(&["listen", "--json", "--count", "1", "--timeout", "20"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let got: serde_json::Value =
+        serde_json::from_slice(out.stdout.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(got["text"], "after the damage");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1 stored message record(s) could not be read"),
+        "{stderr}"
+    );
+
+    let shown: serde_json::Value =
+        serde_json::from_str(a.ok(&["unreadable", "--json"]).trim()).unwrap();
+    assert_eq!(shown["record"], "deliv/7");
+    assert_eq!(shown["what"], "owed answer");
+    assert_eq!(shown["bytes"], damaged.len());
+    assert_eq!(shown["payload"], hex::encode(damaged));
+    assert!(
+        shown["problem"].as_str().unwrap().starts_with("cut short"),
+        "{shown}"
+    );
+    // Shown again until forgotten, then gone.
+    assert!(a.ok(&["unreadable", "--forget"]).contains("deliv/7"));
+    assert!(a.ok(&["unreadable"]).trim().is_empty());
+    let out = a.run(&["listen", "--json", "--count", "1", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("could not be read"));
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,6 +32,12 @@ impl SetAside {
             "owed answer"
         }
     }
+
+    /// Its key as text: `deliv/SEQ` or `req/SEQ`.
+    pub fn name(&self) -> String {
+        let (kind, _) = self.key.split_at(self.key.len().saturating_sub(8));
+        format!("{}{}", String::from_utf8_lossy(kind), seq_of(&self.key))
+    }
 }
 
 /// Where a JSON record failed to parse, without quoting it (serde's own message can).

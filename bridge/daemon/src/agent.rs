@@ -104,6 +104,16 @@ pub enum AgentCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Stored message records that could not be read (a damaged disk, a hand edit): set aside
+    /// with their bytes instead of being dropped. `listen` and `requests` say when there are any.
+    Unreadable {
+        /// Print JSON lines, with each record's stored bytes in hex.
+        #[arg(long)]
+        json: bool,
+        /// Drop the records after printing them.
+        #[arg(long)]
+        forget: bool,
+    },
     /// Allow, deny or list senders and conversations (synced to this inbox's other
     /// installations through its private device-sync group).
     Consent {
@@ -351,6 +361,18 @@ async fn open(
     // keeps what it read until `listen` has printed it: no command swallows a message.
     client.set_retain_deliveries(true);
     Ok((db, client))
+}
+
+/// Says on standard error when stored message records could not be read (they were set
+/// aside, not dropped; `agent unreadable` shows them).
+fn mention_unreadable(client: &Client) -> anyhow::Result<()> {
+    let n = client.set_aside_records()?.len();
+    if n > 0 {
+        eprintln!(
+            "{n} stored message record(s) could not be read and were set aside with their bytes; `gatehouse agent unreadable` shows them"
+        );
+    }
+    Ok(())
 }
 
 /// The conversation `send` writes to: the DM with `--to` (created if needed) or
@@ -721,7 +743,9 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             client.register().await?;
             client.set_surface_requests(false);
             client.sync_all().await?;
-            for m in client.requests()? {
+            let requests = client.requests()?;
+            mention_unreadable(&client)?;
+            for m in requests {
                 if json {
                     println!(
                         "{}",
@@ -743,6 +767,35 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
                         m.conversation,
                         m.text.as_deref().unwrap_or("(no text)")
                     );
+                }
+            }
+            gatehouse_client::flush_tree(&db).await?;
+        }
+        AgentCommand::Unreadable { json, forget } => {
+            let (db, client) = open(home, node, None).await?;
+            for aside in client.set_aside_records()? {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "record": aside.name(),
+                            "what": aside.what(),
+                            "problem": aside.problem,
+                            "bytes": aside.bytes.len(),
+                            "payload": hex::encode(&aside.bytes),
+                        })
+                    );
+                } else {
+                    println!(
+                        "{} ({}): {}; {} bytes kept",
+                        aside.name(),
+                        aside.what(),
+                        aside.problem,
+                        aside.bytes.len()
+                    );
+                }
+                if forget {
+                    client.forget_set_aside(&aside)?;
                 }
             }
             gatehouse_client::flush_tree(&db).await?;
@@ -808,6 +861,7 @@ pub async fn run(home: &Path, node: &str, cmd: AgentCommand) -> anyhow::Result<i
             let deadline = timeout.map(|t| Instant::now() + Duration::from_secs(t));
             let mut seen = 0usize;
             let mut owed = client.undelivered()?;
+            mention_unreadable(&client)?;
             // The node's streams say which conversation has news (as XMTP clients stream);
             // a full read still runs every few seconds and after each new conversation.
             let mut listener = gatehouse_client::Listener::new();

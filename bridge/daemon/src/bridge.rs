@@ -1708,9 +1708,15 @@ impl Bridge {
     ) -> Option<(sled::IVec, PendingRequest)> {
         let prefix = Self::endpoint_key(route, device, "");
         for (k, v) in self.requests.scan_prefix(&prefix).filter_map(|r| r.ok()) {
-            let Ok(req) = serde_json::from_slice::<PendingRequest>(&v) else {
-                let _ = self.requests.remove(&k);
-                continue;
+            let req = match serde_json::from_slice::<PendingRequest>(&v) {
+                Ok(req) => req,
+                Err(e) => {
+                    // It holds no message, only where an answer should go: drop it, say so
+                    // (where parsing stopped, never the content), and answer on the reply topic.
+                    let _ = self.requests.remove(&k);
+                    tracing::warn!(route = %route.name, %device, problem = %gatehouse_client::unreadable(&e), "an MQTT 5 request record could not be read and was dropped; the answer goes to the route's reply topic");
+                    continue;
+                }
             };
             if now_ms() > req.deadline_ms {
                 let _ = self.requests.remove(&k);
