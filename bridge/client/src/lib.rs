@@ -179,6 +179,25 @@ pub fn published_digest(data: &[u8]) -> u64 {
 /// read that finds only our own messages).
 const PUBLISHED_SINK_MAX: usize = 100_000;
 
+/// The writes of a read pass over several conversations, applied once at its end
+/// ([`Client::read_pages`]) instead of once per conversation: the pages' retained copies,
+/// "seen" marks and cursors. Any save of the MLS state takes them along
+/// ([`Client::persist_mls`]), so the state never gets ahead of the cursors on disk.
+#[derive(Default)]
+struct Deferred {
+    batch: sled::Batch,
+    /// The cursors written in `batch`: what [`Client::read_cursor`] answers until it is applied.
+    cursors: std::collections::HashMap<Vec<u8>, u64>,
+    /// The message ids marked seen in `batch` (see [`Client::first_sight`]).
+    seen: std::collections::HashSet<String>,
+    /// Messages read into `batch`: past [`DEFER_MAX`] it is applied.
+    messages: usize,
+}
+
+/// The most messages a read pass reads before it writes (see [`Deferred`]): bounds its memory
+/// and the size of one write.
+const DEFER_MAX: usize = 1024;
+
 /// One installation of one inbox.
 pub struct Client {
     tree: sled::Tree,
@@ -187,6 +206,8 @@ pub struct Client {
     /// The last numbers handed out by the counters written with a read's batch (`seen`,
     /// `deliv`; see [`Client::next_seq_in`]).
     batch_seqs: BTreeMap<&'static str, u64>,
+    /// A read pass's writes not applied yet (see [`Client::read_pages`]).
+    deferred: std::sync::Mutex<Deferred>,
     mls: MlsApiClient<Channel>,
     ids: IdentityApiClient<Channel>,
     provider: Provider,
@@ -543,6 +564,7 @@ impl Client {
             senders: Default::default(),
             unsaved_seen: Vec::new(),
             batch_seqs: BTreeMap::new(),
+            deferred: Default::default(),
         })
     }
 
@@ -561,9 +583,26 @@ impl Client {
         self.key.public()
     }
 
-    /// Saves the MLS state's entries changed since the last save.
+    /// Saves the MLS state's entries changed since the last save, with a read pass's
+    /// deferred writes.
     fn persist_mls(&self) -> Result<()> {
-        self.apply_with_mls(sled::Batch::default())
+        let batch = std::mem::take(&mut self.deferred().batch);
+        self.persist_with(batch)
+    }
+
+    /// Applies `batch` (holding the deferred writes, taken) with the MLS state's changes;
+    /// the deferred cursors are then on disk.
+    fn persist_with(&self, batch: sled::Batch) -> Result<()> {
+        let result = self.apply_with_mls(batch);
+        let mut d = self.deferred();
+        d.cursors.clear();
+        d.seen.clear();
+        d.messages = 0;
+        result
+    }
+
+    fn deferred(&self) -> std::sync::MutexGuard<'_, Deferred> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Applies `batch` with the MLS state's changed entries added to it, atomically. If the
@@ -1097,6 +1136,9 @@ impl Client {
 
     /// This installation's read position in a conversation (the last node id it processed).
     fn read_cursor(&self, gid: &[u8]) -> Result<u64> {
+        if let Some(c) = self.deferred().cursors.get(gid) {
+            return Ok(*c);
+        }
         stored_group_cursor(&self.tree, gid)
     }
 
@@ -1473,9 +1515,14 @@ impl Client {
         if let Some(id) = last
             && self.read_cursor(gid).is_ok_and(|c| c == before)
         {
-            let _ = self
-                .tree
-                .insert([b"cursor/g/".as_slice(), gid].concat(), &id.to_be_bytes());
+            let key = [b"cursor/g/".as_slice(), gid].concat();
+            let mut d = self.deferred();
+            if let Some(c) = d.cursors.get_mut(gid) {
+                *c = id;
+                d.batch.insert(key, &id.to_be_bytes());
+            } else {
+                let _ = self.tree.insert(key, &id.to_be_bytes());
+            }
         }
     }
 
@@ -1538,7 +1585,7 @@ impl Client {
     async fn sync_group_inner(&mut self, g: &mut openmls_group::MlsGroup) -> Result<Vec<Received>> {
         // Identity states fetched during this read, so each inbox is asked for once.
         let mut states = BTreeMap::new();
-        self.sync_group_with(g, &mut states, None).await
+        self.sync_group_with(g, &mut states, None, false).await
     }
 
     /// Reads what follows the conversation's cursor, page by page. `states` holds the identity
@@ -1550,6 +1597,7 @@ impl Client {
         g: &mut openmls_group::MlsGroup,
         states: &mut BTreeMap<String, identity::InboxState>,
         mut first: Option<Vec<mpb::GroupMessage>>,
+        defer: bool,
     ) -> Result<Vec<Received>> {
         let gid = g.group_id().as_slice().to_vec();
         let ckey = [b"cursor/g/".as_slice(), &gid].concat();
@@ -1569,8 +1617,10 @@ impl Client {
             // One atomic write per page: the retained copies, the "seen" marks, the cursor
             // and the MLS state move together, so a crash keeps all or none of the page (a
             // durable "seen" without the copy would drop a message when it is read again; a
-            // cursor without the state would leave messages the ratchet has moved past).
-            let mut batch = sled::Batch::default();
+            // cursor without the state would leave messages the ratchet has moved past). In
+            // a read pass over several conversations the write waits for the pass's end
+            // (`Deferred`), all of them still moving together.
+            let mut batch = std::mem::take(&mut self.deferred().batch);
             let mut last = None;
             let mut failed = None;
             for m in messages {
@@ -1601,12 +1651,33 @@ impl Client {
             }
             // What was processed before a failure is written too: the ratchet has moved
             // past it, so it could not be read again.
+            let seen = if defer {
+                self.unsaved_seen.clone()
+            } else {
+                Vec::new()
+            };
             if let Some(id) = last {
                 self.save_seen(&mut batch)?;
                 batch.insert(ckey.as_slice(), &id.to_be_bytes());
-                self.apply_with_mls(std::mem::take(&mut batch))?;
+            }
+            let mut d = self.deferred();
+            if defer || last.is_none() {
+                d.batch = batch;
+                if let Some(id) = last {
+                    d.cursors.insert(gid.clone(), id);
+                    d.seen.extend(seen);
+                    d.messages += n;
+                }
+                if d.messages >= DEFER_MAX {
+                    drop(d);
+                    self.persist_mls()?;
+                }
+            } else {
+                drop(d);
+                self.persist_with(batch)?;
             }
             if let Some(e) = failed {
+                self.persist_mls()?;
                 return Err(e);
             }
             if n < PAGE as usize {
@@ -1655,7 +1726,27 @@ impl Client {
     /// nothing). A conversation with new messages has its membership brought up to date
     /// always, or (`always_membership` false) when it is due. Returns what was read, not yet
     /// consent-gated.
+    ///
+    /// The pages' writes (retained copies, "seen" marks, cursors) and the MLS state are
+    /// written once, at the end (or at the first failure, with what was read before it), not
+    /// once per conversation: with many conversations, each write to the store was a fixed
+    /// cost of its own.
     pub(crate) async fn read_pages(
+        &mut self,
+        gids: Vec<Vec<u8>>,
+        always_membership: bool,
+        given: std::collections::HashMap<Vec<u8>, Vec<mpb::GroupMessage>>,
+    ) -> Result<Vec<Received>> {
+        let read = self
+            .read_pages_deferred(gids, always_membership, given)
+            .await;
+        let saved = self.persist_mls();
+        let out = read?;
+        saved?;
+        Ok(out)
+    }
+
+    async fn read_pages_deferred(
         &mut self,
         gids: Vec<Vec<u8>>,
         always_membership: bool,
@@ -1728,7 +1819,10 @@ impl Client {
     /// until [`Client::save_seen`] writes it with the message's cursor).
     fn first_sight(&mut self, message_id: &str) -> Result<bool> {
         let key = [b"seen/".as_slice(), message_id.as_bytes()].concat();
-        if self.tree.contains_key(&key)? || self.unsaved_seen.iter().any(|m| m == message_id) {
+        if self.tree.contains_key(&key)?
+            || self.unsaved_seen.iter().any(|m| m == message_id)
+            || self.deferred().seen.contains(message_id)
+        {
             return Ok(false);
         }
         self.unsaved_seen.push(message_id.to_string());
@@ -2541,7 +2635,7 @@ impl Client {
         let Some(mut g) = group::load(&self.provider, gid)? else {
             return Ok(Vec::new());
         };
-        let out = self.sync_group_with(&mut g, states, first).await?;
+        let out = self.sync_group_with(&mut g, states, first, true).await?;
         if always_membership || self.membership_due(gid) {
             if let Err(e) = self.maintain_membership(&mut g).await {
                 tracing::warn!(conversation = %hex::encode(gid), error = %e, "membership update failed");

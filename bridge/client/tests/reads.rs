@@ -139,3 +139,61 @@ async fn a_send_moves_the_cursor_past_its_own_messages_only() {
         newest(&store)
     );
 }
+
+/// A pass over many conversations writes what it read once, at its end, and all of it: a
+/// process opened afresh on the same store reads none of it again (cursors), still owes it
+/// (retained copies) and reads what follows (the MLS state moved with the cursors).
+#[tokio::test]
+async fn a_pass_writes_every_conversation_it_read() {
+    const PEERS: u8 = 40;
+    let url = common::node().await;
+    let tree = common::tree();
+    let mut agent = common::open(&url, &tree, 1, 1).await;
+    agent.set_retain_deliveries(true);
+    let mut peers = Vec::new();
+    for n in 0..PEERS {
+        let mut p = common::client(&url, 10 + n).await;
+        let gid = p.dm(agent.inbox_id()).await.unwrap();
+        p.send(&gid, &content::text(&format!("hello {n}")), None)
+            .await
+            .unwrap();
+        peers.push((p, gid));
+    }
+    assert_eq!(agent.sync_all().await.unwrap().len(), PEERS as usize);
+    drop(agent);
+
+    let mut agent = common::open(&url, &tree, 1, 1).await;
+    agent.set_retain_deliveries(true);
+    assert_eq!(agent.undelivered().unwrap().len(), PEERS as usize, "owed");
+    assert!(agent.sync_all().await.unwrap().is_empty(), "nothing twice");
+    for (n, (p, gid)) in peers.iter_mut().enumerate() {
+        p.send(gid, &content::text(&format!("again {n}")), None)
+            .await
+            .unwrap();
+    }
+    let mut got = texts(&agent.sync_all().await.unwrap());
+    got.sort();
+    let mut want: Vec<String> = (0..PEERS).map(|n| format!("again {n}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+/// A retry (the same idempotency key) that comes a page after its first copy, within one
+/// pass whose writes wait for its end, is still recognised.
+#[tokio::test]
+async fn a_retry_a_page_later_in_the_same_pass_shows_once() {
+    let url = common::node().await;
+    let mut a = common::client(&url, 1).await;
+    let mut b = common::client(&url, 2).await;
+    let gid = a.dm(b.inbox_id()).await.unwrap();
+    let x = content::text("x");
+    a.send(&gid, &x, Some("k1".into())).await.unwrap();
+    let filler: Vec<_> = (0..120)
+        .map(|n| (content::text(&format!("f{n}")), format!("f{n}")))
+        .collect();
+    a.send_batch(&gid, &filler).await.unwrap();
+    a.send(&gid, &x, Some("k1".into())).await.unwrap();
+    let got = texts(&b.sync_all().await.unwrap());
+    assert_eq!(got.len(), 121, "{got:?}");
+    assert_eq!(got.iter().filter(|t| *t == "x").count(), 1);
+}
