@@ -177,8 +177,14 @@ impl mpb::mls_api_server::MlsApi for MlsService {
         // On disk before it is acknowledged or announced: a sender that got an answer never
         // loses the message to a crash of the node.
         node.store.flush().await.map_err(internal)?;
-        for g in groups {
-            let _ = node.events.send(Event::Group(g));
+        // One event per group the publish touched (a subscriber's catch-up reads all that
+        // follows its cursor): one per message made 63 empty reads of a 64-message publish.
+        let mut announced: Vec<&[u8]> = Vec::new();
+        for g in &groups {
+            if !announced.contains(&g.as_slice()) {
+                announced.push(g);
+                let _ = node.events.send(Event::Group(g.clone()));
+            }
         }
         let mut response = Response::new(());
         // Where the messages went, so the sender can move its cursor past them unasked (left
@@ -610,14 +616,21 @@ async fn catch_up<T>(
     let Some(cursor) = cursors.get_mut(key) else {
         return Ok(());
     };
-    let page = read(key, *cursor).map_err(|_| ())?;
-    for (id, b) in page {
-        *cursor = id;
-        if let Some(item) = decode(&b) {
-            tx.send(Ok(item)).await.map_err(|_| ())?;
+    // Everything after the cursor, page by page: an event stands for all of a publish's
+    // messages in its group, however many.
+    loop {
+        let page = read(key, *cursor).map_err(|_| ())?;
+        let full = page.len() >= MAX_PAGE;
+        for (id, b) in page {
+            *cursor = id;
+            if let Some(item) = decode(&b) {
+                tx.send(Ok(item)).await.map_err(|_| ())?;
+            }
+        }
+        if !full {
+            return Ok(());
         }
     }
-    Ok(())
 }
 
 /// `xmtp.identity.api.v1.IdentityApi`.

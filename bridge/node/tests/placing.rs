@@ -207,3 +207,63 @@ async fn a_large_publish_gets_no_header_and_is_stored() {
     let page = first_page(&mls, &group).await;
     assert_eq!(ids(&page).len(), 1000);
 }
+
+/// The id of the next message a subscription streams (within 20 s).
+async fn next_id(
+    stream: &mut (impl futures::Stream<Item = Result<mpb::GroupMessage, tonic::Status>> + Unpin),
+) -> u64 {
+    use futures::StreamExt as _;
+    let m = tokio::time::timeout(std::time::Duration::from_secs(20), stream.next());
+    match m.await.expect("streamed in time").unwrap().unwrap().version {
+        Some(mpb::group_message::Version::V1(v)) => v.id,
+        None => panic!("no v1 message"),
+    }
+}
+
+/// A subscriber following a group gets every message of a publish larger than a page (the
+/// node announces a publish once per group, and the subscriber reads page after page), in
+/// order.
+#[tokio::test]
+async fn a_subscriber_gets_all_of_a_publish_larger_than_a_page() {
+    let node = Node::new(Store::temporary().unwrap());
+    let mls = node.mls();
+    let group = [5u8; 16];
+    let first = mls
+        .send_group_messages(Request::new(mpb::SendGroupMessagesRequest {
+            messages: vec![message(&group, 0)],
+        }))
+        .await
+        .unwrap();
+    let (_, cursor) = placed::decode(&placed_value(&first)).unwrap()[0];
+    let mut stream = mls
+        .subscribe_group_messages(Request::new(mpb::SubscribeGroupMessagesRequest {
+            filters: vec![mpb::subscribe_group_messages_request::Filter {
+                group_id: group.to_vec(),
+                id_cursor: cursor,
+            }],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    // One message through the stream first: the subscriber is following live events.
+    mls.send_group_messages(Request::new(mpb::SendGroupMessagesRequest {
+        messages: vec![message(&group, 1)],
+    }))
+    .await
+    .unwrap();
+    let live = next_id(&mut stream).await;
+    assert!(live > cursor);
+    const N: u32 = 1500;
+    mls.send_group_messages(Request::new(mpb::SendGroupMessagesRequest {
+        messages: (0..N).map(|n| message(&group, 2 + n)).collect(),
+    }))
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..N {
+        got.push(next_id(&mut stream).await);
+    }
+    // One publish takes consecutive ids: all of them, in order, none twice.
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "in order");
+    assert!(got[0] > live);
+}
