@@ -1548,6 +1548,24 @@ impl Client {
         last
     }
 
+    /// Fault injection for tests: sends `c` signed with a key that is not this installation's
+    /// (what a member impersonating another would send); every receiver must refuse it.
+    #[doc(hidden)]
+    pub async fn send_forged(&mut self, gid: &[u8], c: &mc::EncodedContent) -> Result<()> {
+        let mut g = self.ready_to_send(gid).await?;
+        let impostor = InstallationKey::from_seed(&[0x5a; 32]);
+        let key = hex::encode(rand::random::<[u8; 16]>());
+        let data = group::encrypt(
+            &self.provider,
+            &impostor,
+            &mut g,
+            &content::seal_envelope(c, &key),
+        )?;
+        self.persist_mls()?;
+        self.publish_group_message(data, true).await?;
+        Ok(())
+    }
+
     /// Encrypts content on the group's current epoch and publishes it (no read first).
     async fn encrypt_and_publish(
         &mut self,
@@ -1623,6 +1641,9 @@ impl Client {
             let mut batch = std::mem::take(&mut self.deferred().batch);
             let mut last = None;
             let mut failed = None;
+            // Messages of this page delivered on a signature not yet checked: where they are
+            // in `out`, and the check.
+            let mut unchecked = Vec::new();
             for m in messages {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
@@ -1630,14 +1651,17 @@ impl Client {
                 saw_commit |= v.is_commit;
                 // A message that fails is not marked seen: it is read again.
                 let seen_before = self.unsaved_seen.len();
-                match self.handle_message(g, &gid, &v, states).await {
-                    Ok(Some(mut r)) => {
+                match self.handle_message(g, &gid, &v, states, true).await {
+                    Ok(Some((mut r, check))) => {
                         if let Err(e) = self.retain_delivery(&mut r, &mut batch) {
                             self.unsaved_seen.truncate(seen_before);
                             failed = Some(e);
                             break;
                         }
                         self.note_senders(&gid, &r);
+                        if let Some(check) = check {
+                            unchecked.push((out.len(), check));
+                        }
                         out.push(r);
                     }
                     Ok(None) => {}
@@ -1649,6 +1673,7 @@ impl Client {
                 }
                 last = Some(v.id);
             }
+            self.drop_forged(&mut out, unchecked, &mut batch);
             // What was processed before a failure is written too: the ratchet has moved
             // past it, so it could not be read again.
             let seen = if defer {
@@ -1693,6 +1718,33 @@ impl Client {
             self.check_fork(g).await?;
         }
         Ok(out)
+    }
+
+    /// Checks the signatures a page's delivered messages were read on, in one batch, and takes
+    /// out what does not verify: from `out`, from the page's write (its retained copy) and
+    /// from the ids marked seen. Such a message is dropped as one refused at once would be.
+    fn drop_forged(
+        &mut self,
+        out: &mut Vec<Received>,
+        unchecked: Vec<(usize, gatehouse_protocol::mls_crypto::SignatureCheck)>,
+        batch: &mut sled::Batch,
+    ) {
+        if unchecked.is_empty() {
+            return;
+        }
+        let checks: Vec<_> = unchecked.iter().map(|(_, c)| c).collect();
+        let held = gatehouse_protocol::mls_crypto::verify_all(&checks);
+        for ((at, _), ok) in unchecked.iter().zip(held).rev() {
+            if ok {
+                continue;
+            }
+            let r = out.remove(*at);
+            tracing::warn!(conversation = %r.conversation, id = r.id, sender = %r.sender_inbox, "rejected a message whose signature does not verify");
+            if let Some(seq) = r.delivery {
+                batch.remove(consent::seq_key(b"deliv/", seq));
+            }
+            self.unsaved_seen.retain(|m| *m != r.message_id);
+        }
     }
 
     /// Records the inboxes whose states reading `r` needed (see `Client::senders`).
@@ -1874,14 +1926,24 @@ impl Client {
     }
 
     /// Processes one group message: verifies senders and commit leaves against the identity
-    /// logs (fail closed), merges valid commits, returns application content.
+    /// logs (fail closed), merges valid commits, returns application content. With
+    /// `batch_signatures`, the signature of application content that is only delivered (that
+    /// does not act, as consent records and re-add and leave requests do) is not checked here
+    /// but returned with it, **for the caller to check before it trusts the content**
+    /// ([`Client::drop_forged`]).
     async fn handle_message(
         &mut self,
         g: &mut openmls_group::MlsGroup,
         gid: &[u8],
         v: &mpb::group_message::V1,
         states: &mut BTreeMap<String, identity::InboxState>,
-    ) -> Result<Option<Received>> {
+        batch_signatures: bool,
+    ) -> Result<
+        Option<(
+            Received,
+            Option<gatehouse_protocol::mls_crypto::SignatureCheck>,
+        )>,
+    > {
         let conversation = hex::encode(gid);
         let before = v
             .is_commit
@@ -1892,7 +1954,12 @@ impl Client {
                 None => Ok(()),
             }
         };
-        match group::process(&self.provider, g, &v.data) {
+        let (processed, mut check) = if batch_signatures {
+            group::process_deferring_signature(&self.provider, g, &v.data)
+        } else {
+            (group::process(&self.provider, g, &v.data), None)
+        };
+        match processed {
             Ok(group::Processed::Application {
                 sender_inbox,
                 sender_installation,
@@ -1930,6 +1997,18 @@ impl Client {
                         ),
                         _ => return Ok(None),
                     };
+                // Content that acts (consent records, re-add and leave requests) is checked
+                // before anything is done with it; only messages that are delivered wait for
+                // the page's batch.
+                let acts = content.r#type.as_ref().is_some_and(|t| {
+                    (t.authority_id == "xmtp.org"
+                        && (t.type_id == "application/x-protobuf" || t.type_id == "leave_request"))
+                        || (t.authority_id == "gatehouse.dev" && t.type_id == forks::READD_TYPE)
+                });
+                if acts && !check.take().is_none_or(|c| c.verify()) {
+                    tracing::warn!(%conversation, id = v.id, sender = %sender_inbox, "rejected a message whose signature does not verify");
+                    return Ok(None);
+                }
                 // The same content under the same idempotency key is the same message (XMTP's
                 // message id covers both): a sender's retry after an ambiguous publish shows once.
                 if !idempotency_key.is_empty() && !self.first_sight(&message_id)? {
@@ -1967,6 +2046,11 @@ impl Client {
                 {
                     let key = format!("dm/{peer}");
                     if self.tree.get(&key)?.is_none_or(|g| g != gid) {
+                        if !check.take().is_none_or(|c| c.verify()) {
+                            tracing::warn!(%conversation, id = v.id, sender = %sender_inbox, "rejected a message whose signature does not verify");
+                            self.unsaved_seen.retain(|m| *m != message_id);
+                            return Ok(None);
+                        }
                         self.tree.insert(key, gid)?;
                     }
                 }
@@ -1979,25 +2063,28 @@ impl Client {
                     }
                     None => None,
                 };
-                Ok(Some(Received {
-                    sender_endpoint,
-                    conversation,
-                    id: v.id,
-                    sender_inbox,
-                    sender_installation: hex::encode(sender_installation),
-                    content_type: content
-                        .r#type
-                        .as_ref()
-                        .map(content::type_string)
-                        .unwrap_or_default(),
-                    text: content::display_text(&content),
-                    content: content.content.clone(),
-                    sent_at_ns: v.created_ns,
-                    idempotency_key,
-                    message_id,
-                    request: false,
-                    delivery: None,
-                }))
+                Ok(Some((
+                    Received {
+                        sender_endpoint,
+                        conversation,
+                        id: v.id,
+                        sender_inbox,
+                        sender_installation: hex::encode(sender_installation),
+                        content_type: content
+                            .r#type
+                            .as_ref()
+                            .map(content::type_string)
+                            .unwrap_or_default(),
+                        text: content::display_text(&content),
+                        content: content.content.clone(),
+                        sent_at_ns: v.created_ns,
+                        idempotency_key,
+                        message_id,
+                        request: false,
+                        delivery: None,
+                    },
+                    check,
+                )))
             }
             Ok(group::Processed::PendingCommit {
                 staged,
@@ -2053,25 +2140,32 @@ impl Client {
                     return Ok(None);
                 }
                 let c = update.to_content();
-                Ok(Some(Received {
-                    sender_endpoint: None,
-                    conversation,
-                    id: v.id,
-                    sender_inbox: committer,
-                    sender_installation,
-                    content_type: c
-                        .r#type
-                        .as_ref()
-                        .map(content::type_string)
-                        .unwrap_or_default(),
-                    text: content::display_text(&c),
-                    message_id: content::message_id(gid, &c.content, &format!("commit/{}", v.id)),
-                    content: c.content,
-                    sent_at_ns: v.created_ns,
-                    idempotency_key: String::new(),
-                    request: false,
-                    delivery: None,
-                }))
+                Ok(Some((
+                    Received {
+                        sender_endpoint: None,
+                        conversation,
+                        id: v.id,
+                        sender_inbox: committer,
+                        sender_installation,
+                        content_type: c
+                            .r#type
+                            .as_ref()
+                            .map(content::type_string)
+                            .unwrap_or_default(),
+                        text: content::display_text(&c),
+                        message_id: content::message_id(
+                            gid,
+                            &c.content,
+                            &format!("commit/{}", v.id),
+                        ),
+                        content: c.content,
+                        sent_at_ns: v.created_ns,
+                        idempotency_key: String::new(),
+                        request: false,
+                        delivery: None,
+                    },
+                    None,
+                )))
             }
             // Our own commit, still pending: we stopped (crashed) between publishing it and
             // merging it. The node ordered it, so it is the group's next epoch: merge it now and
@@ -2311,7 +2405,7 @@ impl Client {
                 self.tree
                     .remove([b"pending_welcome/".as_slice(), &gid].concat())?;
                 tracing::info!(conversation = %hex::encode(&gid), "another member's commit came first; ours is dropped");
-                let _ = self.handle_message(g, &gid, &v, &mut states).await?;
+                let _ = self.handle_message(g, &gid, &v, &mut states, false).await?;
                 break;
             }
         }

@@ -197,3 +197,36 @@ async fn a_retry_a_page_later_in_the_same_pass_shows_once() {
     assert_eq!(got.len(), 121, "{got:?}");
     assert_eq!(got.iter().filter(|t| *t == "x").count(), 1);
 }
+
+/// A message signed by another key than its sender's (a member impersonating another) is
+/// refused when the page's signatures are checked together, and only it: the messages around
+/// it are delivered, and it is neither owed nor read again later.
+#[tokio::test]
+async fn a_forged_message_in_a_page_is_refused_and_the_rest_delivered() {
+    let url = common::node().await;
+    let tree = common::tree();
+    let mut a = common::client(&url, 1).await;
+    let mut b = common::open(&url, &tree, 2, 2).await;
+    b.set_retain_deliveries(true);
+    let gid = a.dm(b.inbox_id()).await.unwrap();
+    for n in 0..5 {
+        a.send(&gid, &content::text(&format!("before {n}")), None)
+            .await
+            .unwrap();
+    }
+    a.send_forged(&gid, &content::text("forged")).await.unwrap();
+    for n in 0..5 {
+        a.send(&gid, &content::text(&format!("after {n}")), None)
+            .await
+            .unwrap();
+    }
+    let got = texts(&b.sync_all().await.unwrap());
+    let want: Vec<String> = (0..5)
+        .map(|n| format!("before {n}"))
+        .chain((0..5).map(|n| format!("after {n}")))
+        .collect();
+    assert_eq!(got, want);
+    let owed = texts(&b.undelivered().unwrap());
+    assert_eq!(owed, want, "the forged one is not owed");
+    assert!(b.sync_all().await.unwrap().is_empty());
+}

@@ -1110,6 +1110,58 @@ pub fn process(provider: &Provider, group: &mut MlsGroup, mls_message: &[u8]) ->
     let msg = MlsMessageIn::tls_deserialize(&mut &mls_message[..])
         .map_err(|e| ProtocolError::malformed("MlsMessage", e))?;
     let pm = msg.try_into_protocol_message().map_err(mls_err)?;
+    processed(provider, group, pm)
+}
+
+/// [`process`], with the signature of an application message (an encrypted one: its content
+/// type is in the clear header, bound to the ciphertext) recorded instead of checked, so that
+/// several can be checked in one batch ([`crate::mls_crypto::verify_all`]). **Nothing it
+/// returns may be trusted before the check holds**; everything else (commits, proposals) is
+/// checked at once, as [`process`] does.
+pub fn process_deferring_signature(
+    provider: &Provider,
+    group: &mut MlsGroup,
+    mls_message: &[u8],
+) -> (Result<Processed>, Option<crate::mls_crypto::SignatureCheck>) {
+    let pm = match MlsMessageIn::tls_deserialize(&mut &mls_message[..])
+        .map_err(|e| ProtocolError::malformed("MlsMessage", e))
+        .and_then(|m| m.try_into_protocol_message().map_err(mls_err))
+    {
+        Ok(pm) => pm,
+        Err(e) => return (Err(e), None),
+    };
+    let application = matches!(&pm, ProtocolMessage::PrivateMessage(_))
+        && pm.content_type() == ContentType::Application;
+    if !application {
+        return (processed(provider, group, pm), None);
+    }
+    let (out, mut checks) = crate::mls_crypto::collecting(|| processed(provider, group, pm));
+    match (out, checks.len()) {
+        (Ok(p @ Processed::Application { .. }), 1) => (Ok(p), checks.pop()),
+        // An application message is signed once; anything else is not trusted.
+        (Ok(Processed::Application { .. }), _) => (
+            Err(ProtocolError::Mls(
+                "an application message without exactly one signature".into(),
+            )),
+            None,
+        ),
+        // Not an application message after all: every check done now.
+        (out, _) => {
+            if checks.iter().all(|c| c.verify()) {
+                (out, None)
+            } else {
+                (
+                    Err(ProtocolError::Mls(
+                        "the message's signature does not verify".into(),
+                    )),
+                    None,
+                )
+            }
+        }
+    }
+}
+
+fn processed(provider: &Provider, group: &mut MlsGroup, pm: ProtocolMessage) -> Result<Processed> {
     let processed = group.process_message(provider, pm).map_err(mls_err)?;
     let sender_installation = processed.credential().clone();
     let sender_inbox = inbox_of_credential(&sender_installation).unwrap_or_default();
@@ -1762,6 +1814,64 @@ mod tests {
         let h = crate::mls::read_header(&back).unwrap();
         assert_eq!(h.group_id, gb2.group_id().as_slice());
         assert!(!h.is_commit());
+    }
+
+    /// A member signing as another (encrypting with its own key under the other's leaf) is
+    /// refused: at once by `process`, and by the deferred check — alone or in a batch with
+    /// good signatures, which still hold — with `process_deferring_signature`.
+    #[test]
+    fn a_signature_that_is_not_the_senders_is_refused() {
+        use crate::mls_crypto::verify_all;
+        let mut rng = rand::rngs::OsRng;
+        let Two {
+            pa,
+            pb,
+            ka,
+            kp_b: v,
+            membership,
+            ..
+        } = two();
+        let mut created = create_dm(
+            &pa,
+            &ka,
+            "aaaa",
+            "bbbb",
+            vec![v.key_package],
+            &membership,
+            &mut rng,
+        )
+        .unwrap();
+        let mut gb = join(&pb, &created.welcome).unwrap();
+        let impostor = InstallationKey::from_seed(&[9; 32]);
+        let mut sealed = |key: &InstallationKey, text: &str| {
+            encrypt(
+                &pa,
+                key,
+                &mut created.group,
+                &content::seal_envelope(&content::text(text), text),
+            )
+            .unwrap()
+        };
+        let (good1, forged, good2, forged_again) = (
+            sealed(&ka, "1"),
+            sealed(&impostor, "2"),
+            sealed(&ka, "3"),
+            sealed(&impostor, "4"),
+        );
+        assert!(process(&pb, &mut gb, &good1).is_ok());
+        assert!(process(&pb, &mut gb, &forged).is_err(), "refused at once");
+        let mut checks = Vec::new();
+        for ct in [&good2, &forged_again] {
+            let (out, check) = process_deferring_signature(&pb, &mut gb, ct);
+            assert!(matches!(out, Ok(Processed::Application { .. })));
+            checks.push(check.expect("an application message's check"));
+        }
+        assert_eq!(
+            verify_all(&checks.iter().collect::<Vec<_>>()),
+            [true, false]
+        );
+        assert_eq!(verify_all(&[&checks[1]]), [false]);
+        assert_eq!(verify_all(&[&checks[0], &checks[0]]), [true, true]);
     }
 
     /// The store hands out what changed since it was last asked, and only that: after the
