@@ -4,6 +4,20 @@
 use gatehouse_e2e::*;
 use sha2::Digest;
 
+/// A fresh directory `gatehouse-e2e-NAME-PID`, a standalone node in it, and agents `a` and `c`
+/// on that node (not yet initialised).
+fn node_and_two_agents(name: &str) -> (std::path::PathBuf, StandaloneNode, Agent, Agent) {
+    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = StandaloneNode::start(&dir);
+    let (a, c) = (
+        Agent::at(dir.join("a"), node.url.clone()),
+        Agent::at(dir.join("c"), node.url.clone()),
+    );
+    (dir, node, a, c)
+}
+
 /// An agent initialised from a wallet-key file gets the address of that key and XMTP's inbox
 /// id for it; another agent reaches it by that address.
 #[test]
@@ -97,14 +111,7 @@ fn passkey_agent() {
 /// list shows the decision.
 #[test]
 fn consent_requests_and_deny() {
-    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-consent-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let node = StandaloneNode::start(&dir);
-    let (a, c) = (
-        Agent::at(dir.join("a"), node.url.clone()),
-        Agent::at(dir.join("c"), node.url.clone()),
-    );
+    let (dir, node, a, c) = node_and_two_agents("consent");
     let (ia, ic) = (a.init(), c.init());
     c.send(&ia, "may I?");
     let got = a.listen(1);
@@ -146,18 +153,8 @@ fn consent_requests_and_deny() {
 #[test]
 fn listen_waits_out_a_node_restart() {
     use std::io::BufRead as _;
-    let dir = std::env::temp_dir().join(format!(
-        "gatehouse-e2e-listen-restart-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let node = StandaloneNode::start(&dir);
+    let (dir, node, a, c) = node_and_two_agents("listen-restart");
     let port: u16 = node.url.rsplit(':').next().unwrap().parse().unwrap();
-    let (a, c) = (
-        Agent::at(dir.join("a"), node.url.clone()),
-        Agent::at(dir.join("c"), node.url.clone()),
-    );
     let (ia, _) = (a.init(), c.init());
     let stderr = dir.join("listen.err");
     let mut listen = Proc(
@@ -204,14 +201,7 @@ fn listen_waits_out_a_node_restart() {
 /// next message, `unreadable` shows the record with its bytes, and `--forget` drops it.
 #[test]
 fn an_unreadable_owed_message_is_shown_and_can_be_forgotten() {
-    let dir = std::env::temp_dir().join(format!("gatehouse-e2e-unreadable-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let node = StandaloneNode::start(&dir);
-    let (a, c) = (
-        Agent::at(dir.join("a"), node.url.clone()),
-        Agent::at(dir.join("c"), node.url.clone()),
-    );
+    let (dir, node, a, c) = node_and_two_agents("unreadable");
     let ia = a.init();
     c.init();
     // An owed message whose record was cut short on disk (the agent is not running).

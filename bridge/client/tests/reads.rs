@@ -57,6 +57,24 @@ async fn a_send_on_the_epoch_it_holds_reads_after_a_commit() {
     assert_eq!(texts(&c.sync_all().await.unwrap()), ["third"]);
 }
 
+/// `n` peers (owners 10, 11, …), each in a DM with `inbox` where it said "hello N".
+async fn peers_saying_hello(
+    url: &str,
+    inbox: &str,
+    n: u8,
+) -> Vec<(gatehouse_client::Client, Vec<u8>)> {
+    let mut peers = Vec::new();
+    for k in 0..n {
+        let mut p = common::client(url, 10 + k).await;
+        let gid = p.dm(inbox).await.unwrap();
+        p.send(&gid, &content::text(&format!("hello {k}")), None)
+            .await
+            .unwrap();
+        peers.push((p, gid));
+    }
+    peers
+}
+
 /// A read pass over more conversations than it asks the node about at once (32) reads every
 /// one of them, the first time (no sender known yet) and the next (the senders' identity
 /// states asked for in one request, up to date: a sender revoked in between is refused).
@@ -65,15 +83,7 @@ async fn a_pass_over_many_conversations_reads_them_all() {
     const PEERS: u8 = 34;
     let url = common::node().await;
     let mut agent = common::client(&url, 1).await;
-    let mut peers = Vec::new();
-    for n in 0..PEERS {
-        let mut p = common::client(&url, 10 + n).await;
-        let gid = p.dm(agent.inbox_id()).await.unwrap();
-        p.send(&gid, &content::text(&format!("hello {n}")), None)
-            .await
-            .unwrap();
-        peers.push((p, gid));
-    }
+    let mut peers = peers_saying_hello(&url, agent.inbox_id(), PEERS).await;
     let sorted = |mut v: Vec<String>| {
         v.sort();
         v
@@ -150,15 +160,7 @@ async fn a_pass_writes_every_conversation_it_read() {
     let tree = common::tree();
     let mut agent = common::open(&url, &tree, 1, 1).await;
     agent.set_retain_deliveries(true);
-    let mut peers = Vec::new();
-    for n in 0..PEERS {
-        let mut p = common::client(&url, 10 + n).await;
-        let gid = p.dm(agent.inbox_id()).await.unwrap();
-        p.send(&gid, &content::text(&format!("hello {n}")), None)
-            .await
-            .unwrap();
-        peers.push((p, gid));
-    }
+    let mut peers = peers_saying_hello(&url, agent.inbox_id(), PEERS).await;
     assert_eq!(agent.sync_all().await.unwrap().len(), PEERS as usize);
     drop(agent);
 

@@ -1558,6 +1558,24 @@ mod tests {
         }
     }
 
+    impl Two {
+        /// A DM A creates with B, and B's view of it after the welcome.
+        fn dm(&self) -> (Created, MlsGroup) {
+            let created = create_dm(
+                &self.pa,
+                &self.ka,
+                "aaaa",
+                "bbbb",
+                vec![self.kp_b.key_package.clone()],
+                &self.membership,
+                &mut rand::rngs::OsRng,
+            )
+            .unwrap();
+            let gb = join(&self.pb, &created.welcome).unwrap();
+            (created, gb)
+        }
+    }
+
     /// The installation key signs for openmls exactly as openmls' own Ed25519 key pair does
     /// (same scheme, byte-identical signatures), only without rebuilding the key each time.
     #[test]
@@ -1748,35 +1766,17 @@ mod tests {
     /// storage export/import (what the client persists).
     #[test]
     fn dm_round_trip() {
-        let mut rng = rand::rngs::OsRng;
-        let Two {
-            pa,
-            pb,
-            ka,
-            kb,
-            kp_b: v,
-            membership,
-        } = two();
-        assert_eq!(v.inbox_id, "bbbb");
-        assert_eq!(v.installation_key, kb.public());
-        let mut created = create_dm(
-            &pa,
-            &ka,
-            "aaaa",
-            "bbbb",
-            vec![v.key_package],
-            &membership,
-            &mut rng,
-        )
-        .unwrap();
-        let mut gb = join(&pb, &created.welcome).unwrap();
+        let t = two();
+        assert_eq!(t.kp_b.inbox_id, "bbbb");
+        assert_eq!(t.kp_b.installation_key, t.kb.public());
+        let (Two { pa, pb, ka, kb, .. }, (mut created, mut gb)) = (&t, t.dm());
         assert_eq!(
             group_metadata(&gb).unwrap().conversation_type,
             mc::ConversationType::Dm as i32
         );
         let ct = encrypt(
-            &pa,
-            &ka,
+            pa,
+            ka,
             &mut created.group,
             &content::seal_envelope(&content::text("ping"), "1"),
         )
@@ -1785,7 +1785,7 @@ mod tests {
             sender_inbox,
             plaintext,
             ..
-        } = process(&pb, &mut gb, &ct).unwrap()
+        } = process(pb, &mut gb, &ct).unwrap()
         else {
             panic!()
         };
@@ -1796,17 +1796,17 @@ mod tests {
         };
         assert_eq!(content::display_text(&content).unwrap(), "ping");
         // Restart B from its exported storage and keep talking.
-        let pb2 = provider_from_storage(&export_storage(&pb)).unwrap();
+        let pb2 = provider_from_storage(&export_storage(pb)).unwrap();
         let mut gb2 = load(&pb2, gb.group_id().as_slice()).unwrap().unwrap();
         let back = encrypt(
             &pb2,
-            &kb,
+            kb,
             &mut gb2,
             &content::seal_envelope(&content::text("pong"), "2"),
         )
         .unwrap();
         let Processed::Application { sender_inbox, .. } =
-            process(&pa, &mut created.group, &back).unwrap()
+            process(pa, &mut created.group, &back).unwrap()
         else {
             panic!()
         };
@@ -1822,30 +1822,12 @@ mod tests {
     #[test]
     fn a_signature_that_is_not_the_senders_is_refused() {
         use crate::mls_crypto::verify_all;
-        let mut rng = rand::rngs::OsRng;
-        let Two {
-            pa,
-            pb,
-            ka,
-            kp_b: v,
-            membership,
-            ..
-        } = two();
-        let mut created = create_dm(
-            &pa,
-            &ka,
-            "aaaa",
-            "bbbb",
-            vec![v.key_package],
-            &membership,
-            &mut rng,
-        )
-        .unwrap();
-        let mut gb = join(&pb, &created.welcome).unwrap();
+        let t = two();
+        let (Two { pa, pb, ka, .. }, (mut created, mut gb)) = (&t, t.dm());
         let impostor = InstallationKey::from_seed(&[9; 32]);
         let mut sealed = |key: &InstallationKey, text: &str| {
             encrypt(
-                &pa,
+                pa,
                 key,
                 &mut created.group,
                 &content::seal_envelope(&content::text(text), text),
@@ -1853,16 +1835,16 @@ mod tests {
             .unwrap()
         };
         let (good1, forged, good2, forged_again) = (
-            sealed(&ka, "1"),
+            sealed(ka, "1"),
             sealed(&impostor, "2"),
-            sealed(&ka, "3"),
+            sealed(ka, "3"),
             sealed(&impostor, "4"),
         );
-        assert!(process(&pb, &mut gb, &good1).is_ok());
-        assert!(process(&pb, &mut gb, &forged).is_err(), "refused at once");
+        assert!(process(pb, &mut gb, &good1).is_ok());
+        assert!(process(pb, &mut gb, &forged).is_err(), "refused at once");
         let mut checks = Vec::new();
         for ct in [&good2, &forged_again] {
-            let (out, check) = process_deferring_signature(&pb, &mut gb, ct);
+            let (out, check) = process_deferring_signature(pb, &mut gb, ct);
             assert!(matches!(out, Ok(Processed::Application { .. })));
             checks.push(check.expect("an application message's check"));
         }
