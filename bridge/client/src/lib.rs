@@ -192,6 +192,24 @@ struct Deferred {
     seen: std::collections::HashSet<String>,
     /// Messages read into `batch`: past [`DEFER_MAX`] it is applied.
     messages: usize,
+    /// The signature checks of the messages delivered from `batch`, done together before it
+    /// is applied ([`Client::persist_with`]).
+    checks: Vec<PendingCheck>,
+    /// Messages whose check failed (conversation, node id): the read pass leaves them out of
+    /// what it returns.
+    refused: std::collections::HashSet<(String, u64)>,
+}
+
+/// A delivered message whose signature is not checked yet, and what of it is in the
+/// deferred write (taken back out if the check fails).
+struct PendingCheck {
+    conversation: String,
+    id: u64,
+    delivery: Option<u64>,
+    message_id: String,
+    /// Its "seen" mark's number, when it has one.
+    seen: Option<u64>,
+    check: gatehouse_protocol::mls_crypto::SignatureCheck,
 }
 
 /// The most messages a read pass reads before it writes (see [`Deferred`]): bounds its memory
@@ -592,13 +610,43 @@ impl Client {
 
     /// Applies `batch` (holding the deferred writes, taken) with the MLS state's changes;
     /// the deferred cursors are then on disk.
-    fn persist_with(&self, batch: sled::Batch) -> Result<()> {
+    fn persist_with(&self, mut batch: sled::Batch) -> Result<()> {
+        self.settle_checks(&mut batch);
         let result = self.apply_with_mls(batch);
         let mut d = self.deferred();
         d.cursors.clear();
         d.seen.clear();
         d.messages = 0;
         result
+    }
+
+    /// Checks the signatures of the deferred messages (one batch; one by one if it fails)
+    /// before `batch` (holding their writes) is applied, and takes out of it what does not
+    /// verify: the retained copy and the "seen" mark; the read pass then leaves the message
+    /// out of what it returns (`Deferred::refused`).
+    fn settle_checks(&self, batch: &mut sled::Batch) {
+        let mut d = self.deferred();
+        if d.checks.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut d.checks);
+        let checks: Vec<_> = pending.iter().map(|p| &p.check).collect();
+        let held = gatehouse_protocol::mls_crypto::verify_all(&checks);
+        for (p, ok) in pending.iter().zip(held) {
+            if ok {
+                continue;
+            }
+            tracing::warn!(conversation = %p.conversation, id = p.id, "rejected a message whose signature does not verify");
+            if let Some(seq) = p.delivery {
+                batch.remove(consent::seq_key(b"deliv/", seq));
+            }
+            if let Some(seq) = p.seen {
+                batch.remove([b"seen/".as_slice(), p.message_id.as_bytes()].concat());
+                batch.remove(consent::seq_key(b"seenq/", seq));
+            }
+            d.seen.remove(&p.message_id);
+            d.refused.insert((p.conversation.clone(), p.id));
+        }
     }
 
     fn deferred(&self) -> std::sync::MutexGuard<'_, Deferred> {
@@ -1643,7 +1691,8 @@ impl Client {
             let mut failed = None;
             // Messages of this page delivered on a signature not yet checked: where they are
             // in `out`, and the check.
-            let mut unchecked = Vec::new();
+            let mut unchecked: Vec<(usize, gatehouse_protocol::mls_crypto::SignatureCheck)> =
+                Vec::new();
             for m in messages {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
@@ -1673,7 +1722,12 @@ impl Client {
                 }
                 last = Some(v.id);
             }
-            self.drop_forged(&mut out, unchecked, &mut batch);
+            // In a pass the signatures wait for the pass's write (`settle_checks`), with every
+            // conversation's; otherwise they are checked now, for this page.
+            if !defer {
+                self.drop_forged(&mut out, unchecked, &mut batch);
+                unchecked = Vec::new();
+            }
             // What was processed before a failure is written too: the ratchet has moved
             // past it, so it could not be read again.
             let seen = if defer {
@@ -1681,11 +1735,26 @@ impl Client {
             } else {
                 Vec::new()
             };
+            let mut marks = Vec::new();
             if let Some(id) = last {
-                self.save_seen(&mut batch)?;
+                marks = self.save_seen(&mut batch)?;
                 batch.insert(ckey.as_slice(), &id.to_be_bytes());
             }
             let mut d = self.deferred();
+            for (at, check) in unchecked {
+                let r = &out[at];
+                d.checks.push(PendingCheck {
+                    conversation: r.conversation.clone(),
+                    id: r.id,
+                    delivery: r.delivery,
+                    message_id: r.message_id.clone(),
+                    seen: marks
+                        .iter()
+                        .find(|(m, _)| *m == r.message_id)
+                        .map(|(_, seq)| *seq),
+                    check,
+                });
+            }
             if defer || last.is_none() {
                 d.batch = batch;
                 if let Some(id) = last {
@@ -1789,12 +1858,17 @@ impl Client {
         always_membership: bool,
         given: std::collections::HashMap<Vec<u8>, Vec<mpb::GroupMessage>>,
     ) -> Result<Vec<Received>> {
+        self.deferred().refused.clear();
         let read = self
             .read_pages_deferred(gids, always_membership, given)
             .await;
         let saved = self.persist_mls();
-        let out = read?;
+        let mut out = read?;
         saved?;
+        let refused = std::mem::take(&mut self.deferred().refused);
+        if !refused.is_empty() {
+            out.retain(|r| !refused.contains(&(r.conversation.clone(), r.id)));
+        }
         Ok(out)
     }
 
@@ -1883,7 +1957,8 @@ impl Client {
 
     /// Puts the ids [`Client::first_sight`] saw into `batch`. The last [`SEEN_WINDOW`] ids are
     /// kept (`seen/ID` → sequence, `seenq/SEQ` → id), older ones are forgotten.
-    fn save_seen(&mut self, batch: &mut sled::Batch) -> Result<()> {
+    fn save_seen(&mut self, batch: &mut sled::Batch) -> Result<Vec<(String, u64)>> {
+        let mut marks = Vec::new();
         for message_id in std::mem::take(&mut self.unsaved_seen) {
             let seq = self.next_seq_in("seen", batch)?;
             batch.insert(
@@ -1901,8 +1976,9 @@ impl Client {
                     batch.remove([b"seen/".as_slice(), &id].concat());
                 }
             }
+            marks.push((message_id, seq));
         }
-        Ok(())
+        Ok(marks)
     }
 
     async fn live(

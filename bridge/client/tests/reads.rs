@@ -201,7 +201,8 @@ async fn a_retry_a_page_later_in_the_same_pass_shows_once() {
 }
 
 /// A message signed by another key than its sender's (a member impersonating another) is
-/// refused when the page's signatures are checked together, and only it: the messages around
+/// refused when the page's signatures are checked together (a read of one conversation), and
+/// only it: the messages around
 /// it are delivered, and it is neither owed nor read again later.
 #[tokio::test]
 async fn a_forged_message_in_a_page_is_refused_and_the_rest_delivered() {
@@ -211,6 +212,7 @@ async fn a_forged_message_in_a_page_is_refused_and_the_rest_delivered() {
     let mut b = common::open(&url, &tree, 2, 2).await;
     b.set_retain_deliveries(true);
     let gid = a.dm(b.inbox_id()).await.unwrap();
+    assert!(b.sync_all().await.unwrap().is_empty(), "joined");
     for n in 0..5 {
         a.send(&gid, &content::text(&format!("before {n}")), None)
             .await
@@ -222,7 +224,8 @@ async fn a_forged_message_in_a_page_is_refused_and_the_rest_delivered() {
             .await
             .unwrap();
     }
-    let got = texts(&b.sync_all().await.unwrap());
+    // One conversation's read (not a pass): the page's signatures are checked at its end.
+    let got = texts(&b.sync_group(&gid).await.unwrap());
     let want: Vec<String> = (0..5)
         .map(|n| format!("before {n}"))
         .chain((0..5).map(|n| format!("after {n}")))
@@ -231,4 +234,37 @@ async fn a_forged_message_in_a_page_is_refused_and_the_rest_delivered() {
     let owed = texts(&b.undelivered().unwrap());
     assert_eq!(owed, want, "the forged one is not owed");
     assert!(b.sync_all().await.unwrap().is_empty());
+}
+
+/// In a pass over several conversations the signatures are checked together at the pass's
+/// end: a forged message in one conversation is refused there, everything else of every
+/// conversation is delivered, and a process opened afresh on the store neither owes it nor
+/// reads anything again.
+#[tokio::test]
+async fn a_forged_message_in_a_pass_is_refused_and_the_rest_delivered() {
+    const PEERS: u8 = 6;
+    let url = common::node().await;
+    let tree = common::tree();
+    let mut agent = common::open(&url, &tree, 1, 1).await;
+    agent.set_retain_deliveries(true);
+    let mut peers = peers_saying_hello(&url, agent.inbox_id(), PEERS).await;
+    let (p, gid) = &mut peers[2];
+    p.send_forged(gid, &content::text("forged")).await.unwrap();
+    p.send(gid, &content::text("after the forged one"), None)
+        .await
+        .unwrap();
+    let mut got = texts(&agent.sync_all().await.unwrap());
+    got.sort();
+    let mut want: Vec<String> = (0..PEERS).map(|n| format!("hello {n}")).collect();
+    want.push("after the forged one".into());
+    want.sort();
+    assert_eq!(got, want);
+    drop(agent);
+
+    let mut agent = common::open(&url, &tree, 1, 1).await;
+    agent.set_retain_deliveries(true);
+    let mut owed = texts(&agent.undelivered().unwrap());
+    owed.sort();
+    assert_eq!(owed, want, "the forged one is not owed");
+    assert!(agent.sync_all().await.unwrap().is_empty());
 }
