@@ -75,6 +75,13 @@ async fn peers_saying_hello(
     peers
 }
 
+/// The agent (owner 1, installation 1) on `tree`, keeping what it reads until delivered.
+async fn retaining_agent(url: &str, tree: &sled::Tree) -> gatehouse_client::Client {
+    let mut agent = common::open(url, tree, 1, 1).await;
+    agent.set_retain_deliveries(true);
+    agent
+}
+
 /// A read pass over more conversations than it asks the node about at once (32) reads every
 /// one of them, the first time (no sender known yet) and the next (the senders' identity
 /// states asked for in one request, up to date: a sender revoked in between is refused).
@@ -158,14 +165,12 @@ async fn a_pass_writes_every_conversation_it_read() {
     const PEERS: u8 = 40;
     let url = common::node().await;
     let tree = common::tree();
-    let mut agent = common::open(&url, &tree, 1, 1).await;
-    agent.set_retain_deliveries(true);
+    let mut agent = retaining_agent(&url, &tree).await;
     let mut peers = peers_saying_hello(&url, agent.inbox_id(), PEERS).await;
     assert_eq!(agent.sync_all().await.unwrap().len(), PEERS as usize);
     drop(agent);
 
-    let mut agent = common::open(&url, &tree, 1, 1).await;
-    agent.set_retain_deliveries(true);
+    let mut agent = retaining_agent(&url, &tree).await;
     assert_eq!(agent.undelivered().unwrap().len(), PEERS as usize, "owed");
     assert!(agent.sync_all().await.unwrap().is_empty(), "nothing twice");
     for (n, (p, gid)) in peers.iter_mut().enumerate() {
@@ -245,8 +250,7 @@ async fn a_forged_message_in_a_pass_is_refused_and_the_rest_delivered() {
     const PEERS: u8 = 6;
     let url = common::node().await;
     let tree = common::tree();
-    let mut agent = common::open(&url, &tree, 1, 1).await;
-    agent.set_retain_deliveries(true);
+    let mut agent = retaining_agent(&url, &tree).await;
     let mut peers = peers_saying_hello(&url, agent.inbox_id(), PEERS).await;
     let (p, gid) = &mut peers[2];
     p.send_forged(gid, &content::text("forged")).await.unwrap();
@@ -261,8 +265,7 @@ async fn a_forged_message_in_a_pass_is_refused_and_the_rest_delivered() {
     assert_eq!(got, want);
     drop(agent);
 
-    let mut agent = common::open(&url, &tree, 1, 1).await;
-    agent.set_retain_deliveries(true);
+    let mut agent = retaining_agent(&url, &tree).await;
     let mut owed = texts(&agent.undelivered().unwrap());
     owed.sort();
     assert_eq!(owed, want, "the forged one is not owed");
