@@ -14,6 +14,19 @@ fn corrupt_payload(d: &Daemon) -> serde_json::Value {
     found.expect("a corrupt dead letter")["payload"].clone()
 }
 
+/// A daemon running with agent `agent` allowed (initialised), after device d1's first message
+/// (`{"n":0}`) was published: the setup, the agent, the config file and the daemon.
+fn running(name: &str) -> (Setup, Agent, std::path::PathBuf, Daemon) {
+    let s = Setup::new(name);
+    let a = s.agent("agent");
+    let inbox = a.inbox_id();
+    let config = s.write_config(&[&inbox]);
+    let d = s.start_daemon(&config);
+    a.init();
+    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    (s, a, config, d)
+}
+
 fn seq(m: &serde_json::Value) -> u64 {
     let v: serde_json::Value = serde_json::from_str(m["text"].as_str().unwrap()).unwrap();
     v["n"].as_u64().unwrap()
@@ -21,13 +34,7 @@ fn seq(m: &serde_json::Value) -> u64 {
 
 #[test]
 fn crash_before_ack_and_downtime_lose_nothing_and_duplicate_nothing() {
-    let s = Setup::new("durability");
-    let a = s.agent("agent");
-    let inbox = a.inbox_id();
-    let config = s.write_config(&[&inbox]);
-    let mut d = s.start_daemon(&config);
-    a.init();
-    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    let (s, a, config, mut d) = running("durability");
     assert_eq!(seq(&a.listen(1)[0]), 0);
     d.stop();
 
@@ -71,13 +78,7 @@ fn crash_before_ack_and_downtime_lose_nothing_and_duplicate_nothing() {
 /// in order.
 #[test]
 fn a_corrupt_queue_record_is_dead_lettered_and_the_rest_carried() {
-    let s = Setup::new("durability-corrupt");
-    let a = s.agent("agent");
-    let inbox = a.inbox_id();
-    let config = s.write_config(&[&inbox]);
-    let mut d = s.start_daemon(&config);
-    a.init();
-    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    let (s, a, config, mut d) = running("durability-corrupt");
     assert_eq!(seq(&a.listen(1)[0]), 0);
     d.stop();
 
@@ -124,13 +125,7 @@ fn a_corrupt_queue_record_is_dead_lettered_and_the_rest_carried() {
 /// the device.
 #[test]
 fn a_corrupt_owed_answer_is_dead_lettered_and_the_next_ones_published() {
-    let s = Setup::new("durability-corrupt-out");
-    let a = s.agent("agent");
-    let inbox = a.inbox_id();
-    let config = s.write_config(&[&inbox]);
-    let mut d = s.start_daemon(&config);
-    a.init();
-    s.broker.publish("devices/d1/up", br#"{"n":0}"#);
+    let (s, a, config, mut d) = running("durability-corrupt-out");
     let endpoint = a.listen(1)[0]["sender_inbox"].as_str().unwrap().to_string();
     d.stop();
 

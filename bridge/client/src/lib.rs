@@ -1691,8 +1691,7 @@ impl Client {
             let mut failed = None;
             // Messages of this page delivered on a signature not yet checked: where they are
             // in `out`, and the check.
-            let mut unchecked: Vec<(usize, gatehouse_protocol::mls_crypto::SignatureCheck)> =
-                Vec::new();
+            let mut unchecked = Vec::new();
             for m in messages {
                 let Some(mpb::group_message::Version::V1(v)) = m.version else {
                     continue;
@@ -1722,12 +1721,9 @@ impl Client {
                 }
                 last = Some(v.id);
             }
-            // In a pass the signatures wait for the pass's write (`settle_checks`), with every
-            // conversation's; otherwise they are checked now, for this page.
-            if !defer {
-                self.drop_forged(&mut out, unchecked, &mut batch);
-                unchecked = Vec::new();
-            }
+            // The signatures are checked when the write that keeps their messages is applied
+            // (`settle_checks`): in a pass at its end, with every conversation's; otherwise
+            // at this page's.
             // What was processed before a failure is written too: the ratchet has moved
             // past it, so it could not be read again.
             let seen = if defer {
@@ -1769,6 +1765,8 @@ impl Client {
             } else {
                 drop(d);
                 self.persist_with(batch)?;
+                let refused = std::mem::take(&mut self.deferred().refused);
+                out.retain(|r| !refused.contains(&(r.conversation.clone(), r.id)));
             }
             if let Some(e) = failed {
                 self.persist_mls()?;
@@ -1787,33 +1785,6 @@ impl Client {
             self.check_fork(g).await?;
         }
         Ok(out)
-    }
-
-    /// Checks the signatures a page's delivered messages were read on, in one batch, and takes
-    /// out what does not verify: from `out`, from the page's write (its retained copy) and
-    /// from the ids marked seen. Such a message is dropped as one refused at once would be.
-    fn drop_forged(
-        &mut self,
-        out: &mut Vec<Received>,
-        unchecked: Vec<(usize, gatehouse_protocol::mls_crypto::SignatureCheck)>,
-        batch: &mut sled::Batch,
-    ) {
-        if unchecked.is_empty() {
-            return;
-        }
-        let checks: Vec<_> = unchecked.iter().map(|(_, c)| c).collect();
-        let held = gatehouse_protocol::mls_crypto::verify_all(&checks);
-        for ((at, _), ok) in unchecked.iter().zip(held).rev() {
-            if ok {
-                continue;
-            }
-            let r = out.remove(*at);
-            tracing::warn!(conversation = %r.conversation, id = r.id, sender = %r.sender_inbox, "rejected a message whose signature does not verify");
-            if let Some(seq) = r.delivery {
-                batch.remove(consent::seq_key(b"deliv/", seq));
-            }
-            self.unsaved_seen.retain(|m| *m != r.message_id);
-        }
     }
 
     /// Records the inboxes whose states reading `r` needed (see `Client::senders`).
@@ -2006,7 +1977,7 @@ impl Client {
     /// `batch_signatures`, the signature of application content that is only delivered (that
     /// does not act, as consent records and re-add and leave requests do) is not checked here
     /// but returned with it, **for the caller to check before it trusts the content**
-    /// ([`Client::drop_forged`]).
+    /// (`Client::settle_checks`).
     async fn handle_message(
         &mut self,
         g: &mut openmls_group::MlsGroup,
