@@ -199,17 +199,41 @@ impl Client {
         if let Some(r) = self.consent_record(Entity::ConversationId, &hex::encode(gid))? {
             return Ok(r.state);
         }
-        let Some(g) = group::load(&self.provider, gid)? else {
+        let Some(creator) = self.creator_of(gid)? else {
             return Ok(State::Unknown);
         };
-        let md = group::group_metadata(&g)?;
-        if md.creator_inbox_id == self.inbox_id {
+        if creator == self.inbox_id {
             return Ok(State::Allowed);
         }
-        let who = self.dm_peer(gid)?.unwrap_or(md.creator_inbox_id);
+        let who = self.dm_peer(gid)?.unwrap_or(creator);
         Ok(self
             .consent_record(Entity::InboxId, &who)?
             .map_or(State::Unknown, |r| r.state))
+    }
+
+    /// The inbox that created conversation `gid` (`None`: not a conversation of this
+    /// installation). A conversation's metadata never changes (libxmtp refuses commits that
+    /// change it), so it is read once and kept.
+    fn creator_of(&self, gid: &[u8]) -> Result<Option<String>> {
+        let cached = self
+            .creators
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(gid)
+            .cloned();
+        if let Some(c) = cached {
+            return Ok(Some(c));
+        }
+        let Some(g) = group::load(&self.provider, gid)? else {
+            return Ok(None);
+        };
+        let creator = group::group_metadata(&g)?.creator_inbox_id;
+        let mut creators = self.creators.lock().unwrap_or_else(|p| p.into_inner());
+        if creators.len() >= crate::CREATOR_CACHE {
+            creators.clear();
+        }
+        creators.insert(gid.to_vec(), creator.clone());
+        Ok(Some(creator))
     }
 
     /// Sets `max` held messages as the request queue's bound and whether unknown senders are
@@ -516,7 +540,7 @@ impl Client {
             // Application messages here are consent records, applied in handle_message.
             self.sync_group_inner(&mut g).await?;
             let before = group::leaves(&g).len();
-            if let Err(e) = self.maintain_membership(&mut g).await {
+            if let Err(e) = self.maintain_membership(&mut g, None).await {
                 tracing::warn!(conversation = %hex::encode(&gid), error = %e, "device-sync group membership update failed");
             }
             if group::leaves(&g).len() > before {

@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use gatehouse_protocol::group::{self, Provider};
@@ -271,6 +271,10 @@ pub struct Client {
     /// Identity states folded from the node's logs, with the sequence id they reach (see
     /// [`Client::inbox_state`]).
     identities: std::collections::HashMap<String, (identity::InboxState, u64)>,
+    /// Who created each conversation, from its immutable metadata: consent asks it for every
+    /// conversation a read delivers from, and reading it means loading the whole MLS group.
+    /// Bounded by [`CREATOR_CACHE`].
+    creators: std::sync::Mutex<std::collections::HashMap<Vec<u8>, String>>,
     /// Bumped whenever a conversation is added or removed: a [`Listener`] subscribed to an
     /// older set subscribes again.
     conversations_gen: u64,
@@ -313,6 +317,9 @@ fn page_query(gid: &[u8], cursor: u64, limit: u32) -> mpb::QueryGroupMessagesReq
 
 /// Verified attestations kept (see `Client::attestations`); the cache is emptied when full.
 const ATTESTATION_CACHE: usize = 1024;
+
+/// Conversations whose creator is kept in memory (about 100 bytes each); emptied when full.
+const CREATOR_CACHE: usize = 65_536;
 
 /// Inboxes whose folded identity state is kept (see [`Client::inbox_state`]); emptied when full.
 const IDENTITY_CACHE: usize = 1024;
@@ -579,6 +586,7 @@ impl Client {
             attestations: Default::default(),
             conversations_gen: 0,
             identities: Default::default(),
+            creators: Default::default(),
             senders: Default::default(),
             unsaved_seen: Vec::new(),
             batch_seqs: BTreeMap::new(),
@@ -1463,7 +1471,7 @@ impl Client {
         // lately (node round trips per send batch otherwise), or when work is asked of it.
         if self.membership_due(gid) {
             self.sync_group_inner(&mut g).await?;
-            self.maintain_membership(&mut g).await?;
+            self.maintain_membership(&mut g, None).await?;
             self.membership_checked
                 .insert(gid.to_vec(), std::time::Instant::now());
         }
@@ -1852,6 +1860,7 @@ impl Client {
         // Identity states fetched during this pass, so each inbox is asked for once.
         let mut states = BTreeMap::new();
         let mut out = Vec::new();
+        let mut memberships = Vec::new();
         for chunk in gids.chunks(READ_AHEAD) {
             let mut cursors = Vec::with_capacity(chunk.len());
             for gid in chunk.iter().filter(|g| !given.contains_key(*g)) {
@@ -1903,11 +1912,15 @@ impl Client {
                 if page.is_empty() && !self.membership_due(gid) {
                     continue;
                 }
-                out.extend(
-                    self.read_conversation(gid, always_membership, &mut states, Some(page))
-                        .await?,
-                );
+                let (received, due) = self
+                    .read_conversation(gid, always_membership, &mut states, Some(page))
+                    .await?;
+                out.extend(received);
+                memberships.extend(due);
             }
+            // The chunk's conversations due for a look at their membership, together.
+            self.maintain_memberships(std::mem::take(&mut memberships))
+                .await;
         }
         Ok(out)
     }
@@ -2286,30 +2299,30 @@ impl Client {
     /// installations revoked since the group last looked are removed, new installations of
     /// member inboxes are added, and the membership extension records the new log positions.
     /// One commit, ordered by the node: if another commit wins the race, ours is dropped.
-    async fn maintain_membership(&mut self, g: &mut openmls_group::MlsGroup) -> Result<()> {
+    /// `changed`, when given, says which members' identity logs went on past the positions
+    /// the group records (asked on the group as it is now); otherwise the node is asked.
+    async fn maintain_membership(
+        &mut self,
+        g: &mut openmls_group::MlsGroup,
+        changed: Option<Vec<String>>,
+    ) -> Result<()> {
         if !group::is_active(g) {
             return Ok(());
         }
         let gid = g.group_id().as_slice().to_vec();
         let known = group::membership(g)?;
-        let requests = known
-            .iter()
-            .map(|(inbox, seq)| ipb::get_identity_updates_request::Request {
-                inbox_id: inbox.clone(),
-                sequence_id: *seq,
-            })
-            .collect();
-        let resp = self
-            .ids
-            .get_identity_updates(ipb::GetIdentityUpdatesRequest { requests })
-            .await?
-            .into_inner();
-        let changed: Vec<String> = resp
-            .responses
-            .into_iter()
-            .filter(|r| !r.updates.is_empty())
-            .map(|r| r.inbox_id)
-            .collect();
+        let changed = match changed {
+            Some(changed) => changed,
+            None => {
+                let asked = known.iter().map(|(i, s)| (i.clone(), *s)).collect();
+                let went_on = self.identity_logs_went_on(&asked).await?;
+                known
+                    .keys()
+                    .filter(|i| went_on.iter().any(|(w, _)| w == *i))
+                    .cloned()
+                    .collect()
+            }
+        };
         // Members that asked to leave, removed by whoever may remove members.
         let leave_prefix = [b"leave/".as_slice(), &gid, b"/"].concat();
         let mut leavers: Vec<String> = Vec::new();
@@ -2761,30 +2774,112 @@ impl Client {
         Ok(out)
     }
 
-    /// Reads one conversation's new messages (not yet consent-gated) and brings its
-    /// membership up to date — always, or (`always_membership` false) only when it was not
-    /// within [`MEMBERSHIP_CHECK_INTERVAL`]. `states` are the identity states the read pass
-    /// fetched so far, `first` the first page, fetched ahead. An unknown conversation reads as
-    /// nothing.
+    /// Reads one conversation's new messages (not yet consent-gated). Returns them with the
+    /// group when its membership is to be brought up to date (by the pass, for several
+    /// conversations at once: [`Client::maintain_memberships`]) — always, or
+    /// (`always_membership` false) only when it was not within [`MEMBERSHIP_CHECK_INTERVAL`].
+    /// `states` are the identity states the read pass fetched so far, `first` the first page,
+    /// fetched ahead. An unknown conversation reads as nothing.
     async fn read_conversation(
         &mut self,
         gid: &[u8],
         always_membership: bool,
         states: &mut BTreeMap<String, identity::InboxState>,
         first: Option<Vec<mpb::GroupMessage>>,
-    ) -> Result<Vec<Received>> {
+    ) -> Result<(Vec<Received>, Option<openmls_group::MlsGroup>)> {
         let Some(mut g) = group::load(&self.provider, gid)? else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         };
         let out = self.sync_group_with(&mut g, states, first, true).await?;
-        if always_membership || self.membership_due(gid) {
-            if let Err(e) = self.maintain_membership(&mut g).await {
-                tracing::warn!(conversation = %hex::encode(gid), error = %e, "membership update failed");
+        let due = always_membership || self.membership_due(gid);
+        Ok((out, due.then_some(g)))
+    }
+
+    /// Which of `asked` (inbox, log position) have identity updates after that position: one
+    /// request for them all.
+    async fn identity_logs_went_on(
+        &self,
+        asked: &BTreeSet<(String, u64)>,
+    ) -> Result<BTreeSet<(String, u64)>> {
+        if asked.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let requests = asked
+            .iter()
+            .map(|(inbox, seq)| ipb::get_identity_updates_request::Request {
+                inbox_id: inbox.clone(),
+                sequence_id: *seq,
+            })
+            .collect();
+        let resp = self
+            .ids
+            .clone()
+            .get_identity_updates(ipb::GetIdentityUpdatesRequest { requests })
+            .await?
+            .into_inner();
+        // Answered in the order asked (an inbox may be asked at two positions).
+        if resp.responses.len() != asked.len()
+            || resp
+                .responses
+                .iter()
+                .zip(asked)
+                .any(|(r, (inbox, _))| r.inbox_id != *inbox)
+        {
+            return Err(ClientError::Peer(
+                "the node's identity updates do not match the inboxes asked for".into(),
+            ));
+        }
+        Ok(resp
+            .responses
+            .iter()
+            .zip(asked)
+            .filter(|(r, _)| !r.updates.is_empty())
+            .map(|(_, a)| a.clone())
+            .collect())
+    }
+
+    /// Brings the memberships of a read pass's conversations up to date
+    /// ([`Client::maintain_membership`]), with one question to the node about all their
+    /// members' identity logs (was one per conversation, in a row).
+    async fn maintain_memberships(&mut self, groups: Vec<openmls_group::MlsGroup>) {
+        if groups.is_empty() {
+            return;
+        }
+        let known: Vec<Option<BTreeMap<String, u64>>> = groups
+            .iter()
+            .map(|g| {
+                group::is_active(g)
+                    .then(|| group::membership(g).ok())
+                    .flatten()
+            })
+            .collect();
+        let asked: BTreeSet<(String, u64)> = known
+            .iter()
+            .flatten()
+            .flat_map(|k| k.iter().map(|(i, s)| (i.clone(), *s)))
+            .collect();
+        let went_on = self.identity_logs_went_on(&asked).await;
+        if let Err(e) = &went_on {
+            tracing::warn!(error = %e, "asking for the members' identity updates failed; asking per conversation");
+        }
+        for (mut g, known) in groups.into_iter().zip(known) {
+            let gid = g.group_id().as_slice().to_vec();
+            let changed = match (&went_on, known) {
+                (Ok(went_on), Some(known)) => Some(
+                    known
+                        .into_iter()
+                        .filter(|pair| went_on.contains(pair))
+                        .map(|(inbox, _)| inbox)
+                        .collect(),
+                ),
+                _ => None,
+            };
+            if let Err(e) = self.maintain_membership(&mut g, changed).await {
+                tracing::warn!(conversation = %hex::encode(&gid), error = %e, "membership update failed");
             }
             self.membership_checked
-                .insert(gid.to_vec(), std::time::Instant::now());
+                .insert(gid, std::time::Instant::now());
         }
-        Ok(out)
     }
 
     /// The peer inbox of a DM conversation.

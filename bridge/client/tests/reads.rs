@@ -271,3 +271,35 @@ async fn a_forged_message_in_a_pass_is_refused_and_the_rest_delivered() {
     assert_eq!(owed, want, "the forged one is not owed");
     assert!(agent.sync_all().await.unwrap().is_empty());
 }
+
+/// A read pass looks at the memberships of the conversations it reads with one question about
+/// all their members' identity logs: a new installation of each of two peers is added to its
+/// conversation by the reader's pass, and joins it.
+#[tokio::test]
+async fn a_pass_adds_each_conversations_new_installations() {
+    let url = common::node().await;
+    let mut agent = common::client(&url, 1).await;
+    let mut peers = peers_saying_hello(&url, agent.inbox_id(), 2).await;
+    assert_eq!(agent.sync_all().await.unwrap().len(), 2);
+    // A second installation of each peer's inbox (owners 10 and 11).
+    let mut seconds = Vec::new();
+    for k in 0..2u8 {
+        seconds.push(common::open(&url, &common::tree(), 10 + k, 20 + k).await);
+    }
+    // News in both conversations, so the agent's next full pass reads them both (and looks
+    // at their memberships; the peers looked at theirs when they said hello).
+    for (p, gid) in &mut peers {
+        p.send(gid, &content::text("again"), None).await.unwrap();
+    }
+    let before: Vec<u64> = peers.iter().map(|(_, g)| epoch(&agent, g)).collect();
+    assert_eq!(texts(&agent.sync_all().await.unwrap()), ["again", "again"]);
+    for (((_, gid), second), was) in peers.iter().zip(&mut seconds).zip(before) {
+        assert_eq!(
+            epoch(&agent, gid),
+            was + 1,
+            "the agent added the installation"
+        );
+        let joined = second.sync_welcomes().await.unwrap();
+        assert_eq!(joined, vec![gid.clone()], "the second installation joined");
+    }
+}

@@ -670,6 +670,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
     }
 
     // Device → agent.
+    eprintln!("  3/4 device -> agent…");
     let started = Instant::now();
     let sender = spawn_publishers(&devices, "devices", o);
     let mut lat = Vec::with_capacity(o.messages);
@@ -723,6 +724,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         .values()
         .map(|c| hex::decode(c).context("conversation id"))
         .collect::<anyhow::Result<_>>()?;
+    eprintln!("  4/4 agent -> device…");
     let started = Instant::now();
     let total = o.messages;
     let collector =
