@@ -260,12 +260,21 @@ impl Client {
     /// The consent decision for each message (without releasing held requests).
     pub(crate) fn gate_only(&mut self, received: Vec<Received>) -> Result<Vec<Received>> {
         let mut out = Vec::new();
-        // One state per conversation per read (it loads the group).
+        // One state per conversation and one look at each sender's record per read (the list
+        // does not change meanwhile).
         let mut states: BTreeMap<String, State> = BTreeMap::new();
+        let mut denied: BTreeMap<String, bool> = BTreeMap::new();
         for r in received {
-            let sender_denied = self
-                .consent_record(Entity::InboxId, &r.sender_inbox)?
-                .is_some_and(|c| c.state == State::Denied);
+            let sender_denied = match denied.get(&r.sender_inbox) {
+                Some(d) => *d,
+                None => {
+                    let d = self
+                        .consent_record(Entity::InboxId, &r.sender_inbox)?
+                        .is_some_and(|c| c.state == State::Denied);
+                    denied.insert(r.sender_inbox.clone(), d);
+                    d
+                }
+            };
             let state = match states.get(&r.conversation) {
                 Some(s) => *s,
                 None => {
