@@ -212,8 +212,8 @@ impl Client {
     }
 
     /// The inbox that created conversation `gid` (`None`: not a conversation of this
-    /// installation). A conversation's metadata never changes (libxmtp refuses commits that
-    /// change it), so it is read once and kept.
+    /// installation). A conversation's immutable metadata never changes (a commit that changes
+    /// it is refused, here as in libxmtp), so it is read once and kept.
     fn creator_of(&self, gid: &[u8]) -> Result<Option<String>> {
         let cached = self
             .creators

@@ -2316,11 +2316,7 @@ impl Client {
             None => {
                 let asked = known.iter().map(|(i, s)| (i.clone(), *s)).collect();
                 let went_on = self.identity_logs_went_on(&asked).await?;
-                known
-                    .keys()
-                    .filter(|i| went_on.iter().any(|(w, _)| w == *i))
-                    .cloned()
-                    .collect()
+                went_on.into_iter().map(|(inbox, _)| inbox).collect()
             }
         };
         // Members that asked to leave, removed by whoever may remove members.
