@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use channel::Channel;
 use gatehouse_protocol::group::{self, Provider};
 use gatehouse_protocol::identity::{self, InstallationKey, SoftPasskey, Wallet};
 use gatehouse_protocol::{content, welcome};
@@ -21,7 +22,6 @@ use gatehouse_wire::identity_api::identity_api_client::IdentityApiClient;
 use gatehouse_wire::message_contents::CommitResult;
 use gatehouse_wire::mls_api::mls_api_client::MlsApiClient;
 use gatehouse_wire::{identity_api as ipb, message_contents as mc, mls_api as mpb};
-pub use tonic::transport::Channel;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +158,7 @@ pub async fn connect(url: &str) -> Result<Channel> {
         .map_err(|e| ClientError::Peer(format!("bad node URL {url}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(5))
         .http2_keep_alive_interval(std::time::Duration::from_secs(16));
-    Ok(endpoint.connect_lazy())
+    Ok(Channel::remote(endpoint.connect_lazy()))
 }
 
 /// Digests ([`published_digest`]) of group messages clients published, recorded before each
@@ -2888,6 +2888,7 @@ impl Client {
     }
 }
 
+mod channel;
 mod consent;
 mod deliveries;
 mod forks;

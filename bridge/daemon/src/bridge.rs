@@ -5005,6 +5005,9 @@ pub async fn run_reloadable(
 
     let mut node_store = None;
     let mut node_task = None;
+    // The bridge's own clients reach an embedded node in memory; agents and other clients
+    // reach it through its listener.
+    let mut in_process = None;
     let node_url = if cfg.node.embedded {
         let store = gatehouse_node::Store::open_with_cache(
             &cfg.data_dir.join("node"),
@@ -5016,6 +5019,7 @@ pub async fn run_reloadable(
             .with_context(|| format!("node.listen: cannot bind {}", cfg.node.listen))?;
         let url = format!("http://{}", listener.local_addr()?);
         let node = gatehouse_node::Node::new(store);
+        in_process = Some(Channel::in_process(gatehouse_node::routes(node.clone())));
         let mut stop = late.clone();
         node_task = Some(tokio::spawn(async move {
             if let Err(e) = gatehouse_node::serve(listener, node, None, async move {
@@ -5030,10 +5034,13 @@ pub async fn run_reloadable(
     } else {
         cfg.node.url.clone().context("node.url")?
     };
-    let channel = gatehouse_client::connect(&node_url)
-        .await
-        .with_context(|| format!("connecting to the XMTP node at {node_url}"))?;
-    tracing::info!(node = %node_url, "using XMTP node");
+    let channel = match in_process {
+        Some(channel) => channel,
+        None => gatehouse_client::connect(&node_url)
+            .await
+            .with_context(|| format!("connecting to the XMTP node at {node_url}"))?,
+    };
+    tracing::info!(node = %node_url, in_process = channel.is_in_process(), "using XMTP node");
 
     let db = gatehouse_store::open(
         sled::Config::new()

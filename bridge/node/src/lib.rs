@@ -37,6 +37,27 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The node's two gRPC services (`MlsApi`, `IdentityApi`) with XMTP's size limits, routed by
+/// path: what [`serve`] puts behind its listener, and what a process that embeds the node calls
+/// directly, without HTTP/2 or a socket in between (`gatehouse_client::Channel::in_process`).
+/// Requests and answers are still the protobuf messages of the wire, and the node still sees
+/// only what it would see over the network.
+pub fn routes(node: Node) -> tonic::service::Routes {
+    use gatehouse_wire::identity_api::identity_api_server::IdentityApiServer;
+    use gatehouse_wire::mls_api::mls_api_server::MlsApiServer;
+    tonic::service::Routes::new(
+        MlsApiServer::new(node.mls())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .add_service(
+        IdentityApiServer::new(node.identity())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    )
+    .prepare()
+}
+
 /// Serves the node on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -45,8 +66,6 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use gatehouse_wire::identity_api::identity_api_server::IdentityApiServer;
-    use gatehouse_wire::mls_api::mls_api_server::MlsApiServer;
     let addr: SocketAddr = listener.local_addr()?;
     let mut builder = tonic::transport::Server::builder()
         // libxmtp pings every 16 s; answer them rather than treat them as abuse.
@@ -94,16 +113,7 @@ pub async fn serve(
         })
     };
     let served = builder
-        .add_service(
-            MlsApiServer::new(node.mls())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            IdentityApiServer::new(node.identity())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+        .add_routes(routes(node))
         // Accepted connections get TCP_NODELAY here: with an incoming stream of our own,
         // tonic's `tcp_nodelay` does not apply, and Nagle's algorithm against the client's
         // delayed ACKs held small answers back ~40 ms each (found with the load harness).
