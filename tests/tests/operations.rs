@@ -445,6 +445,14 @@ fn the_load_harness_runs() {
             );
         }
         assert!(r["device_to_agent"]["p99_ms"].as_f64().is_some(), "{r}");
+        // The end-to-end paths say what CPU they took (10 ms resolution: a tiny run may read 0).
+        for path in ["device_to_agent", "agent_to_device"] {
+            let us = r[path]["cpu_us_per_msg"].as_f64();
+            let busy = r[path]["cpu_busy"].as_f64();
+            assert!(us.is_some_and(|v| v >= 0.0), "{path}: {r}");
+            assert!(busy.is_some_and(|v| v >= 0.0), "{path}: {r}");
+        }
+        assert!(r["broker_hop"]["cpu_us_per_msg"].is_null(), "{r}");
         // The way back went out 7 messages per publish, all 50 of them (checked above).
         assert_eq!(r["agent_batch"], 7, "{r}");
         assert_eq!(r["mqtt_version"], serde_json::json!(version), "{r}");

@@ -84,6 +84,17 @@ pub struct PathStats {
     pub p99_ms: Option<f64>,
     /// The slowest.
     pub max_ms: Option<f64>,
+    /// End to end only: CPU time (user + system) per message over the path's run, in
+    /// microseconds, of everything on it: this process (the daemon, the agent, the simulated
+    /// devices) and the broker. Steadier than msg/s across a machine's moods, and what a
+    /// change to the per-message work shows in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_us_per_msg: Option<f64>,
+    /// End to end only: how busy the machine's cores were over the path's run (that CPU time
+    /// over wall time × cores), 0–1: near 1 the path is bound by CPU, well below by waiting
+    /// (disk flushes, round trips, a serial stage).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_busy: Option<f64>,
 }
 
 impl PathStats {
@@ -108,8 +119,30 @@ impl PathStats {
             p90_ms: q(0.90),
             p99_ms: q(0.99),
             max_ms: q(1.0),
+            cpu_us_per_msg: None,
+            cpu_busy: None,
         }
     }
+
+    /// With the CPU seconds the path's run used (see [`cpu_secs`]).
+    fn with_cpu(mut self, cpu_secs: f64) -> PathStats {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        if self.messages > 0 {
+            self.cpu_us_per_msg = Some(cpu_secs * 1e6 / self.messages as f64);
+        }
+        self.cpu_busy = Some(cpu_secs / (self.seconds * cores));
+        self
+    }
+}
+
+/// CPU time (user + system, seconds; 10 ms resolution) used so far by this process and by
+/// process `other` (the broker), for a path's run: read before and after it.
+fn cpu_secs(other: u32) -> f64 {
+    [std::process::id(), other]
+        .into_iter()
+        .filter_map(|pid| proc_usage(pid).ok())
+        .map(|(_, cpu)| cpu)
+        .sum()
 }
 
 /// The whole run.
@@ -542,7 +575,8 @@ struct EndToEnd {
     down_from_node: PathStats,
 }
 
-async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd> {
+/// Runs paths 3 and 4; `broker_pid`: the broker's process, whose CPU counts too.
+async fn end_to_end(dir: &Path, port: u16, broker_pid: u32, o: &Opts) -> anyhow::Result<EndToEnd> {
     let node_port = free_port()?;
     let admin_port = free_port()?;
     let node_url = format!("http://127.0.0.1:{node_port}");
@@ -671,6 +705,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
 
     // Device → agent.
     eprintln!("  3/4 device -> agent…");
+    let cpu_before = cpu_secs(broker_pid);
     let started = Instant::now();
     let sender = spawn_publishers(&devices, "devices", o);
     let mut lat = Vec::with_capacity(o.messages);
@@ -706,7 +741,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         }
     }
     sender.await??;
-    let up = PathStats::from(&mut lat, started, last);
+    let up = PathStats::from(&mut lat, started, last).with_cpu(cpu_secs(broker_pid) - cpu_before);
     let to_node = PathStats::from(&mut to_node, started, last);
     let from_node = PathStats::from(&mut from_node, started, last);
     // The agent no longer reads its stream: closed, rather than left to fill up with news of
@@ -725,6 +760,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         .map(|c| hex::decode(c).context("conversation id"))
         .collect::<anyhow::Result<_>>()?;
     eprintln!("  4/4 agent -> device…");
+    let cpu_before = cpu_secs(broker_pid);
     let started = Instant::now();
     let total = o.messages;
     let collector =
@@ -758,6 +794,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
         seq += n;
     }
     let (mut lat, arrivals, last) = collector.await?;
+    let cpu = cpu_secs(broker_pid) - cpu_before;
     // Split where the publish was answered: latency = (answered − sent) + (arrived − answered).
     let (mut down_a, mut down_b): (Vec<u64>, Vec<u64>) = lat
         .iter()
@@ -768,7 +805,7 @@ async fn end_to_end(dir: &Path, port: u16, o: &Opts) -> anyhow::Result<EndToEnd>
             Some((l.saturating_sub(after), after))
         })
         .unzip();
-    let down = PathStats::from(&mut lat, started, last);
+    let down = PathStats::from(&mut lat, started, last).with_cpu(cpu);
     let down_to_node = PathStats::from(&mut down_a, started, last);
     let down_from_node = PathStats::from(&mut down_b, started, last);
 
@@ -838,7 +875,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             down: agent_to_device,
             down_to_node: agent_to_node,
             down_from_node: node_to_device,
-        } = end_to_end(&dir, broker.port, &o).await?;
+        } = end_to_end(&dir, broker.port, broker.child.id(), &o).await?;
         let jetstream = if o.jetstream {
             Some(stream_stats(broker.port).await?)
         } else {
@@ -979,6 +1016,17 @@ fn print_table(r: &Report) {
     println!(
         "5 ratios: end to end / crypto bound = {:.2}; end to end / broker hop = {:.3}",
         r.e2e_over_crypto, r.e2e_over_broker
+    );
+    let cpu = |s: &PathStats| match (s.cpu_us_per_msg, s.cpu_busy) {
+        (Some(us), Some(busy)) => {
+            format!("{us:.0} µs per message, cores {:.0} % busy", busy * 100.0)
+        }
+        _ => "-".into(),
+    };
+    println!(
+        "  CPU (this process: daemon, agent, devices; and the broker): 3: {}; 4: {}",
+        cpu(&r.device_to_agent),
+        cpu(&r.agent_to_device)
     );
     println!("3 split where the node stored each message (its timestamp):");
     row("  3a device -> stored on the node", &r.device_to_node);
