@@ -69,9 +69,14 @@ impl Service<http::Request<BoxBody>> for Channel {
             // The node's handler runs as a task of its own, as it would behind HTTP/2 (one
             // task per stream): requests a caller makes together run in parallel on the
             // runtime's threads rather than all on the caller's. Dropping the answer's future
-            // stops the handler, as a reset stream would.
+            // stops the handler, as a reset stream would. Outside a tokio runtime (nothing to
+            // spawn on) the handler runs in the caller's future instead.
             Link::Local(r) => {
-                let mut handler = Abort(tokio::spawn(r.call(request)));
+                let handler = r.call(request);
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return Box::pin(handler);
+                };
+                let mut handler = Abort(runtime.spawn(handler));
                 Box::pin(async move {
                     match (&mut handler.0).await {
                         Ok(answer) => answer,

@@ -95,3 +95,26 @@ async fn in_memory_and_network_clients_talk_through_one_node() {
     assert!(refused.message().contains("no v1 payload"), "{refused}");
     assert!(!ClientError::from(refused).is_unreachable());
 }
+
+/// Outside a tokio runtime (nothing to spawn the node's handler on) a request is still
+/// answered, in the caller's own future.
+#[test]
+fn in_process_requests_work_outside_a_runtime() {
+    use gatehouse_wire::identity_api as ipb;
+    let node = gatehouse_node::Node::new(gatehouse_node::Store::temporary().unwrap());
+    let channel = Channel::in_process(gatehouse_node::routes(node));
+    let answer = futures::executor::block_on(
+        ipb::identity_api_client::IdentityApiClient::new(channel).get_inbox_ids(
+            ipb::GetInboxIdsRequest {
+                requests: vec![ipb::get_inbox_ids_request::Request {
+                    identifier: "0x0000000000000000000000000000000000000001".into(),
+                    identifier_kind: gatehouse_wire::associations::IdentifierKind::Ethereum as i32,
+                }],
+            },
+        ),
+    )
+    .unwrap()
+    .into_inner();
+    assert_eq!(answer.responses.len(), 1);
+    assert_eq!(answer.responses[0].inbox_id, None);
+}

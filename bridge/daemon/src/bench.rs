@@ -201,7 +201,24 @@ pub struct Report {
     pub stages: BTreeMap<String, (u64, f64)>,
 }
 
-/// The daemon's stage histograms (`_count`, `_sum`) from its metrics.
+/// What the stage histograms gained from `before` to `after` (both from [`stages`]): the
+/// histograms count from the process's start, set-up included (with 1,000 devices most of
+/// the count).
+fn stages_between(
+    before: &BTreeMap<String, (u64, f64)>,
+    after: BTreeMap<String, (u64, f64)>,
+) -> BTreeMap<String, (u64, f64)> {
+    after
+        .into_iter()
+        .map(|(stage, (calls, secs))| {
+            let (c0, s0) = before.get(&stage).copied().unwrap_or_default();
+            (stage, (calls.saturating_sub(c0), (secs - s0).max(0.0)))
+        })
+        .collect()
+}
+
+/// The daemon's stage histograms (`_count`, `_sum`) from its metrics, since the process
+/// started.
 fn stages() -> BTreeMap<String, (u64, f64)> {
     let text = crate::metrics::render(|| {});
     let mut out: BTreeMap<String, (u64, f64)> = BTreeMap::new();
@@ -567,6 +584,8 @@ fn crypto_bound(n: usize, size: usize) -> anyhow::Result<PathStats> {
 /// Path 3 (with its split at the node: device → node, node → agent) and path 4 (with its
 /// split where the agent's publish was answered: agent → node, node → device).
 struct EndToEnd {
+    /// The daemon's stage histograms over paths 3 and 4 only.
+    stages: BTreeMap<String, (u64, f64)>,
     up: PathStats,
     to_node: PathStats,
     from_node: PathStats,
@@ -705,6 +724,7 @@ async fn end_to_end(dir: &Path, port: u16, broker_pid: u32, o: &Opts) -> anyhow:
 
     // Device → agent.
     eprintln!("  3/4 device -> agent…");
+    let stages_before = stages();
     let cpu_before = cpu_secs(broker_pid);
     let started = Instant::now();
     let sender = spawn_publishers(&devices, "devices", o);
@@ -795,6 +815,7 @@ async fn end_to_end(dir: &Path, port: u16, broker_pid: u32, o: &Opts) -> anyhow:
     }
     let (mut lat, arrivals, last) = collector.await?;
     let cpu = cpu_secs(broker_pid) - cpu_before;
+    let stages = stages_between(&stages_before, stages());
     // Split where the publish was answered: latency = (answered − sent) + (arrived − answered).
     let (mut down_a, mut down_b): (Vec<u64>, Vec<u64>) = lat
         .iter()
@@ -812,6 +833,7 @@ async fn end_to_end(dir: &Path, port: u16, broker_pid: u32, o: &Opts) -> anyhow:
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(15), daemon).await;
     Ok(EndToEnd {
+        stages,
         up,
         to_node,
         from_node,
@@ -869,6 +891,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             tokio::task::spawn_blocking(move || crypto_bound(crypto_n, payload)).await??;
         eprintln!("3/4 and 4/4 end to end, both ways…");
         let EndToEnd {
+            stages,
             up: device_to_agent,
             to_node: device_to_node,
             from_node: node_to_agent,
@@ -908,7 +931,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             },
             e2e_over_crypto: device_to_agent.msg_per_sec / crypto_bound.msg_per_sec.max(1e-9),
             e2e_over_broker: device_to_agent.msg_per_sec / broker_hop.msg_per_sec.max(1e-9),
-            stages: stages(),
+            stages,
             broker_hop,
             crypto_bound,
             device_to_agent,
