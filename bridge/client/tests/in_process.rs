@@ -10,6 +10,17 @@ use gatehouse_client::{Channel, Client, ClientError, Listener};
 use gatehouse_protocol::content;
 use gatehouse_protocol::identity::{InstallationKey, Wallet};
 
+/// The texts of the first listen (of at most `calls`, each waiting up to 10 s) that brings any.
+async fn heard(c: &mut Client, l: &mut Listener, calls: usize) -> Vec<String> {
+    for _ in 0..calls {
+        let got = common::texts(&c.listen(l, Duration::from_secs(10)).await.unwrap());
+        if !got.is_empty() {
+            return got;
+        }
+    }
+    Vec::new()
+}
+
 #[tokio::test]
 async fn in_memory_and_network_clients_talk_through_one_node() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,30 +59,12 @@ async fn in_memory_and_network_clients_talk_through_one_node() {
     b.send(&gid, &content::text("over the wire"), None)
         .await
         .unwrap();
-    let mut got = Vec::new();
-    for _ in 0..4 {
-        got.extend(common::texts(
-            &a.listen(&mut l, Duration::from_secs(10)).await.unwrap(),
-        ));
-        if !got.is_empty() {
-            break;
-        }
-    }
-    assert_eq!(got, ["over the wire"]);
+    assert_eq!(heard(&mut a, &mut l, 4).await, ["over the wire"]);
     let full = l.full_reads();
     b.send(&gid, &content::text("streamed"), None)
         .await
         .unwrap();
-    let mut got = Vec::new();
-    for _ in 0..2 {
-        got.extend(common::texts(
-            &a.listen(&mut l, Duration::from_secs(10)).await.unwrap(),
-        ));
-        if !got.is_empty() {
-            break;
-        }
-    }
-    assert_eq!(got, ["streamed"]);
+    assert_eq!(heard(&mut a, &mut l, 2).await, ["streamed"]);
     assert_eq!(l.full_reads(), full, "it came from the in-memory stream");
 
     // And back.

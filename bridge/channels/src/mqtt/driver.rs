@@ -362,6 +362,9 @@ pub fn start(
         let mut connected_once = false;
         // Events taken from the connection without waiting, since the last wait (see below).
         let mut drained: Option<usize> = None;
+        // QoS 2 publishes whose PUBCOMP arrived in the current run of events: journalled as
+        // done together when it ends (see `complete`).
+        let mut finished: Vec<(u16, InFlight)> = Vec::new();
         loop {
             // While publishes wait, what the connection has already read (acknowledgements
             // arrive in bursts) is taken before anything else: the window frees in one go, and
@@ -379,6 +382,7 @@ pub fn start(
                 e
             } else {
                 drained = None;
+                complete(&outbox, &broker, &mut finished);
                 tokio::select! {
                     _ = shutdown.changed() => {
                         eventloop.close().await;
@@ -400,6 +404,7 @@ pub fn start(
                         }
                         let mut ready = Vec::new();
                         let mut journalled = Vec::new();
+                        let mut entries = Vec::new();
                         let mut at_most_once = Vec::new();
                         for out in batch {
                             if qos == 0 {
@@ -427,24 +432,25 @@ pub fn start(
                             };
                             sent += 1;
                             let publish = OutPublish { pkid, qos, dup: false, topic: out.topic, payload: out.payload, props: out.props };
-                            if let Some((ob, key)) = journal {
-                                let entry = Entry { seq: sent, pkid, released: false, key, topic: publish.topic.clone(), payload: publish.payload.clone(), props: publish.props.clone() };
-                                if let Err(e) = ob.record(&entry) {
-                                    tracing::error!(%broker, error = %e, "could not journal a QoS 2 publish; it stays with the caller");
-                                    continue;
-                                }
+                            if let Some((_, key)) = journal {
+                                entries.push(Entry { seq: sent, pkid, released: false, key, topic: publish.topic.clone(), payload: publish.payload.clone(), props: publish.props.clone() });
                                 journalled.push(pkid);
                             }
                             ready.push(pkid);
                             unacked.insert(pkid, InFlight { seq: sent, publish, released: false, key: out.key, acked: vec![out.acked] });
                         }
-                        if let (Some(ob), false) = (&outbox, journalled.is_empty())
-                            && let Err(e) = ob.flush().await
-                        {
-                            // Not on disk, so not sent: the callers see the failure and keep them.
-                            tracing::error!(%broker, error = %e, "could not flush the QoS 2 journal; those publishes stay with the caller");
-                            for pkid in journalled {
-                                unacked.remove(&pkid);
+                        // The batch's journal entries in one write, then one flush.
+                        if let (Some(ob), false) = (&outbox, journalled.is_empty()) {
+                            let stored = match ob.record_all(&entries) {
+                                Ok(()) => ob.flush().await,
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = stored {
+                                // Not on disk, so not sent: the callers see the failure and keep them.
+                                tracing::error!(%broker, error = %e, "could not journal QoS 2 publishes; they stay with the caller");
+                                for pkid in journalled {
+                                    unacked.remove(&pkid);
+                                }
                             }
                         }
                         // One write for the batch (not one poll each: see `send_publishes`).
@@ -556,9 +562,10 @@ pub fn start(
                     }
                 }
                 Ok(Ev::PubComp(pkid)) => {
+                    // Recorded with the others of this run of events, before the driver waits
+                    // again or sends anything (a packet id is not used again before then).
                     if let Some(f) = unacked.remove(&pkid) {
-                        complete(&outbox, &broker, &f, pkid);
-                        f.done();
+                        finished.push((pkid, f));
                     }
                 }
                 Ok(Ev::Publish {
@@ -678,20 +685,32 @@ fn forget(outbox: &Option<Outbox>, broker: &str, pkid: u16) {
     }
 }
 
-/// Records a finished QoS 2 publish in the journal (its key done, its entry gone).
-fn complete(outbox: &Option<Outbox>, broker: &str, f: &InFlight, pkid: u16) {
-    if let (Some(ob), Some(key)) = (outbox, f.key) {
-        let entry = Entry {
-            seq: f.seq,
-            pkid,
-            released: true,
-            key,
-            topic: String::new(),
-            payload: Vec::new(),
-            props: None,
-        };
-        if let Err(e) = ob.complete(&entry) {
-            tracing::error!(%broker, error = %e, "could not record a finished QoS 2 publish");
+/// Records finished QoS 2 publishes (PUBCOMP: packet id, publish) in the journal, their
+/// keys done and their entries gone, in one write; then tells whoever waits for them.
+fn complete(outbox: &Option<Outbox>, broker: &str, finished: &mut Vec<(u16, InFlight)>) {
+    if finished.is_empty() {
+        return;
+    }
+    if let Some(ob) = outbox {
+        let entries: Vec<Entry> = finished
+            .iter()
+            .filter_map(|(pkid, f)| {
+                Some(Entry {
+                    seq: f.seq,
+                    pkid: *pkid,
+                    released: true,
+                    key: f.key?,
+                    topic: String::new(),
+                    payload: Vec::new(),
+                    props: None,
+                })
+            })
+            .collect();
+        if let Err(e) = ob.complete_all(&entries) {
+            tracing::error!(%broker, error = %e, publishes = entries.len(), "could not record finished QoS 2 publishes");
         }
+    }
+    for (_, f) in finished.drain(..) {
+        f.done();
     }
 }

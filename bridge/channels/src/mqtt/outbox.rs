@@ -152,30 +152,44 @@ impl Outbox {
 
     /// Records a publish about to be sent (durable after [`Outbox::flush`]).
     pub(crate) fn record(&self, e: &Entry) -> sled::Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.insert(&entry_key(e.pkid)[..], e.encode());
-        match &e.props {
-            Some(p) => batch.insert(
-                &props_key(e.pkid)[..],
-                serde_json::to_vec(p).unwrap_or_default(),
-            ),
-            None => batch.remove(&props_key(e.pkid)[..]),
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(())
+        self.record_all(std::slice::from_ref(e))
     }
 
-    /// PUBCOMP: the exchange is over and the key is done.
-    pub(crate) fn complete(&self, e: &Entry) -> sled::Result<()> {
+    /// Records publishes about to be sent, in one write (durable after [`Outbox::flush`]).
+    /// One write for a batch rather than one per publish: each of sled's batch writes
+    /// seals its log buffer and hands it to its I/O threads, a disk write of its own.
+    pub(crate) fn record_all(&self, entries: &[Entry]) -> sled::Result<()> {
+        let mut batch = sled::Batch::default();
+        for e in entries {
+            batch.insert(&entry_key(e.pkid)[..], e.encode());
+            match &e.props {
+                Some(p) => batch.insert(
+                    &props_key(e.pkid)[..],
+                    serde_json::to_vec(p).unwrap_or_default(),
+                ),
+                None => batch.remove(&props_key(e.pkid)[..]),
+            }
+        }
+        self.tree.apply_batch(batch)
+    }
+
+    /// PUBCOMPs: these exchanges are over and their keys are done. One write for all of
+    /// them (see [`Outbox::record_all`]).
+    pub(crate) fn complete_all(&self, entries: &[Entry]) -> sled::Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
         // One write: a crash must not keep the removal without the done mark (the daemon
         // would then publish the message again as new).
         let mut batch = sled::Batch::default();
-        batch.insert(&done_key(&e.key)[..], &e.seq.to_be_bytes());
-        batch.remove(&entry_key(e.pkid)[..]);
-        batch.remove(&props_key(e.pkid)[..]);
+        for e in entries {
+            batch.insert(&done_key(&e.key)[..], &e.seq.to_be_bytes());
+            batch.remove(&entry_key(e.pkid)[..]);
+            batch.remove(&props_key(e.pkid)[..]);
+        }
         self.tree.apply_batch(batch)?;
         let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
-        done.push_back(e.key);
+        done.extend(entries.iter().map(|e| e.key));
         if done.len() > 2 * DONE_KEPT {
             for old in done.drain(..DONE_KEPT) {
                 self.tree.remove(done_key(&old))?;

@@ -103,14 +103,14 @@ async fn qos2_journal_delivers_each_key_once_across_restarts_v5() {
     qos2_journal(Protocol::V5).await;
 }
 
-async fn qos2_journal(protocol: Protocol) {
-    let (_broker, port) = mosquitto();
-    let db = sled::Config::new().temporary(true).open().unwrap();
-    let tree = db.open_tree("mqtt-outbox").unwrap();
-
-    // The device: a second connection subscribed to the replies.
-    let (dev_tx, mut dev_rx) = mpsc::channel(16);
-    let (_dev_stop_tx, dev_stop) = watch::channel(false);
+/// The device of the QoS 2 tests: a second connection subscribed to the replies (keep the
+/// stop sender alive as long as it is used).
+async fn qos2_device(
+    port: u16,
+    protocol: Protocol,
+) -> (MqttHandle, mpsc::Receiver<Inbound>, watch::Sender<bool>) {
+    let (dev_tx, dev_rx) = mpsc::channel(16);
+    let (dev_stop_tx, dev_stop) = watch::channel(false);
     let dev_cfg = MqttConfig {
         port,
         client_id: "device".into(),
@@ -126,24 +126,25 @@ async fn qos2_journal(protocol: Protocol) {
     )
     .unwrap();
     dev.wait_for(|s| *s == ConnectionState::Connected).await;
+    (dev, dev_rx, dev_stop_tx)
+}
 
-    let cfg = qos2_bridge(port, protocol);
-    let run = |stop| {
-        let (tx, _rx) = mpsc::channel(16);
-        let ob = Outbox::open(tree.clone());
-        start(&cfg, vec![], tx, stop, Some(ob)).unwrap()
-    };
-    let wait = |ack: PublishAck| async move {
-        tokio::time::timeout(Duration::from_secs(10), ack)
-            .await
-            .expect("no PUBCOMP within 10 s")
-            .expect("driver stopped")
-            .expect("the broker refused the publish")
-    };
-    let (stop_tx, stop) = watch::channel(false);
-    let mut h = run(stop);
-    h.wait_for(|s| *s == ConnectionState::Connected).await;
-    // The subscription may not be active yet: publish distinct keys until one arrives.
+/// Waits for a QoS 2 publish's PUBCOMP.
+async fn qos2_done(ack: PublishAck) {
+    tokio::time::timeout(Duration::from_secs(10), ack)
+        .await
+        .expect("no PUBCOMP within 10 s")
+        .expect("driver stopped")
+        .expect("the broker refused the publish")
+}
+
+/// The device's subscription may not be active yet: publishes distinct keys (1, 2, …) until
+/// one arrives; the last key used.
+async fn qos2_until_subscribed(
+    h: &MqttHandle,
+    dev: &MqttHandle,
+    dev_rx: &mut mpsc::Receiver<Inbound>,
+) -> u8 {
     let mut first = 0u8;
     loop {
         first += 1;
@@ -151,13 +152,32 @@ async fn qos2_journal(protocol: Protocol) {
             .publish("devices/d/down", vec![first], None, Some([first; 32]))
             .await
             .unwrap();
-        wait(ack).await;
+        qos2_done(ack).await;
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), dev_rx.recv()).await {
             assert_eq!(m.payload, vec![first]);
             dev.ack(&m).await.unwrap();
-            break;
+            return first;
         }
     }
+}
+
+async fn qos2_journal(protocol: Protocol) {
+    let (_broker, port) = mosquitto();
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let tree = db.open_tree("mqtt-outbox").unwrap();
+    let (dev, mut dev_rx, _dev_stop) = qos2_device(port, protocol).await;
+
+    let cfg = qos2_bridge(port, protocol);
+    let run = |stop| {
+        let (tx, _rx) = mpsc::channel(16);
+        let ob = Outbox::open(tree.clone());
+        start(&cfg, vec![], tx, stop, Some(ob)).unwrap()
+    };
+    let wait = qos2_done;
+    let (stop_tx, stop) = watch::channel(false);
+    let mut h = run(stop);
+    h.wait_for(|s| *s == ConnectionState::Connected).await;
+    let first = qos2_until_subscribed(&h, &dev, &mut dev_rx).await;
     // The same key again is answered at once and not delivered.
     wait(
         h.publish("devices/d/down", vec![first], None, Some([first; 32]))
@@ -228,6 +248,85 @@ async fn qos2_journal(protocol: Protocol) {
         .unwrap()
         .unwrap();
     assert_eq!(m.payload, b"marker", "something was delivered twice");
+}
+
+/// A burst of QoS 2 publishes, five times the window of open exchanges: journalled a batch
+/// at a time and recorded as done a run of PUBCOMPs at a time (one write each), every one
+/// arrives once and in order, the journal ends empty with every key done, and a key published
+/// again is answered without being delivered again.
+#[tokio::test]
+async fn qos2_burst_arrives_once_and_leaves_the_journal_empty() {
+    let (_broker, port) = mosquitto();
+    let db = sled::Config::new().temporary(true).open().unwrap();
+    let ob = Outbox::open(db.open_tree("mqtt-outbox").unwrap());
+    let (dev, mut dev_rx, _dev_stop) = qos2_device(port, Protocol::V311).await;
+    let (tx, _rx) = mpsc::channel(16);
+    let (_stop_tx, stop) = watch::channel(false);
+    let mut h = start(
+        &qos2_bridge(port, Protocol::V311),
+        vec![],
+        tx,
+        stop,
+        Some(ob.clone()),
+    )
+    .unwrap();
+    h.wait_for(|s| *s == ConnectionState::Connected).await;
+    qos2_until_subscribed(&h, &dev, &mut dev_rx).await;
+
+    let n: usize = 5 * 20; // mosquitto's and the driver's window: 20 open exchanges
+    let key = |i: usize| {
+        let mut k = [0u8; 32];
+        k[..3].copy_from_slice(&[0x80, (i >> 8) as u8, i as u8]);
+        k
+    };
+    let mut acks = Vec::new();
+    for i in 0..n {
+        acks.push(
+            h.publish(
+                "devices/d/down",
+                i.to_be_bytes().to_vec(),
+                None,
+                Some(key(i)),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for ack in acks {
+        qos2_done(ack).await;
+    }
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(10), dev_rx.recv())
+            .await
+            .expect("the device got fewer messages than published")
+            .unwrap();
+        dev.ack(&m).await.unwrap();
+        got.push(usize::from_be_bytes(m.payload.try_into().unwrap()));
+    }
+    assert_eq!(got, (0..n).collect::<Vec<_>>());
+    assert!(ob.pending().is_empty(), "journal not emptied");
+    for i in 0..n {
+        assert!(ob.is_done(&key(i)), "key {i} not done");
+    }
+    // Published again: answered at once, not delivered (the marker sent next is what comes).
+    qos2_done(
+        h.publish("devices/d/down", b"again".to_vec(), None, Some(key(0)))
+            .await
+            .unwrap(),
+    )
+    .await;
+    qos2_done(
+        h.publish("devices/d/down", b"marker".to_vec(), None, Some([0x7f; 32]))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let m = tokio::time::timeout(Duration::from_secs(10), dev_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload, b"marker", "a done key was delivered again");
 }
 
 /// A publish larger than the broker takes is refused, with the reason, instead of sent: the
