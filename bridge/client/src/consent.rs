@@ -67,7 +67,7 @@ impl Client {
     pub(crate) fn next_seq_in(
         &mut self,
         name: &'static str,
-        batch: &mut sled::Batch,
+        batch: &mut gatehouse_store::Writes,
     ) -> Result<u64> {
         let last = match self.batch_seqs.get(name) {
             Some(n) => *n,
@@ -434,10 +434,10 @@ impl Client {
                     let mut r = h.received;
                     r.content = hex::decode(h.content).unwrap_or_default();
                     // Retained as it leaves the request queue (one atomic write).
-                    let mut batch = sled::Batch::default();
+                    let mut batch = gatehouse_store::Writes::default();
                     self.retain_delivery(&mut r, &mut batch)?;
                     batch.remove(k);
-                    self.tree.apply_batch(batch)?;
+                    batch.apply(&self.tree)?;
                     out.push(r);
                 }
                 _ => {

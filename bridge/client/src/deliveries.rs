@@ -63,7 +63,7 @@ impl Client {
     pub(crate) fn retain_delivery(
         &mut self,
         r: &mut Received,
-        batch: &mut sled::Batch,
+        batch: &mut gatehouse_store::Writes,
     ) -> Result<()> {
         if !self.retain {
             return Ok(());

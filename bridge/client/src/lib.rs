@@ -185,7 +185,7 @@ const PUBLISHED_SINK_MAX: usize = 100_000;
 /// ([`Client::persist_mls`]), so the state never gets ahead of the cursors on disk.
 #[derive(Default)]
 struct Deferred {
-    batch: sled::Batch,
+    batch: gatehouse_store::Writes,
     /// The cursors written in `batch`: what [`Client::read_cursor`] answers until it is applied.
     cursors: std::collections::HashMap<Vec<u8>, u64>,
     /// The message ids marked seen in `batch` (see [`Client::first_sight`]).
@@ -618,7 +618,7 @@ impl Client {
 
     /// Applies `batch` (holding the deferred writes, taken) with the MLS state's changes;
     /// the deferred cursors are then on disk.
-    fn persist_with(&self, mut batch: sled::Batch) -> Result<()> {
+    fn persist_with(&self, mut batch: gatehouse_store::Writes) -> Result<()> {
         self.settle_checks(&mut batch);
         let result = self.apply_with_mls(batch);
         let mut d = self.deferred();
@@ -632,7 +632,7 @@ impl Client {
     /// before `batch` (holding their writes) is applied, and takes out of it what does not
     /// verify: the retained copy and the "seen" mark; the read pass then leaves the message
     /// out of what it returns (`Deferred::refused`).
-    fn settle_checks(&self, batch: &mut sled::Batch) {
+    fn settle_checks(&self, batch: &mut gatehouse_store::Writes) {
         let mut d = self.deferred();
         if d.checks.is_empty() {
             return;
@@ -663,7 +663,7 @@ impl Client {
 
     /// Applies `batch` with the MLS state's changed entries added to it, atomically. If the
     /// write fails, the entries count as unsaved and go with the next one.
-    fn apply_with_mls(&self, mut batch: sled::Batch) -> Result<()> {
+    fn apply_with_mls(&self, mut batch: gatehouse_store::Writes) -> Result<()> {
         let store = self.provider.store();
         let changes = store.take_changes();
         let mut keys = Vec::with_capacity(changes.len());
@@ -677,7 +677,7 @@ impl Client {
             }
             keys.push(k);
         }
-        let result = staged.and_then(|()| Ok(self.tree.apply_batch(batch)?));
+        let result = staged.and_then(|()| Ok(batch.apply(&self.tree)?));
         if result.is_err() {
             store.mark_unsaved(keys);
         }
@@ -1941,7 +1941,7 @@ impl Client {
 
     /// Puts the ids [`Client::first_sight`] saw into `batch`. The last [`SEEN_WINDOW`] ids are
     /// kept (`seen/ID` → sequence, `seenq/SEQ` → id), older ones are forgotten.
-    fn save_seen(&mut self, batch: &mut sled::Batch) -> Result<Vec<(String, u64)>> {
+    fn save_seen(&mut self, batch: &mut gatehouse_store::Writes) -> Result<Vec<(String, u64)>> {
         let mut marks = Vec::new();
         for message_id in std::mem::take(&mut self.unsaved_seen) {
             let seq = self.next_seq_in("seen", batch)?;
