@@ -2618,12 +2618,13 @@ impl Bridge {
             if let Err(f) = self.send_prepared(idx, &ready).await {
                 stop = Some((0, f));
             } else {
-                // Delivered: off the queue in one write.
-                let mut done = sled::Batch::default();
+                // Delivered: off the queue in one write (a lone record without sealing sled's
+                // log: see `gatehouse_store::Writes`).
+                let mut done = gatehouse_store::Writes::default();
                 for (key, _, _) in &ready {
-                    done.remove(key);
+                    done.remove(key.clone());
                 }
-                if let Err(e) = self.inbox.apply_batch(done) {
+                if let Err(e) = done.apply(&self.inbox) {
                     tracing::error!(route = %route.name, error = %e, "could not mark messages delivered; they will be sent again (receivers drop the duplicates)");
                 } else if !ready.is_empty() {
                     crate::metrics::delivered(&route.name, &route.channel, ready.len());
