@@ -41,6 +41,8 @@ pub struct Opts {
     pub poll_ms: u64,
     /// Messages per agent publish on the way back (path 4).
     pub agent_batch: usize,
+    /// The daemon's `storage.linger_ms`.
+    pub linger_ms: u64,
     /// The daemon's broker connection speaks MQTT 5 (the devices stay on 3.1.1).
     pub mqtt5: bool,
     /// The daemon's `publish_qos` and `subscribe_qos` (the devices publish and subscribe at
@@ -160,6 +162,8 @@ pub struct Report {
     pub poll_ms: u64,
     /// Messages per agent publish on the way back (path 4).
     pub agent_batch: usize,
+    /// The daemon's `storage.linger_ms` (how long its intake may wait to batch).
+    pub linger_ms: u64,
     /// The MQTT version of the daemon's broker connection (3 for 3.1.1, or 5); none over NATS.
     pub mqtt_version: Option<u8>,
     /// The QoS of the daemon's MQTT publishes and subscriptions; none over NATS.
@@ -641,9 +645,10 @@ async fn end_to_end(dir: &Path, port: u16, broker_pid: u32, o: &Opts) -> anyhow:
     };
     let config = format!(
         "data_dir: {}\nnode: {{listen: 127.0.0.1:{node_port}}}\nadmin: {{listen: 127.0.0.1:{admin_port}}}\n\
-         poll_interval_ms: {}\nlog: {{level: warn}}\n{channel}",
+         poll_interval_ms: {}\nstorage: {{linger_ms: {}}}\nlog: {{level: warn}}\n{channel}",
         dir.join("data").display(),
         o.poll_ms,
+        o.linger_ms,
     );
     // The agent's inbox id is known before it registers (derived from its key); the channel
     // connects lazily, once the daemon's node listens.
@@ -910,6 +915,7 @@ pub async fn run(o: Opts) -> anyhow::Result<Report> {
             payload_bytes: o.payload,
             poll_ms: o.poll_ms,
             agent_batch: o.agent_batch,
+            linger_ms: o.linger_ms,
             mqtt_version: (!o.nats).then_some(if o.mqtt5 { 5 } else { 3 }),
             qos: (!o.nats).then_some(o.qos),
             channel: if o.jetstream {
@@ -979,12 +985,13 @@ fn which(tool: &str) -> Option<PathBuf> {
 fn print_table(r: &Report) {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
     println!(
-        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, agent sends {} per publish, {} ({} build)",
+        "gatehouse bench: {} devices, {} messages of {} bytes, {}, poll_interval_ms {}, linger_ms {}, agent sends {} per publish, {} ({} build)",
         r.devices,
         r.messages,
         r.payload_bytes,
         r.mode,
         r.poll_ms,
+        r.linger_ms,
         r.agent_batch,
         if r.channel == "nats" {
             "devices and daemon on NATS (core subjects)".to_string()

@@ -2618,13 +2618,14 @@ impl Bridge {
             if let Err(f) = self.send_prepared(idx, &ready).await {
                 stop = Some((0, f));
             } else {
-                // Delivered: off the queue in one write (a lone record without sealing sled's
-                // log: see `gatehouse_store::Writes`).
-                let mut done = gatehouse_store::Writes::default();
-                for (key, _, _) in &ready {
-                    done.remove(key.clone());
-                }
-                if let Err(e) = done.apply(&self.inbox) {
+                // Delivered: off the queue one record at a time, in order. All or nothing is
+                // not needed (a record a crash leaves is sent again, and receivers drop the
+                // duplicate), and a sled batch would seal the log first (see
+                // `gatehouse_store::Writes`): at moderate rates, a disk write per pass.
+                let removed = ready
+                    .iter()
+                    .try_for_each(|(key, _, _)| self.inbox.remove(key).map(drop));
+                if let Err(e) = removed {
                     tracing::error!(route = %route.name, error = %e, "could not mark messages delivered; they will be sent again (receivers drop the duplicates)");
                 } else if !ready.is_empty() {
                     crate::metrics::delivered(&route.name, &route.channel, ready.len());
@@ -5240,17 +5241,14 @@ pub async fn run_reloadable(
 
     let b = bridge.clone();
     let mut stop = shutdown.clone();
+    let linger = Duration::from_millis(bridge.cfg().storage.linger_ms);
     let mut accept = tokio::spawn(async move {
+        let mut linger = crate::linger::Linger::new(linger);
         loop {
             let first = tokio::select! { _ = stop.changed() => return Ok(()), m = in_rx.recv() => match m { Some(m) => m, None => return Ok(()) } };
-            // Whatever else is already waiting joins the same flush.
-            let mut batch = vec![first];
-            while batch.len() < ACCEPT_BATCH {
-                match in_rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
+            // Whatever else is already waiting joins the same flush, and at moderate rates
+            // what comes within `storage.linger_ms`.
+            let batch = crate::linger::batch(&mut in_rx, first, ACCEPT_BATCH, &mut linger).await;
             // No room: hold the batch unacknowledged (the broker keeps it, and sends no more
             // than its in-flight window meanwhile) until space returns.
             while let Err(reason) = b.storage_room() {
@@ -5274,15 +5272,10 @@ pub async fn run_reloadable(
     let b = bridge.clone();
     let mut stop = shutdown.clone();
     let nats_intake = tokio::spawn(async move {
+        let mut linger = crate::linger::Linger::new(linger);
         loop {
             let first = tokio::select! { _ = stop.changed() => return Ok::<(), anyhow::Error>(()), m = nats_rx.recv() => match m { Some(m) => m, None => return Ok(()) } };
-            let mut batch = vec![first];
-            while batch.len() < ACCEPT_BATCH {
-                match nats_rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
+            let batch = crate::linger::batch(&mut nats_rx, first, ACCEPT_BATCH, &mut linger).await;
             while let Err(reason) = b.storage_room() {
                 b.set_not_ready(Some(reason));
                 tokio::select! { _ = stop.changed() => return Ok(()), _ = tokio::time::sleep(STORAGE_RECHECK) => {} }

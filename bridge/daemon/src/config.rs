@@ -137,7 +137,21 @@ pub struct StorageConfig {
     /// closing in exchange; nothing is lost by closing (their state is all in the store).
     #[serde(default = "default_open_endpoints")]
     pub open_endpoints: usize,
+    /// How long (ms) the MQTT and NATS intakes may wait for more messages before the flush
+    /// that stores a small batch, when messages arrive faster than one per this interval:
+    /// at moderate rates one flush then carries several, and every later stage batches with
+    /// it, for at most this much added latency. 0 flushes at once.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
 }
+
+fn default_linger_ms() -> u64 {
+    1
+}
+
+/// The longest `storage.linger_ms` accepted: a wait that long is a misconfiguration, not a
+/// batch (MQTT brokers retry an unacknowledged QoS 1 publish after seconds).
+pub const MAX_LINGER_MS: u64 = 1000;
 
 fn default_open_endpoints() -> usize {
     1024
@@ -157,6 +171,7 @@ impl Default for StorageConfig {
             min_free_mb: default_min_free_mb(),
             cache_mb: default_cache_mb(),
             open_endpoints: default_open_endpoints(),
+            linger_ms: default_linger_ms(),
         }
     }
 }
@@ -956,6 +971,12 @@ impl Config {
                 "storage.open_endpoints: must be at least 1 (endpoints kept open in memory; 1024 by default)"
             );
         }
+        if self.storage.linger_ms > MAX_LINGER_MS {
+            bail!(
+                "storage.linger_ms: {} is over {MAX_LINGER_MS} (how long the intake may wait to batch; 1 by default, 0 never waits)",
+                self.storage.linger_ms
+            );
+        }
         if let Some(m) = &self.channels.mqtt {
             if m.publish_qos > 2 {
                 bail!(
@@ -1229,6 +1250,23 @@ mod tests {
             e.contains("storage.open_endpoints: must be at least 1"),
             "{e}"
         );
+    }
+
+    /// `storage.linger_ms` defaults to 1, may be 0, and has a ceiling.
+    #[test]
+    fn linger_ms() {
+        assert_eq!(Config::parse("").unwrap().storage.linger_ms, 1);
+        assert_eq!(
+            Config::parse("storage: {linger_ms: 0}\n")
+                .unwrap()
+                .storage
+                .linger_ms,
+            0
+        );
+        let e = Config::parse("storage: {linger_ms: 5000}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.linger_ms: 5000 is over 1000"), "{e}");
     }
 
     /// A NATS route's endpoint token may have any name; the reply fills the same one.

@@ -17,6 +17,7 @@ mod bridge;
 mod config;
 mod grants;
 mod identity;
+mod linger;
 mod locate;
 mod metrics;
 
@@ -212,6 +213,10 @@ enum Command {
         /// that batches, 1 for one that sends message by message.
         #[arg(long, default_value_t = 64)]
         agent_batch: usize,
+        /// The daemon's storage.linger_ms: how long its intake may wait for more messages
+        /// before a flush at moderate rates (0: never).
+        #[arg(long, default_value_t = 1)]
+        linger_ms: u64,
         /// The daemon's broker connection speaks MQTT 5 (the simulated devices stay on 3.1.1).
         #[arg(long)]
         mqtt5: bool,
@@ -851,6 +856,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             poll_ms,
             agent_batch,
+            linger_ms,
             mqtt5,
             qos,
             nats,
@@ -870,6 +876,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 json,
                 poll_ms,
                 agent_batch,
+                linger_ms,
                 mqtt5,
                 qos,
                 nats,
