@@ -396,8 +396,9 @@ fn sighup_refuses_a_broken_config_and_applies_route_changes_in_place() {
 }
 
 /// The load harness works (tiny runs; their figures are not judged here): every path carries
-/// every message, with the defaults, with the daemon on MQTT 5 at QoS 2, over NATS, and over
-/// NATS through a JetStream stream (which then holds every message of both ways).
+/// every message, with the defaults, with the daemon on MQTT 5 at QoS 2, over NATS, over NATS
+/// through a JetStream stream (which then holds every message of both ways), and in open loop
+/// for a duration.
 #[test]
 fn the_load_harness_runs() {
     require("mosquitto", "mosquitto");
@@ -467,6 +468,44 @@ fn the_load_harness_runs() {
             assert!(r["jetstream"].is_null(), "{r}");
         }
     }
+    // Open loop for a duration: rate × seconds messages per path; the daemon's linger as asked.
+    let out = std::process::Command::new(gatehouse_bin())
+        .args([
+            "bench",
+            "--devices",
+            "2",
+            "--rate",
+            "60",
+            "--duration",
+            "1",
+            "--linger-ms",
+            "0",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for path in ["device_to_agent", "agent_to_device"] {
+        assert_eq!(r[path]["messages"], 60, "{path}: {r}");
+    }
+    assert_eq!(r["linger_ms"], 0, "{r}");
+    assert!(r["mode"].as_str().unwrap().contains("60 msg/s"), "{r}");
+    // A duration needs a rate: closed loop runs a message count.
+    let out = std::process::Command::new(gatehouse_bin())
+        .args(["bench", "--duration", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--rate"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A route whose deliveries keep failing (its XMTP node gone) makes the daemon not ready

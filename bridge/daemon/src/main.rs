@@ -196,6 +196,10 @@ enum Command {
         /// Messages per path.
         #[arg(long, default_value_t = 5000)]
         messages: usize,
+        /// With --rate: run each path this many seconds (rate × seconds messages per path,
+        /// instead of --messages).
+        #[arg(long, requires = "rate", conflicts_with = "messages")]
+        duration: Option<u64>,
         /// Payload bytes.
         #[arg(long, default_value_t = 100)]
         payload: usize,
@@ -851,6 +855,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench {
             devices,
             messages,
+            duration,
             payload,
             rate,
             json,
@@ -868,6 +873,13 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 bench::idle(n, json).await?;
                 return Ok(0);
             }
+            // Open loop for a duration: the rate decides how many messages that is.
+            let messages = match (duration, rate) {
+                (Some(secs), Some(rate)) => {
+                    usize::try_from(secs.saturating_mul(rate)).unwrap_or(usize::MAX)
+                }
+                _ => messages,
+            };
             bench::run(bench::Opts {
                 devices,
                 messages,
