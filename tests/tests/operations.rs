@@ -409,26 +409,13 @@ fn the_load_harness_runs() {
         (&["--nats"][..], None, None, "nats"),
         (&["--nats", "--jetstream"][..], None, None, "nats-jetstream"),
     ] {
-        let out = std::process::Command::new(gatehouse_bin())
-            .args([
-                "bench",
-                "--devices",
-                "2",
-                "--messages",
-                "50",
-                "--agent-batch",
-                "7",
-                "--json",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let r = bench_json(
+            &[
+                &["--devices", "2", "--messages", "50", "--agent-batch", "7"][..],
+                extra,
+            ]
+            .concat(),
         );
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         for path in [
             "broker_hop",
             "crypto_bound",
@@ -469,27 +456,16 @@ fn the_load_harness_runs() {
         }
     }
     // Open loop for a duration: rate × seconds messages per path; the daemon's linger as asked.
-    let out = std::process::Command::new(gatehouse_bin())
-        .args([
-            "bench",
-            "--devices",
-            "2",
-            "--rate",
-            "60",
-            "--duration",
-            "1",
-            "--linger-ms",
-            "0",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = bench_json(&[
+        "--devices",
+        "2",
+        "--rate",
+        "60",
+        "--duration",
+        "1",
+        "--linger-ms",
+        "0",
+    ]);
     for path in ["device_to_agent", "agent_to_device"] {
         assert_eq!(r[path]["messages"], 60, "{path}: {r}");
     }
@@ -506,6 +482,22 @@ fn the_load_harness_runs() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs `gatehouse bench ARGS --json`, which must succeed, and returns its report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(gatehouse_bin())
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A route whose deliveries keep failing (its XMTP node gone) makes the daemon not ready
