@@ -140,7 +140,8 @@ pub struct StorageConfig {
     /// How long (ms) the MQTT and NATS intakes may wait for more messages before the flush
     /// that stores a small batch, when messages arrive faster than one per this interval:
     /// at moderate rates one flush then carries several, and every later stage batches with
-    /// it, for at most this much added latency. 0 flushes at once.
+    /// it, for a little latency (a wait ends at the next tick of tokio's millisecond timer:
+    /// with 1, messages arrive 1–2 ms later). 0 flushes at once.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
 }
