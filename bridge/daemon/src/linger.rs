@@ -50,7 +50,7 @@ impl Linger {
             window,
             last: None,
             gap_us: f64::INFINITY,
-            // Optimistic: the first chance to wait is taken.
+            // Optimistic: waiting is tried as soon as the gaps are short.
             gathered: 1.0,
             idle: 0,
         }
