@@ -146,8 +146,11 @@ pub struct StorageConfig {
     pub linger_ms: u64,
 }
 
+/// `storage.linger_ms` when the config does not set it (also `gatehouse bench`'s default).
+pub const DEFAULT_LINGER_MS: u64 = 1;
+
 fn default_linger_ms() -> u64 {
-    1
+    DEFAULT_LINGER_MS
 }
 
 /// The longest `storage.linger_ms` accepted: a wait that long is a misconfiguration, not a

@@ -103,12 +103,7 @@ pub async fn batch<T>(
 ) -> Vec<T> {
     let arrived = Instant::now();
     let mut batch = vec![first];
-    while batch.len() < max {
-        match rx.try_recv() {
-            Ok(m) => batch.push(m),
-            Err(_) => break,
-        }
-    }
+    take_ready(rx, &mut batch, max);
     if let Some(window) = linger.wait(arrived, batch.len()) {
         let before = batch.len();
         let until = tokio::time::Instant::from_std(arrived) + window;
@@ -119,15 +114,20 @@ pub async fn batch<T>(
             }
         }
         // Whatever else is already waiting joins too.
-        while batch.len() < max {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
+        take_ready(rx, &mut batch, max);
         linger.waited(batch.len(), batch.len() - before);
     }
     batch
+}
+
+/// Moves what is already queued in `rx` into `batch`, up to `max` messages in all.
+fn take_ready<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(m) => batch.push(m),
+            Err(_) => break,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -219,7 +219,7 @@ enum Command {
         agent_batch: usize,
         /// The daemon's storage.linger_ms: how long its intake may wait for more messages
         /// before a flush at moderate rates (0: never).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = config::DEFAULT_LINGER_MS)]
         linger_ms: u64,
         /// The daemon's broker connection speaks MQTT 5 (the simulated devices stay on 3.1.1).
         #[arg(long)]
